@@ -1,0 +1,170 @@
+"""The `lmforge` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train a language model through PT, SFT and beyond.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run one stage: lmforge train sft config.yaml train.lr=1e-4")
+    train.add_argument("stage", choices=["pt", "sft"])
+    train.add_argument("config", nargs="?", help="a YAML file (optional)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
+    train.add_argument("--resume", metavar="PATH", help="continue from this checkpoint folder")
+
+    run = sub.add_parser("run", help="run a pipeline: lmforge run examples/demo.yaml")
+    run.add_argument("pipeline")
+    run.add_argument("overrides", nargs="*")
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    demo = data.add_parser("demo", help="write the synthetic demo world")
+    demo.add_argument("out_dir")
+    demo.add_argument("--seed", type=int, default=0)
+    inspect = data.add_parser("inspect", help="show how records render and which tokens carry loss")
+    inspect.add_argument("config")
+    inspect.add_argument("overrides", nargs="*")
+    inspect.add_argument("-n", "--num", type=int, default=3)
+    inspect.add_argument("--stage", default=None, help="stage whose config this is (default: the file's)")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
+    tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer with a chat template")
+    tok_train.add_argument("--data", nargs="+", required=True)
+    tok_train.add_argument("--vocab-size", type=int, default=4000)
+    tok_train.add_argument("--out", required=True)
+    tok_extend = tok.add_parser("extend", help="add domain tokens; resize a model's embeddings")
+    tok_extend.add_argument("tokenizer")
+    tok_extend.add_argument("--tokens", required=True, help="a file with one token or word per line")
+    tok_extend.add_argument("--model", help="a model folder whose embeddings grow with the vocabulary")
+    tok_extend.add_argument("--out", required=True)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from lmforge.config.load import load_config
+    from lmforge.stages import STAGE_RUNNERS
+
+    config, overrides = _split_config(args.config, args.overrides)
+    if args.resume:
+        overrides.append(f"train.resume_from={args.resume}")
+    cfg = load_config(config, overrides, stage=args.stage)
+    metrics = STAGE_RUNNERS[cfg.stage](cfg)
+    _print_summary(cfg.train.output_dir, metrics)
+    return 0
+
+
+def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """The optional YAML path may be left out: `lmforge train pt model.scratch=tiny ...`."""
+    if config is not None and "=" in config and not Path(config).is_file():
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
+def cmd_run(args) -> int:
+    from lmforge.pipeline.run import load_pipeline, run_pipeline
+
+    results = run_pipeline(load_pipeline(args.pipeline, args.overrides), console)
+    for name, metrics in results.items():
+        console.rule(f"[bold]{name}")
+        _print_metrics(metrics)
+    return 0
+
+
+def cmd_data(args) -> int:
+    if args.data_command == "demo":
+        from lmforge.data.demo_world import write_demo_world
+
+        files = write_demo_world(Path(args.out_dir), seed=args.seed)
+        for name, path in files.items():
+            console.print(f"{name:>12}  {path}")
+        return 0
+    import tempfile
+
+    from lmforge.config.load import load_config
+    from lmforge.data.build import load_examples
+    from lmforge.data.errors import ErrorLog
+    from lmforge.data.inspect import inspect_examples
+    from lmforge.models.load import load_tokenizer, resolve_model_path
+
+    cfg = load_config(*_split_config(args.config, args.overrides), stage=args.stage)
+    model_path = None if cfg.model.scratch else resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    errors = ErrorLog(cfg.data.on_error)
+    with tempfile.TemporaryDirectory() as cache:
+        examples, _ = load_examples(cfg.data.train, cfg.data, errors, cache)
+        inspect_examples(tokenizer, examples, args.num, cfg.data.max_length, cfg.data.train_on_prompt,
+                         cfg.data.mask_history, console)
+    if errors.total_skipped:
+        console.print(f"[yellow]{errors.total_skipped} bad records skipped[/]: {errors.examples[:3]}")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from lmforge.models.tokenizer import extend_tokenizer, read_token_list, train_tokenizer
+
+    if args.tok_command == "train":
+        tokenizer = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size)
+        console.print(f"tokenizer with {len(tokenizer)} tokens saved to {args.out}")
+        return 0
+    model = None
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    result = extend_tokenizer(args.tokenizer, read_token_list(args.tokens), args.out, model=model)
+    if result.model is not None:
+        result.model.save_pretrained(args.out)
+    console.print(f"added {result.added} tokens ({len(result.skipped)} skipped); saved to {args.out}")
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            console.print(f"  {key:<28} {value:.4f}")
+        elif not isinstance(value, dict):
+            console.print(f"  {key:<28} {value}")
+
+
+def _print_summary(output_dir: str, metrics: dict) -> None:
+    console.rule("[bold]done")
+    _print_metrics(metrics)
+    manifest = Path(output_dir) / "lmforge.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text(encoding="utf-8"))["data"]
+        if data["skipped_records"] or data["dropped_too_long"]:
+            console.print(f"  [yellow]skipped {data['skipped_records']} bad records, dropped "
+                          f"{data['dropped_too_long']} too long[/] (see {manifest})")
+    console.print(f"  artifact: {output_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+    from lmforge.config.schema import ConfigError
+    from lmforge.data.errors import DataError
+    from lmforge.loop.trainer import TrainingDiverged
+
+    handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, TrainingDiverged) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Typed configuration. Each field's docstring-style comment is its help text.
+
+Groups stay small and stage-specific knobs live in their own group (`pt`, `sft`), so a YAML file
+reads like the stage it configures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("pt", "sft")
+FINETUNING = ("full", "freeze", "lora", "dora", "qlora")
+DTYPES = ("fp32", "bf16", "fp16", "auto")
+SCHEDULERS = ("cosine", "linear", "constant")
+FORMATS = ("auto", "text", "alpaca", "sharegpt", "openai")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+def _check_choice(group: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        key = f"{group}.{name}" if group else name
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """A Hugging Face folder, an lmforge artifact, or a short name (`smollm2-135m-instruct`)."""
+    gguf_file: str | None = None
+    """A GGUF file (inside name_or_path, or a path) to import; converted once and cached."""
+    scratch: str | None = None
+    """Build a fresh Llama-style model from a preset (`tiny`, `small`) instead of loading one."""
+    tokenizer: str | None = None
+    """Tokenizer folder; defaults to the model's own."""
+    template: str = "auto"
+    """Chat template: `auto` (tokenizer's own, else ChatML), `chatml`, `plain`."""
+    dtype: str = "fp32"
+    """Weights dtype: fp32, bf16, fp16 or auto (the checkpoint's)."""
+    finetuning: str = "full"
+    """full, freeze (last N layers), lora, dora, qlora."""
+    freeze_trainable_layers: int = 2
+    """With finetuning=freeze: how many of the last decoder layers train."""
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    """Run code shipped with a model folder. Off unless you trust the folder."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "dtype", self.dtype, DTYPES)
+        _check_choice("model", "finetuning", self.finetuning, FINETUNING)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or `all-linear` (every linear layer except the output head)."""
+    bits: int = 4
+    """QLoRA quantisation bits (4 or 8); needs a GPU and bitsandbytes."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be positive, got {self.r}")
+        _check_choice("lora", "bits", self.bits, (4, 8))
+
+
+@dataclass
+class DatasetSpec:
+    path: str | None = None
+    """A file, a directory or a glob (.txt .jsonl .json .parquet .csv)."""
+    name: str | None = None
+    """An entry of a LLaMA-Factory `dataset_info.json` (see data.dataset_dir)."""
+    formatting: str = "auto"
+    """auto, text, alpaca, sharegpt, openai."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Rename columns: {prompt: instruction, query: input, response: output, messages: conversations, ...}."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """ShareGPT role/content keys: {role_tag: from, content_tag: value, user_tag: human, ...}."""
+    weight: float = 1.0
+    """Relative sampling weight when mixing datasets."""
+    max_samples: int | None = None
+    replacements: dict[str, str] = field(default_factory=dict)
+    """Text substitutions applied to every string (e.g. {"{{name}}": "Forge"} for identity.json)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", "formatting", self.formatting, FORMATS)
+        if (self.path is None) == (self.name is None):
+            raise ConfigError("a dataset needs exactly one of `path` or `name`")
+        if self.weight <= 0:
+            raise ConfigError(f"dataset weight must be positive, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetSpec] = field(default_factory=list)
+    eval: list[DatasetSpec] = field(default_factory=list)
+    dataset_dir: str | None = None
+    """Folder holding a LLaMA-Factory dataset_info.json for `name:` datasets."""
+    eval_split: float = 0.05
+    """Share of train held out for evaluation when no eval data is given (0 disables)."""
+    max_length: int = 512
+    """Longest sequence in tokens. SFT keeps the prompt's head and the response; see docs/data.md."""
+    packing: bool = False
+    """SFT: pack several samples per row (documents never attend to each other). PT always packs."""
+    text_split: str = "line"
+    """Plain .txt files: one document per `line` or per `blank`-line-separated block."""
+    on_error: str = "raise"
+    """Bad records: `raise` (name file and line) or `skip` (count them in the run summary)."""
+    streaming: bool = False
+    """Read large files lazily through `datasets` streaming instead of caching them to Arrow."""
+    train_on_prompt: bool = False
+    """SFT: put loss on prompt tokens too."""
+    mask_history: bool = False
+    """SFT: put loss only on the last assistant turn of a dialogue."""
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check_choice("data", "text_split", self.text_split, ("line", "blank"))
+        _check_choice("data", "on_error", self.on_error, ("raise", "skip"))
+        if not 0 <= self.eval_split < 1:
+            raise ConfigError(f"data.eval_split must be in [0, 1), got {self.eval_split}")
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Optimizer steps; overrides epochs when positive."""
+    batch_size: int = 8
+    """Micro-batch size (rows per forward pass)."""
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    """Cosine/linear decay floor as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    logging_steps: int = 10
+    eval_steps: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    save_steps: int = 0
+    """Checkpoint every N steps (0: only the final model)."""
+    save_total_limit: int = 2
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+    resume_from: str | None = None
+    """Continue from this checkpoint folder."""
+    mixed_precision: str = "no"
+    """no, bf16, fp16 (autocast through accelerate)."""
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
+
+
+@dataclass
+class LogConfig:
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """accelerate trackers: tensorboard, wandb, mlflow; [] for metrics.jsonl only."""
+    run_name: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class PTConfig:
+    block_size: int = 256
+    """Packed row length in tokens."""
+
+
+@dataclass
+class SFTConfig:
+    eval_generate: int = 64
+    """Held-out samples answered by generation at the end (exact match); 0 disables."""
+    max_new_tokens: int = 64
+
+
+@dataclass
+class StageConfig:
+    stage: str = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    pt: PTConfig = field(default_factory=PTConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("", "stage", self.stage, STAGES)
+        if self.model.name_or_path is None and self.model.scratch is None:
+            raise ConfigError("set model.name_or_path (a model to load) or model.scratch (a preset)")

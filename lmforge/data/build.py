@@ -1,0 +1,142 @@
+"""Dataset specs → Arrow-backed `datasets` tables of examples, then of tokens, per stage.
+
+Reading goes through `datasets.Dataset.from_generator`: records stream from the readers into an
+Arrow file on disk (memory stays flat for large corpora), or, with `data.streaming`, into an
+`IterableDataset` that is never materialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from lmforge.config.schema import DataConfig, DatasetSpec
+from lmforge.data.errors import DataError, ErrorLog
+from lmforge.data.formats import RowFormat, example_or_error
+from lmforge.data.packing import pack_samples, pack_stream
+from lmforge.data.readers import read_file, resolve_files
+from lmforge.data.registry import resolve_spec
+from lmforge.data.tokenize import encode_sft, encode_text, messages_as_text
+
+datasets.disable_progress_bars()
+
+
+@dataclass
+class Splits:
+    train: datasets.Dataset | datasets.IterableDataset
+    eval: datasets.Dataset | None
+    fingerprint: str
+
+
+def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorLog, limit: int | None):
+    count = 0
+    for path in files:
+        for raw in read_file(path, errors, cfg.text_split):
+            try:
+                example = example_or_error(raw, fmt)
+            except DataError as exc:
+                errors.report(exc)
+                continue
+            yield {**example, "source": f"{raw.source}:{raw.where}"}
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def fingerprint_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, cache_dir: str):
+    """Read and normalise every spec; mix them by weight. Returns (dataset, fingerprint)."""
+    parts, weights, all_files = [], [], []
+    for spec in specs:
+        path, fmt = resolve_spec(spec, cfg.dataset_dir)
+        files = resolve_files(path)
+        all_files += files
+        kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": spec.max_samples}
+        if cfg.streaming:
+            part = datasets.IterableDataset.from_generator(_examples, gen_kwargs=kwargs)
+        else:
+            # A fresh cache folder per call: the generator must run so bad records are counted.
+            part = datasets.Dataset.from_generator(_examples, gen_kwargs=kwargs, cache_dir=cache_dir)
+            if len(part) == 0:
+                raise DataError(path, "file", "no usable records")
+        parts.append(part)
+        weights.append(spec.weight)
+    if not parts:
+        raise DataError("config", "data.train", "no datasets given")
+    if len(parts) == 1:
+        mixed = parts[0]
+    elif len(set(weights)) == 1:
+        mixed = datasets.concatenate_datasets(parts)
+    else:
+        probabilities = [w / sum(weights) for w in weights]
+        mixed = datasets.interleave_datasets(parts, probabilities=probabilities, seed=cfg.seed,
+                                             stopping_strategy="all_exhausted")
+    return mixed, fingerprint_files(all_files)
+
+
+def load_splits(cfg: DataConfig, errors: ErrorLog, cache_dir: str) -> tuple[object, object | None, str]:
+    train, fingerprint = load_examples(cfg.train, cfg, errors, cache_dir)
+    evaluation = None
+    if cfg.eval:
+        evaluation, eval_fp = load_examples(cfg.eval, cfg, errors, cache_dir)
+        fingerprint = hashlib.sha256(f"{fingerprint}{eval_fp}".encode()).hexdigest()[:16]
+    elif cfg.eval_split > 0 and not cfg.streaming and len(train) >= 20:
+        split = train.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
+        train, evaluation = split["train"], split["test"]
+    return train, evaluation, fingerprint
+
+
+def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> dict:
+    out = {"input_ids": [], "labels": []}
+    for messages, source in zip(batch["messages"], batch["source"]):
+        if not messages:
+            errors.report(DataError(*source.rsplit(":", 1), "a plain-text record in SFT data (no dialogue)"))
+            continue
+        encoded = encode_sft(tokenizer, messages, cfg.max_length, cfg.train_on_prompt, cfg.mask_history)
+        if encoded is None:
+            errors.dropped_too_long += 1
+            continue
+        out["input_ids"].append(encoded["input_ids"])
+        out["labels"].append(encoded["labels"])
+    return out
+
+
+def tokenize_sft(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, pack: bool):
+    columns = ["text", "messages", "tools", "source"]
+    tokens = dataset.map(_sft_tokens, batched=True, remove_columns=columns,
+                         fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "errors": errors})
+    if pack and not cfg.streaming:
+        rows = pack_samples(list(tokens), cfg.max_length)
+        return datasets.Dataset.from_list(rows)
+    return tokens
+
+
+def _documents(dataset, tokenizer):
+    for example in dataset:
+        text = example["text"] or messages_as_text(example["messages"])
+        yield encode_text(tokenizer, text)
+
+
+def tokenize_pt(dataset, tokenizer, block_size: int, streaming: bool, cache_dir: str):
+    def rows():
+        yield from pack_stream(_documents(dataset, tokenizer), block_size)
+
+    if streaming:
+        return datasets.IterableDataset.from_generator(rows)
+    return datasets.Dataset.from_generator(rows, cache_dir=cache_dir)
+
+
+def data_cache_dir(output_dir: str) -> str:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".data-cache-", dir=output_dir)

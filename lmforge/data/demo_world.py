@@ -1,0 +1,531 @@
+"""A deterministic synthetic world for the embedded demo: fictional entities, their facts, and sums.
+
+Because every fact is known, each training stage is measurable: held-out perplexity on the encyclopedia
+corpus falls after PT, and exact-match answers to held-out questions rise after SFT. The world is small on
+purpose (about 220 facts over closed value sets of 5-10 values) so that a 1-5M-parameter model trained
+from scratch on a 2-core CPU can learn it in minutes. Everything is rendered in English and Chinese.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+def _pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """Parse "red:红色 blue:蓝色" into (("red", "红色"), ("blue", "蓝色")): keeps bilingual tables compact."""
+    return tuple((en, zh) for en, zh in (item.split(":") for item in text.split()))
+
+
+# Closed value sets (English, Chinese). No Chinese value is a substring of another in the same set, so
+# substring matching can tell values apart when grading answers.
+COLOURS = _pairs("red:红色 blue:蓝色 green:绿色 yellow:黄色 purple:紫色 white:白色 black:黑色")
+FOODS = _pairs("plums:李子 rice:米饭 honey:蜂蜜 apples:苹果 fish:鱼 bread:面包 noodles:面条 cheese:奶酪")
+PROFESSIONS = _pairs("baker:烘焙师 farmer:农民 teacher:老师 doctor:医生 sailor:水手 painter:画家 smith:铁匠")
+REGIONS = _pairs("north:北部 south:南部 east:东部 west:西部 centre:中部")
+AGES = _pairs("11:11 17:17 23:23 29:29 34:34 42:42 48:48 56:56 63:63")
+
+# attribute -> (kinds of entity that have it, its closed value set or the kind of entity its values name)
+ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...] | str]] = {
+    "colour": (("person", "creature"), COLOURS),
+    "food": (("person", "creature"), FOODS),
+    "home": (("person", "creature"), "town"),
+    "age": (("person", "creature"), AGES),
+    "profession": (("person",), PROFESSIONS),
+    "friend": (("person",), "person"),
+    "region": (("town",), REGIONS),
+    "specialty": (("town",), FOODS),
+}
+KIND_COUNTS = {"town": 10, "person": 24, "creature": 14}
+HELDOUT_FRACTION = 0.18
+ARITH_MAX = 20
+ARITH_HELDOUT = 24
+
+# Name syllables (English, Chinese). The Chinese characters appear in no template or value, so a name
+# can be found in a line by plain substring search.
+SYLLABLES = _pairs(
+    "vel:维 mo:莫 ra:拉 tash:塔 kin:金 ka:卡 lo:洛 ni:尼 sa:萨 be:贝 an:安 so:索 ko:柯 lan:兰 ze:泽 fu:芙 ma:玛 "
+    "no:诺 yi:伊 de:德 lin:琳 si:斯 tu:图 ba:巴 ge:格 hu:胡 ya:娅 ron:隆 pe:佩 ti:提 ser:瑟 ol:奥 fen:芬 dar:达 wa:瓦"
+)
+
+# Templates, one "<table> <key> <lang> template | template | ..." per line (a repeated key continues the
+# list). {s} is the subject, {v} the value; {a} {b} {c} the operands and result of a sum. The FIRST `say`
+# and `sum` template is the canonical SFT answer, so the answer a model must give is a sentence it has
+# already read in pre-training.
+_TEMPLATES = """
+say colour en The favourite colour of {s} is {v}. | {s} likes the colour {v} best.
+say colour en {s}'s favourite colour is {v}. | Of all colours, {s} loves {v} most.
+say colour zh {s}最喜欢的颜色是{v}。 | {s}最爱{v}。 | 在所有颜色中，{s}最喜欢{v}。
+say food en The favourite food of {s} is {v}. | {s} loves to eat {v}. | {s}'s favourite food is {v}.
+say food en Above all, {s} enjoys {v}.
+say food zh {s}最喜欢的食物是{v}。 | {s}爱吃{v}。 | {s}每天都想吃{v}。
+say home en {s} lives in {v}. | The home of {s} is the town of {v}. | {s} has a home in {v}.
+say home zh {s}住在{v}。 | {s}的家在{v}。 | {s}的家乡是{v}。
+say age en {s} is {v} years old. | The age of {s} is {v}. | {s} has lived for {v} years.
+say age zh {s}今年{v}岁。 | {s}的年龄是{v}岁。 | {s}已经{v}岁了。
+say profession en {s} works as a {v}. | {s} is a {v} by trade. | By profession, {s} is a {v}.
+say profession zh {s}的职业是{v}。 | {s}是一名{v}。 | {s}以当{v}为生。
+say friend en The best friend of {s} is {v}. | {s}'s best friend is {v}. | {s} trusts {v} more than anyone.
+say friend zh {s}最好的朋友是{v}。 | {s}最信任的人是{v}。 | {s}的好朋友当中，{v}排第一。
+say region en {s} lies in the {v}. | The town of {s} is in the {v}. | {s} is a town in the {v} of the land.
+say region zh {s}位于{v}。 | {s}这座小镇在{v}。 | {s}是{v}的一座小镇。
+say specialty en {s} is famous for its {v}. | The town of {s} is known for {v}.
+say specialty en People travel to {s} for its {v}.
+say specialty zh {s}以{v}闻名。 | {s}出产有名的{v}。 | 说起{s}，人们就想到{v}。
+ask colour en What is the favourite colour of {s}? | Which colour does {s} like best?
+ask colour en Tell me {s}'s favourite colour.
+ask colour zh {s}最喜欢什么颜色？ | {s}最喜欢的颜色是什么？ | 请问{s}最爱哪种颜色？
+ask food en What is the favourite food of {s}? | What does {s} love to eat? | Which food does {s} like most?
+ask food zh {s}最喜欢吃什么？ | {s}最喜欢的食物是什么？ | 请问{s}爱吃什么？
+ask home en Where does {s} live? | In which town does {s} live? | What is the home town of {s}?
+ask home zh {s}住在哪里？ | {s}的家在哪个小镇？ | 请问{s}住在哪儿？
+ask age en How old is {s}? | What is the age of {s}? | Can you tell me how old {s} is?
+ask age zh {s}今年几岁？ | {s}多大了？ | 请问{s}的年龄是多少？
+ask profession en What does {s} do for a living? | What is the profession of {s}? | What job does {s} have?
+ask profession zh {s}是做什么工作的？ | {s}的职业是什么？ | 请问{s}靠什么为生？
+ask friend en Who is the best friend of {s}? | Who is {s}'s best friend? | Whom does {s} trust most?
+ask friend zh {s}最好的朋友是谁？ | 谁是{s}最好的朋友？ | {s}最信任谁？
+ask region en Where does {s} lie? | In which part of the land is {s}? | Which region is the town of {s} in?
+ask region zh {s}位于哪里？ | {s}在哪个地区？ | 请问{s}这座小镇位于哪里？
+ask specialty en What is {s} famous for? | What is the town of {s} known for? | Why do people travel to {s}?
+ask specialty zh {s}以什么闻名？ | {s}出产什么有名的东西？ | 说起{s}，人们会想到什么？
+intro person en {s} is a person. | {s} is one of the villagers.
+intro person zh {s}是一个人。 | {s}是一位村民。
+intro creature en {s} is a creature. | {s} is a small creature of the forest.
+intro creature zh {s}是一只生灵。 | {s}是森林里的一只小生灵。
+intro town en {s} is a town. | {s} is a quiet town.
+intro town zh {s}是一座小镇。 | {s}是一座安静的小镇。
+sum + en {a} plus {b} equals {c}. | {a} + {b} = {c}. | Adding {b} to {a} gives {c}.
+sum - en {a} minus {b} equals {c}. | {a} - {b} = {c}. | Taking {b} from {a} leaves {c}.
+sum + zh {a} 加 {b} 等于 {c}。 | {a} 加上 {b} 得 {c}。 | {a} 加 {b} 的结果是 {c}。
+sum - zh {a} 减 {b} 等于 {c}。 | {a} 减去 {b} 得 {c}。 | {a} 减 {b} 的结果是 {c}。
+asksum + en What is {a} plus {b}? | What is {a} + {b}? | Please compute {a} + {b}.
+asksum - en What is {a} minus {b}? | What is {a} - {b}? | Please compute {a} - {b}.
+asksum + zh {a} 加 {b} 等于多少？ | {a} + {b} 等于几？ | 请计算 {a} 加 {b}。
+asksum - zh {a} 减 {b} 等于多少？ | {a} - {b} 等于几？ | 请计算 {a} 减 {b}。
+"""
+
+
+def _parse_templates(text: str) -> dict[tuple[str, str, str], list[str]]:
+    table: dict[tuple[str, str, str], list[str]] = {}
+    for line in text.strip().splitlines():
+        kind, key, lang, rest = line.split(maxsplit=3)
+        table.setdefault((kind, key, lang), []).extend(t.strip() for t in rest.split("|"))
+    return table
+
+
+TEMPLATES = _parse_templates(_TEMPLATES)
+SYSTEM = {"en": "You are a helpful assistant.", "zh": "你是一个乐于助人的助手。"}
+LANGS = ("en", "zh")
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str  # English name; also the entity's key
+    zh: str
+    kind: str  # "person", "creature" or "town"
+
+
+@dataclass(frozen=True)
+class Fact:
+    entity: str
+    attribute: str
+    value: str  # English form: a closed-set value, an age, or another entity's name
+    heldout: bool = False  # True: asked only in sft/eval.jsonl (still stated in the PT corpus)
+
+
+Problem = tuple[int, str, int]  # (a, "+" or "-", b)
+
+
+@dataclass
+class World:
+    """The truth: entities, their facts, and which facts and sums are held out of SFT training."""
+
+    seed: int
+    entities: list[Entity]
+    facts: list[Fact]
+    arith_heldout: list[Problem]
+    lexicon: dict[str, str] = field(init=False, repr=False)  # English term -> Chinese term
+
+    def __post_init__(self) -> None:
+        self.lexicon = {
+            en: zh for _, values in ATTRIBUTES.values() if not isinstance(values, str) for en, zh in values
+        }
+        self.lexicon.update({e.name: e.zh for e in self.entities})
+
+    def term(self, en: str, lang: str) -> str:
+        """A value or entity name in `lang`."""
+        return en if lang == "en" else self.lexicon[en]
+
+    def entity(self, name: str) -> Entity:
+        return next(e for e in self.entities if e.name == name)
+
+    def facts_of(self, name: str) -> list[Fact]:
+        return [f for f in self.facts if f.entity == name]
+
+    def value_of(self, name: str, attribute: str) -> str:
+        return next(f.value for f in self.facts if f.entity == name and f.attribute == attribute)
+
+    def value_set(self, attribute: str) -> list[str]:
+        """Every possible value of `attribute` (English forms), in a fixed order."""
+        values = ATTRIBUTES[attribute][1]
+        if isinstance(values, str):
+            return sorted(e.name for e in self.entities if e.kind == values)
+        return [en for en, _ in values]
+
+    def wrong_values(self, fact: Fact) -> list[str]:
+        """The values `fact` could have had but does not: wrong answers for preference pairs."""
+        return [v for v in self.value_set(fact.attribute) if v not in (fact.value, fact.entity)]
+
+    def answer(self, fact: Fact, lang: str, value: str | None = None) -> str:
+        """The canonical answer sentence for `fact`; pass one of `wrong_values(fact)` as `value` to get the
+        rejected side of a preference pair in exactly the same wording."""
+        template = TEMPLATES["say", fact.attribute, lang][0]
+        return template.format(s=self.term(fact.entity, lang), v=self.term(value or fact.value, lang))
+
+    def arith_problems(self) -> list[Problem]:
+        """All sums and (non-negative) differences of numbers 0..ARITH_MAX."""
+        adds = [(a, "+", b) for a in range(ARITH_MAX + 1) for b in range(ARITH_MAX + 1)]
+        return adds + [(a, "-", b) for a in range(ARITH_MAX + 1) for b in range(a + 1)]
+
+    def to_dict(self) -> dict:
+        closed = {a: v if isinstance(v, str) else dict(v) for a, (_, v) in ATTRIBUTES.items()}  # en -> zh
+        return {
+            "seed": self.seed,
+            "attributes": {
+                a: {"kinds": list(kinds), "values": closed[a]} for a, (kinds, _) in ATTRIBUTES.items()
+            },
+            "entities": [
+                {**asdict(e), "attributes": {f.attribute: f.value for f in self.facts_of(e.name)}}
+                for e in self.entities
+            ],
+            "facts": [asdict(f) for f in self.facts],
+            "arithmetic": {
+                "max": ARITH_MAX,
+                "ops": ["+", "-"],
+                "eval": [list(p) for p in self.arith_heldout],
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> World:
+        entities = [Entity(e["name"], e["zh"], e["kind"]) for e in data["entities"]]
+        facts = [Fact(**f) for f in data["facts"]]
+        return cls(data["seed"], entities, facts, [(a, op, b) for a, op, b in data["arithmetic"]["eval"]])
+
+
+def load_world(path: str | Path) -> World:
+    """Read `world.json` (or the directory holding it) back into a World."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "world.json"
+    return World.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _make_names(rng: random.Random, count: int) -> list[tuple[str, str]]:
+    names: list[tuple[str, str]] = []
+    while len(names) < count:
+        parts = rng.sample(SYLLABLES, rng.choice((2, 2, 3)))
+        en, zh = "".join(p[0] for p in parts).capitalize(), "".join(p[1] for p in parts)
+        # No name may contain another (in either language): tests and graders find names by substring.
+        if any(en.lower() in o.lower() or o.lower() in en.lower() or zh in z or z in zh for o, z in names):
+            continue
+        names.append((en, zh))
+    return names
+
+
+def build_world(seed: int = 0) -> World:
+    """Draw a world from `seed`: entities, one value per (entity, attribute), and the held-out split."""
+    rng = random.Random(f"demo-world:{seed}")  # str seeds hash with sha512: stable across processes
+    names = iter(_make_names(rng, sum(KIND_COUNTS.values())))
+    entities = [Entity(*next(names), kind) for kind, n in KIND_COUNTS.items() for _ in range(n)]
+    entities.sort(key=lambda e: (list(KIND_COUNTS).index(e.kind), e.name))
+    facts = []
+    for ent in entities:
+        for attr, (kinds, values) in ATTRIBUTES.items():
+            if ent.kind not in kinds:
+                continue
+            if isinstance(values, str):
+                choices = [e.name for e in entities if e.kind == values and e.name != ent.name]
+            else:
+                choices = [en for en, _ in values]
+            facts.append(Fact(ent.name, attr, rng.choice(choices)))
+    # Hold out a fixed share of every attribute so that eval asks each kind of question.
+    heldout = set()
+    for attr in ATTRIBUTES:
+        idx = [i for i, f in enumerate(facts) if f.attribute == attr]
+        heldout.update(rng.sample(idx, max(1, round(HELDOUT_FRACTION * len(idx)))))
+    facts = [Fact(f.entity, f.attribute, f.value, i in heldout) for i, f in enumerate(facts)]
+    world = World(seed, entities, facts, [])
+    world.arith_heldout = sorted(rng.sample(world.arith_problems(), ARITH_HELDOUT))
+    return world
+
+
+def _say(world: World, fact: Fact, lang: str, template: str) -> str:
+    return template.format(s=world.term(fact.entity, lang), v=world.term(fact.value, lang))
+
+
+def _solve(problem: Problem) -> int:
+    a, op, b = problem
+    return a + b if op == "+" else a - b
+
+
+def _say_arith(problem: Problem, template: str) -> str:
+    return template.format(a=problem[0], b=problem[2], c=_solve(problem))
+
+
+def _entity_doc(world: World, ent: Entity, facts: list[Fact], lang: str, rng: random.Random) -> str:
+    facts = list(facts)
+    rng.shuffle(facts)
+    sentences = [_say(world, f, lang, rng.choice(TEMPLATES["say", f.attribute, lang])) for f in facts]
+    intro = rng.choice(TEMPLATES["intro", ent.kind, lang]).format(s=world.term(ent.name, lang))
+    if rng.random() < 0.7:
+        sentences.insert(0, intro)
+    return (" " if lang == "en" else "").join(sentences)
+
+
+def _entity_docs(world: World, rng: random.Random, reps: int) -> list[str]:
+    """Paragraphs about random subsets of each entity's facts until every fact is stated `reps` times."""
+    docs = []
+    for ent in world.entities:
+        facts = world.facts_of(ent.name)
+        for lang in LANGS:
+            seen = dict.fromkeys(facts, 0)
+            while min(seen.values()) < reps:
+                subset = [f for f in facts if rng.random() < 0.7] or [rng.choice(facts)]
+                docs.append(_entity_doc(world, ent, subset, lang, rng))
+                for f in subset:
+                    seen[f] += 1
+    return docs
+
+
+def _arith_docs(problems: list[Problem], rng: random.Random, canonical: bool) -> list[str]:
+    """A few equations per line; `canonical` uses each language's answer form so SFT eval sums are in PT."""
+    docs = []
+    for lang in LANGS:
+        todo = list(problems)
+        rng.shuffle(todo)
+        while todo:
+            n = rng.randint(3, 6)
+            chunk, todo = todo[:n], todo[n:]
+            forms = [TEMPLATES["sum", p[1], lang] for p in chunk]
+            docs.append(
+                " ".join(_say_arith(p, f[0] if canonical else rng.choice(f)) for p, f in zip(chunk, forms))
+            )
+    return docs
+
+
+def pt_corpus(world: World, reps: int = 10) -> tuple[list[str], list[str]]:
+    """(train, eval) documents, one per line; eval re-renders the same facts with other random choices."""
+    rng = random.Random(f"demo-pt:{world.seed}")
+    problems = world.arith_problems()
+    # Every sum twice per language: once in its canonical answer form, once in a random wording.
+    train = _entity_docs(world, rng, reps) + _arith_docs(problems, rng, True)
+    train += _arith_docs(problems, rng, False)
+    rng.shuffle(train)
+    seen = set(train)
+    held = []
+    # One full paragraph per entity and language; re-drawn if it happens to equal a training line, so
+    # eval perplexity measures generalisation to new wordings rather than recall of exact documents.
+    for ent in world.entities:
+        for lang in LANGS:
+            doc = _entity_doc(world, ent, world.facts_of(ent.name), lang, rng)
+            while doc in seen:
+                doc = _entity_doc(world, ent, world.facts_of(ent.name), lang, rng)
+            held.append(doc)
+    held += [d for d in _arith_docs(rng.sample(problems, 60), rng, False) if d not in seen]
+    rng.shuffle(held)
+    return train, held
+
+
+def _record(
+    rid: str,
+    lang: str,
+    kind: str,
+    turn: tuple[str, str],
+    answer: str,
+    subject: str,
+    wrong: list[str],
+    system: bool,
+) -> dict:
+    messages = [{"role": "system", "content": SYSTEM[lang]}] if system else []
+    messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    # `distractors` (the attribute's other values, in `lang`) makes every record gradable on its own and
+    # hands a later preference-pair stage its wrong answers.
+    fields = {
+        "answer": answer,
+        "lang": lang,
+        "kind": kind,
+        "id": rid,
+        "subject": subject,
+        "distractors": wrong,
+    }
+    return {"messages": messages, **fields}
+
+
+def _fact_qa(world: World, fact: Fact, lang: str, question: str) -> tuple[str, str]:
+    return _say(world, fact, lang, question), world.answer(fact, lang)
+
+
+def _fact_record(world: World, fact: Fact, lang: str, question: str, rid: str, system: bool = False) -> dict:
+    turn = _fact_qa(world, fact, lang, question)
+    wrong = [world.term(v, lang) for v in world.wrong_values(fact)]
+    value, subject = world.term(fact.value, lang), world.term(fact.entity, lang)
+    return _record(rid, lang, fact.attribute, turn, value, subject, wrong, system)
+
+
+def _arith_record(problem: Problem, lang: str, question: str, rid: str, system: bool = False) -> dict:
+    a, op, b = problem
+    turn = (_say_arith(problem, question), _say_arith(problem, TEMPLATES["sum", op, lang][0]))
+    return _record(rid, lang, "arith", turn, str(_solve(problem)), f"{a} {op} {b}", [], system)
+
+
+def _multi_turn(world: World, rng: random.Random, count: int) -> list[dict]:
+    """Two questions about one entity; both facts come from the train split so no eval fact leaks."""
+    by_entity: dict[str, list[Fact]] = {}
+    for f in world.facts:
+        if not f.heldout:
+            by_entity.setdefault(f.entity, []).append(f)
+    names = [n for n, fs in by_entity.items() if len(fs) >= 2]
+    records = []
+    for i in range(count):
+        first, second = rng.sample(by_entity[rng.choice(names)], 2)
+        lang = rng.choice(LANGS)
+        question, rid = rng.choice(TEMPLATES["ask", second.attribute, lang]), f"train-{lang}-multi-{i}"
+        record = _fact_record(world, second, lang, question, rid, rng.random() < 0.2)
+        q, a = _fact_qa(world, first, lang, rng.choice(TEMPLATES["ask", first.attribute, lang]))
+        at = len(record["messages"]) - 2  # the first exchange goes before the final one, after any system
+        record["messages"][at:at] = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        records.append(record)
+    return records
+
+
+def sft_records(world: World, arith_train: int = 200) -> tuple[list[dict], list[dict]]:
+    """(train, eval) chat records. Train asks every train fact with every phrasing; eval asks held-out facts
+    and sums once per language, single-turn and without a system prompt."""
+    rng = random.Random(f"demo-sft:{world.seed}")
+    train, held = [], []
+    for fact in world.facts:
+        for lang in LANGS:
+            slug = f"{lang}-{fact.entity.lower()}-{fact.attribute}"
+            questions = TEMPLATES["ask", fact.attribute, lang]
+            if fact.heldout:
+                held.append(_fact_record(world, fact, lang, rng.choice(questions), f"eval-{slug}"))
+                continue
+            for k, question in enumerate(questions):
+                train.append(
+                    _fact_record(world, fact, lang, question, f"train-{slug}-{k}", rng.random() < 0.2)
+                )
+    for problem in world.arith_heldout:
+        for lang in LANGS:
+            question = rng.choice(TEMPLATES["asksum", problem[1], lang])
+            held.append(
+                _arith_record(problem, lang, question, f"eval-{lang}-arith-{''.join(map(str, problem))}")
+            )
+    pool = [p for p in world.arith_problems() if p not in set(world.arith_heldout)]
+    for problem in sorted(rng.sample(pool, arith_train)):
+        for lang in LANGS:
+            question = rng.choice(TEMPLATES["asksum", problem[1], lang])
+            rid = f"train-{lang}-arith-{''.join(map(str, problem))}"
+            train.append(_arith_record(problem, lang, question, rid, rng.random() < 0.2))
+    train += _multi_turn(world, rng, len(train) // 9)  # about 10% of the final train set
+    rng.shuffle(train)
+    return train, held
+
+
+def dataset_info() -> dict:
+    """LLaMA-Factory `dataset_info.json` entries for the four corpus files."""
+    tags = {f"{name}_tag": name for name in ("role", "content", "user", "assistant", "system")}
+    sharegpt = {"formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags}
+    return {
+        "demo_pt": {"file_name": "pt/train.txt", "columns": {"prompt": "text"}},
+        "demo_pt_eval": {"file_name": "pt/eval.txt", "columns": {"prompt": "text"}},
+        "demo_sft": {"file_name": "sft/train.jsonl", **sharegpt},
+        "demo_sft_eval": {"file_name": "sft/eval.jsonl", **sharegpt},
+    }
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Bytes with "\n", not text mode: the same seed must give byte-identical files on every platform.
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def write_demo_world(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Generate the demo world under `out_dir`; returns name -> path of every file written."""
+    out_dir = Path(out_dir)
+    world = build_world(seed)
+    pt_train, pt_eval = pt_corpus(world)
+    sft_train, sft_eval = sft_records(world)
+    names = {
+        "world": "world.json",
+        "pt_train": "pt/train.txt",
+        "pt_eval": "pt/eval.txt",
+        "sft_train": "sft/train.jsonl",
+        "sft_eval": "sft/eval.jsonl",
+        "dataset_info": "dataset_info.json",
+    }
+    contents = {
+        "world": [json.dumps(world.to_dict(), ensure_ascii=False, indent=1)],
+        "pt_train": pt_train,
+        "pt_eval": pt_eval,
+        "sft_train": [json.dumps(r, ensure_ascii=False) for r in sft_train],
+        "sft_eval": [json.dumps(r, ensure_ascii=False) for r in sft_eval],
+        "dataset_info": [json.dumps(dataset_info(), ensure_ascii=False, indent=2)],
+    }
+    paths = {key: out_dir / rel for key, rel in names.items()}
+    for key, path in paths.items():
+        _write_lines(path, contents[key])
+    return paths
+
+
+_NUMBER = re.compile(r"\d+")
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_OPERATOR = r"\s*(?:\+|-|−|plus|minus|加上|加|减去|减)\s*"
+
+
+def _normalise(text: str) -> str:
+    # Lower-case, punctuation (ASCII or full-width) to spaces, and pad so " plums " matches whole words only.
+    return " " + " ".join(re.sub(r"[^\w]+", " ", text.lower()).split()) + " "
+
+
+def _mentions(normalised: str, term: str) -> bool:
+    if _CJK.search(term):  # Chinese has no word boundaries: match characters, ignoring spaces
+        return _normalise(term).replace(" ", "") in normalised.replace(" ", "")
+    return _normalise(term) in normalised
+
+
+def _states_number(response: str, expected: int, question: str = "") -> bool:
+    operands = _NUMBER.findall(question)
+    if len(operands) == 2:  # drop a restated question ("7 + 5 = 12") so its operands are not read as answers
+        pattern = rf"(?<!\d){operands[0]}{_OPERATOR}{operands[1]}(?!\d)"
+        response = re.sub(pattern, " ", response, flags=re.IGNORECASE)
+    numbers = [int(n) for n in _NUMBER.findall(response)]
+    return bool(numbers) and all(n == expected for n in numbers)
+
+
+def answer_is_correct(record: dict, response: str) -> bool:
+    """True when `response` states the record's answer and no other value of the same attribute.
+
+    Numbers (sums, ages) are compared numerically: every number in the response, after removing a restated
+    question, must equal the answer. Other values are matched as whole words (English) or substrings
+    (Chinese), against the record's `distractors`, so "red or blue" is wrong.
+    """
+    answer = str(record["answer"])
+    if record.get("kind") == "arith":
+        return _states_number(response, int(answer), record.get("subject", ""))
+    if answer.isdigit():
+        return _states_number(response, int(answer))
+    normalised = _normalise(response)
+    if not _mentions(normalised, answer):
+        return False
+    return not any(_mentions(normalised, d) for d in record.get("distractors", ()))
+
+
+def exact_match(record: dict, response: str) -> bool:
+    """True when `response` is the record's reference (last) assistant reply, up to surrounding whitespace."""
+    reference = [m["content"] for m in record["messages"] if m["role"] == "assistant"][-1]
+    return response.strip() == reference.strip()

@@ -1,0 +1,45 @@
+"""Bad-record reporting: every rejected record names its file, line (or record index) and problem."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """A record could not be read or understood."""
+
+    def __init__(self, source: str, where: str, problem: str):
+        self.source, self.where, self.problem = source, where, problem
+        super().__init__(f"{source}:{where}: {problem}")
+
+
+@dataclass
+class ErrorLog:
+    """Collects bad records: raises at once under `raise`, counts them under `skip`."""
+
+    on_error: str = "raise"
+    skipped: Counter = field(default_factory=Counter)
+    """file -> number of records skipped."""
+    examples: list[str] = field(default_factory=list)
+    dropped_too_long: int = 0
+    """Samples whose response did not fit max_length at all (never silent: counted here)."""
+
+    def report(self, error: DataError) -> None:
+        if self.on_error == "raise":
+            raise error
+        self.skipped[error.source] += 1
+        if len(self.examples) < 20:
+            self.examples.append(str(error))
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> dict:
+        return {
+            "skipped_records": self.total_skipped,
+            "skipped_by_file": dict(self.skipped),
+            "dropped_too_long": self.dropped_too_long,
+            "examples": self.examples,
+        }

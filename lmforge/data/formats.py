@@ -1,0 +1,179 @@
+"""Row formats → one normal form: `{"messages": [{role, content}, ...], "tools": str}` or `{"text": str}`.
+
+Formats (see docs/data.md): raw text, Alpaca (instruction/input/output/system/history),
+ShareGPT (conversations of {from, value}), OpenAI (messages of {role, content}). Column and
+role names are remappable the way LLaMA-Factory's dataset_info.json remaps them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from lmforge.data.errors import DataError
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
+SHAREGPT_TAGS = {
+    "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+    "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system",
+}
+OPENAI_TAGS = {
+    "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+    "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system",
+}
+
+
+@dataclass
+class RowFormat:
+    formatting: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    replacements: dict[str, str] = field(default_factory=dict)
+
+
+def detect_format(row: dict, fmt: RowFormat) -> str:
+    if fmt.formatting != "auto":
+        return fmt.formatting
+    messages_key = fmt.columns.get("messages")
+    if messages_key and messages_key in row:
+        return "sharegpt"
+    if "messages" in row:
+        turns = row["messages"]
+        first = turns[0] if isinstance(turns, list) and turns else {}
+        return "sharegpt" if isinstance(first, dict) and "from" in first else "openai"
+    if "conversations" in row:
+        return "sharegpt"
+    if fmt.columns.get("prompt", "instruction") in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    keys = ", ".join(sorted(row)) or "none"
+    raise ValueError(f"cannot tell the format from the keys ({keys}); set formatting and columns")
+
+
+def to_example(row: dict, fmt: RowFormat) -> dict:
+    """Normalise one row; raises ValueError with the problem (the caller adds file and line)."""
+    if fmt.replacements:
+        row = _replace(row, fmt.replacements)
+    kind = detect_format(row, fmt)
+    if kind == "text":
+        key = fmt.columns.get("prompt", "text")
+        text = row.get(key)
+        if not isinstance(text, str):
+            raise ValueError(f"field {key!r} must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"field {key!r} is empty")
+        return {"text": text, "messages": [], "tools": ""}
+    messages, tools = _alpaca(row, fmt) if kind == "alpaca" else _conversation(row, fmt, kind)
+    check_dialogue(messages)
+    return {"text": "", "messages": messages, "tools": tools}
+
+
+def example_or_error(raw, fmt: RowFormat) -> dict:
+    try:
+        return to_example(raw.row, fmt)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DataError(raw.source, raw.where, str(exc)) from None
+
+
+def _replace(value, replacements: dict[str, str]):
+    if isinstance(value, str):
+        for old, new in replacements.items():
+            value = value.replace(old, new)
+        return value
+    if isinstance(value, list):
+        return [_replace(v, replacements) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace(v, replacements) for k, v in value.items()}
+    return value
+
+
+def _text_field(row: dict, key: str, required: bool) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"missing field {key!r}")
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _alpaca(row: dict, fmt: RowFormat) -> tuple[list[dict], str]:
+    cols = {**ALPACA_COLUMNS, **fmt.columns}
+    instruction = _text_field(row, cols["prompt"], required=True)
+    query = _text_field(row, cols["query"], required=False)
+    response = _text_field(row, cols["response"], required=True)
+    system = _text_field(row, cols["system"], required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = row.get(cols["history"]) or []
+    if not isinstance(history, list):
+        raise ValueError(f"field {cols['history']!r} must be a list of [question, answer] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise ValueError(f"history[{i}] must be a [question, answer] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = "\n".join(x for x in (instruction, query) if x)
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return messages, ""
+
+
+def _conversation(row: dict, fmt: RowFormat, kind: str) -> tuple[list[dict], str]:
+    base_cols = SHAREGPT_COLUMNS if kind == "sharegpt" else {**SHAREGPT_COLUMNS, "messages": "messages"}
+    cols = {**base_cols, **fmt.columns}
+    key = cols["messages"] if cols["messages"] in row else ("messages" if "messages" in row else cols["messages"])
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"field {key!r} must be a non-empty list of turns")
+    first = turns[0] if isinstance(turns[0], dict) else {}
+    default_tags = SHAREGPT_TAGS if "from" in first or (kind == "sharegpt" and "role" not in first) else OPENAI_TAGS
+    tags = {**default_tags, **fmt.tags}
+    roles = {
+        tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
+        tags["observation_tag"]: "tool", tags["function_tag"]: "assistant",
+    }
+    messages = []
+    system = _text_field(row, cols["system"], required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i} must be an object, got {type(turn).__name__}")
+        role, content = turn.get(tags["role_tag"]), turn.get(tags["content_tag"])
+        if role not in roles:
+            raise ValueError(f"turn {i} has unknown role {role!r} (known: {', '.join(map(str, roles))})")
+        if not isinstance(content, str):
+            raise ValueError(f"turn {i} content must be a string, got {type(content).__name__}")
+        messages.append({"role": roles[role], "content": content})
+    tools = row.get(cols["tools"]) or ""
+    if not isinstance(tools, str):
+        tools = json.dumps(tools, ensure_ascii=False)
+    if tools and messages:
+        # Tools are described in the system prompt as text until templates render them natively.
+        preamble = f"You can call these tools:\n{tools}"
+        if messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + preamble}
+        else:
+            messages.insert(0, {"role": "system", "content": preamble})
+    return messages, tools
+
+
+def check_dialogue(messages: list[dict]) -> None:
+    """Roles in a sensible order, no empty turns, at least one assistant reply, ending on one."""
+    expected_after = {None: {"user"}, "system": {"user"}, "user": {"assistant"},
+                      "assistant": {"user", "tool"}, "tool": {"assistant", "tool"}}
+    previous = None
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role == "system" and i == 0:
+            previous = "system"
+            continue
+        if not message["content"].strip():
+            raise ValueError(f"turn {i} ({role}) is empty")
+        if role not in expected_after[previous]:
+            after = f"after {previous!r}" if previous else "first"
+            raise ValueError(f"roles out of order: turn {i} is {role!r} {after}")
+        previous = role
+    if previous != "assistant":
+        raise ValueError("the dialogue must end with an assistant reply")

@@ -1,0 +1,46 @@
+"""`lmforge data inspect`: show how records render, token by token, with the loss-carrying ones marked.
+
+This is the tool to reach for when a template or a mask looks wrong.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.text import Text
+
+from lmforge.data.tokenize import IGNORE, encode_sft, encode_text
+
+
+def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bool = False,
+                  mask_history: bool = False) -> tuple[Text, dict]:
+    """(coloured text, counts) for one example; tokens with loss are green, masked ones dim."""
+    if example["messages"]:
+        encoded = encode_sft(tokenizer, example["messages"], max_length, train_on_prompt, mask_history)
+        if encoded is None:
+            return Text("(dropped: nothing left to learn after truncation)", style="red"), {"tokens": 0, "loss_tokens": 0}
+        ids, labels = encoded["input_ids"], encoded["labels"]
+    else:
+        ids = encode_text(tokenizer, example["text"])[:max_length]
+        labels = list(ids)
+    text = Text()
+    for token_id, label in zip(ids, labels):
+        piece = tokenizer.decode([token_id])
+        text.append(piece, style="bold green" if label != IGNORE else "dim")
+    counts = {"tokens": len(ids), "loss_tokens": sum(label != IGNORE for label in labels)}
+    return text, counts
+
+
+def inspect_examples(tokenizer, examples, limit: int, max_length: int, train_on_prompt: bool,
+                     mask_history: bool, console: Console | None = None) -> list[dict]:
+    console = console or Console()
+    summaries = []
+    for index, example in enumerate(examples):
+        if index >= limit:
+            break
+        text, counts = render_record(tokenizer, example, max_length, train_on_prompt, mask_history)
+        console.rule(f"[bold]{example.get('source', f'record {index}')}[/]  "
+                     f"{counts['tokens']} tokens, {counts['loss_tokens']} with loss")
+        console.print(text)
+        summaries.append({"source": example.get("source"), **counts})
+    console.print("[dim]legend:[/] [bold green]carries loss[/]  [dim]masked (-100)[/]")
+    return summaries

@@ -1,0 +1,153 @@
+"""File readers: a path, directory or glob → raw rows, each tagged with its file and line.
+
+Readers stream (one line or record at a time) so a large file never sits in memory as a list;
+`lmforge.data.build` turns the stream into an Arrow-backed `datasets` table.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.data.errors import DataError, ErrorLog
+
+SUPPORTED = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass
+class RawRecord:
+    row: dict
+    source: str
+    where: str
+    """`line 12` or `record 3`: what a user searches for in the file."""
+
+
+def resolve_files(spec_path: str) -> list[Path]:
+    """A file, every supported file in a directory (sorted), or a glob's matches."""
+    path = Path(spec_path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED)
+        if not files:
+            raise DataError(str(path), "directory", f"no data files ({', '.join(SUPPORTED)}) found")
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec_path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(spec_path, "path", "no such file, directory or glob match")
+    for file in files:
+        if file.suffix not in SUPPORTED:
+            raise DataError(str(file), "file", f"unsupported extension {file.suffix!r}; use one of {SUPPORTED}")
+    return files
+
+
+def read_file(path: Path, errors: ErrorLog, text_split: str = "line") -> Iterator[RawRecord]:
+    reader = {
+        ".txt": lambda: _read_txt(path, errors, text_split),
+        ".jsonl": lambda: _read_jsonl(path, errors),
+        ".json": lambda: _read_json(path, errors),
+        ".parquet": lambda: _read_parquet(path),
+        ".csv": lambda: _read_csv(path, errors),
+    }[path.suffix]
+    yield from reader()
+
+
+def _decoded_lines(path: Path, errors: ErrorLog) -> Iterator[tuple[int, str]]:
+    """Lines decoded one by one, so invalid UTF-8 names its line instead of failing the file."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                errors.report(DataError(str(path), f"line {number}", f"invalid UTF-8 ({exc.reason} at byte {exc.start})"))
+                continue
+            yield number, text.rstrip("\r\n")
+
+
+def _read_txt(path: Path, errors: ErrorLog, text_split: str) -> Iterator[RawRecord]:
+    if text_split == "line":
+        for number, line in _decoded_lines(path, errors):
+            if line.strip():
+                yield RawRecord({"text": line}, str(path), f"line {number}")
+        return
+    block: list[str] = []
+    start = 0
+    for number, line in _decoded_lines(path, errors):
+        if line.strip():
+            start = start or number
+            block.append(line)
+        elif block:
+            yield RawRecord({"text": "\n".join(block)}, str(path), f"line {start}")
+            block, start = [], 0
+    if block:
+        yield RawRecord({"text": "\n".join(block)}, str(path), f"line {start}")
+
+
+def _read_jsonl(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
+    for number, line in _decoded_lines(path, errors):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.report(DataError(str(path), f"line {number}", f"invalid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(row, dict):
+            errors.report(DataError(str(path), f"line {number}", f"expected a JSON object, got {type(row).__name__}"))
+            continue
+        yield RawRecord(row, str(path), f"line {number}")
+
+
+def _read_json(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(str(path), f"line {line}", f"invalid UTF-8 ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        # A broken .json file cannot be read past the error: this is fatal even under on_error=skip.
+        raise DataError(str(path), f"line {exc.lineno}", f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    if isinstance(data, dict):
+        data = _columns_to_rows(path, data)
+    if not isinstance(data, list):
+        raise DataError(str(path), "top level", f"expected a list of records or an object of lists, got {type(data).__name__}")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            errors.report(DataError(str(path), f"record {index}", f"expected an object, got {type(row).__name__}"))
+            continue
+        yield RawRecord(row, str(path), f"record {index}")
+
+
+def _columns_to_rows(path: Path, data: dict) -> list:
+    """`{"col": [..], "col2": [..]}` (pandas' orient=list) → a list of rows."""
+    lengths = {k: len(v) for k, v in data.items() if isinstance(v, list)}
+    if len(lengths) != len(data) or len(set(lengths.values())) != 1:
+        raise DataError(str(path), "top level", "an object must map every column to a list of equal length")
+    n = next(iter(lengths.values()))
+    return [{k: data[k][i] for k in data} for i in range(n)]
+
+
+def _read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield RawRecord(row, str(path), f"record {index}")
+            index += 1
+
+
+def _read_csv(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
+    lines = (text for _, text in _decoded_lines(path, errors))
+    reader = csv.DictReader(io.StringIO("\n".join(lines)))
+    for row in reader:
+        if None in row:
+            errors.report(DataError(str(path), f"line {reader.line_num}", "more fields than the header has"))
+            continue
+        yield RawRecord(dict(row), str(path), f"line {reader.line_num}")

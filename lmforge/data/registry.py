@@ -1,0 +1,52 @@
+"""LLaMA-Factory's `dataset_info.json` as a dataset source: `name:` entries resolve to files + formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.config.schema import DatasetSpec
+from lmforge.data.errors import DataError
+from lmforge.data.formats import RowFormat
+
+KNOWN_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "hf_hub_url", "ms_hub_url", "om_hub_url",
+              "script_url", "subset", "split", "folder", "num_samples", "cloud_file_name"}
+
+
+def resolve_spec(spec: DatasetSpec, dataset_dir: str | None) -> tuple[str, RowFormat]:
+    """A dataset spec → (path, row format), reading dataset_info.json for `name:` specs."""
+    if spec.path is not None:
+        return spec.path, RowFormat(spec.formatting, dict(spec.columns), dict(spec.tags), dict(spec.replacements))
+    info_dir = Path(dataset_dir or ".")
+    info_path = info_dir / "dataset_info.json"
+    entry = read_registry(info_path).get(spec.name)
+    if entry is None:
+        raise DataError(str(info_path), f"entry {spec.name!r}", "no such dataset (check the name and data.dataset_dir)")
+    if "file_name" not in entry:
+        hub = entry.get("hf_hub_url") or entry.get("ms_hub_url") or "a hub"
+        raise DataError(str(info_path), f"entry {spec.name!r}",
+                        f"points to {hub}; lmforge reads local files only (download it and set file_name)")
+    unknown = set(entry) - KNOWN_KEYS
+    if unknown:
+        raise DataError(str(info_path), f"entry {spec.name!r}", f"unknown keys {sorted(unknown)}")
+    columns = {**entry.get("columns", {}), **spec.columns}
+    tags = {**entry.get("tags", {}), **spec.tags}
+    formatting = spec.formatting if spec.formatting != "auto" else entry.get("formatting", "alpaca")
+    if formatting == "alpaca" and set(columns) == {"prompt"}:
+        # LLaMA-Factory marks raw-text corpora (wiki_demo, c4_demo) as alpaca with only a prompt column.
+        formatting = "text"
+    if formatting not in ("alpaca", "sharegpt", "openai", "text"):
+        raise DataError(str(info_path), f"entry {spec.name!r}", f"unknown formatting {formatting!r}")
+    return str(info_dir / entry["file_name"]), RowFormat(formatting, columns, tags, dict(spec.replacements))
+
+
+def read_registry(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(str(path), "file", "dataset_info.json not found (set data.dataset_dir)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise DataError(str(path), f"line {exc.lineno}", f"invalid JSON ({exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise DataError(str(path), "top level", "expected an object of dataset entries")
+    return data

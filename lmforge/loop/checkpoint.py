@@ -1,0 +1,122 @@
+"""Atomic checkpoints: written to a temporary folder, flushed, then renamed into place.
+
+A checkpoint holds the trainable weights (safetensors), optimizer and scheduler state, RNG
+states and the data position. Frozen weights are not stored: resuming rebuilds the same starting
+model (seeded scratch init or the same pretrained folder) and loads the trainable part on top.
+Optimizer/scheduler/RNG files are torch tensors loaded with `weights_only=True` (no unpickling
+of arbitrary objects).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed."""
+    tokens: int = 0
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(output_dir: str | Path, state: LoopState, model, optimizer, scheduler, keep: int) -> Path:
+    root = checkpoint_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{state.step}"
+    tmp = root / f".tmp-checkpoint-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write(tmp / "trainable.safetensors", lambda p: save_file(trainable_state(model), str(p)))
+    _write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
+    _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    _write(tmp / "rng.pt", lambda p: torch.save(rng, p))
+    _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Half-written temporary folders are ignored."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    for stale in root.glob(".tmp-checkpoint-*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(checkpoint_dir(output_dir))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete lmforge checkpoint (no {STATE_FILE})")
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ValueError(f"{path}: checkpoint weights do not match the model (e.g. {missing[0]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return LoopState(**json.loads((path / STATE_FILE).read_text()))

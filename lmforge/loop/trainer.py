@@ -1,0 +1,255 @@
+"""The one training loop every stage uses.
+
+A stage hands it a model, token rows, a collate function and a `loss_fn(model, batch) ->
+(loss_sum, n_tokens, metrics)`. The loop owns the rest: accelerate (devices, mixed precision,
+distributed launch, trackers), token-normalised gradient accumulation, AdamW with warmup and
+decay, clipping, evaluation, metrics.jsonl, atomic checkpoints, exact resume, and NaN stops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from lmforge.config.schema import LogConfig, TrainConfig
+from lmforge.loop.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.loop.progress import ProgressDisplay
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainResult:
+    state: LoopState
+    metrics: dict
+    """Final train and eval metrics."""
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str, floor: float) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return floor + (1.0 - floor) * decay
+
+
+def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str) -> Accelerator:
+    trackers = [t for t in log.report_to if t]
+    accelerator = Accelerator(mixed_precision=train.mixed_precision, log_with=trackers or None,
+                              project_dir=str(Path(output_dir) / "logs"))
+    if trackers:
+        accelerator.init_trackers(log.run_name or Path(output_dir).name)
+    return accelerator
+
+
+def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch, in a seeded order that a resumed run reproduces."""
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def _chunks(rows: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
+
+
+class Trainer:
+    def __init__(self, model, train_rows, collate_fn, loss_fn: LossFn, cfg: TrainConfig, log: LogConfig,
+                 eval_rows=None, accelerator: Accelerator | None = None):
+        self.cfg, self.log_cfg = cfg, log
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.train_rows, self.eval_rows = train_rows, eval_rows
+        self.collate_fn, self.loss_fn = collate_fn, loss_fn
+        self.streaming = isinstance(train_rows, datasets.IterableDataset)
+        if self.streaming and cfg.max_steps <= 0:
+            raise ValueError("streaming data has no known length: set train.max_steps")
+        set_seed(cfg.seed)
+        self.accelerator = accelerator or make_accelerator(cfg, log, str(self.output_dir))
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check model.finetuning")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.total_steps = self._total_steps()
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, cfg.scheduler, cfg.min_lr_ratio))
+        self.prepared, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.state = LoopState()
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+
+    def _total_steps(self) -> int:
+        if self.cfg.max_steps > 0:
+            return self.cfg.max_steps
+        batches = math.ceil(len(self.train_rows) / self.cfg.batch_size)
+        per_process = math.ceil(batches / self.accelerator.num_processes)
+        return max(1, math.ceil(self.cfg.epochs * per_process / self.cfg.grad_accum))
+
+    # -- data ---------------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[dict]:
+        """Micro-batches from the saved data position onwards, epoch after epoch."""
+        while True:
+            if self.streaming:
+                loader = (self.collate_fn(b) for b in _chunks(iter(self.train_rows), self.cfg.batch_size))
+                for _ in range(self.state.batch_in_epoch):
+                    next(loader, None)
+            else:
+                order = self._my_batches(epoch_batches(len(self.train_rows), self.cfg.batch_size,
+                                                       self.cfg.seed, self.state.epoch))
+                loader = DataLoader(self.train_rows, batch_sampler=order[self.state.batch_in_epoch:],
+                                    collate_fn=self.collate_fn, num_workers=self.cfg.num_workers)
+            for batch in loader:
+                self.state.batch_in_epoch += 1
+                yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def _my_batches(self, batches: list[list[int]]) -> list[list[int]]:
+        """This process's share: every world-size-th batch, the same count on every process
+        (a straggler batch would leave the others waiting in a collective)."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        usable = len(batches) - len(batches) % world if len(batches) >= world else len(batches)
+        return batches[:usable][rank::world]
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def _step(self, group: list[dict]) -> dict:
+        count = sum((b["labels"][:, 1:] != -100).sum() for b in group)
+        total_tokens = self.accelerator.reduce(count.detach().clone(), "sum").clamp(min=1)
+        # DDP averages gradients over processes; scale so the result is the global token mean.
+        scale = self.accelerator.num_processes / total_tokens
+        loss_total, metrics_sum = 0.0, {}
+        for i, batch in enumerate(group):
+            sync = i == len(group) - 1
+            with self.accelerator.no_sync(self.prepared) if not sync else nullcontext():
+                with self.accelerator.autocast():
+                    loss_sum, _, extra = self.loss_fn(self.prepared, batch)
+                if not torch.isfinite(loss_sum):
+                    raise TrainingDiverged(self._diverged_message(f"loss is {loss_sum.item()}"))
+                self.accelerator.backward(loss_sum * scale)
+            loss_total += loss_sum.detach().float()
+            for k, v in extra.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v)
+        grad_norm = self.accelerator.clip_grad_norm_(self.prepared.parameters(), self.cfg.max_grad_norm)
+        if grad_norm is not None and not torch.isfinite(grad_norm):
+            raise TrainingDiverged(self._diverged_message(f"gradient norm is {grad_norm.item()}"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.accelerator.reduce(torch.as_tensor(loss_total, device=self.accelerator.device), "sum")
+        self.state.step += 1
+        tokens = int(total_tokens.item())
+        self.state.tokens += tokens
+        out = {"loss": float(loss / total_tokens), "lr": self.scheduler.get_last_lr()[0], "tokens": tokens}
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        out.update({k: v / len(group) for k, v in metrics_sum.items()})
+        return out
+
+    def _diverged_message(self, what: str) -> str:
+        last = latest_checkpoint(self.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        return f"training diverged at step {self.state.step + 1}: {what}; stopped; {kept}"
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.eval_rows is None or len(self.eval_rows) == 0:
+            return {}
+        # The unwrapped model runs no collectives in forward, so uneven shards cannot hang.
+        model = self.accelerator.unwrap_model(self.prepared)
+        model.eval()
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        shard = list(range(rank, len(self.eval_rows), world))
+        loader = DataLoader(torch.utils.data.Subset(self.eval_rows, shard), batch_size=self.cfg.batch_size,
+                            collate_fn=self.collate_fn)
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        tokens = torch.zeros((), device=self.accelerator.device, dtype=torch.long)
+        for batch in loader:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            with self.accelerator.autocast():
+                batch_loss, n, _ = self.loss_fn(model, batch)
+            loss_sum += batch_loss.float()
+            tokens += n
+        model.train()
+        loss_sum = self.accelerator.reduce(loss_sum, "sum")
+        tokens = self.accelerator.reduce(tokens, "sum").clamp(min=1)
+        loss = float(loss_sum / tokens)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def resume_if_asked(self) -> None:
+        path = Path(self.cfg.resume_from) if self.cfg.resume_from else None
+        if path is None and self.cfg.resume:
+            path = latest_checkpoint(self.output_dir)
+        if path is not None:
+            unwrapped = self.accelerator.unwrap_model(self.prepared)
+            self.state = load_checkpoint(path, unwrapped, self.optimizer, self.scheduler)
+            self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+
+    def train(self) -> TrainResult:
+        self.resume_if_asked()
+        initial = self.evaluate() if self.state.step == 0 else {}
+        self.log(initial)
+        self.prepared.train()
+        batches = self._micro_batches()
+        last: dict = {}
+        display = ProgressDisplay(self.total_steps, self.state.step,
+                                  enabled=self.log_cfg.progress and self.accelerator.is_main_process)
+        started, window_tokens = time.perf_counter(), 0
+        with display:
+            while self.state.step < self.total_steps:
+                group = [next(batches) for _ in range(self.cfg.grad_accum)]
+                last = self._step(group)
+                window_tokens += last["tokens"]
+                elapsed = time.perf_counter() - started
+                last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                display.update(self.state.step, last)
+                if self.state.step % self.cfg.logging_steps == 0 or self.state.step == self.total_steps:
+                    self.log(last)
+                if self.cfg.eval_steps and self.state.step % self.cfg.eval_steps == 0:
+                    self.log(self.evaluate())
+                if self.cfg.save_steps and self.state.step % self.cfg.save_steps == 0:
+                    self.save_checkpoint()
+        final = {**{f"train_{k}": v for k, v in last.items()}, **self.evaluate(),
+                 **{f"initial_{k}": v for k, v in initial.items()}}
+        self.log({k: v for k, v in final.items() if k.startswith("eval_")})
+        return TrainResult(self.state, final)
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        unwrapped = self.accelerator.unwrap_model(self.prepared)
+        return save_checkpoint(self.output_dir, self.state, unwrapped, self.optimizer, self.scheduler,
+                               self.cfg.save_total_limit)
+
+    def log(self, metrics: dict) -> None:
+        if not metrics or not self.accelerator.is_main_process:
+            return
+        row = {"step": self.state.step, "epoch": self.state.epoch, **metrics}
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.state.step)
+
+    def end(self) -> None:
+        self.accelerator.end_training()

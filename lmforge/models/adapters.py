@@ -1,0 +1,94 @@
+"""Fine-tuning methods: full, freeze (last N layers), LoRA, DoRA, QLoRA — one place for all stages."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.config.schema import ConfigError, LoraConfig, ModelConfig
+
+# Heads that stay out of LoRA targeting: adapting the output projection rarely helps and
+# breaks weight tying.
+HEAD_NAMES = ("lm_head", "score", "v_head", "embed_out", "output")
+
+
+def find_linear_targets(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer except output heads (`q_proj`, `gate_proj`, ...)."""
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            leaf = full_name.split(".")[-1]
+            if leaf not in HEAD_NAMES:
+                names.add(leaf)
+    if not names:
+        raise ConfigError("no linear layers found to adapt; set lora.target_modules")
+    return sorted(names)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and "DecoderLayer" in type(module[0]).__name__:
+            return module
+    raise ConfigError("finetuning=freeze needs a model with decoder layers it can find")
+
+
+def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...] = ()):
+    """Set which parameters train; returns the (possibly peft-wrapped) model.
+
+    `extra_trainable` names modules that always train (a reward head, later).
+    """
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.finetuning == "full":
+        return model
+    if cfg.finetuning == "freeze":
+        layers = decoder_layers(model)
+        n = min(cfg.freeze_trainable_layers, len(layers))
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for layer in layers[len(layers) - n:]:
+            for param in layer.parameters():
+                param.requires_grad_(True)
+        _unfreeze(model, extra_trainable)
+        return model
+    return _wrap_lora(model, cfg, lora, extra_trainable)
+
+
+def _unfreeze(model: nn.Module, names: tuple[str, ...]) -> None:
+    for name, param in model.named_parameters():
+        if any(part in name.split(".") for part in names):
+            param.requires_grad_(True)
+
+
+def _wrap_lora(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...]):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = find_linear_targets(model) if lora.target_modules == "all-linear" else lora.target_modules
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    peft_config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        use_dora=cfg.finetuning == "dora", modules_to_save=list(extra_trainable) or None, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def quantization_config(cfg: ModelConfig, lora: LoraConfig):
+    """bitsandbytes settings for QLoRA; a clear error where it cannot run."""
+    if cfg.finetuning != "qlora":
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError("finetuning=qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels); "
+                          "on a CPU use finetuning=lora")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("finetuning=qlora needs bitsandbytes: pip install 'lmforge[qlora]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    if lora.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)

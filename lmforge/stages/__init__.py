@@ -1,0 +1,18 @@
+"""Training stages; each is a short module with a `run(cfg) -> metrics` function."""
+
+from __future__ import annotations
+
+
+def _pt(cfg):
+    from lmforge.stages import pt
+
+    return pt.run(cfg)
+
+
+def _sft(cfg):
+    from lmforge.stages import sft
+
+    return sft.run(cfg)
+
+
+STAGE_RUNNERS = {"pt": _pt, "sft": _sft}

@@ -1,0 +1,110 @@
+"""What every stage shares: the run folder, the model it trains, the LM loss glue, and the artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from lmforge.config.load import to_dict
+from lmforge.config.schema import StageConfig
+from lmforge.data.errors import ErrorLog
+from lmforge.data.templates import end_of_turn_ids
+from lmforge.losses.lm import causal_lm_loss
+from lmforge.models.adapters import apply_finetuning, quantization_config
+from lmforge.models.load import count_parameters, load_model_and_tokenizer
+
+MANIFEST = "lmforge.json"
+
+
+@dataclass
+class Run:
+    cfg: StageConfig
+    output_dir: Path
+    errors: ErrorLog
+    cache_dir: str
+    started: float
+
+
+def start_run(cfg: StageConfig) -> Run:
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    from lmforge.data.build import data_cache_dir
+
+    return Run(cfg, out, ErrorLog(cfg.data.on_error), data_cache_dir(str(out)), time.time())
+
+
+def load_for_training(cfg: StageConfig):
+    """(model with the fine-tuning method applied, tokenizer, parent model path or preset)."""
+    quant = quantization_config(cfg.model, cfg.lora)
+    model, tokenizer, path = load_model_and_tokenizer(cfg.model, seed=cfg.train.seed, quantization=quant)
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, cfg.model.gradient_checkpointing)
+    model.config.use_cache = False
+    model = apply_finetuning(model, cfg.model, cfg.lora)
+    return model, tokenizer, path or f"scratch:{cfg.model.scratch}"
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    loss_sum, tokens = causal_lm_loss(logits, batch["labels"])
+    return loss_sum, tokens, {}
+
+
+def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: str, metrics: dict) -> Path:
+    """The final model (or adapter) as a plain Hugging Face folder, plus the lmforge.json manifest."""
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(trainer.prepared)
+    if accelerator.is_main_process:
+        model.config.use_cache = True
+        stop = end_of_turn_ids(tokenizer)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = stop
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(run.output_dir, state_dict=None)
+        tokenizer.save_pretrained(run.output_dir)
+        total, trainable = count_parameters(model)
+        manifest = {
+            "stage": run.cfg.stage,
+            "parent": parent,
+            "config": to_dict(run.cfg),
+            "data_fingerprint": data_fingerprint,
+            "data": run.errors.summary(),
+            "metrics": metrics,
+            "parameters": {"total": total, "trainable": trainable},
+            "seconds": round(time.time() - run.started, 1),
+            "versions": _versions(),
+        }
+        write_json_atomic(run.output_dir / MANIFEST, manifest)
+    shutil.rmtree(run.cache_dir, ignore_errors=True)
+    trainer.end()
+    return run.output_dir
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    import lmforge
+
+    return {"lmforge": lmforge.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}

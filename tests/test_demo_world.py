@@ -1,0 +1,226 @@
+"""The demo world generator: determinism, budgets, the train/eval split, and answer grading."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.demo_world import (
+    ATTRIBUTES,
+    TEMPLATES,
+    answer_is_correct,
+    build_world,
+    exact_match,
+    load_world,
+    write_demo_world,
+)
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def _lang(line: str) -> str:
+    return "zh" if CJK.search(line) else "en"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _assistant(record: dict) -> list[str]:
+    return [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_demo_world(tmp_path_factory.mktemp("world"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def sft(out: dict[str, Path]) -> tuple[list[dict], list[dict]]:
+    return _jsonl(out["sft_train"]), _jsonl(out["sft_eval"])
+
+
+def test_returns_every_file(out: dict[str, Path]) -> None:
+    assert set(out) == {"world", "pt_train", "pt_eval", "sft_train", "sft_eval", "dataset_info"}
+    root = out["world"].parent
+    assert out["pt_train"] == root / "pt" / "train.txt"
+    assert out["sft_eval"] == root / "sft" / "eval.jsonl"
+    assert all(p.is_file() and p.stat().st_size > 0 for p in out.values())
+
+
+def test_same_seed_same_bytes_other_seed_differs(out: dict[str, Path], tmp_path: Path) -> None:
+    again = write_demo_world(tmp_path / "again", seed=0)
+    for name, path in out.items():
+        assert again[name].read_bytes() == path.read_bytes(), name
+    other = write_demo_world(tmp_path / "other", seed=1)
+    for name in ("world", "pt_train", "pt_eval", "sft_train", "sft_eval"):
+        assert other[name].read_bytes() != out[name].read_bytes(), name
+    assert {e.name for e in build_world(0).entities} != {e.name for e in build_world(1).entities}
+
+
+def test_world_shape() -> None:
+    world = build_world(0)
+    assert 40 <= len(world.entities) <= 60
+    assert 200 <= len(world.facts) <= 300
+    assert len({e.name for e in world.entities}) == len({e.zh for e in world.entities}) == len(world.entities)
+    for attr, (_, values) in ATTRIBUTES.items():
+        if not isinstance(values, str):
+            assert 5 <= len(values) <= 10, attr
+    heldout = sum(f.heldout for f in world.facts)
+    assert 0.15 <= heldout / len(world.facts) <= 0.20
+    for fact in world.facts:
+        wrong = world.wrong_values(fact)
+        assert fact.value not in wrong and fact.entity not in wrong and wrong
+        assert set(wrong) | {fact.value} <= set(world.value_set(fact.attribute))
+        if fact.attribute == "home":
+            assert world.entity(fact.value).kind == "town"
+
+
+def test_load_world_round_trips(out: dict[str, Path]) -> None:
+    world = load_world(out["world"])
+    assert world.facts == build_world(0).facts
+    assert world.entities == load_world(out["world"].parent).entities
+    assert world.arith_heldout == build_world(0).arith_heldout
+
+
+def test_pt_one_document_per_line_within_budget(out: dict[str, Path]) -> None:
+    train_text = out["pt_train"].read_text(encoding="utf-8")
+    eval_text = out["pt_eval"].read_text(encoding="utf-8")
+    for text in (train_text, eval_text):
+        assert text.endswith("\n") and "\r" not in text
+        lines = text.splitlines()
+        assert all(line.strip() == line and line for line in lines)
+        assert {_lang(line) for line in lines} == {"en", "zh"}
+    total = len(train_text) + len(eval_text)
+    assert 150_000 <= total <= 300_000, total
+    assert 0.05 <= len(eval_text) / len(train_text) <= 0.10
+    # Held-out documents are new renderings, never copies of training lines.
+    assert not set(eval_text.splitlines()) & set(train_text.splitlines())
+
+
+def test_every_fact_stated_several_times_in_both_languages(out: dict[str, Path]) -> None:
+    world = load_world(out["world"])
+    lines = out["pt_train"].read_text(encoding="utf-8").splitlines()
+    for fact in world.facts:
+        for lang in ("en", "zh"):
+            subject, value = world.term(fact.entity, lang), world.term(fact.value, lang)
+            sentences = [t.format(s=subject, v=value) for t in TEMPLATES["say", fact.attribute, lang]]
+            hits = [line for line in lines if any(s in line for s in sentences)]
+            assert len(hits) >= 5, (fact, lang)
+            # Several wordings, not one sentence repeated.
+            assert len({s for s in sentences for line in hits if s in line}) >= 2, (fact, lang)
+
+
+def test_sft_records_parse_and_have_keys(sft: tuple[list[dict], list[dict]]) -> None:
+    train, held = sft
+    kinds = set(ATTRIBUTES) | {"arith"}
+    for record in train + held:
+        assert {"messages", "answer", "lang", "kind", "id"} <= set(record)
+        assert record["lang"] in ("en", "zh") and record["kind"] in kinds
+        roles = [m["role"] for m in record["messages"]]
+        if roles[0] == "system":
+            roles = roles[1:]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
+        assert all(m["content"] and _lang(m["content"]) == record["lang"] for m in record["messages"])
+    assert len({r["id"] for r in train + held}) == len(train) + len(held)
+    for records in (train, held):
+        assert {r["lang"] for r in records} == {"en", "zh"}
+        assert {r["kind"] for r in records} == kinds
+
+
+def test_sft_sizes(sft: tuple[list[dict], list[dict]]) -> None:
+    train, held = sft
+    assert 100 <= len(held) <= 200
+    assert all(len(_assistant(r)) == 1 and r["messages"][0]["role"] == "user" for r in held)
+    assert 1000 <= len(train) <= 5000
+    multi = sum(len(_assistant(r)) == 2 for r in train) / len(train)
+    assert 0.05 <= multi <= 0.15, multi
+    text = sum(len(m["content"]) for r in train for m in r["messages"])
+    assert text <= 300_000, text
+
+
+def test_no_eval_fact_in_sft_train(out: dict[str, Path], sft: tuple[list[dict], list[dict]]) -> None:
+    train, held = sft
+    world = load_world(out["world"])
+    # The eval file asks exactly the held-out facts and sums, in both languages.
+    asked = {(r["subject"], r["kind"]) for r in held if r["lang"] == "en"}
+    expected = {(f.entity, f.attribute) for f in world.facts if f.heldout}
+    expected |= {(f"{a} {op} {b}", "arith") for a, op, b in world.arith_heldout}
+    assert asked == expected
+    # Each fact has one canonical answer sentence, so a leak through any turn would repeat it.
+    train_replies = {reply for r in train for reply in _assistant(r)}
+    assert not {_assistant(r)[0] for r in held} & train_replies
+    trained = {(r["subject"], r["kind"], r["lang"]) for r in train}
+    assert not {(r["subject"], r["kind"], r["lang"]) for r in held} & trained
+
+
+def test_eval_facts_are_in_pt_train(out: dict[str, Path], sft: tuple[list[dict], list[dict]]) -> None:
+    lines = out["pt_train"].read_text(encoding="utf-8").splitlines()
+    by_lang = {lang: [line for line in lines if _lang(line) == lang] for lang in ("en", "zh")}
+    for record in sft[1]:
+        pool = by_lang[record["lang"]]
+        if record["kind"] == "arith":
+            assert any(_assistant(record)[0] in line for line in pool), record["id"]
+        else:
+            assert any(record["subject"] in line and record["answer"] in line for line in pool), record["id"]
+
+
+def test_reference_answers_grade_correct(sft: tuple[list[dict], list[dict]]) -> None:
+    for record in sft[0] + sft[1]:
+        reference = _assistant(record)[-1]
+        assert exact_match(record, f"  {reference}\n")
+        assert answer_is_correct(record, reference), record["id"]
+
+
+def test_wrong_and_hedged_answers_grade_incorrect(sft: tuple[list[dict], list[dict]]) -> None:
+    checked = 0
+    for record in sft[1]:
+        reference = _assistant(record)[0]
+        if record["kind"] == "arith" or record["answer"].isdigit():
+            continue
+        wrong = record["distractors"][0]
+        assert not answer_is_correct(record, reference.replace(record["answer"], wrong)), record["id"]
+        assert not exact_match(record, reference.replace(record["answer"], wrong))
+        joiner = " or " if record["lang"] == "en" else "或"
+        assert not answer_is_correct(record, f"{record['answer']}{joiner}{wrong}"), record["id"]
+        checked += 1
+    assert checked >= 50
+
+
+def test_answer_is_correct_cases() -> None:
+    food = {"answer": "plums", "kind": "food", "lang": "en", "distractors": ["rice", "apples"]}
+    assert answer_is_correct(food, "The favourite food of Velmora is PLUMS!")
+    assert answer_is_correct(food, "plums")
+    assert not answer_is_correct(food, "plums or rice")
+    assert not answer_is_correct(food, "It is rice.")
+    assert not answer_is_correct(food, "It is a plum.")
+    zh = {"answer": "红色", "kind": "colour", "lang": "zh", "distractors": ["蓝色", "绿色"]}
+    assert answer_is_correct(zh, "维莫拉最喜欢的颜色是红色。")
+    assert not answer_is_correct(zh, "红色或蓝色")
+    age = {"answer": "29", "kind": "age", "lang": "en", "distractors": ["34"]}
+    assert answer_is_correct(age, "Velmora is 29 years old.")
+    assert not answer_is_correct(age, "Velmora is 29 or 34 years old.")
+    assert not answer_is_correct(age, "Velmora is 290 years old.")
+    add = {"answer": "12", "kind": "arith", "lang": "en", "subject": "7 + 5", "distractors": []}
+    for good in ("7 plus 5 equals 12.", "7 + 5 = 12", "12", "7 加 5 等于 12。", "7加5等于12"):
+        assert answer_is_correct(add, good), good
+    for bad in ("7 + 5 = 13", "12 or 13", "12 or 5", "The answer is 7.", "no idea"):
+        assert not answer_is_correct(add, bad), bad
+    same = {"answer": "5", "kind": "arith", "lang": "en", "subject": "0 + 5", "distractors": []}
+    assert answer_is_correct(same, "0 + 5 = 5") and answer_is_correct(same, "5")
+
+
+def test_dataset_info_points_to_files(out: dict[str, Path]) -> None:
+    info = json.loads(out["dataset_info"].read_text(encoding="utf-8"))
+    assert set(info) == {"demo_pt", "demo_pt_eval", "demo_sft", "demo_sft_eval"}
+    root = out["dataset_info"].parent
+    for name, entry in info.items():
+        assert (root / entry["file_name"]).is_file(), name
+    assert info["demo_pt"] == {"file_name": "pt/train.txt", "columns": {"prompt": "text"}}
+    for name in ("demo_sft", "demo_sft_eval"):
+        assert info[name]["formatting"] == "sharegpt"
+        assert info[name]["columns"] == {"messages": "messages"}
+        assert info[name]["tags"]["assistant_tag"] == "assistant"
