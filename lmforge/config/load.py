@@ -94,7 +94,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in options:
             return None
         errors = []
-        for option in options:
+        # A scalar fits a scalar option before it is wrapped into a list option.
+        for option in sorted(options, key=lambda o: typing.get_origin(o) is list):
             if option is type(None):
                 continue
             try:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 
 from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.errors import DataError, ErrorLog
@@ -25,11 +26,26 @@ from lmforge.data.tokenize import encode_sft, encode_text, messages_as_text
 datasets.disable_progress_bars()
 
 
-@dataclass
-class Splits:
-    train: datasets.Dataset | datasets.IterableDataset
-    eval: datasets.Dataset | None
-    fingerprint: str
+EXAMPLE_FEATURES = datasets.Features({
+    "text": datasets.Value("string"),
+    "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    "tools": datasets.Value("string"),
+    "source": datasets.Value("string"),
+})
+
+
+@contextmanager
+def _data_errors_surface():
+    """`datasets` wraps errors raised inside a generator; users must see our DataError itself."""
+    try:
+        yield
+    except DatasetGenerationError as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorLog, limit: int | None):
@@ -64,12 +80,19 @@ def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, c
         all_files += files
         kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": spec.max_samples}
         if cfg.streaming:
-            part = datasets.IterableDataset.from_generator(_examples, gen_kwargs=kwargs)
+            part = datasets.IterableDataset.from_generator(_examples, gen_kwargs=kwargs, features=EXAMPLE_FEATURES)
         else:
             # A fresh cache folder per call: the generator must run so bad records are counted.
-            part = datasets.Dataset.from_generator(_examples, gen_kwargs=kwargs, cache_dir=cache_dir)
-            if len(part) == 0:
-                raise DataError(path, "file", "no usable records")
+            try:
+                with _data_errors_surface():
+                    part = datasets.Dataset.from_generator(_examples, gen_kwargs=kwargs, cache_dir=cache_dir,
+                                                           features=EXAMPLE_FEATURES)
+            except ValueError as exc:
+                if isinstance(exc, DataError) or "no data" not in str(exc):
+                    raise
+                part = None  # datasets refuses to build a table of zero rows
+            if part is None or len(part) == 0:
+                raise DataError(path, "file", f"no usable records ({errors.total_skipped} skipped as bad)") from None
         parts.append(part)
         weights.append(spec.weight)
     if not parts:
@@ -134,7 +157,8 @@ def tokenize_pt(dataset, tokenizer, block_size: int, streaming: bool, cache_dir:
 
     if streaming:
         return datasets.IterableDataset.from_generator(rows)
-    return datasets.Dataset.from_generator(rows, cache_dir=cache_dir)
+    with _data_errors_surface():
+        return datasets.Dataset.from_generator(rows, cache_dir=cache_dir)
 
 
 def data_cache_dir(output_dir: str) -> str:

@@ -44,7 +44,12 @@ def detect_format(row: dict, fmt: RowFormat) -> str:
         return "sharegpt" if isinstance(first, dict) and "from" in first else "openai"
     if "conversations" in row:
         return "sharegpt"
-    if fmt.columns.get("prompt", "instruction") in row:
+    prompt = fmt.columns.get("prompt", "instruction")
+    if prompt in row and fmt.columns.get("response", "output") in row:
+        return "alpaca"
+    if prompt in row and set(fmt.columns) <= {"prompt"} and "prompt" in fmt.columns:
+        return "text"  # LLaMA-Factory's way of naming a raw-text column: columns: {prompt: text}
+    if prompt in row:
         return "alpaca"
     if "text" in row:
         return "text"
@@ -146,9 +151,7 @@ def _conversation(row: dict, fmt: RowFormat, kind: str) -> tuple[list[dict], str
         if not isinstance(content, str):
             raise ValueError(f"turn {i} content must be a string, got {type(content).__name__}")
         messages.append({"role": roles[role], "content": content})
-    tools = row.get(cols["tools"]) or ""
-    if not isinstance(tools, str):
-        tools = json.dumps(tools, ensure_ascii=False)
+    tools = _tools_text(row.get(cols["tools"]))
     if tools and messages:
         # Tools are described in the system prompt as text until templates render them natively.
         preamble = f"You can call these tools:\n{tools}"
@@ -157,6 +160,16 @@ def _conversation(row: dict, fmt: RowFormat, kind: str) -> tuple[list[dict], str
         else:
             messages.insert(0, {"role": "system", "content": preamble})
     return messages, tools
+
+
+def _tools_text(tools) -> str:
+    """Tool definitions as JSON text; an empty list (often stored as the string "[]") is no tools."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError:
+            return tools
+    return json.dumps(tools, ensure_ascii=False) if tools else ""
 
 
 def check_dialogue(messages: list[dict]) -> None:

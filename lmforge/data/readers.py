@@ -6,9 +6,9 @@ Readers stream (one line or record at a time) so a large file never sits in memo
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +33,9 @@ def resolve_files(spec_path: str) -> list[Path]:
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED)
+        # Hidden folders (.ipynb_checkpoints, .cache) hold copies, not data.
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(str(path), "directory", f"no data files ({', '.join(SUPPORTED)}) found")
     else:
@@ -41,7 +43,7 @@ def resolve_files(spec_path: str) -> list[Path]:
         if not files:
             raise DataError(spec_path, "path", "no such file, directory or glob match")
     for file in files:
-        if file.suffix not in SUPPORTED:
+        if file.suffix.lower() not in SUPPORTED:
             raise DataError(str(file), "file", f"unsupported extension {file.suffix!r}; use one of {SUPPORTED}")
     return files
 
@@ -53,7 +55,7 @@ def read_file(path: Path, errors: ErrorLog, text_split: str = "line") -> Iterato
         ".json": lambda: _read_json(path, errors),
         ".parquet": lambda: _read_parquet(path),
         ".csv": lambda: _read_csv(path, errors),
-    }[path.suffix]
+    }[path.suffix.lower()]
     yield from reader()
 
 
@@ -105,8 +107,10 @@ def _read_jsonl(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
 
 def _read_json(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
     raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(str(path), f"line {line}", f"invalid UTF-8 ({exc.reason})") from exc
@@ -144,10 +148,24 @@ def _read_parquet(path: Path) -> Iterator[RawRecord]:
 
 
 def _read_csv(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
-    lines = (text for _, text in _decoded_lines(path, errors))
-    reader = csv.DictReader(io.StringIO("\n".join(lines)))
+    physical: list[int] = []  # the file line of each line handed to the csv module
+
+    def lines() -> Iterator[str]:
+        for number, text in _decoded_lines(path, errors):
+            physical.append(number)
+            yield text + "\n"  # the csv module needs line ends to join quoted multi-line fields
+
+    reader = csv.DictReader(lines())
     for row in reader:
+        # A quoted field may span lines: a row starts on the line after the previous row ended.
+        first_line = physical[reader.line_num - 1 - _row_span(row)] if physical else reader.line_num
+        where = f"line {first_line}"
         if None in row:
-            errors.report(DataError(str(path), f"line {reader.line_num}", "more fields than the header has"))
+            errors.report(DataError(str(path), where, "more fields than the header has"))
             continue
-        yield RawRecord(dict(row), str(path), f"line {reader.line_num}")
+        yield RawRecord(dict(row), str(path), where)
+
+
+def _row_span(row: dict) -> int:
+    """How many extra lines a row's quoted fields run over."""
+    return sum(str(v).count("\n") for v in row.values() if isinstance(v, str))

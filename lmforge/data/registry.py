@@ -29,6 +29,9 @@ def resolve_spec(spec: DatasetSpec, dataset_dir: str | None) -> tuple[str, RowFo
     unknown = set(entry) - KNOWN_KEYS
     if unknown:
         raise DataError(str(info_path), f"entry {spec.name!r}", f"unknown keys {sorted(unknown)}")
+    if entry.get("ranking") or "kto_tag" in entry.get("columns", {}):
+        raise DataError(str(info_path), f"entry {spec.name!r}",
+                        "is preference data (ranking or KTO labels); PT and SFT cannot train on it")
     columns = {**entry.get("columns", {}), **spec.columns}
     tags = {**entry.get("tags", {}), **spec.tags}
     formatting = spec.formatting if spec.formatting != "auto" else entry.get("formatting", "alpaca")

@@ -157,9 +157,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.accelerator.reduce(torch.as_tensor(loss_total, device=self.accelerator.device), "sum")
         self.state.step += 1
-        tokens = int(total_tokens.item())
-        self.state.tokens += tokens
-        out = {"loss": float(loss / total_tokens), "lr": self.scheduler.get_last_lr()[0], "tokens": tokens}
+        seen = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in group)
+        seen = int(self.accelerator.reduce(torch.tensor(seen, device=self.accelerator.device), "sum"))
+        self.state.tokens += seen
+        out = {"loss": float(loss / total_tokens), "lr": self.scheduler.get_last_lr()[0], "tokens": seen,
+               "loss_tokens": int(total_tokens.item())}
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         out.update({k: v / len(group) for k, v in metrics_sum.items()})

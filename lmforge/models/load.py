@@ -111,12 +111,29 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None
                   "attn_implementation": cfg.attn_implementation}
         if quantization is not None:
             kwargs["quantization_config"] = quantization
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _load_weights(path, kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path
+
+
+def _load_weights(path: str, kwargs: dict):
+    """A full model folder, or a LoRA adapter folder: then its base is loaded and the adapter merged,
+    so the next stage starts from the adapted weights."""
+    adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    if not Path(base_path).is_dir():
+        raise ConfigError(f"{path} is a LoRA adapter whose base model {base_path!r} is not a local folder")
+    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
 def count_parameters(model) -> tuple[int, int]:

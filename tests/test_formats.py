@@ -1,0 +1,398 @@
+"""Row formats → messages (`lmforge.data.formats`), LLaMA-Factory `dataset_info.json` entries, and mixing."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lmforge.config.schema import DataConfig, DatasetSpec
+from lmforge.data.build import load_examples
+from lmforge.data.errors import DataError, ErrorLog
+from lmforge.data.formats import RowFormat, to_example
+from lmforge.data.registry import resolve_spec
+
+LLAMAFACTORY = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory"
+needs_llamafactory = pytest.mark.skipif(not (LLAMAFACTORY / "dataset_info.json").is_file(),
+                                        reason=f"LLaMA-Factory demo data not found at {LLAMAFACTORY}")
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+def tool(text: str) -> dict:
+    return {"role": "tool", "content": text}
+
+
+def load(specs: list[DatasetSpec], cache_root: Path, **cfg):
+    config = DataConfig(**cfg)
+    errors = ErrorLog(config.on_error)
+    dataset, _ = load_examples(specs, config, errors, tempfile.mkdtemp(dir=cache_root))
+    return dataset, errors
+
+
+# --------------------------------------------------------------------------- alpaca
+
+
+def test_alpaca_with_system_history_and_input():
+    row = {
+        "instruction": "Translate to French.",
+        "input": "cheese",
+        "output": "fromage",
+        "system": "You translate.",
+        "history": [["Hi", "Hello!"], ["Who are you?", "A translator."]],
+    }
+    assert to_example(row, RowFormat()) == {
+        "text": "",
+        "messages": [
+            system("You translate."),
+            user("Hi"), assistant("Hello!"),
+            user("Who are you?"), assistant("A translator."),
+            user("Translate to French.\ncheese"), assistant("fromage"),
+        ],
+        "tools": "",
+    }
+
+
+def test_alpaca_without_input_or_system():
+    example = to_example({"instruction": "Say hi.", "input": "", "output": "Hi!", "system": ""}, RowFormat())
+    assert example["messages"] == [user("Say hi."), assistant("Hi!")]
+
+
+def test_alpaca_remapped_columns_are_detected_and_read():
+    fmt = RowFormat(columns={"prompt": "question", "query": "context", "response": "answer",
+                             "system": "persona", "history": "past"})
+    row = {"question": "2+2?", "context": "Be exact.", "answer": "4", "persona": "A calculator.",
+           "past": [["1+1?", "2"]]}
+    assert to_example(row, fmt)["messages"] == [
+        system("A calculator."), user("1+1?"), assistant("2"), user("2+2?\nBe exact."), assistant("4"),
+    ]
+
+
+@pytest.mark.parametrize(("history", "problem"), [
+    ("not a list", "field 'history' must be a list of [question, answer] pairs"),
+    ([["only question"]], "history[0] must be a [question, answer] pair of strings"),
+    ([["q", 3]], "history[0] must be a [question, answer] pair of strings"),
+])
+def test_alpaca_malformed_history(history, problem):
+    with pytest.raises(ValueError) as info:
+        to_example({"instruction": "q", "output": "a", "history": history}, RowFormat())
+    assert str(info.value) == problem
+
+
+# --------------------------------------------------------------------------- sharegpt and openai
+
+
+def test_sharegpt_maps_every_tag_to_a_role():
+    row = {"conversations": [
+        {"from": "system", "value": "You check the weather."},
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temp_c": 20}'},
+        {"from": "gpt", "value": "It is 20 degrees in Paris."},
+    ]}
+    assert to_example(row, RowFormat()) == {
+        "text": "",
+        "messages": [
+            system("You check the weather."),
+            user("Weather in Paris?"),
+            assistant('{"name": "weather", "arguments": {"city": "Paris"}}'),
+            tool('{"temp_c": 20}'),
+            assistant("It is 20 degrees in Paris."),
+        ],
+        "tools": "",
+    }
+
+
+def test_sharegpt_system_column_and_tools_string_go_into_the_system_prompt():
+    tools = '[{"name": "weather", "parameters": {"city": "string"}}]'
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+           "system": "Be kind.", "tools": tools}
+    example = to_example(row, RowFormat(formatting="sharegpt"))
+    assert example["messages"] == [system(f"Be kind.\n\nYou can call these tools:\n{tools}"),
+                                   user("Hi"), assistant("Hello")]
+    assert example["tools"] == tools
+
+
+def test_tools_as_a_list_are_serialised_without_ascii_escapes():
+    row = {"messages": [user("天气?"), assistant("晴")], "tools": [{"name": "天气", "parameters": {}}]}
+    example = to_example(row, RowFormat())
+    expected_tools = '[{"name": "天气", "parameters": {}}]'
+    assert example["tools"] == expected_tools
+    assert example["messages"][0] == system(f"You can call these tools:\n{expected_tools}")
+
+
+def test_empty_tool_list_adds_no_system_prompt():
+    row = {"messages": [user("Hi"), assistant("Hello")], "tools": []}
+    assert to_example(row, RowFormat()) == {"text": "", "messages": [user("Hi"), assistant("Hello")], "tools": ""}
+
+
+def test_empty_tool_list_as_json_string_adds_no_system_prompt():
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "tools": "[]"}
+    assert to_example(row, RowFormat(formatting="sharegpt"))["messages"] == [user("Hi"), assistant("Hello")]
+
+
+def test_openai_messages_with_tool_turns():
+    row = {"messages": [
+        system("Use tools."), user("Time?"), assistant("calling clock()"), tool("12:00"), assistant("It is noon."),
+    ]}
+    example = to_example(row, RowFormat())
+    assert example["messages"] == row["messages"]
+    assert example["text"] == "" and example["tools"] == ""
+
+
+def test_messages_column_with_from_value_is_read_as_sharegpt():
+    row = {"messages": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    assert to_example(row, RowFormat())["messages"] == [user("Q"), assistant("A")]
+
+
+def test_remapped_column_and_tags():
+    fmt = RowFormat(formatting="sharegpt", columns={"messages": "dialog"},
+                    tags={"role_tag": "speaker", "content_tag": "text", "user_tag": "Q", "assistant_tag": "A"})
+    row = {"dialog": [{"speaker": "Q", "text": "2+2?"}, {"speaker": "A", "text": "4"},
+                      {"speaker": "Q", "text": "3+3?"}, {"speaker": "A", "text": "6"}]}
+    assert to_example(row, fmt)["messages"] == [user("2+2?"), assistant("4"), user("3+3?"), assistant("6")]
+    with pytest.raises(ValueError, match=r"turn 0 has unknown role 'human' \(known: Q, A, system, observation"):
+        to_example({"dialog": [{"speaker": "human", "text": "x"}]}, fmt)
+
+
+def test_llamafactory_style_role_content_tags_under_sharegpt():
+    # dataset_info.json entries such as kto_en_demo: formatting sharegpt with OpenAI-style keys.
+    fmt = RowFormat(formatting="sharegpt", columns={"messages": "messages"},
+                    tags={"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"})
+    row = {"messages": [user("Q"), assistant("A")], "label": True}
+    assert to_example(row, fmt)["messages"] == [user("Q"), assistant("A")]
+
+
+def test_turn_content_must_be_a_string():
+    with pytest.raises(ValueError, match="^turn 1 content must be a string, got NoneType$"):
+        to_example({"messages": [user("Q"), {"role": "assistant", "content": None}]}, RowFormat())
+
+
+# --------------------------------------------------------------------------- replacements and text
+
+
+def test_replacements_fill_every_string_field():
+    fmt = RowFormat(replacements={"{{name}}": "Forge", "{{author}}": "LMForge Team"})
+    row = {"instruction": "Who is {{name}}?", "output": "I am {{name}}, built by {{author}}. {{name}}!"}
+    assert to_example(row, fmt)["messages"] == [
+        user("Who is Forge?"), assistant("I am Forge, built by LMForge Team. Forge!"),
+    ]
+    nested = {"conversations": [{"from": "human", "value": "name?"}, {"from": "gpt", "value": "{{name}}"}]}
+    assert to_example(nested, fmt)["messages"][1] == assistant("Forge")
+
+
+def test_text_rows():
+    assert to_example({"text": "A document."}, RowFormat()) == {"text": "A document.", "messages": [], "tools": ""}
+    body = RowFormat(formatting="text", columns={"prompt": "body"})
+    assert to_example({"body": "Other column.", "text": "ignored"}, body)["text"] == "Other column."
+    with pytest.raises(ValueError, match="^field 'text' is empty$"):
+        to_example({"text": "   "}, RowFormat())
+    with pytest.raises(ValueError, match="^field 'body' must be a string, got int$"):
+        to_example({"body": 7}, body)
+
+
+def test_forced_formatting_overrides_detection():
+    row = {"text": "doc", "instruction": "q", "output": "a"}
+    assert to_example(row, RowFormat())["messages"] == [user("q"), assistant("a")]  # alpaca wins in auto
+    assert to_example(row, RowFormat(formatting="text"))["text"] == "doc"
+
+
+# --------------------------------------------------------------------------- LLaMA-Factory dataset_info.json
+
+
+def llamafactory_records(file_name: str) -> list[dict]:
+    path = LLAMAFACTORY / file_name
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".txt":
+        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def lf_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lf-cache")
+
+
+def load_named(name: str, cache: Path, **spec):
+    dataset, errors = load([DatasetSpec(name=name, **spec)], cache, dataset_dir=str(LLAMAFACTORY))
+    assert errors.total_skipped == 0
+    return dataset
+
+
+@needs_llamafactory
+def test_alpaca_en_demo(lf_cache):
+    raw = llamafactory_records("alpaca_en_demo.json")
+    dataset = load_named("alpaca_en_demo", lf_cache)
+    assert len(dataset) == len(raw) == 999
+    assert dataset[0]["messages"] == [user("Describe a process of making crepes."), assistant(raw[0]["output"])]
+    assert dataset[0]["messages"][1]["content"].startswith("Making crepes is an easy and delicious process!")
+    assert dataset[0]["source"] == f"{LLAMAFACTORY / 'alpaca_en_demo.json'}:record 0"
+    # Record 5 is the first with an input: it joins the instruction with a newline.
+    assert dataset[5]["messages"][0] == user(
+        "Given the parameters of a triangle, find out its perimeter.\nSide 1 = 4\nSide 2 = 6\nSide 3 = 8")
+
+
+@needs_llamafactory
+def test_alpaca_zh_demo(lf_cache):
+    raw = llamafactory_records("alpaca_zh_demo.json")
+    dataset = load_named("alpaca_zh_demo", lf_cache)
+    assert len(dataset) == len(raw) == 1000
+    assert dataset[0]["messages"] == [user("识别并解释给定列表中的两个科学理论：细胞理论和日心说。"),
+                                      assistant(raw[0]["output"])]
+    assert dataset[0]["messages"][1]["content"].startswith("细胞理论是生物科学的一个理论")
+
+
+@needs_llamafactory
+def test_identity_with_replacements(lf_cache):
+    raw = llamafactory_records("identity.json")
+    dataset = load_named("identity", lf_cache, replacements={"{{name}}": "Forge", "{{author}}": "LMForge Team"})
+    assert len(dataset) == len(raw) == 91
+    assert dataset[0]["messages"] == [
+        user("hi"), assistant("Hello! I am Forge, an AI assistant developed by LMForge Team. How can I assist you today?"),
+    ]
+    contents = [m["content"] for row in dataset["messages"] for m in row]
+    assert not any("{{" in c for c in contents)
+
+    def filled(text: str) -> str:
+        return text.replace("{{name}}", "Forge").replace("{{author}}", "LMForge Team")
+
+    assert dataset["messages"] == [[user(filled(r["instruction"])), assistant(filled(r["output"]))] for r in raw]
+    assert sum("{{name}}" in r["output"] for r in raw) == 77  # the placeholders really were there
+
+
+@needs_llamafactory
+@pytest.mark.parametrize(("name", "file_name", "count"), [("c4_demo", "c4_demo.jsonl", 300),
+                                                           ("wiki_demo", "wiki_demo.txt", 30)])
+def test_raw_text_corpora_become_text_examples(lf_cache, name, file_name, count):
+    _, fmt = resolve_spec(DatasetSpec(name=name), str(LLAMAFACTORY))
+    assert (fmt.formatting, fmt.columns) == ("text", {"prompt": "text"})
+    raw = llamafactory_records(file_name)
+    dataset = load_named(name, lf_cache)
+    assert len(dataset) == len(raw) == count
+    assert dataset["text"][0] == raw[0]["text"]
+    assert dataset["text"][-1] == raw[-1]["text"]
+    assert all(messages == [] for messages in dataset["messages"])
+    assert dataset[0]["source"] == f"{LLAMAFACTORY / file_name}:line 1"
+
+
+@needs_llamafactory
+def test_glaive_toolcall_renders_tools_into_the_system_prompt(lf_cache):
+    raw = llamafactory_records("glaive_toolcall_en_demo.json")
+    dataset = load_named("glaive_toolcall_en_demo", lf_cache)
+    assert len(dataset) == len(raw) == 300
+    first = dataset[0]
+    turns = raw[0]["conversations"]
+    assert [t["from"] for t in turns] == ["human", "gpt", "human", "function_call", "observation", "gpt",
+                                          "human", "gpt"]
+    assert first["tools"] == raw[0]["tools"]
+    assert first["tools"].startswith('[{"name": "search_recipes"')
+    assert first["messages"][0] == system("You can call these tools:\n" + raw[0]["tools"])
+    assert [m["role"] for m in first["messages"][1:]] == ["user", "assistant", "user", "assistant", "tool",
+                                                          "assistant", "user", "assistant"]
+    assert [m["content"] for m in first["messages"][1:]] == [t["value"] for t in turns]
+
+
+@needs_llamafactory
+def test_hub_only_entry_says_local_files_only(lf_cache):
+    with pytest.raises(DataError) as info:
+        load_named("alpaca_en", lf_cache)
+    assert info.value.source == str(LLAMAFACTORY / "dataset_info.json")
+    assert info.value.where == "entry 'alpaca_en'"
+    assert info.value.problem == ("points to llamafactory/alpaca_en; lmforge reads local files only "
+                                  "(download it and set file_name)")
+
+
+@needs_llamafactory
+def test_unknown_name_is_an_error(lf_cache):
+    with pytest.raises(DataError, match=r"entry 'no_such_dataset'.*no such dataset"):
+        load_named("no_such_dataset", lf_cache)
+
+
+def test_missing_or_bad_dataset_info(tmp_path):
+    with pytest.raises(DataError, match="dataset_info.json not found"):
+        resolve_spec(DatasetSpec(name="x"), str(tmp_path))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"odd": {"file_name": "a.json", "colums": {}}, "weird": {"file_name": "a.json",
+                                                                          "formatting": "xml"}}),
+        encoding="utf-8")
+    with pytest.raises(DataError, match=r"entry 'odd'.*unknown keys \['colums'\]"):
+        resolve_spec(DatasetSpec(name="odd"), str(tmp_path))
+    with pytest.raises(DataError, match=r"entry 'weird'.*unknown formatting 'xml'"):
+        resolve_spec(DatasetSpec(name="weird"), str(tmp_path))
+
+
+def test_registry_columns_tags_and_spec_overrides(tmp_path):
+    info = {"chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "dialog"},
+                     "tags": {"role_tag": "who", "content_tag": "said", "user_tag": "me", "assistant_tag": "bot"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps({"dialog": [{"who": "me", "said": "ping"}, {"who": "bot", "said": "pong {{x}}"}]}) + "\n",
+        encoding="utf-8")
+    path, fmt = resolve_spec(DatasetSpec(name="chat", replacements={"{{x}}": "!"}), str(tmp_path))
+    assert path == str(tmp_path / "chat.jsonl")
+    assert fmt.formatting == "sharegpt" and fmt.columns == {"messages": "dialog"}
+    assert fmt.tags["user_tag"] == "me" and fmt.replacements == {"{{x}}": "!"}
+    dataset, _ = load([DatasetSpec(name="chat", replacements={"{{x}}": "!"})], tmp_path, dataset_dir=str(tmp_path))
+    assert dataset["messages"] == [[user("ping"), assistant("pong !")]]
+
+
+# --------------------------------------------------------------------------- mixing
+
+
+def write_alpaca(path: Path, tag: str, n: int) -> Path:
+    rows = [json.dumps({"instruction": f"{tag} question {i}", "output": f"{tag} answer {i}"}) for i in range(n)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def origin(source: str) -> tuple[str, int]:
+    """`/x/a.jsonl:line 3` → ("a", 2): the file's stem and the 0-based record index."""
+    file, where = source.rsplit(":", 1)
+    return Path(file).stem, int(where.split()[1]) - 1
+
+
+def test_equal_weights_concatenate_in_order(tmp_path):
+    a = write_alpaca(tmp_path / "a.jsonl", "A", 30)
+    b = write_alpaca(tmp_path / "b.jsonl", "B", 10)
+    mixed, _ = load([DatasetSpec(path=str(a), weight=2.0), DatasetSpec(path=str(b), weight=2.0)], tmp_path)
+    assert len(mixed) == 40
+    assert [origin(s) for s in mixed["source"]] == [("a", i) for i in range(30)] + [("b", i) for i in range(10)]
+    assert mixed[30]["messages"] == [user("B question 0"), assistant("B answer 0")]
+
+
+def test_unequal_weights_interleave_by_probability(tmp_path):
+    a = write_alpaca(tmp_path / "a.jsonl", "A", 200)
+    b = write_alpaca(tmp_path / "b.jsonl", "B", 200)
+    specs = [DatasetSpec(path=str(a), weight=3.0), DatasetSpec(path=str(b), weight=1.0)]
+    mixed, _ = load(specs, tmp_path)
+    origins = [origin(s) for s in mixed["source"]]
+    counts = Counter(name for name, _ in origins)
+    # all_exhausted: the mix ends when the rarer source has been read once in full; the other repeats.
+    assert counts["b"] == 200
+    assert 0.70 < counts["a"] / len(mixed) < 0.80
+    assert len(mixed) == counts["a"] + counts["b"]
+    for name in ("a", "b"):
+        indices = [i for n, i in origins if n == name]
+        assert indices == [k % 200 for k in range(len(indices))]  # each source is read in order, cycling
+    # A record keeps its content through the mix.
+    first_b = next(k for k, (n, _) in enumerate(origins) if n == "b")
+    assert mixed[first_b]["messages"] == [user("B question 0"), assistant("B answer 0")]
+    # The mix is reproducible for a seed and changes with it.
+    again, _ = load(specs, tmp_path)
+    assert again["source"] == mixed["source"]
+    other, _ = load(specs, tmp_path, seed=7)
+    assert other["source"] != mixed["source"]
