@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--data", nargs="+", required=True)
     tok_train.add_argument("--vocab-size", type=int, default=4000)
     tok_train.add_argument("--out", required=True)
+    tok_train.add_argument("--split-han-chars", action="store_true",
+                           help="one pre-token per Chinese character (better for small models and corpora)")
     tok_extend = tok.add_parser("extend", help="add domain tokens; resize a model's embeddings")
     tok_extend.add_argument("tokenizer")
     tok_extend.add_argument("--tokens", required=True, help="a file with one token or word per line")
@@ -73,10 +75,12 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
 def cmd_run(args) -> int:
     from lmforge.pipeline.run import load_pipeline, run_pipeline
 
-    results = run_pipeline(load_pipeline(args.pipeline, args.overrides), console)
+    pipeline = load_pipeline(args.pipeline, args.overrides)
+    results = run_pipeline(pipeline, console)
     for name, metrics in results.items():
         console.rule(f"[bold]{name}")
         _print_metrics(metrics)
+        _print_data_counts(Path(pipeline.run_dir) / name)
     return 0
 
 
@@ -102,8 +106,9 @@ def cmd_data(args) -> int:
     errors = ErrorLog(cfg.data.on_error)
     with tempfile.TemporaryDirectory() as cache:
         examples, _ = load_examples(cfg.data.train, cfg.data, errors, cache)
-        inspect_examples(tokenizer, examples, args.num, cfg.data.max_length, cfg.data.train_on_prompt,
-                         cfg.data.mask_history, console)
+        pt = cfg.stage == "pt"
+        inspect_examples(tokenizer, examples, args.num, cfg.pt.block_size if pt else cfg.data.max_length,
+                         cfg.data.train_on_prompt, cfg.data.mask_history, console, as_pretraining=pt)
     if errors.total_skipped:
         console.print(f"[yellow]{errors.total_skipped} bad records skipped[/]: {errors.examples[:3]}")
     return 0
@@ -113,7 +118,8 @@ def cmd_tokenizer(args) -> int:
     from lmforge.models.tokenizer import extend_tokenizer, read_token_list, train_tokenizer
 
     if args.tok_command == "train":
-        tokenizer = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size)
+        tokenizer = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size,
+                                    split_han_chars=args.split_han_chars)
         console.print(f"tokenizer with {len(tokenizer)} tokens saved to {args.out}")
         return 0
     model = None
@@ -139,13 +145,17 @@ def _print_metrics(metrics: dict) -> None:
 def _print_summary(output_dir: str, metrics: dict) -> None:
     console.rule("[bold]done")
     _print_metrics(metrics)
-    manifest = Path(output_dir) / "lmforge.json"
+    _print_data_counts(Path(output_dir))
+    console.print(f"  artifact: {output_dir}")
+
+
+def _print_data_counts(output_dir: Path) -> None:
+    manifest = output_dir / "lmforge.json"
     if manifest.is_file():
         data = json.loads(manifest.read_text(encoding="utf-8"))["data"]
         if data["skipped_records"] or data["dropped_too_long"]:
             console.print(f"  [yellow]skipped {data['skipped_records']} bad records, dropped "
                           f"{data['dropped_too_long']} too long[/] (see {manifest})")
-    console.print(f"  artifact: {output_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

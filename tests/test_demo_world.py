@@ -63,8 +63,9 @@ def test_same_seed_same_bytes_other_seed_differs(out: dict[str, Path], tmp_path:
 
 def test_world_shape() -> None:
     world = build_world(0)
-    assert 40 <= len(world.entities) <= 60
-    assert 200 <= len(world.facts) <= 300
+    # sized so a ~1.5M-parameter model learns it on a 2-core CPU in about two minutes
+    assert 30 <= len(world.entities) <= 40
+    assert 140 <= len(world.facts) <= 200
     assert len({e.name for e in world.entities}) == len({e.zh for e in world.entities}) == len(world.entities)
     for attr, (_, values) in ATTRIBUTES.items():
         if not isinstance(values, str):
@@ -95,7 +96,7 @@ def test_pt_one_document_per_line_within_budget(out: dict[str, Path]) -> None:
         assert all(line.strip() == line and line for line in lines)
         assert {_lang(line) for line in lines} == {"en", "zh"}
     total = len(train_text) + len(eval_text)
-    assert 150_000 <= total <= 300_000, total
+    assert 100_000 <= total <= 250_000, total
     assert 0.05 <= len(eval_text) / len(train_text) <= 0.10
     # Held-out documents are new renderings, never copies of training lines.
     assert not set(eval_text.splitlines()) & set(train_text.splitlines())
@@ -133,9 +134,9 @@ def test_sft_records_parse_and_have_keys(sft: tuple[list[dict], list[dict]]) -> 
 
 def test_sft_sizes(sft: tuple[list[dict], list[dict]]) -> None:
     train, held = sft
-    assert 100 <= len(held) <= 200
+    assert 70 <= len(held) <= 150
     assert all(len(_assistant(r)) == 1 and r["messages"][0]["role"] == "user" for r in held)
-    assert 1000 <= len(train) <= 5000
+    assert 800 <= len(train) <= 3000
     multi = sum(len(_assistant(r)) == 2 for r in train) / len(train)
     assert 0.05 <= multi <= 0.15, multi
     text = sum(len(m["content"]) for r in train for m in r["messages"])
@@ -187,7 +188,7 @@ def test_wrong_and_hedged_answers_grade_incorrect(sft: tuple[list[dict], list[di
         joiner = " or " if record["lang"] == "en" else "或"
         assert not answer_is_correct(record, f"{record['answer']}{joiner}{wrong}"), record["id"]
         checked += 1
-    assert checked >= 50
+    assert checked >= 40
 
 
 def test_answer_is_correct_cases() -> None:

@@ -33,7 +33,7 @@ class ModelConfig:
     gguf_file: str | None = None
     """A GGUF file (inside name_or_path, or a path) to import; converted once and cached."""
     scratch: str | None = None
-    """Build a fresh Llama-style model from a preset (`tiny`, `small`) instead of loading one."""
+    """Build a fresh Llama-style model from a preset in lmforge/presets/scratch.yaml (test, tiny, small, base)."""
     tokenizer: str | None = None
     """Tokenizer folder; defaults to the model's own."""
     template: str = "auto"
@@ -105,7 +105,8 @@ class DataConfig:
     eval_split: float = 0.05
     """Share of train held out for evaluation when no eval data is given (0 disables)."""
     max_length: int = 512
-    """Longest sequence in tokens. SFT keeps the prompt's head and the response; see docs/data.md."""
+    """Longest SFT sample in tokens. Overlong samples keep the prompt's head and the reply's head
+    (the reply gets at least half); see docs/data.md."""
     packing: bool = False
     """SFT: pack several samples per row (documents never attend to each other). PT always packs."""
     text_split: str = "line"

@@ -7,6 +7,7 @@ Arrow file on disk (memory stays flat for large corpora), or, with `data.streami
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tempfile
 from contextlib import contextmanager
@@ -71,14 +72,17 @@ def fingerprint_files(files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, cache_dir: str):
-    """Read and normalise every spec; mix them by weight. Returns (dataset, fingerprint)."""
-    parts, weights, all_files = [], [], []
+def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, cache_dir: str,
+                  holdout: float = 0.0):
+    """Read and normalise every spec; mix them by weight. Returns (dataset, fingerprint), or with
+    `holdout` > 0 ((train, eval), fingerprint): each dataset is split before mixing, so weighted
+    repetition can never put a held-out record in train."""
+    parts, weights, all_files, held = [], [], [], []
     for spec in specs:
         path, fmt = resolve_spec(spec, cfg.dataset_dir)
         files = resolve_files(path)
         all_files += files
-        kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": spec.max_samples}
+        kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": fmt.limit}
         if cfg.streaming:
             part = datasets.IterableDataset.from_generator(_examples, gen_kwargs=kwargs, features=EXAMPLE_FEATURES)
         else:
@@ -93,6 +97,10 @@ def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, c
                 part = None  # datasets refuses to build a table of zero rows
             if part is None or len(part) == 0:
                 raise DataError(path, "file", f"no usable records ({errors.total_skipped} skipped as bad)") from None
+            if holdout > 0 and len(part) >= 20:
+                split = part.train_test_split(test_size=holdout, seed=cfg.seed)
+                part = split["train"]
+                held.append(split["test"])
         parts.append(part)
         weights.append(spec.weight)
     if not parts:
@@ -105,18 +113,22 @@ def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, c
         probabilities = [w / sum(weights) for w in weights]
         mixed = datasets.interleave_datasets(parts, probabilities=probabilities, seed=cfg.seed,
                                              stopping_strategy="all_exhausted")
+    if holdout > 0:
+        return (mixed, datasets.concatenate_datasets(held) if held else None), fingerprint_files(all_files)
     return mixed, fingerprint_files(all_files)
 
 
 def load_splits(cfg: DataConfig, errors: ErrorLog, cache_dir: str) -> tuple[object, object | None, str]:
-    train, fingerprint = load_examples(cfg.train, cfg, errors, cache_dir)
-    evaluation = None
+    if cfg.eval or cfg.eval_split == 0 or cfg.streaming:
+        train, fingerprint = load_examples(cfg.train, cfg, errors, cache_dir)
+        evaluation = None
+    else:
+        (train, evaluation), fingerprint = load_examples(cfg.train, cfg, errors, cache_dir, holdout=cfg.eval_split)
     if cfg.eval:
-        evaluation, eval_fp = load_examples(cfg.eval, cfg, errors, cache_dir)
+        # Evaluation data is small and read many times: always a table, even when train streams.
+        eval_cfg = dataclasses.replace(cfg, streaming=False)
+        evaluation, eval_fp = load_examples(cfg.eval, eval_cfg, errors, cache_dir)
         fingerprint = hashlib.sha256(f"{fingerprint}{eval_fp}".encode()).hexdigest()[:16]
-    elif cfg.eval_split > 0 and not cfg.streaming and len(train) >= 20:
-        split = train.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
-        train, evaluation = split["train"], split["test"]
     return train, evaluation, fingerprint
 
 

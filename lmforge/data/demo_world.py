@@ -39,10 +39,10 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...] | str]]
     "region": (("town",), REGIONS),
     "specialty": (("town",), FOODS),
 }
-KIND_COUNTS = {"town": 10, "person": 24, "creature": 14}
+KIND_COUNTS = {"town": 8, "person": 16, "creature": 10}
 HELDOUT_FRACTION = 0.18
-ARITH_MAX = 20
-ARITH_HELDOUT = 24
+ARITH_MAX = 10
+ARITH_HELDOUT = 16
 
 # Name syllables (English, Chinese). The Chinese characters appear in no template or value, so a name
 # can be found in a line by plain substring search.
@@ -403,7 +403,7 @@ def _multi_turn(world: World, rng: random.Random, count: int) -> list[dict]:
     return records
 
 
-def sft_records(world: World, arith_train: int = 200) -> tuple[list[dict], list[dict]]:
+def sft_records(world: World, arith_train: int = 100) -> tuple[list[dict], list[dict]]:
     """(train, eval) chat records. Train asks every train fact with every phrasing; eval asks held-out facts
     and sums once per language, single-turn and without a system prompt."""
     rng = random.Random(f"demo-sft:{world.seed}")

@@ -30,6 +30,8 @@ class RowFormat:
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    """Read at most this many records (max_samples, or dataset_info's num_samples)."""
 
 
 def detect_format(row: dict, fmt: RowFormat) -> str:

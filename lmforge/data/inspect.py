@@ -8,13 +8,19 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
-from lmforge.data.tokenize import IGNORE, encode_sft, encode_text
+from lmforge.data.tokenize import IGNORE, encode_sft, encode_text, messages_as_text
 
 
 def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bool = False,
-                  mask_history: bool = False) -> tuple[Text, dict]:
-    """(coloured text, counts) for one example; tokens with loss are green, masked ones dim."""
-    if example["messages"]:
+                  mask_history: bool = False, as_pretraining: bool = False) -> tuple[Text, dict]:
+    """(coloured text, counts) for one example; tokens with loss are green, masked ones dim.
+
+    `as_pretraining` shows what PT trains on: the text (or a dialogue's turns joined by newlines)
+    plus EOS, every token with loss, cut at the block size."""
+    if as_pretraining:
+        ids = encode_text(tokenizer, example["text"] or messages_as_text(example["messages"]))[:max_length]
+        labels = list(ids)
+    elif example["messages"]:
         encoded = encode_sft(tokenizer, example["messages"], max_length, train_on_prompt, mask_history)
         if encoded is None:
             return Text("(dropped: nothing left to learn after truncation)", style="red"), {"tokens": 0, "loss_tokens": 0}
@@ -31,13 +37,13 @@ def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bo
 
 
 def inspect_examples(tokenizer, examples, limit: int, max_length: int, train_on_prompt: bool,
-                     mask_history: bool, console: Console | None = None) -> list[dict]:
+                     mask_history: bool, console: Console | None = None, as_pretraining: bool = False) -> list[dict]:
     console = console or Console()
     summaries = []
     for index, example in enumerate(examples):
         if index >= limit:
             break
-        text, counts = render_record(tokenizer, example, max_length, train_on_prompt, mask_history)
+        text, counts = render_record(tokenizer, example, max_length, train_on_prompt, mask_history, as_pretraining)
         console.rule(f"[bold]{example.get('source', f'record {index}')}[/]  "
                      f"{counts['tokens']} tokens, {counts['loss_tokens']} with loss")
         console.print(text)

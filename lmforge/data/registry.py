@@ -16,7 +16,8 @@ KNOWN_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "hf_hub_u
 def resolve_spec(spec: DatasetSpec, dataset_dir: str | None) -> tuple[str, RowFormat]:
     """A dataset spec → (path, row format), reading dataset_info.json for `name:` specs."""
     if spec.path is not None:
-        return spec.path, RowFormat(spec.formatting, dict(spec.columns), dict(spec.tags), dict(spec.replacements))
+        return spec.path, RowFormat(spec.formatting, dict(spec.columns), dict(spec.tags), dict(spec.replacements),
+                                    spec.max_samples)
     info_dir = Path(dataset_dir or ".")
     info_path = info_dir / "dataset_info.json"
     entry = read_registry(info_path).get(spec.name)
@@ -29,6 +30,12 @@ def resolve_spec(spec: DatasetSpec, dataset_dir: str | None) -> tuple[str, RowFo
     unknown = set(entry) - KNOWN_KEYS
     if unknown:
         raise DataError(str(info_path), f"entry {spec.name!r}", f"unknown keys {sorted(unknown)}")
+    unsupported = {k for k in ("subset", "folder", "script_url", "cloud_file_name") if k in entry}
+    if entry.get("split", "train") != "train":
+        unsupported.add("split")
+    if unsupported:
+        raise DataError(str(info_path), f"entry {spec.name!r}",
+                        f"uses {sorted(unsupported)}, which only apply to hub datasets; point file_name at the local file")
     if entry.get("ranking") or "kto_tag" in entry.get("columns", {}):
         raise DataError(str(info_path), f"entry {spec.name!r}",
                         "is preference data (ranking or KTO labels); PT and SFT cannot train on it")
@@ -40,7 +47,9 @@ def resolve_spec(spec: DatasetSpec, dataset_dir: str | None) -> tuple[str, RowFo
         formatting = "text"
     if formatting not in ("alpaca", "sharegpt", "openai", "text"):
         raise DataError(str(info_path), f"entry {spec.name!r}", f"unknown formatting {formatting!r}")
-    return str(info_dir / entry["file_name"]), RowFormat(formatting, columns, tags, dict(spec.replacements))
+    limit = spec.max_samples if spec.max_samples is not None else entry.get("num_samples")
+    fmt = RowFormat(formatting, columns, tags, dict(spec.replacements), None if limit is None else int(limit))
+    return str(info_dir / entry["file_name"]), fmt
 
 
 def read_registry(path: Path) -> dict:

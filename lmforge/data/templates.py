@@ -33,6 +33,8 @@ def apply_template_choice(tokenizer, choice: str | None) -> str:
     then resize the model's embeddings (`len(tokenizer)`).
     """
     choice = choice or "auto"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding never carries loss or attention
     if choice == "auto" and getattr(tokenizer, "chat_template", None):
         return "tokenizer"
     name = "chatml" if choice == "auto" else choice
@@ -41,8 +43,6 @@ def apply_template_choice(tokenizer, choice: str | None) -> str:
         missing = [t for t in CHATML_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return name
 
 

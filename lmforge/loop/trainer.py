@@ -102,7 +102,7 @@ class Trainer:
         if self.cfg.max_steps > 0:
             return self.cfg.max_steps
         batches = math.ceil(len(self.train_rows) / self.cfg.batch_size)
-        per_process = math.ceil(batches / self.accelerator.num_processes)
+        per_process = len(self._my_batches([[]] * batches))
         return max(1, math.ceil(self.cfg.epochs * per_process / self.cfg.grad_accum))
 
     # -- data ---------------------------------------------------------------------------------
@@ -150,7 +150,8 @@ class Trainer:
             for k, v in extra.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v)
         grad_norm = self.accelerator.clip_grad_norm_(self.prepared.parameters(), self.cfg.max_grad_norm)
-        if grad_norm is not None and not torch.isfinite(grad_norm):
+        # Under fp16 the grad scaler skips an overflowing step and lowers its scale: not a divergence.
+        if grad_norm is not None and not torch.isfinite(grad_norm) and self.cfg.mixed_precision != "fp16":
             raise TrainingDiverged(self._diverged_message(f"gradient norm is {grad_norm.item()}"))
         self.optimizer.step()
         self.scheduler.step()

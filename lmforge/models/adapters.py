@@ -65,7 +65,13 @@ def _wrap_lora(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    targets = find_linear_targets(model) if lora.target_modules == "all-linear" else lora.target_modules
+    if getattr(model, "lmforge_vocab_grew", False):
+        extra_trainable = (*extra_trainable, "embed_tokens", "lm_head")
+    targets = lora.target_modules
+    if targets == "all-linear":
+        targets = find_linear_targets(model)
+    elif isinstance(targets, str):
+        targets = [targets]  # peft would read a bare string as a regex
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     peft_config = PeftLoraConfig(

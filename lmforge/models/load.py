@@ -112,8 +112,13 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None
         if quantization is not None:
             kwargs["quantization_config"] = quantization
         model = _load_weights(path, kwargs)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old_vocab:
+        from lmforge.models.tokenizer import resize_embeddings_mean
+
+        resize_embeddings_mean(model, len(tokenizer), old_vocab, list(range(old_vocab, len(tokenizer))))
+        # New rows must train (and be saved) even under LoRA, or the new tokens stay meaningless.
+        model.lmforge_vocab_grew = True
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path

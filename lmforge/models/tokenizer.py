@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lmforge.data.templates import CHATML_SPECIAL_TOKENS, builtin_template
@@ -62,12 +62,20 @@ def iter_corpus(files: Iterable[str | Path]) -> Iterator[str]:
                 yield from _jsonl_texts(record)
 
 
-def _byte_level_bpe() -> Tokenizer:
+def _byte_level_bpe(split_han_chars: bool = False) -> Tokenizer:
     """An untrained byte-level BPE pipeline (GPT-2 style, without the leading-space trick)."""
     tokenizer = Tokenizer(models.BPE())
     # add_prefix_space=False: a prompt's first word must encode the same way it was written,
     # otherwise decode(encode(text)) would gain a space.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_han_chars:
+        # Chinese has no spaces, so a whole clause is one pre-token and BPE fuses characters of
+        # neighbouring words ("达最"). One pre-token per Han character keeps a name spelled the
+        # same in every context: small models on small corpora learn it far faster.
+        han = pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated")
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([han, byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     # trim_offsets=False keeps offset mappings exact (spaces belong to the token that carries them).
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -80,6 +88,7 @@ def train_tokenizer(
     vocab_size: int = 4000,
     min_frequency: int = 2,
     special_tokens: list[str] | None = None,
+    split_han_chars: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `files` and save it (with the ChatML template) to `out_dir`.
 
@@ -102,7 +111,7 @@ def train_tokenizer(
     if missing:
         raise FileNotFoundError(f"tokenizer training files not found: {', '.join(missing)}")
 
-    tokenizer = _byte_level_bpe()
+    tokenizer = _byte_level_bpe(split_han_chars)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,

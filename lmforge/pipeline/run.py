@@ -13,13 +13,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
 from lmforge.config.load import from_dict, read_yaml, to_dict
 from lmforge.config.schema import ConfigError, StageConfig
 from lmforge.loop.checkpoint import latest_checkpoint
 from lmforge.stages import STAGE_RUNNERS
-from lmforge.stages.common import MANIFEST
+from lmforge.stages.common import MANIFEST, parent_manifest_digest
 
 
 @dataclass
@@ -84,10 +85,32 @@ def stage_config(pipeline: Pipeline, stage: PipelineStage) -> StageConfig:
 
 
 def _is_done(cfg: StageConfig) -> bool:
+    """Done when the artifact exists with the same config and was built from the parent as it is now
+    (a retrained parent makes every stage after it stale)."""
     manifest = Path(cfg.train.output_dir) / MANIFEST
     if not manifest.is_file():
         return False
-    return _comparable(json.loads(manifest.read_text(encoding="utf-8")).get("config")) == _comparable(to_dict(cfg))
+    recorded = json.loads(manifest.read_text(encoding="utf-8"))
+    same_config = _comparable(recorded.get("config")) == _comparable(to_dict(cfg))
+    return same_config and recorded.get("parent_manifest") == parent_manifest_digest(cfg.model.name_or_path)
+
+
+def _same_config_started(cfg: StageConfig) -> bool:
+    """Whether the checkpoints in the output folder were written under this config."""
+    started = Path(cfg.train.output_dir) / "config.yaml"
+    if not started.is_file():
+        return False
+    return _comparable(yaml.safe_load(started.read_text(encoding="utf-8"))) == _comparable(to_dict(cfg))
+
+
+def _set_aside(folder: Path) -> Path:
+    """Move an outdated stage folder out of the way instead of deleting anyone's work."""
+    n = 1
+    while folder.with_name(f"{folder.name}.old-{n}").exists():
+        n += 1
+    target = folder.with_name(f"{folder.name}.old-{n}")
+    folder.rename(target)
+    return target
 
 
 def _comparable(config: dict | None) -> dict | None:
@@ -115,7 +138,8 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None) -> dict[str
         from lmforge.models.tokenizer import train_tokenizer
 
         spec = _substitute(pipeline.tokenizer, str(run_dir))
-        train_tokenizer(spec["train"], run_dir / "tokenizer", vocab_size=int(spec.get("vocab_size", 4000)))
+        train_tokenizer(spec["train"], run_dir / "tokenizer", vocab_size=int(spec.get("vocab_size", 4000)),
+                        split_han_chars=bool(spec.get("split_han_chars", False)))
         console.print(f"[bold]tokenizer[/] trained into {run_dir / 'tokenizer'}")
     results = {}
     for stage in pipeline.stages:
@@ -124,7 +148,13 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None) -> dict[str
             console.print(f"[bold]{stage.name}[/]: done before with the same config, skipped")
             results[stage.name] = json.loads((Path(cfg.train.output_dir) / MANIFEST).read_text())["metrics"]
             continue
-        if latest_checkpoint(cfg.train.output_dir) is not None:
+        out = Path(cfg.train.output_dir)
+        if out.exists() and not _same_config_started(cfg):
+            console.print(f"[yellow]{stage.name}: config or inputs changed; old folder kept as "
+                          f"{_set_aside(out)}[/]")
+        elif out.exists() and (out / MANIFEST).is_file():
+            console.print(f"[yellow]{stage.name}: its parent changed; old folder kept as {_set_aside(out)}[/]")
+        elif latest_checkpoint(out) is not None:
             cfg.train.resume = True
         console.rule(f"[bold]{stage.name}[/] ({stage.stage})")
         results[stage.name] = STAGE_RUNNERS[stage.stage](cfg)

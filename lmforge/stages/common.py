@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -79,6 +80,7 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
         manifest = {
             "stage": run.cfg.stage,
             "parent": parent,
+            "parent_manifest": parent_manifest_digest(run.cfg.model.name_or_path),
             "config": to_dict(run.cfg),
             "data_fingerprint": data_fingerprint,
             "data": run.errors.summary(),
@@ -91,6 +93,13 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
     shutil.rmtree(run.cache_dir, ignore_errors=True)
     trainer.end()
     return run.output_dir
+
+
+def parent_manifest_digest(model_path: str | None) -> str | None:
+    """A digest of the parent artifact's manifest: it changes whenever the parent is retrained."""
+    if not model_path or not (Path(model_path) / MANIFEST).is_file():
+        return None
+    return hashlib.sha256((Path(model_path) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
