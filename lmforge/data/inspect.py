@@ -29,9 +29,13 @@ def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bo
         ids = encode_text(tokenizer, example["text"])[:max_length]
         labels = list(ids)
     text = Text()
-    for token_id, label in zip(ids, labels):
-        piece = tokenizer.decode([token_id])
-        text.append(piece, style="bold green" if label != IGNORE else "dim")
+    # Decode runs of tokens that share a mask together: a byte-level token can hold half a
+    # Chinese character, which decodes to U+FFFD on its own.
+    start = 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or (labels[end] != IGNORE) != (labels[start] != IGNORE):
+            text.append(tokenizer.decode(ids[start:end]), style="bold green" if labels[start] != IGNORE else "dim")
+            start = end
     counts = {"tokens": len(ids), "loss_tokens": sum(label != IGNORE for label in labels)}
     return text, counts
 
