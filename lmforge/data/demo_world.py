@@ -10,23 +10,30 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
+import yaml
 
-def _pairs(text: str) -> tuple[tuple[str, str], ...]:
-    """Parse "red:红色 blue:蓝色" into (("red", "红色"), ("blue", "蓝色")): keeps bilingual tables compact."""
-    return tuple((en, zh) for en, zh in (item.split(":") for item in text.split()))
+# Pure wording (value tables, name syllables, system prompts, templates) lives in demo_world.yaml.
+_WORDING = yaml.safe_load((resources.files("lmforge") / "data" / "demo_world.yaml").read_text("utf-8"))
 
 
-# Closed value sets (English, Chinese). No Chinese value is a substring of another in the same set, so
-# substring matching can tell values apart when grading answers.
-COLOURS = _pairs("red:红色 blue:蓝色 green:绿色 yellow:黄色 purple:紫色 white:白色 black:黑色")
-FOODS = _pairs("plums:李子 rice:米饭 honey:蜂蜜 apples:苹果 fish:鱼 bread:面包 noodles:面条 cheese:奶酪")
-PROFESSIONS = _pairs("baker:烘焙师 farmer:农民 teacher:老师 doctor:医生 sailor:水手 painter:画家 smith:铁匠")
-REGIONS = _pairs("north:北部 south:南部 east:东部 west:西部 centre:中部")
-AGES = _pairs("11:11 17:17 23:23 29:29 34:34 42:42 48:48 56:56 63:63")
+def _pairs(table: dict) -> tuple[tuple[str, str], ...]:
+    """A bilingual table from demo_world.yaml ({"red": "红色", ...}) as (("red", "红色"), ...), in file order."""
+    pairs = tuple(table.items())
+    if not all(isinstance(en, str) and isinstance(zh, str) for en, zh in pairs):
+        raise TypeError(f"demo_world.yaml: every value-table entry must be a string: {pairs}")
+    return pairs
+
+
+# Closed value sets (English, Chinese); see demo_world.yaml for the wording and its constraints.
+COLOURS = _pairs(_WORDING["colours"])
+FOODS = _pairs(_WORDING["foods"])
+PROFESSIONS = _pairs(_WORDING["professions"])
+REGIONS = _pairs(_WORDING["regions"])
+AGES = _pairs(_WORDING["ages"])
 
 # attribute -> (kinds of entity that have it, its closed value set or the kind of entity its values name)
 ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...] | str]] = {
@@ -44,81 +51,18 @@ HELDOUT_FRACTION = 0.18
 ARITH_MAX = 10
 ARITH_HELDOUT = 16
 
-# Name syllables (English, Chinese). The Chinese characters appear in no template or value, so a name
-# can be found in a line by plain substring search.
-SYLLABLES = _pairs(
-    "vel:维 mo:莫 ra:拉 tash:塔 kin:金 ka:卡 lo:洛 ni:尼 sa:萨 be:贝 an:安 so:索 ko:柯 lan:兰 ze:泽 fu:芙 ma:玛 "
-    "no:诺 yi:伊 de:德 lin:琳 si:斯 tu:图 ba:巴 ge:格 hu:胡 ya:娅 ron:隆 pe:佩 ti:提 ser:瑟 ol:奥 fen:芬 dar:达 wa:瓦"
-)
+# Name syllables (English, Chinese), whose Chinese characters appear in no template or value.
+SYLLABLES = _pairs(_WORDING["syllables"])
 
-# Templates, one "<table> <key> <lang> template | template | ..." per line (a repeated key continues the
-# list). {s} is the subject, {v} the value; {a} {b} {c} the operands and result of a sum. The FIRST `say`
-# and `sum` template is the canonical SFT answer, so the answer a model must give is a sentence it has
-# already read in pre-training.
-_TEMPLATES = """
-say colour en The favourite colour of {s} is {v}. | {s} likes the colour {v} best.
-say colour en {s}'s favourite colour is {v}. | Of all colours, {s} loves {v} most.
-say colour zh {s}最喜欢的颜色是{v}。 | {s}最爱{v}。 | 在所有颜色中，{s}最喜欢{v}。
-say food en The favourite food of {s} is {v}. | {s} loves to eat {v}. | {s}'s favourite food is {v}.
-say food en Above all, {s} enjoys {v}.
-say food zh {s}最喜欢的食物是{v}。 | {s}爱吃{v}。 | {s}每天都想吃{v}。
-say home en {s} lives in {v}. | The home of {s} is the town of {v}. | {s} has a home in {v}.
-say home zh {s}住在{v}。 | {s}的家在{v}。 | {s}的家乡是{v}。
-say age en {s} is {v} years old. | The age of {s} is {v}. | {s} has lived for {v} years.
-say age zh {s}今年{v}岁。 | {s}的年龄是{v}岁。 | {s}已经{v}岁了。
-say profession en {s} works as a {v}. | {s} is a {v} by trade. | By profession, {s} is a {v}.
-say profession zh {s}的职业是{v}。 | {s}是一名{v}。 | {s}以当{v}为生。
-say friend en The best friend of {s} is {v}. | {s}'s best friend is {v}. | {s} trusts {v} more than anyone.
-say friend zh {s}最好的朋友是{v}。 | {s}最信任的人是{v}。 | {s}的好朋友当中，{v}排第一。
-say region en {s} lies in the {v}. | The town of {s} is in the {v}. | {s} is a town in the {v} of the land.
-say region zh {s}位于{v}。 | {s}这座小镇在{v}。 | {s}是{v}的一座小镇。
-say specialty en {s} is famous for its {v}. | The town of {s} is known for {v}.
-say specialty en People travel to {s} for its {v}.
-say specialty zh {s}以{v}闻名。 | {s}出产有名的{v}。 | 说起{s}，人们就想到{v}。
-ask colour en What is the favourite colour of {s}? | Which colour does {s} like best?
-ask colour en Tell me {s}'s favourite colour.
-ask colour zh {s}最喜欢什么颜色？ | {s}最喜欢的颜色是什么？ | 请问{s}最爱哪种颜色？
-ask food en What is the favourite food of {s}? | What does {s} love to eat? | Which food does {s} like most?
-ask food zh {s}最喜欢吃什么？ | {s}最喜欢的食物是什么？ | 请问{s}爱吃什么？
-ask home en Where does {s} live? | In which town does {s} live? | What is the home town of {s}?
-ask home zh {s}住在哪里？ | {s}的家在哪个小镇？ | 请问{s}住在哪儿？
-ask age en How old is {s}? | What is the age of {s}? | Can you tell me how old {s} is?
-ask age zh {s}今年几岁？ | {s}多大了？ | 请问{s}的年龄是多少？
-ask profession en What does {s} do for a living? | What is the profession of {s}? | What job does {s} have?
-ask profession zh {s}是做什么工作的？ | {s}的职业是什么？ | 请问{s}靠什么为生？
-ask friend en Who is the best friend of {s}? | Who is {s}'s best friend? | Whom does {s} trust most?
-ask friend zh {s}最好的朋友是谁？ | 谁是{s}最好的朋友？ | {s}最信任谁？
-ask region en Where does {s} lie? | In which part of the land is {s}? | Which region is the town of {s} in?
-ask region zh {s}位于哪里？ | {s}在哪个地区？ | 请问{s}这座小镇位于哪里？
-ask specialty en What is {s} famous for? | What is the town of {s} known for? | Why do people travel to {s}?
-ask specialty zh {s}以什么闻名？ | {s}出产什么有名的东西？ | 说起{s}，人们会想到什么？
-intro person en {s} is a person. | {s} is one of the villagers.
-intro person zh {s}是一个人。 | {s}是一位村民。
-intro creature en {s} is a creature. | {s} is a small creature of the forest.
-intro creature zh {s}是一只生灵。 | {s}是森林里的一只小生灵。
-intro town en {s} is a town. | {s} is a quiet town.
-intro town zh {s}是一座小镇。 | {s}是一座安静的小镇。
-sum + en {a} plus {b} equals {c}. | {a} + {b} = {c}. | Adding {b} to {a} gives {c}.
-sum - en {a} minus {b} equals {c}. | {a} - {b} = {c}. | Taking {b} from {a} leaves {c}.
-sum + zh {a} 加 {b} 等于 {c}。 | {a} 加上 {b} 得 {c}。 | {a} 加 {b} 的结果是 {c}。
-sum - zh {a} 减 {b} 等于 {c}。 | {a} 减去 {b} 得 {c}。 | {a} 减 {b} 的结果是 {c}。
-asksum + en What is {a} plus {b}? | What is {a} + {b}? | Please compute {a} + {b}.
-asksum - en What is {a} minus {b}? | What is {a} - {b}? | Please compute {a} - {b}.
-asksum + zh {a} 加 {b} 等于多少？ | {a} + {b} 等于几？ | 请计算 {a} 加 {b}。
-asksum - zh {a} 减 {b} 等于多少？ | {a} - {b} 等于几？ | 请计算 {a} 减 {b}。
-"""
-
-
-def _parse_templates(text: str) -> dict[tuple[str, str, str], list[str]]:
-    table: dict[tuple[str, str, str], list[str]] = {}
-    for line in text.strip().splitlines():
-        kind, key, lang, rest = line.split(maxsplit=3)
-        table.setdefault((kind, key, lang), []).extend(t.strip() for t in rest.split("|"))
-    return table
-
-
-TEMPLATES = _parse_templates(_TEMPLATES)
-SYSTEM = {"en": "You are a helpful assistant.", "zh": "你是一个乐于助人的助手。"}
+# (table, key, lang) -> templates, e.g. ("say", "colour", "en"). The FIRST `say` and `sum` template is the
+# canonical SFT answer, so the answer a model must give is a sentence it has already read in pre-training.
+TEMPLATES: dict[tuple[str, str, str], list[str]] = {
+    (table, key, lang): list(texts)
+    for table, keys in _WORDING["templates"].items()
+    for key, langs in keys.items()
+    for lang, texts in langs.items()
+}
+SYSTEM: dict[str, str] = dict(_WORDING["system"])
 LANGS = ("en", "zh")
 
 
@@ -482,50 +426,5 @@ def write_demo_world(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-_NUMBER = re.compile(r"\d+")
-_CJK = re.compile(r"[\u4e00-\u9fff]")
-_OPERATOR = r"\s*(?:\+|-|−|plus|minus|加上|加|减去|减)\s*"
-
-
-def _normalise(text: str) -> str:
-    # Lower-case, punctuation (ASCII or full-width) to spaces, and pad so " plums " matches whole words only.
-    return " " + " ".join(re.sub(r"[^\w]+", " ", text.lower()).split()) + " "
-
-
-def _mentions(normalised: str, term: str) -> bool:
-    if _CJK.search(term):  # Chinese has no word boundaries: match characters, ignoring spaces
-        return _normalise(term).replace(" ", "") in normalised.replace(" ", "")
-    return _normalise(term) in normalised
-
-
-def _states_number(response: str, expected: int, question: str = "") -> bool:
-    operands = _NUMBER.findall(question)
-    if len(operands) == 2:  # drop a restated question ("7 + 5 = 12") so its operands are not read as answers
-        pattern = rf"(?<!\d){operands[0]}{_OPERATOR}{operands[1]}(?!\d)"
-        response = re.sub(pattern, " ", response, flags=re.IGNORECASE)
-    numbers = [int(n) for n in _NUMBER.findall(response)]
-    return bool(numbers) and all(n == expected for n in numbers)
-
-
-def answer_is_correct(record: dict, response: str) -> bool:
-    """True when `response` states the record's answer and no other value of the same attribute.
-
-    Numbers (sums, ages) are compared numerically: every number in the response, after removing a restated
-    question, must equal the answer. Other values are matched as whole words (English) or substrings
-    (Chinese), against the record's `distractors`, so "red or blue" is wrong.
-    """
-    answer = str(record["answer"])
-    if record.get("kind") == "arith":
-        return _states_number(response, int(answer), record.get("subject", ""))
-    if answer.isdigit():
-        return _states_number(response, int(answer))
-    normalised = _normalise(response)
-    if not _mentions(normalised, answer):
-        return False
-    return not any(_mentions(normalised, d) for d in record.get("distractors", ()))
-
-
-def exact_match(record: dict, response: str) -> bool:
-    """True when `response` is the record's reference (last) assistant reply, up to surrounding whitespace."""
-    reference = [m["content"] for m in record["messages"] if m["role"] == "assistant"][-1]
-    return response.strip() == reference.strip()
+# Grading lives in its own module; re-exported here because it belongs to the world's API.
+from lmforge.data.demo_grading import answer_is_correct, exact_match  # noqa: E402, F401
