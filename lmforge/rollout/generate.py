@@ -50,4 +50,5 @@ def _trim(row: list[int], stop_ids: list[int], tokenizer) -> Generation:
         if token in stop_ids:
             ids = row[:i]
             return Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, True)
-    return Generation(tokenizer.decode(row, skip_special_tokens=True), row, False)
+    # Cut at the length limit, the last token can hold half a multi-byte character: drop the fragment.
+    return Generation(tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd"), row, False)
