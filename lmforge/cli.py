@@ -68,8 +68,9 @@ def cmd_train(args) -> int:
 def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """The optional YAML path may be left out: `lmforge train pt model.scratch=tiny ...`."""
     if config is not None and "=" in config and not Path(config).is_file():
-        return None, [config, *overrides]
-    return config, list(overrides)
+        config, overrides = None, [config, *overrides]
+    # `resume=true` is what LLaMA-Factory users type; it means train.resume.
+    return config, [f"train.{item}" if item.startswith(("resume=", "resume_from=")) else item for item in overrides]
 
 
 def cmd_run(args) -> int:

@@ -167,3 +167,18 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, world_dir, world_
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resuming from {resumed_from}"
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    from lmforge.config.schema import LoraConfig, ModelConfig
+    from lmforge.models.adapters import apply_finetuning
+
+    rows = random_rows(16)
+    plain = train_weights(tmp_path / "plain", batch_size=4, grad_accum=1, rows=rows)
+    model = apply_finetuning(tiny_model(), ModelConfig(scratch="test", gradient_checkpointing=True), LoraConfig())
+    assert model.is_gradient_checkpointing
+    cfg = TrainConfig(output_dir=str(tmp_path / "ckpt"), batch_size=4, max_steps=3, lr=1e-2, warmup_ratio=0.0,
+                      scheduler="constant", max_grad_norm=1e9)
+    Trainer(model, rows, partial(collate, pad_id=0), lm_loss, cfg, NO_LOG).train()
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, plain[name], atol=1e-6), name

@@ -136,3 +136,24 @@ def test_smollm2_short_name_imports_the_gguf_once(tmp_path_factory, monkeypatch)
     reply = generate(model, tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]],
                      max_new_tokens=20)[0]
     assert "Paris" in reply.text and reply.stopped
+
+
+def test_resume_shorthand_and_extend_with_model(tmp_path, world_dir, world_tokenizer_dir):
+    from lmforge.cli import _split_config
+
+    assert _split_config("resume=true", ["train.lr=1"]) == (None, ["train.resume=true", "train.lr=1"])
+    out = tmp_path / "pt"
+    assert main(["train", "pt", "model.scratch=test", f"model.tokenizer={world_tokenizer_dir}",
+                 f"data.train={world_dir}/pt/eval.txt", "data.eval_split=0", "train.max_steps=2",
+                 f"train.output_dir={out}", "log.report_to=[]", "log.progress=false"]) == 0
+    words = tmp_path / "words.txt"
+    words.write_text("Zorblax\n", encoding="utf-8")
+    assert main(["tokenizer", "extend", str(out), "--tokens", str(words), "--model", str(out),
+                 "--out", str(tmp_path / "ext")]) == 0
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "ext").get_input_embeddings().weight
+    assert after.shape[0] == before.shape[0] + 1
+    assert torch.allclose(after[-1], before.mean(dim=0), atol=1e-6)
