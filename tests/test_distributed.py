@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_loop import random_rows, train_weights
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"

@@ -107,3 +107,37 @@ def test_missing_model_folder_never_downloads(tmp_path):
                              f"train.output_dir={tmp_path}"], stage="sft")
     with pytest.raises(ConfigError, match="never downloads"):
         STAGE_RUNNERS["sft"](cfg)
+
+
+def test_lora_after_vocabulary_growth_saves_and_reloads_new_rows(tmp_path, world_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.models.load import load_model_and_tokenizer
+    from lmforge.models.tokenizer import train_tokenizer
+
+    # A base whose tokenizer has no ChatML tokens: SFT adds them and the vocabulary grows.
+    base = tmp_path / "base"
+    tokenizer = train_tokenizer([world_dir / "pt" / "train.txt"], base, vocab_size=500,
+                                special_tokens=["<|endoftext|>"])
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(base)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64)).save_pretrained(base)
+    out = tmp_path / "lora"
+    cfg = load_config(None, [f"model.name_or_path={base}", "model.finetuning=lora", "model.template=chatml",
+                             f"data.train={world_dir}/sft/eval.jsonl", "data.eval_split=0", "train.max_steps=4",
+                             "train.lr=1e-2", "sft.eval_generate=0", f"train.output_dir={out}", *QUIET], stage="sft")
+    STAGE_RUNNERS["sft"](cfg)
+    merged, merged_tokenizer, _ = load_model_and_tokenizer(load_config(None, [f"model.name_or_path={out}"],
+                                                                       stage="sft").model)
+    assert len(merged_tokenizer) == len(tokenizer) + 2
+    rows = merged.get_input_embeddings().weight
+    assert rows.shape[0] == len(merged_tokenizer)
+    old_mean = LlamaForCausalLM.from_pretrained(base).get_input_embeddings().weight.mean(dim=0)
+    im_end = merged_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # trained away from their mean initialisation, and the trained rows came back from the adapter
+    assert not torch.allclose(rows[im_end], old_mean, atol=1e-4)
+    from safetensors.torch import load_file
+
+    saved = {k: v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "embed_tokens" in k}
+    assert any(torch.equal(v[im_end], rows[im_end]) for v in saved.values() if v.dim() == 2), list(saved)

@@ -111,7 +111,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None
                   "attn_implementation": cfg.attn_implementation}
         if quantization is not None:
             kwargs["quantization_config"] = quantization
-        model = _load_weights(path, kwargs)
+        model = _load_weights(path, kwargs, len(tokenizer))
     old_vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old_vocab:
         from lmforge.models.tokenizer import resize_embeddings_mean
@@ -124,7 +124,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None
     return model, tokenizer, path
 
 
-def _load_weights(path: str, kwargs: dict):
+def _load_weights(path: str, kwargs: dict, vocab_size: int):
     """A full model folder, or a LoRA adapter folder: then its base is loaded and the adapter merged,
     so the next stage starts from the adapted weights."""
     adapter_config = Path(path) / "adapter_config.json"
@@ -138,6 +138,9 @@ def _load_weights(path: str, kwargs: dict):
     if not Path(base_path).is_dir():
         raise ConfigError(f"{path} is a LoRA adapter whose base model {base_path!r} is not a local folder")
     base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    if vocab_size > base.get_input_embeddings().weight.shape[0]:
+        # The adapter was trained after the vocabulary grew; its saved embeddings need the room.
+        base.resize_token_embeddings(vocab_size, mean_resizing=False)
     return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
