@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.data.demo_prefs import FLAW_SHARES, PREF_TEMPLATES, is_preferred_style, pref_files
 from lmforge.data.demo_world import (
     ATTRIBUTES,
+    SYLLABLES,
     TEMPLATES,
     answer_is_correct,
     build_world,
@@ -44,10 +46,23 @@ def sft(out: dict[str, Path]) -> tuple[list[dict], list[dict]]:
 
 
 def test_returns_every_file(out: dict[str, Path]) -> None:
-    assert set(out) == {"world", "pt_train", "pt_eval", "sft_train", "sft_eval", "dataset_info"}
+    assert set(out) == {
+        "world",
+        "pt_train",
+        "pt_eval",
+        "sft_train",
+        "sft_eval",
+        "pref_train",
+        "pref_eval",
+        "pref_kto",
+        "dataset_info",
+    }
     root = out["world"].parent
     assert out["pt_train"] == root / "pt" / "train.txt"
     assert out["sft_eval"] == root / "sft" / "eval.jsonl"
+    assert out["pref_train"] == root / "pref" / "train.jsonl"
+    assert out["pref_eval"] == root / "pref" / "eval.jsonl"
+    assert out["pref_kto"] == root / "pref" / "kto_train.jsonl"
     assert all(p.is_file() and p.stat().st_size > 0 for p in out.values())
 
 
@@ -56,7 +71,7 @@ def test_same_seed_same_bytes_other_seed_differs(out: dict[str, Path], tmp_path:
     for name, path in out.items():
         assert again[name].read_bytes() == path.read_bytes(), name
     other = write_demo_world(tmp_path / "other", seed=1)
-    for name in ("world", "pt_train", "pt_eval", "sft_train", "sft_eval"):
+    for name in set(out) - {"dataset_info"}:
         assert other[name].read_bytes() != out[name].read_bytes(), name
     assert {e.name for e in build_world(0).entities} != {e.name for e in build_world(1).entities}
 
@@ -216,7 +231,8 @@ def test_answer_is_correct_cases() -> None:
 
 def test_dataset_info_points_to_files(out: dict[str, Path]) -> None:
     info = json.loads(out["dataset_info"].read_text(encoding="utf-8"))
-    assert set(info) == {"demo_pt", "demo_pt_eval", "demo_sft", "demo_sft_eval"}
+    sets = {"demo_pt", "demo_pt_eval", "demo_sft", "demo_sft_eval", "demo_pref", "demo_pref_eval", "demo_kto"}
+    assert set(info) == sets
     root = out["dataset_info"].parent
     for name, entry in info.items():
         assert (root / entry["file_name"]).is_file(), name
@@ -225,3 +241,145 @@ def test_dataset_info_points_to_files(out: dict[str, Path]) -> None:
         assert info[name]["formatting"] == "sharegpt"
         assert info[name]["columns"] == {"messages": "messages"}
         assert info[name]["tags"]["assistant_tag"] == "assistant"
+    for name, file in (("demo_pref", "pref_train"), ("demo_pref_eval", "pref_eval")):
+        assert root / info[name]["file_name"] == out[file]
+        assert info[name]["ranking"] is True and info[name]["formatting"] == "sharegpt"
+        assert info[name]["columns"] == {"messages": "prompt", "chosen": "chosen", "rejected": "rejected"}
+        assert info[name]["tags"]["user_tag"] == "user" and info[name]["tags"]["assistant_tag"] == "assistant"
+    assert root / info["demo_kto"]["file_name"] == out["pref_kto"]
+    assert "ranking" not in info["demo_kto"] and info["demo_kto"]["formatting"] == "sharegpt"
+    assert info["demo_kto"]["columns"] == {"messages": "messages", "kto_tag": "label"}
+    assert info["demo_kto"]["tags"]["role_tag"] == "role"
+
+
+# Preference pairs (lmforge/data/demo_prefs.py)
+
+PAIR_KEYS = ["prompt", "chosen", "rejected", "answer", "lang", "kind", "id", "subject", "distractors", "flaw"]
+
+
+@pytest.fixture(scope="module")
+def prefs(out: dict[str, Path]) -> tuple[list[dict], list[dict]]:
+    return _jsonl(out["pref_train"]), _jsonl(out["pref_eval"])
+
+
+def _reply(pair: dict, side: str) -> str:
+    return pair[side][0]["content"]
+
+
+def _key(record: dict) -> tuple[str, str, str]:
+    return record["subject"], record["kind"], record["lang"]
+
+
+def test_pref_files_deterministic_per_seed() -> None:
+    assert pref_files(build_world(1)) == pref_files(build_world(1))
+    assert pref_files(build_world(1))["pref_train"] != pref_files(build_world(2))["pref_train"]
+
+
+def test_pref_lines_parse_with_keys(out: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
+    kinds = set(ATTRIBUTES) | {"arith"}
+    for pairs in prefs:
+        for pair in pairs:
+            assert list(pair) == PAIR_KEYS
+            assert [m["role"] for m in pair["prompt"]] == ["user"]
+            assert [m["role"] for m in pair["chosen"] + pair["rejected"]] == ["assistant", "assistant"]
+            assert pair["lang"] in ("en", "zh") and pair["kind"] in kinds and pair["flaw"] in FLAW_SHARES
+            texts = [_reply(pair, "chosen"), _reply(pair, "rejected"), pair["prompt"][0]["content"]]
+            assert all(t and _lang(t) == pair["lang"] for t in texts)
+            assert _reply(pair, "chosen") != _reply(pair, "rejected")
+        assert {p["lang"] for p in pairs} == {"en", "zh"} and {p["kind"] for p in pairs} == kinds
+    train, held = prefs
+    assert len({p["id"] for p in train + held}) == len(train) + len(held)
+    for path in (out["pref_train"], out["pref_eval"], out["pref_kto"]):
+        text = path.read_text(encoding="utf-8")
+        assert text.endswith("\n") and "\r" not in text
+
+
+def test_pref_sizes_and_flaw_mix(prefs: tuple[list[dict], list[dict]]) -> None:
+    train, held = prefs
+    assert 800 <= len(train) <= 1500 and 100 <= len(held) <= 200
+    for pairs in (train, held):
+        for flaw, share in FLAW_SHARES.items():
+            assert abs(sum(p["flaw"] == flaw for p in pairs) / len(pairs) - share) <= 0.10, flaw
+        for lang in ("en", "zh"):
+            assert {p["flaw"] for p in pairs if p["lang"] == lang} == set(FLAW_SHARES)
+
+
+def test_pref_chosen_is_sft_reference(
+    out: dict[str, Path], prefs: tuple[list[dict], list[dict]], sft: tuple[list[dict], list[dict]]
+) -> None:
+    world = load_world(out["world"])
+    references = {_key(r): _assistant(r)[-1] for r in sft[0] + sft[1]}
+    facts = {(world.term(f.entity, lang), f.attribute, lang): f for f in world.facts for lang in ("en", "zh")}
+    for pair in prefs[0] + prefs[1]:
+        chosen = _reply(pair, "chosen")
+        if pair["kind"] == "arith":
+            a, op, b = pair["subject"].split()
+            canonical = TEMPLATES["sum", op, pair["lang"]][0].format(a=a, b=b, c=pair["answer"])
+            assert chosen == references.get(_key(pair), canonical), pair["id"]
+        else:
+            canonical = world.answer(facts[_key(pair)], pair["lang"])
+            assert chosen == references[_key(pair)] == canonical, pair["id"]
+        assert answer_is_correct(pair, chosen), pair["id"]
+        assert is_preferred_style(pair, f" {chosen}\n"), pair["id"]
+
+
+def test_pref_rejected_by_flaw(out: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
+    world = load_world(out["world"])
+    facts = {(world.term(f.entity, lang), f.attribute, lang): f for f in world.facts for lang in ("en", "zh")}
+    for pair in prefs[0] + prefs[1]:
+        chosen, rejected, flaw = _reply(pair, "chosen"), _reply(pair, "rejected"), pair["flaw"]
+        assert not is_preferred_style(pair, rejected), pair["id"]
+        if flaw in ("wrong", "hedged"):
+            assert not answer_is_correct(pair, rejected), pair["id"]
+        else:  # right but bad: the canonical sentence is in there, so the answer value is too
+            assert chosen in rejected and pair["answer"] in rejected and rejected != chosen, pair["id"]
+            assert answer_is_correct(pair, rejected), pair["id"]
+        if flaw == "wrong" and pair["kind"] != "arith":
+            fact = facts[_key(pair)]
+            wrongs = {world.answer(fact, pair["lang"], value=v) for v in world.wrong_values(fact)}
+            assert rejected in wrongs, pair["id"]
+        elif flaw == "wrong":  # the same sentence with another result
+            assert rejected.rsplit(" ", 1)[0] == chosen.rsplit(" ", 1)[0], pair["id"]
+        elif flaw == "hedged":
+            assert pair["answer"] in rejected and chosen not in rejected, pair["id"]
+        elif flaw == "rambling":
+            assert len(rejected) > 3 * len(chosen), pair["id"]
+
+
+def test_pref_eval_asks_only_heldout(
+    prefs: tuple[list[dict], list[dict]], sft: tuple[list[dict], list[dict]]
+) -> None:
+    train, held = prefs
+    assert not {_key(p) for p in held} & {_key(p) for p in train}
+    # The same held-out split as sft/eval.jsonl, and nothing SFT trains on.
+    assert {_key(p) for p in held} == {_key(r) for r in sft[1]}
+    assert not {_key(p) for p in held} & {_key(r) for r in sft[0]}
+    assert {_key(r) for r in sft[0]} <= {_key(p) for p in train}
+
+
+def test_kto_file_balanced(out: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
+    kto = _jsonl(out["pref_kto"])
+    assert all(list(r) == ["messages", "label"] and isinstance(r["label"], bool) for r in kto)
+    assert sum(r["label"] for r in kto) == sum(not r["label"] for r in kto) == len(prefs[0])
+    sides = ("chosen", "rejected")
+    expected = [(p["prompt"] + p[side], side == "chosen") for p in prefs[0] for side in sides]
+    assert [(r["messages"], r["label"]) for r in kto] == expected
+
+
+def test_pref_wording_names_no_value_or_name() -> None:
+    """Rude, filler and hedge wording must not mention a value, a number or a possible name, or grading of
+    rejected answers would depend on the seed."""
+    world = build_world(0)
+    values = [(en, zh) for _, vs in ATTRIBUTES.values() if not isinstance(vs, str) for en, zh in vs]
+    syllables = [en for en, _ in SYLLABLES]
+    spellable = {a + b for a in syllables for b in syllables}
+    spellable |= {w + c for w in spellable for c in syllables}
+    for kind, langs in PREF_TEMPLATES.items():
+        assert set(langs) == {"en", "zh"} and all(len(texts) >= 3 for texts in langs.values()), kind
+        for text in langs["en"] + langs["zh"]:
+            assert not re.search(r"\d", text), text
+            assert not any(zh in text for _, zh in SYLLABLES), text
+            assert not any(zh in text for _, zh in values), text
+            words = set(re.findall(r"[a-z]+", text.lower()))
+            assert not words & ({en.lower() for en, _ in values} | spellable), text
+            assert not any(e.zh in text for e in world.entities), text

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGES = ("pt", "sft")
+STAGES = ("pt", "sft", "rm", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 FINETUNING = ("full", "freeze", "lora", "dora", "qlora")
 DTYPES = ("fp32", "bf16", "fp16", "auto")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -192,6 +193,41 @@ class SFTConfig:
 
 
 @dataclass
+class RMConfig:
+    margin: float = 0.0
+    """Required gap between chosen and rejected rewards in the Bradley-Terry loss."""
+    center_coef: float = 0.0
+    """Weight of the centring term mean((r_c + r_r)^2) that keeps rewards near zero (e.g. 0.01)."""
+
+
+@dataclass
+class DPOConfig:
+    loss: str = "sigmoid"
+    """sigmoid (DPO), ipo, hinge, robust, simpo, orpo, kto."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    """Conservative DPO (sigmoid) / robust DPO: assumed share of flipped labels."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin."""
+    orpo_lambda: float = 0.1
+    """ORPO weight of the odds-ratio term next to the SFT loss."""
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    reference: str = "auto"
+    """Where reference log-probs come from: auto (adapter-disabled model under LoRA, else a frozen
+    copy), copy, adapter. Unused by simpo and orpo."""
+    precompute_ref: bool = False
+    """Compute reference log-probs once before training, cache them on disk, and drop the reference."""
+    eval_generate: int = 64
+    """Held-out prompts answered greedily before and after training (exact match vs chosen); 0 disables."""
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _check_choice("dpo", "loss", self.loss, DPO_LOSSES)
+        _check_choice("dpo", "reference", self.reference, ("auto", "copy", "adapter"))
+
+
+@dataclass
 class StageConfig:
     stage: str = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -201,6 +237,8 @@ class StageConfig:
     log: LogConfig = field(default_factory=LogConfig)
     pt: PTConfig = field(default_factory=PTConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self) -> None:
         _check_choice("", "stage", self.stage, STAGES)

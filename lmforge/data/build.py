@@ -18,8 +18,9 @@ from datasets.exceptions import DatasetGenerationError
 
 from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.errors import DataError, ErrorLog
-from lmforge.data.formats import RowFormat, example_or_error
+from lmforge.data.formats import RowFormat, to_example
 from lmforge.data.packing import pack_samples, pack_stream
+from lmforge.data.preference import encode_kto, encode_pair, to_kto, to_pair
 from lmforge.data.readers import read_file, resolve_files
 from lmforge.data.registry import resolve_spec
 from lmforge.data.tokenize import encode_sft, encode_text, messages_as_text
@@ -27,12 +28,15 @@ from lmforge.data.tokenize import encode_sft, encode_text, messages_as_text
 datasets.disable_progress_bars()
 
 
-EXAMPLE_FEATURES = datasets.Features({
-    "text": datasets.Value("string"),
-    "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
-    "tools": datasets.Value("string"),
-    "source": datasets.Value("string"),
-})
+MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+TEXT = datasets.Value("string")
+FEATURES = {
+    "sft": datasets.Features({"text": TEXT, "messages": MESSAGES, "tools": TEXT, "source": TEXT}),
+    "pair": datasets.Features({"prompt": MESSAGES, "chosen": TEXT, "rejected": TEXT, "source": TEXT}),
+    "kto": datasets.Features({"prompt": MESSAGES, "completion": TEXT, "label": datasets.Value("bool"),
+                              "source": TEXT}),
+}
+ROW_TRANSFORMS = {"sft": to_example, "pair": to_pair, "kto": to_kto}
 
 
 @contextmanager
@@ -49,14 +53,16 @@ def _data_errors_surface():
         raise cause from None
 
 
-def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorLog, limit: int | None):
+def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorLog, limit: int | None,
+              kind: str = "sft"):
     count = 0
+    transform = ROW_TRANSFORMS[kind]
     for path in files:
         for raw in read_file(path, errors, cfg.text_split):
             try:
-                example = example_or_error(raw, fmt)
-            except DataError as exc:
-                errors.report(exc)
+                example = transform(raw.row, fmt)
+            except (ValueError, TypeError, KeyError) as exc:
+                errors.report(exc if isinstance(exc, DataError) else DataError(raw.source, raw.where, str(exc)))
                 continue
             yield {**example, "source": f"{raw.source}:{raw.where}"}
             count += 1
@@ -73,24 +79,24 @@ def fingerprint_files(files: list[Path]) -> str:
 
 
 def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, cache_dir: str,
-                  holdout: float = 0.0):
+                  holdout: float = 0.0, kind: str = "sft"):
     """Read and normalise every spec; mix them by weight. Returns (dataset, fingerprint), or with
     `holdout` > 0 ((train, eval), fingerprint): each dataset is split before mixing, so weighted
     repetition can never put a held-out record in train."""
     parts, weights, all_files, held = [], [], [], []
     for spec in specs:
-        path, fmt = resolve_spec(spec, cfg.dataset_dir)
+        path, fmt = resolve_spec(spec, cfg.dataset_dir, preference=kind != "sft")
         files = resolve_files(path)
         all_files += files
-        kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": fmt.limit}
+        kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": fmt.limit, "kind": kind}
         if cfg.streaming:
-            part = datasets.IterableDataset.from_generator(_examples, gen_kwargs=kwargs, features=EXAMPLE_FEATURES)
+            part = datasets.IterableDataset.from_generator(_examples, gen_kwargs=kwargs, features=FEATURES[kind])
         else:
             # A fresh cache folder per call: the generator must run so bad records are counted.
             try:
                 with _data_errors_surface():
                     part = datasets.Dataset.from_generator(_examples, gen_kwargs=kwargs, cache_dir=cache_dir,
-                                                           features=EXAMPLE_FEATURES)
+                                                           features=FEATURES[kind])
             except ValueError as exc:
                 if isinstance(exc, DataError) or "no data" not in str(exc):
                     raise
@@ -118,16 +124,17 @@ def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, c
     return mixed, fingerprint_files(all_files)
 
 
-def load_splits(cfg: DataConfig, errors: ErrorLog, cache_dir: str) -> tuple[object, object | None, str]:
+def load_splits(cfg: DataConfig, errors: ErrorLog, cache_dir: str, kind: str = "sft") -> tuple[object, object | None, str]:
     if cfg.eval or cfg.eval_split == 0 or cfg.streaming:
-        train, fingerprint = load_examples(cfg.train, cfg, errors, cache_dir)
+        train, fingerprint = load_examples(cfg.train, cfg, errors, cache_dir, kind=kind)
         evaluation = None
     else:
-        (train, evaluation), fingerprint = load_examples(cfg.train, cfg, errors, cache_dir, holdout=cfg.eval_split)
+        (train, evaluation), fingerprint = load_examples(cfg.train, cfg, errors, cache_dir, holdout=cfg.eval_split,
+                                                         kind=kind)
     if cfg.eval:
         # Evaluation data is small and read many times: always a table, even when train streams.
         eval_cfg = dataclasses.replace(cfg, streaming=False)
-        evaluation, eval_fp = load_examples(cfg.eval, eval_cfg, errors, cache_dir)
+        evaluation, eval_fp = load_examples(cfg.eval, eval_cfg, errors, cache_dir, kind=kind)
         fingerprint = hashlib.sha256(f"{fingerprint}{eval_fp}".encode()).hexdigest()[:16]
     return train, evaluation, fingerprint
 
@@ -176,3 +183,36 @@ def tokenize_pt(dataset, tokenizer, block_size: int, streaming: bool, cache_dir:
 def data_cache_dir(output_dir: str) -> str:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     return tempfile.mkdtemp(prefix=".data-cache-", dir=output_dir)
+
+
+def _preference_tokens(batch: dict, tokenizer, max_length: int, errors: ErrorLog, kind: str) -> dict:
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids") if kind == "pair" else ("prompt_ids", "completion_ids",
+                                                                                  "label")
+    out: dict[str, list] = {c: [] for c in columns}
+    keys = [k for k in batch if k != "source"]
+    for i, source in enumerate(batch["source"]):
+        record = {k: batch[k][i] for k in keys}
+        try:
+            encoded = encode_pair(tokenizer, record, max_length) if kind == "pair" else \
+                encode_kto(tokenizer, record, max_length)
+        except ValueError as exc:
+            errors.report(DataError(*source.rsplit(":", 1), str(exc)))
+            continue
+        for c in columns:
+            out[c].append(encoded[c])
+    return out
+
+
+def tokenize_preference(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, kind: str):
+    """Pairs → prompt/chosen/rejected ids; KTO records → prompt/completion ids, label, and the next
+    record's completion as the mismatched one for the KL estimate (fixed here, so a cached reference
+    pass and the training pass see the same pairs)."""
+    tokens = dataset.map(_preference_tokens, batched=True, remove_columns=dataset.column_names,
+                         fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.max_length, "errors": errors,
+                                    "kind": kind})
+    if kind == "kto" and len(tokens) > 0:
+        completions = tokens["completion_ids"]
+        room = [cfg.max_length - len(p) for p in tokens["prompt_ids"]]
+        shifted = [completions[(i + 1) % len(completions)][: room[i]] for i in range(len(completions))]
+        tokens = tokens.add_column("kl_completion_ids", shifted)
+    return tokens

@@ -381,7 +381,9 @@ def sft_records(world: World, arith_train: int = 100) -> tuple[list[dict], list[
 
 
 def dataset_info() -> dict:
-    """LLaMA-Factory `dataset_info.json` entries for the four corpus files."""
+    """LLaMA-Factory `dataset_info.json` entries for the corpus and preference files."""
+    from lmforge.data.demo_prefs import pref_dataset_info  # imported here: demo_prefs imports this module
+
     tags = {f"{name}_tag": name for name in ("role", "content", "user", "assistant", "system")}
     sharegpt = {"formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags}
     return {
@@ -389,6 +391,7 @@ def dataset_info() -> dict:
         "demo_pt_eval": {"file_name": "pt/eval.txt", "columns": {"prompt": "text"}},
         "demo_sft": {"file_name": "sft/train.jsonl", **sharegpt},
         "demo_sft_eval": {"file_name": "sft/eval.jsonl", **sharegpt},
+        **pref_dataset_info(tags),
     }
 
 
@@ -404,12 +407,16 @@ def write_demo_world(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     world = build_world(seed)
     pt_train, pt_eval = pt_corpus(world)
     sft_train, sft_eval = sft_records(world)
+    from lmforge.data.demo_prefs import pref_files  # preference pairs, from their own random stream
+
+    prefs = pref_files(world)
     names = {
         "world": "world.json",
         "pt_train": "pt/train.txt",
         "pt_eval": "pt/eval.txt",
         "sft_train": "sft/train.jsonl",
         "sft_eval": "sft/eval.jsonl",
+        **{name: rel for name, (rel, _) in prefs.items()},
         "dataset_info": "dataset_info.json",
     }
     contents = {
@@ -418,6 +425,7 @@ def write_demo_world(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "pt_eval": pt_eval,
         "sft_train": [json.dumps(r, ensure_ascii=False) for r in sft_train],
         "sft_eval": [json.dumps(r, ensure_ascii=False) for r in sft_eval],
+        **{name: lines for name, (_, lines) in prefs.items()},
         "dataset_info": [json.dumps(dataset_info(), ensure_ascii=False, indent=2)],
     }
     paths = {key: out_dir / rel for key, rel in names.items()}

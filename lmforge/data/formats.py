@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from lmforge.data.errors import DataError
-
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
 SHAREGPT_TAGS = {
@@ -75,13 +73,6 @@ def to_example(row: dict, fmt: RowFormat) -> dict:
     messages, tools = _alpaca(row, fmt) if kind == "alpaca" else _conversation(row, fmt, kind)
     check_dialogue(messages)
     return {"text": "", "messages": messages, "tools": tools}
-
-
-def example_or_error(raw, fmt: RowFormat) -> dict:
-    try:
-        return to_example(raw.row, fmt)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise DataError(raw.source, raw.where, str(exc)) from None
 
 
 def _replace(value, replacements: dict[str, str]):

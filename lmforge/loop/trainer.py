@@ -73,12 +73,13 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
 
 class Trainer:
     def __init__(self, model, train_rows, collate_fn, loss_fn: LossFn, cfg: TrainConfig, log: LogConfig,
-                 eval_rows=None, accelerator: Accelerator | None = None):
+                 eval_rows=None, accelerator: Accelerator | None = None, perplexity: bool = True):
         self.cfg, self.log_cfg = cfg, log
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.collate_fn, self.loss_fn = collate_fn, loss_fn
+        self.perplexity = perplexity  # eval_ppl only means something for a per-token LM loss
         self.streaming = isinstance(train_rows, datasets.IterableDataset)
         if self.streaming and cfg.max_steps <= 0:
             raise ValueError("streaming data has no known length: set train.max_steps")
@@ -148,7 +149,9 @@ class Trainer:
                 self.accelerator.backward(loss_sum * scale)
             loss_total += loss_sum.detach().float()
             for k, v in extra.items():
-                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v)
+                if math.isfinite(float(v)):  # see evaluate(): unmeasurable metrics are skipped
+                    total, seen = metrics_sum.get(k, (0.0, 0))
+                    metrics_sum[k] = (total + float(v), seen + 1)
         grad_norm = self.accelerator.clip_grad_norm_(self.prepared.parameters(), self.cfg.max_grad_norm)
         # Under fp16 the grad scaler skips an overflowing step and lowers its scale: not a divergence.
         if grad_norm is not None and not torch.isfinite(grad_norm) and self.cfg.mixed_precision != "fp16":
@@ -165,7 +168,7 @@ class Trainer:
                "loss_tokens": int(total_tokens.item())}
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
-        out.update({k: v / len(group) for k, v in metrics_sum.items()})
+        out.update({k: total / seen for k, (total, seen) in metrics_sum.items()})
         return out
 
     def _diverged_message(self, what: str) -> str:
@@ -185,19 +188,32 @@ class Trainer:
         shard = list(range(rank, len(self.eval_rows), world))
         loader = DataLoader(torch.utils.data.Subset(self.eval_rows, shard), batch_size=self.cfg.batch_size,
                             collate_fn=self.collate_fn)
-        loss_sum = torch.zeros((), device=self.accelerator.device)
-        tokens = torch.zeros((), device=self.accelerator.device, dtype=torch.long)
+        names: list[str] = []
+        sums = weights = None  # [loss_sum, count, metric×n ...] and the n behind each metric
         for batch in loader:
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             with self.accelerator.autocast():
-                batch_loss, n, _ = self.loss_fn(model, batch)
-            loss_sum += batch_loss.float()
-            tokens += n
+                batch_loss, n, extra = self.loss_fn(model, batch)
+            names = names or sorted(extra)
+            values = torch.stack([torch.as_tensor(extra[k], dtype=torch.float32, device=n.device) for k in names]) \
+                if names else torch.zeros(0, device=n.device)
+            # A metric a batch cannot measure (NaN: e.g. KTO's rejected side with no undesirable
+            # record) is left out of its average instead of poisoning it.
+            seen = torch.isfinite(values).float() * n.float()
+            row = torch.cat([torch.stack([batch_loss.detach().float(), n.float()]), torch.nan_to_num(values) * seen])
+            w = torch.cat([torch.stack([n.float(), n.float()]), seen])
+            sums, weights = (row, w) if sums is None else (sums + row, weights + w)
         model.train()
-        loss_sum = self.accelerator.reduce(loss_sum, "sum")
-        tokens = self.accelerator.reduce(tokens, "sum").clamp(min=1)
-        loss = float(loss_sum / tokens)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        if sums is None:
+            return {}
+        sums, weights = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(weights, "sum")
+        count = float(sums[1].clamp(min=1))
+        loss = float(sums[0]) / count
+        out = {"eval_loss": loss, **{f"eval_{k}": float(v) / float(w) if float(w) > 0 else float("nan")
+                                     for k, v, w in zip(names, sums[2:], weights[2:])}}
+        if self.perplexity:
+            out["eval_ppl"] = math.exp(min(loss, 50.0))
+        return out
 
     # -- the loop -----------------------------------------------------------------------------
     def resume_if_asked(self) -> None:

@@ -32,7 +32,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ConfigError("finetuning=freeze needs a model with decoder layers it can find")
 
 
-def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...] = ()):
+def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...] = (),
+                     task_type: str = "CAUSAL_LM"):
     """Set which parameters train; returns the (possibly peft-wrapped) model.
 
     `extra_trainable` names modules that always train (a reward head, later).
@@ -52,7 +53,7 @@ def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra
                 param.requires_grad_(True)
         _unfreeze(model, extra_trainable)
         return model
-    return _wrap_lora(model, cfg, lora, extra_trainable)
+    return _wrap_lora(model, cfg, lora, extra_trainable, task_type)
 
 
 def _unfreeze(model: nn.Module, names: tuple[str, ...]) -> None:
@@ -61,7 +62,7 @@ def _unfreeze(model: nn.Module, names: tuple[str, ...]) -> None:
             param.requires_grad_(True)
 
 
-def _wrap_lora(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...]):
+def _wrap_lora(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...], task_type: str):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -76,7 +77,7 @@ def _wrap_lora(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple
         model.enable_input_require_grads()
     peft_config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        use_dora=cfg.finetuning == "dora", modules_to_save=list(extra_trainable) or None, task_type="CAUSAL_LM",
+        use_dora=cfg.finetuning == "dora", modules_to_save=list(extra_trainable) or None, task_type=task_type,
     )
     return get_peft_model(model, peft_config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -9,7 +10,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+)
 
 from lmforge.config.schema import ConfigError, ModelConfig
 from lmforge.data.templates import apply_template_choice
@@ -142,6 +149,20 @@ def _load_weights(path: str, kwargs: dict, vocab_size: int):
         # The adapter was trained after the vocabulary grew; its saved embeddings need the room.
         base.resize_token_embeddings(vocab_size, mean_resizing=False)
     return PeftModel.from_pretrained(base, path).merge_and_unload()
+
+
+def as_reward_model(causal, seed: int):
+    """The same network with a scalar head instead of the LM head (`AutoModelForSequenceClassification`,
+    which reads the score at the last non-pad token). Works for every source a causal LM comes from."""
+    config = copy.deepcopy(causal.config)
+    config.num_labels = 1
+    config.use_cache = False
+    torch.manual_seed(seed)
+    reward = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+    missing, _ = reward.load_state_dict(causal.state_dict(), strict=False)
+    if any(not name.startswith("score") for name in missing):
+        raise ConfigError(f"cannot put a reward head on {type(causal).__name__}: missing {missing[:3]}")
+    return reward
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -15,4 +15,16 @@ def _sft(cfg):
     return sft.run(cfg)
 
 
-STAGE_RUNNERS = {"pt": _pt, "sft": _sft}
+def _rm(cfg):
+    from lmforge.stages import rm
+
+    return rm.run(cfg)
+
+
+def _dpo(cfg):
+    from lmforge.stages import dpo
+
+    return dpo.run(cfg)
+
+
+STAGE_RUNNERS = {"pt": _pt, "sft": _sft, "rm": _rm, "dpo": _dpo}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids
 from lmforge.losses.lm import causal_lm_loss
 from lmforge.models.adapters import apply_finetuning, quantization_config
-from lmforge.models.load import count_parameters, load_model_and_tokenizer
+from lmforge.models.load import as_reward_model, count_parameters, load_model_and_tokenizer
 
 MANIFEST = "lmforge.json"
 
@@ -43,17 +44,24 @@ def start_run(cfg: StageConfig) -> Run:
     return Run(cfg, out, ErrorLog(cfg.data.on_error), data_cache_dir(str(out)), time.time())
 
 
-def load_for_training(cfg: StageConfig):
-    """(model with the fine-tuning method applied, tokenizer, parent model path or preset)."""
+def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: bool = False):
+    """(model with the fine-tuning method applied, tokenizer, parent model path or preset, and a frozen
+    copy of the starting model when `frozen_copy` — the reference of preference losses)."""
     quant = quantization_config(cfg.model, cfg.lora)
     model, tokenizer, path = load_model_and_tokenizer(cfg.model, seed=cfg.train.seed, quantization=quant)
+    if reward_head:
+        model = as_reward_model(model, cfg.train.seed)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, cfg.model.gradient_checkpointing)
     model.config.use_cache = False
-    model = apply_finetuning(model, cfg.model, cfg.lora)
-    return model, tokenizer, path or f"scratch:{cfg.model.scratch}"
+    reference = None
+    if frozen_copy:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    extra = ("score",) if reward_head else ()
+    model = apply_finetuning(model, cfg.model, cfg.lora, extra, "SEQ_CLS" if reward_head else "CAUSAL_LM")
+    return model, tokenizer, path or f"scratch:{cfg.model.scratch}", reference
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -63,11 +71,15 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return loss_sum, tokens, {}
 
 
-def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: str, metrics: dict) -> Path:
-    """The final model (or adapter) as a plain Hugging Face folder, plus the lmforge.json manifest."""
+def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: str, metrics: dict,
+                  merge_adapter: bool = False) -> Path:
+    """The final model (or adapter) as a plain Hugging Face folder, plus the lmforge.json manifest.
+    `merge_adapter` folds LoRA into the weights (a reward model must load as one plain model)."""
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(trainer.prepared)
+    if merge_adapter and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     if accelerator.is_main_process:
         model.config.use_cache = True
         stop = end_of_turn_ids(tokenizer)

@@ -14,7 +14,7 @@ from lmforge.stages.common import lm_loss, load_for_training, save_artifact, sta
 
 def run(cfg: StageConfig) -> dict:
     run_ = start_run(cfg)
-    model, tokenizer, parent = load_for_training(cfg)
+    model, tokenizer, parent, _ = load_for_training(cfg)
 
     train_docs, eval_docs, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir)
     block = cfg.pt.block_size

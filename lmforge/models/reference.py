@@ -1,0 +1,83 @@
+"""Reference log-probs for preference losses (and, later, the KL penalty of RL).
+
+Three sources, chosen by config:
+- `copy`: a frozen copy of the starting model (one more model in memory);
+- `adapter`: the policy itself with its LoRA adapter switched off (no second copy: the default
+  under LoRA, since the frozen base *is* the starting model);
+- cached: one pass over the training data before the first step, saved to disk and reused, after
+  which no reference model is kept at all (`precompute_ref`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from lmforge.losses.preference import sequence_logps
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP keeps the real model in .module
+
+
+@torch.no_grad()
+def batch_logps(model, batch: dict) -> torch.Tensor:
+    """Summed log-probs of each sequence's labelled tokens, [N]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return sequence_logps(logits, batch["labels"])[0]
+
+
+class Reference:
+    def __init__(self, kind: str, frozen: torch.nn.Module | None = None):
+        if kind not in ("copy", "adapter"):
+            raise ValueError(f"unknown reference kind {kind!r}")
+        if kind == "copy" and frozen is None:
+            raise ValueError("a `copy` reference needs the frozen model")
+        self.kind, self.frozen = kind, frozen
+
+    def to(self, device) -> Reference:
+        if self.frozen is not None:
+            self.frozen.to(device)
+        return self
+
+    def logps(self, policy, batch: dict) -> torch.Tensor:
+        if self.kind == "copy":
+            return batch_logps(self.frozen, batch)
+        with _unwrap(policy).disable_adapter():
+            return batch_logps(policy, batch)
+
+
+def cache_key(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def precompute(reference: Reference, policy, rows, collate: Callable, batch_size: int, device,
+               cache_file: Path, names: tuple[str, str]):
+    """Add reference log-prob columns (`names`: first half, second half of each [2B] batch) to `rows`,
+    reading them from `cache_file` when a previous run with the same key wrote it."""
+    if cache_file.is_file():
+        cached = load_file(str(cache_file))
+    else:
+        was_training = policy.training
+        policy.eval()
+        first, second = [], []
+        for batch in DataLoader(rows, batch_size=batch_size, collate_fn=collate, shuffle=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logps = reference.logps(policy, batch).float().cpu()
+            half = logps.shape[0] // 2
+            first.append(logps[:half])
+            second.append(logps[half:])
+        policy.train(was_training)
+        cached = {names[0]: torch.cat(first), names[1]: torch.cat(second)}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        save_file(cached, str(tmp))
+        tmp.replace(cache_file)
+    for name in names:
+        rows = rows.add_column(name, cached[name].tolist())
+    return rows

@@ -1,0 +1,146 @@
+"""DPO family: offline preference optimisation without a reward model.
+
+Pairs (or KTO's unpaired records) → chosen and rejected in one concatenated forward pass → the
+configured loss (sigmoid DPO, IPO, hinge, robust, SimPO, ORPO, KTO) against reference log-probs
+from a frozen copy, the adapter-disabled policy, or a cached pass → implicit-reward accuracy and
+margins on held-out pairs, and greedy answers compared with the chosen replies before and after.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from lmforge.config.schema import DPOConfig, StageConfig
+from lmforge.data.build import load_splits, tokenize_preference
+from lmforge.data.preference import collate_kto, collate_pairs
+from lmforge.loop.checkpoint import latest_checkpoint
+from lmforge.loop.trainer import Trainer
+from lmforge.losses.preference import (
+    dpo_loss,
+    kto_kl_estimate,
+    kto_loss,
+    orpo_loss,
+    sequence_logps,
+    simpo_loss,
+)
+from lmforge.models.reference import Reference, cache_key, precompute
+from lmforge.rollout.evaluate import answer_eval
+from lmforge.stages.common import load_for_training, save_artifact, start_run
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | None):
+    """(loss × pairs, pairs, metrics) for one [2B, L] batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    sums, lengths = sequence_logps(logits, batch["labels"])
+    half = sums.shape[0] // 2
+    count = torch.tensor(half, device=sums.device)
+    if cfg.loss in REFERENCE_FREE:
+        avg = sums / lengths.clamp(min=1)
+        if cfg.loss == "simpo":
+            loss, metrics = simpo_loss(avg[:half], avg[half:], beta=cfg.beta, gamma=cfg.simpo_gamma,
+                                       label_smoothing=cfg.label_smoothing)
+        else:
+            nll = -sums[:half].sum() / lengths[:half].sum().clamp(min=1)
+            loss, metrics = orpo_loss(avg[:half], avg[half:], nll, lam=cfg.orpo_lambda)
+        return loss * half, count, metrics
+    ref = _reference_logps(model, batch, reference)
+    if cfg.loss == "kto":
+        kl = kto_kl_estimate(sums[half:], ref[half:])
+        loss, metrics = kto_loss(sums[:half], ref[:half], batch["label"], kl, beta=cfg.beta,
+                                 desirable_weight=cfg.kto_desirable_weight,
+                                 undesirable_weight=cfg.kto_undesirable_weight)
+        return loss * half, count, metrics
+    if cfg.loss == "ipo":  # IPO is defined on per-token averages
+        sums, ref = sums / lengths.clamp(min=1), ref / lengths.clamp(min=1)
+    loss, metrics = dpo_loss(sums[:half], sums[half:], ref[:half], ref[half:], beta=cfg.beta, loss_type=cfg.loss,
+                             label_smoothing=cfg.label_smoothing)
+    return loss * half, count, metrics
+
+
+def _reference_logps(model, batch: dict, reference: Reference | None) -> torch.Tensor:
+    if "ref_chosen" in batch:
+        return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
+    if "ref_logps" in batch:
+        return torch.cat([batch["ref_logps"], batch["ref_kl_logps"]])
+    return reference.logps(model, batch).float()
+
+
+def make_reference(cfg: StageConfig, frozen) -> Reference | None:
+    if cfg.dpo.loss in REFERENCE_FREE:
+        return None
+    lora = cfg.model.finetuning in ("lora", "dora", "qlora")
+    kind = cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
+    if kind == "adapter" and not lora:
+        raise ValueError("dpo.reference=adapter needs model.finetuning=lora/dora/qlora")
+    return Reference(kind, frozen)
+
+
+def held_out_answers(model, tokenizer, pairs, limit: int, max_new_tokens: int) -> dict:
+    """Greedy replies to held-out prompts, compared with the chosen replies."""
+    if pairs is None or limit <= 0:
+        return {}
+    rows = pairs.select(range(min(limit, len(pairs))))
+    if "chosen" not in rows.column_names:  # KTO: the desirable completions are the references
+        rows = [r for r in rows if r["label"]]
+        return answer_eval(model, tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                           max_new_tokens)
+    return answer_eval(model, tokenizer, rows["prompt"], rows["chosen"], max_new_tokens)
+
+
+def run(cfg: StageConfig) -> dict:
+    run_ = start_run(cfg)
+    needs_copy = cfg.dpo.loss not in REFERENCE_FREE and (
+        cfg.dpo.reference == "copy" or (cfg.dpo.reference == "auto" and cfg.model.finetuning in ("full", "freeze")))
+    model, tokenizer, parent, frozen = load_for_training(cfg, frozen_copy=needs_copy)
+    reference = make_reference(cfg, frozen)
+
+    kind = "kto" if cfg.dpo.loss == "kto" else "pair"
+    train_pairs, eval_pairs, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind=kind)
+    train_rows = tokenize_preference(train_pairs, tokenizer, cfg.data, run_.errors, kind)
+    eval_rows = tokenize_preference(eval_pairs, tokenizer, cfg.data, run_.errors, kind) \
+        if eval_pairs is not None else None
+    collate = partial(collate_kto if kind == "kto" else collate_pairs, pad_id=tokenizer.pad_token_id)
+
+    trainer = Trainer(model, train_rows, collate, partial(preference_loss, cfg=cfg.dpo, reference=reference),
+                      cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False)
+    if reference is not None:
+        reference.to(trainer.accelerator.device)
+    if reference is not None and cfg.dpo.precompute_ref:
+        trainer.train_rows, trainer.eval_rows = _precomputed(cfg, trainer, reference, collate, fingerprint, kind)
+        # The cached pass replaces the reference: no second model stays in memory.
+        trainer.loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=None)
+        reference = frozen = None
+
+    resuming = cfg.train.resume_from or (cfg.train.resume and latest_checkpoint(cfg.train.output_dir))
+    before = {} if resuming else held_out_answers(model, tokenizer, eval_pairs, cfg.dpo.eval_generate,
+                                                  cfg.dpo.max_new_tokens)
+    result = trainer.train()
+    metrics = dict(result.metrics)
+    after = held_out_answers(trainer.accelerator.unwrap_model(trainer.prepared), tokenizer, eval_pairs,
+                             cfg.dpo.eval_generate, cfg.dpo.max_new_tokens)
+    metrics.update({f"eval_{k}": v for k, v in after.items()})
+    metrics.update({f"initial_eval_{k}": v for k, v in before.items()})
+
+    save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics)
+    return metrics
+
+
+def _precomputed(cfg: StageConfig, trainer: Trainer, reference: Reference, collate, fingerprint: str, kind: str):
+    names = ("ref_logps", "ref_kl_logps") if kind == "kto" else ("ref_chosen", "ref_rejected")
+    cache_dir = Path(cfg.train.output_dir) / "reference_cache"
+    model = trainer.accelerator.unwrap_model(trainer.prepared)
+    out = []
+    for split, rows in (("train", trainer.train_rows), ("eval", trainer.eval_rows)):
+        if rows is None:
+            out.append(None)
+            continue
+        key = cache_key(split, fingerprint, cfg.model.name_or_path, cfg.model.scratch, cfg.data.max_length,
+                        len(rows), kind)
+        out.append(precompute(reference, model, rows, collate, cfg.train.batch_size, trainer.accelerator.device,
+                              cache_dir / f"{split}-{key}.safetensors", names))
+    return out
