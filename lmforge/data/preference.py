@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.data.formats import SHAREGPT_TAGS, RowFormat, check_dialogue
+from lmforge.data.formats import RowFormat, check_dialogue
 from lmforge.data.templates import render_segments
 from lmforge.data.tokenize import IGNORE
 
@@ -119,13 +119,14 @@ def to_kto(row: dict, fmt: RowFormat) -> dict:
         prompt, completion = _prompt(row, fmt), _response(row["completion"], "completion")
     else:
         key = fmt.columns.get("messages") or ("messages" if "messages" in row else "conversations")
-        tags = {**SHAREGPT_TAGS, **fmt.tags}
         turns = row.get(key)
         if not isinstance(turns, list) or not turns:
             raise ValueError(f"field {key!r} must be a non-empty list of turns")
-        messages = [_message({"role": t.get(tags["role_tag"]) if isinstance(t, dict) else None,
-                              "content": t.get(tags["content_tag"]) if isinstance(t, dict) else None},
-                             f"{key}[{i}]") for i, t in enumerate(turns)]
+        role_key, content_key = fmt.tags.get("role_tag"), fmt.tags.get("content_tag")
+        if role_key and content_key and role_key not in ("role", "from"):  # remapped keys
+            turns = [{"role": t.get(role_key), "content": t.get(content_key)} if isinstance(t, dict) else t
+                     for t in turns]
+        messages = [_message(t, f"{key}[{i}]") for i, t in enumerate(turns)]
         if messages[-1]["role"] != "assistant":
             raise ValueError("a KTO record must end with the assistant reply being judged")
         prompt, completion = messages[:-1], messages[-1]["content"]
