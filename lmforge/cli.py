@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline")
     run.add_argument("overrides", nargs="*")
 
+    score = sub.add_parser("score", help="reward of each prompt/response with a reward model")
+    score.add_argument("model", help="an RM artifact (lmforge train rm)")
+    score.add_argument("--data", required=True, help="pairs (chosen/rejected) or dialogues ending with a reply")
+    score.add_argument("--out", help="write JSON lines here instead of printing")
+    score.add_argument("--max-length", type=int, default=1024)
+
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     demo = data.add_parser("demo", help="write the synthetic demo world")
     demo.add_argument("out_dir")
@@ -82,6 +88,44 @@ def cmd_run(args) -> int:
         console.rule(f"[bold]{name}")
         _print_metrics(metrics)
         _print_data_counts(Path(pipeline.run_dir) / name)
+    return 0
+
+
+def cmd_score(args) -> int:
+    import tempfile
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmforge.config.schema import DataConfig, DatasetSpec
+    from lmforge.data.build import load_examples
+    from lmforge.data.errors import DataError, ErrorLog
+    from lmforge.rollout.score import score_responses
+
+    model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    cfg = DataConfig()
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            rows, _ = load_examples([DatasetSpec(path=args.data)], cfg, ErrorLog(), cache, kind="pair")
+            fields = {"reward_chosen": "chosen", "reward_rejected": "rejected"}
+        except DataError:
+            rows, _ = load_examples([DatasetSpec(path=args.data)], cfg, ErrorLog(), cache, kind="sft")
+            rows = rows.map(lambda r: {"prompt": r["messages"][:-1], "response": r["messages"][-1]["content"]})
+            fields = {"reward": "response"}
+        results = [{"source": r["source"]} for r in rows]
+        for name, column in fields.items():
+            scores = score_responses(model, tokenizer, rows["prompt"], rows[column], args.max_length)
+            for result, value in zip(results, scores):
+                result[name] = round(value, 6)
+    lines = [json.dumps(r, ensure_ascii=False) for r in results]
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        console.print(f"{len(lines)} rewards written to {args.out}")
+    else:
+        print("\n".join(lines))
+    if "reward_chosen" in fields:
+        right = sum(r["reward_chosen"] > r["reward_rejected"] for r in results)
+        console.print(f"chosen ranked above rejected: {right}/{len(results)} ({right / max(1, len(results)):.1%})")
     return 0
 
 
@@ -169,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.data.errors import DataError
     from lmforge.loop.trainer import TrainingDiverged
 
-    handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer}
+    handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, TrainingDiverged) as exc:
