@@ -94,6 +94,7 @@ def cmd_run(args) -> int:
 def cmd_score(args) -> int:
     import tempfile
 
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lmforge.config.schema import DataConfig, DatasetSpec
@@ -102,6 +103,7 @@ def cmd_score(args) -> int:
     from lmforge.rollout.score import score_responses
 
     model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cfg = DataConfig()
     with tempfile.TemporaryDirectory() as cache:

@@ -69,7 +69,7 @@ def test_every_example_yaml_loads(path):
         assert pipeline.stages
     else:
         cfg = load_config(path)
-        assert cfg.stage in ("pt", "sft")
+        assert cfg.stage in ("pt", "sft", "rm", "dpo")
 
 
 def test_examples_exist():

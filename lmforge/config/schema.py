@@ -225,6 +225,8 @@ class DPOConfig:
     def __post_init__(self) -> None:
         _check_choice("dpo", "loss", self.loss, DPO_LOSSES)
         _check_choice("dpo", "reference", self.reference, ("auto", "copy", "adapter"))
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust", "simpo"):
+            raise ConfigError(f"dpo.label_smoothing applies to sigmoid, robust and simpo, not {self.loss}")
 
 
 @dataclass
@@ -242,5 +244,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         _check_choice("", "stage", self.stage, STAGES)
+        if self.dpo.reference == "adapter" and self.model.finetuning not in ("lora", "dora", "qlora"):
+            raise ConfigError("dpo.reference=adapter needs model.finetuning=lora, dora or qlora")
         if self.model.name_or_path is None and self.model.scratch is None:
             raise ConfigError("set model.name_or_path (a model to load) or model.scratch (a preset)")

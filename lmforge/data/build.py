@@ -213,6 +213,9 @@ def tokenize_preference(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, k
     if kind == "kto" and len(tokens) > 0:
         completions = tokens["completion_ids"]
         room = [cfg.max_length - len(p) for p in tokens["prompt_ids"]]
-        shifted = [completions[(i + 1) % len(completions)][: room[i]] for i in range(len(completions))]
+        # Pair each prompt with a completion from far away in the file: neighbours are often the
+        # same prompt's other answer (desirable next to undesirable), which would not be a mismatch.
+        offset = len(completions) // 2 + 1
+        shifted = [completions[(i + offset) % len(completions)][: room[i]] for i in range(len(completions))]
         tokens = tokens.add_column("kl_completion_ids", shifted)
     return tokens

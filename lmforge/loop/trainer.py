@@ -66,6 +66,16 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[l
     return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
+def label_token_count(batch: dict) -> torch.Tensor:
+    """Tokens that carry next-token loss (labels shifted by one)."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def pair_count(batch: dict) -> torch.Tensor:
+    """Pairs in a [2B, L] chosen-then-rejected batch."""
+    return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
+
+
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:
     while chunk := list(itertools.islice(rows, size)):
         yield chunk
@@ -73,13 +83,18 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
 
 class Trainer:
     def __init__(self, model, train_rows, collate_fn, loss_fn: LossFn, cfg: TrainConfig, log: LogConfig,
-                 eval_rows=None, accelerator: Accelerator | None = None, perplexity: bool = True):
+                 eval_rows=None, accelerator: Accelerator | None = None, perplexity: bool = True,
+                 count_fn: Callable[[dict], torch.Tensor] | None = None):
         self.cfg, self.log_cfg = cfg, log
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.collate_fn, self.loss_fn = collate_fn, loss_fn
         self.perplexity = perplexity  # eval_ppl only means something for a per-token LM loss
+        # What loss_fn's sum is a sum over, counted before the forward pass so that accumulated
+        # micro-batches are normalised by the whole step's count: label tokens by default, pairs for
+        # preference losses.
+        self.count_fn = count_fn or label_token_count
         self.streaming = isinstance(train_rows, datasets.IterableDataset)
         if self.streaming and cfg.max_steps <= 0:
             raise ValueError("streaming data has no known length: set train.max_steps")
@@ -134,7 +149,7 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------
     def _step(self, group: list[dict]) -> dict:
-        count = sum((b["labels"][:, 1:] != -100).sum() for b in group)
+        count = sum(self.count_fn(b) for b in group)
         total_tokens = self.accelerator.reduce(count.detach().clone(), "sum").clamp(min=1)
         # DDP averages gradients over processes; scale so the result is the global token mean.
         scale = self.accelerator.num_processes / total_tokens

@@ -17,7 +17,7 @@ from lmforge.config.schema import DPOConfig, StageConfig
 from lmforge.data.build import load_splits, tokenize_preference
 from lmforge.data.preference import collate_kto, collate_pairs
 from lmforge.loop.checkpoint import latest_checkpoint
-from lmforge.loop.trainer import Trainer
+from lmforge.loop.trainer import Trainer, pair_count
 from lmforge.losses.preference import (
     dpo_loss,
     kto_kl_estimate,
@@ -107,7 +107,7 @@ def run(cfg: StageConfig) -> dict:
     collate = partial(collate_kto if kind == "kto" else collate_pairs, pad_id=tokenizer.pad_token_id)
 
     trainer = Trainer(model, train_rows, collate, partial(preference_loss, cfg=cfg.dpo, reference=reference),
-                      cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False)
+                      cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False, count_fn=pair_count)
     if reference is not None:
         reference.to(trainer.accelerator.device)
     if reference is not None and cfg.dpo.precompute_ref:
@@ -139,8 +139,9 @@ def _precomputed(cfg: StageConfig, trainer: Trainer, reference: Reference, colla
         if rows is None:
             out.append(None)
             continue
-        key = cache_key(split, fingerprint, cfg.model.name_or_path, cfg.model.scratch, cfg.data.max_length,
-                        len(rows), kind)
+        key = cache_key(split, fingerprint, cfg.model.name_or_path, cfg.model.scratch, cfg.model.template,
+                        cfg.model.dtype, cfg.data.max_length, cfg.data.seed, cfg.data.eval_split,
+                        [s.__dict__ for s in cfg.data.train], len(rows), kind)
         out.append(precompute(reference, model, rows, collate, cfg.train.batch_size, trainer.accelerator.device,
                               cache_dir / f"{split}-{key}.safetensors", names))
     return out

@@ -11,7 +11,7 @@ import torch
 from lmforge.config.schema import RMConfig, StageConfig
 from lmforge.data.build import load_splits, tokenize_preference
 from lmforge.data.preference import collate_pairs
-from lmforge.loop.trainer import Trainer
+from lmforge.loop.trainer import Trainer, pair_count
 from lmforge.losses.preference import bradley_terry_loss
 from lmforge.stages.common import load_for_training, save_artifact, start_run
 
@@ -43,7 +43,8 @@ def run(cfg: StageConfig) -> dict:
         if eval_pairs is not None else None
 
     trainer = Trainer(model, train_rows, partial(collate_pairs, pad_id=tokenizer.pad_token_id),
-                      partial(rm_loss, cfg=cfg.rm), cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False)
+                      partial(rm_loss, cfg=cfg.rm), cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False,
+                      count_fn=pair_count)
     result = trainer.train()
 
     save_artifact(run_, trainer, tokenizer, parent, fingerprint, result.metrics, merge_adapter=True)
