@@ -42,22 +42,23 @@ def pairs(n: int, prompt: int, response: int) -> datasets.Dataset:
 def run_mode(mode: str, steps: int, batch: int, prompt: int, response: int) -> dict:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = LlamaForCausalLM(LlamaConfig(**SHAPE))
-    frozen = LlamaForCausalLM(LlamaConfig(**SHAPE)).requires_grad_(False).eval()
-    frozen.load_state_dict(policy.state_dict())
+    policy = LlamaForCausalLM(LlamaConfig(**SHAPE)).to(device)
     rows = pairs(batch * (steps + 2), prompt, response)
     collate = partial(collate_pairs, pad_id=0)
     cfg = TrainConfig(output_dir=f"/tmp/bench_ref_{mode}", batch_size=batch, max_steps=steps + 2, lr=1e-5,
                       logging_steps=10**9)
-    reference = Reference("copy", frozen.to(device))
     precompute_s = 0.0
-    if mode == "precompute":
+    if mode == "live":  # what lmforge does without precompute_ref under full fine-tuning: a frozen copy
+        frozen = LlamaForCausalLM(LlamaConfig(**SHAPE)).requires_grad_(False).eval()
+        frozen.load_state_dict(policy.state_dict())
+        reference = Reference("copy", frozen.to(device))
+    else:  # before the first step the policy is the reference: the cached pass needs no copy
+        reference = Reference("copy", policy)
         started = time.perf_counter()
-        rows = precompute(reference, policy.to(device), rows, collate, batch, device,
+        rows = precompute(reference, policy, rows, collate, batch, device,
                           Path(cfg.output_dir) / f"ref-{time.time_ns()}.safetensors", ("ref_chosen", "ref_rejected"))
         precompute_s = time.perf_counter() - started
         reference = None
-        del frozen  # the point of caching: no second model during training
     trainer = Trainer(policy, rows, collate, partial(preference_loss, cfg=DPOConfig(), reference=reference),
                       cfg, LogConfig(report_to=[], progress=False))
     timings = []

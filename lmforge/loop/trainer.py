@@ -76,6 +76,9 @@ def pair_count(batch: dict) -> torch.Tensor:
     return torch.tensor(batch["input_ids"].shape[0] // 2, device=batch["input_ids"].device)
 
 
+pair_count.metric_name = "pairs"
+
+
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:
     while chunk := list(itertools.islice(rows, size)):
         yield chunk
@@ -180,7 +183,7 @@ class Trainer:
         seen = int(self.accelerator.reduce(torch.tensor(seen, device=self.accelerator.device), "sum"))
         self.state.tokens += seen
         out = {"loss": float(loss / total_tokens), "lr": self.scheduler.get_last_lr()[0], "tokens": seen,
-               "loss_tokens": int(total_tokens.item())}
+               getattr(self.count_fn, "metric_name", "loss_tokens"): int(total_tokens.item())}
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         out.update({k: total / seen for k, (total, seen) in metrics_sum.items()})

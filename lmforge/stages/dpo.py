@@ -75,8 +75,6 @@ def make_reference(cfg: StageConfig, frozen) -> Reference | None:
         return None
     lora = cfg.model.finetuning in ("lora", "dora", "qlora")
     kind = cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
-    if kind == "adapter" and not lora:
-        raise ValueError("dpo.reference=adapter needs model.finetuning=lora/dora/qlora")
     return Reference(kind, frozen)
 
 
@@ -94,10 +92,11 @@ def held_out_answers(model, tokenizer, pairs, limit: int, max_new_tokens: int) -
 
 def run(cfg: StageConfig) -> dict:
     run_ = start_run(cfg)
-    needs_copy = cfg.dpo.loss not in REFERENCE_FREE and (
+    # Before the first step the policy *is* the reference: a cached pass needs no copy of it.
+    needs_copy = cfg.dpo.loss not in REFERENCE_FREE and not cfg.dpo.precompute_ref and (
         cfg.dpo.reference == "copy" or (cfg.dpo.reference == "auto" and cfg.model.finetuning in ("full", "freeze")))
     model, tokenizer, parent, frozen = load_for_training(cfg, frozen_copy=needs_copy)
-    reference = make_reference(cfg, frozen)
+    reference = make_reference(cfg, frozen if needs_copy else model)
 
     kind = "kto" if cfg.dpo.loss == "kto" else "pair"
     train_pairs, eval_pairs, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind=kind)
@@ -112,9 +111,8 @@ def run(cfg: StageConfig) -> dict:
         reference.to(trainer.accelerator.device)
     if reference is not None and cfg.dpo.precompute_ref:
         trainer.train_rows, trainer.eval_rows = _precomputed(cfg, trainer, reference, collate, fingerprint, kind)
-        # The cached pass replaces the reference: no second model stays in memory.
         trainer.loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=None)
-        reference = frozen = None
+        reference = None
 
     resuming = cfg.train.resume_from or (cfg.train.resume and latest_checkpoint(cfg.train.output_dir))
     before = {} if resuming else held_out_answers(model, tokenizer, eval_pairs, cfg.dpo.eval_generate,
