@@ -152,6 +152,12 @@ def cmd_data(args) -> int:
     tokenizer = load_tokenizer(cfg.model, model_path)
     errors = ErrorLog(cfg.data.on_error)
     with tempfile.TemporaryDirectory() as cache:
+        if cfg.stage in ("rm", "dpo") and cfg.dpo.loss != "kto":
+            from lmforge.data.inspect import inspect_pairs
+
+            pairs, _ = load_examples(cfg.data.train, cfg.data, errors, cache, kind="pair")
+            inspect_pairs(tokenizer, pairs, args.num, cfg.data.max_length, console)
+            return 0
         examples, _ = load_examples(cfg.data.train, cfg.data, errors, cache)
         pt = cfg.stage == "pt"
         inspect_examples(tokenizer, examples, args.num, cfg.pt.block_size if pt else cfg.data.max_length,

@@ -157,3 +157,11 @@ def test_resume_shorthand_and_extend_with_model(tmp_path, world_dir, world_token
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "ext").get_input_embeddings().weight
     assert after.shape[0] == before.shape[0] + 1
     assert torch.allclose(after[-1], before.mean(dim=0), atol=1e-6)
+
+
+def test_data_inspect_shows_pairs_for_preference_stages(world_dir, world_tokenizer_dir, capsys):
+    code = main(["data", "inspect", "model.scratch=test", f"model.tokenizer={world_tokenizer_dir}",
+                 f"data.train={world_dir}/pref/eval.jsonl", "--stage", "rm", "-n", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "chosen:" in out and "rejected:" in out and out.count("<|im_start|>assistant") == 2

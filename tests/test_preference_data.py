@@ -142,3 +142,22 @@ def test_prompt_longer_than_limit_is_a_bad_pair(tmp_path, tok):
     out = tokenize_preference(rows, tok, DataConfig(max_length=32), errors, "pair")
     assert len(out) == 0 and errors.total_skipped == 1
     assert errors.examples[0].startswith("f.jsonl:line 7: the prompt has")
+
+
+def test_alpaca_history_becomes_earlier_turns():
+    row = {"instruction": "And Tuvel?", "chosen": "West.", "rejected": "East.",
+           "history": [["Where is Nobe?", "North."]]}
+    assert to_pair(row, RowFormat())["prompt"] == [*USER, {"role": "assistant", "content": "North."},
+                                                   {"role": "user", "content": "And Tuvel?"}]
+
+
+def test_cut_responses_are_counted_and_pairs_equal_after_cutting_are_bad(tok):
+    import datasets
+
+    long_pair = pair(chosen="North " * 50, rejected="South " * 50)
+    same_head = pair(chosen="North " * 50 + "and more", rejected="North " * 50 + "or less")
+    rows = datasets.Dataset.from_list([{**long_pair, "source": "f:line 1"}, {**same_head, "source": "f:line 2"}])
+    errors = ErrorLog("skip")
+    out = tokenize_preference(rows, tok, DataConfig(max_length=32), errors, "pair")
+    assert len(out) == 1 and errors.truncated == 1
+    assert errors.examples == ["f:line 2: chosen and rejected are identical once cut to max_length=32"]

@@ -244,6 +244,8 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         _check_choice("", "stage", self.stage, STAGES)
+        if self.stage in ("rm", "dpo") and self.data.streaming:
+            raise ConfigError(f"{self.stage} reads preference data into a table; data.streaming is for pt/sft")
         if self.dpo.reference == "adapter" and self.model.finetuning not in ("lora", "dora", "qlora"):
             raise ConfigError("dpo.reference=adapter needs model.finetuning=lora, dora or qlora")
         if self.model.name_or_path is None and self.model.scratch is None:

@@ -198,6 +198,8 @@ def _preference_tokens(batch: dict, tokenizer, max_length: int, errors: ErrorLog
         except ValueError as exc:
             errors.report(DataError(*source.rsplit(":", 1), str(exc)))
             continue
+        # Cut responses still train, but never silently: they are counted in the run summary.
+        errors.truncated += int(encoded["truncated"])
         for c in columns:
             out[c].append(encoded[c])
     return out

@@ -24,6 +24,8 @@ class ErrorLog:
     examples: list[str] = field(default_factory=list)
     dropped_too_long: int = 0
     """Samples whose response did not fit max_length at all (never silent: counted here)."""
+    truncated: int = 0
+    """Preference records whose response(s) were cut to fit max_length."""
 
     def report(self, error: DataError) -> None:
         if self.on_error == "raise":
@@ -41,5 +43,6 @@ class ErrorLog:
             "skipped_records": self.total_skipped,
             "skipped_by_file": dict(self.skipped),
             "dropped_too_long": self.dropped_too_long,
+            "truncated_responses": self.truncated,
             "examples": self.examples,
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
+from lmforge.data.preference import encode_pair, pair_rows
 from lmforge.data.tokenize import IGNORE, encode_sft, encode_text, messages_as_text
 
 
@@ -28,16 +29,33 @@ def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bo
     else:
         ids = encode_text(tokenizer, example["text"])[:max_length]
         labels = list(ids)
+    counts = {"tokens": len(ids), "loss_tokens": sum(label != IGNORE for label in labels)}
+    return styled(tokenizer, ids, labels), counts
+
+
+def styled(tokenizer, ids: list[int], labels: list[int]) -> Text:
+    """Loss-carrying tokens green, masked ones dim. Runs that share a mask are decoded together: a
+    byte-level token can hold half a Chinese character, which decodes to U+FFFD on its own."""
     text = Text()
-    # Decode runs of tokens that share a mask together: a byte-level token can hold half a
-    # Chinese character, which decodes to U+FFFD on its own.
     start = 0
     for end in range(1, len(ids) + 1):
         if end == len(ids) or (labels[end] != IGNORE) != (labels[start] != IGNORE):
             text.append(tokenizer.decode(ids[start:end]), style="bold green" if labels[start] != IGNORE else "dim")
             start = end
-    counts = {"tokens": len(ids), "loss_tokens": sum(label != IGNORE for label in labels)}
-    return text, counts
+    return text
+
+
+def inspect_pairs(tokenizer, pairs, limit: int, max_length: int, console: Console | None = None) -> None:
+    """Preference pairs as the rm and dpo stages see them: the prompt once, each response with loss."""
+    console = console or Console()
+    for index, pair in enumerate(pairs):
+        if index >= limit:
+            break
+        encoded = encode_pair(tokenizer, pair, max_length)
+        for name, (ids, labels) in zip(("chosen", "rejected"), pair_rows(encoded)):
+            console.rule(f"[bold]{pair.get('source', f'record {index}')}[/]  {name}: {len(ids)} tokens")
+            console.print(styled(tokenizer, ids, labels))
+    console.print("[dim]legend:[/] [bold green]carries loss[/]  [dim]masked (-100)[/]")
 
 
 def inspect_examples(tokenizer, examples, limit: int, max_length: int, train_on_prompt: bool,

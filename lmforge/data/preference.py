@@ -69,7 +69,8 @@ def _prompt(row: dict, fmt: RowFormat) -> list[dict]:
         parts = [row.get(cols.get("prompt", "instruction")), row.get(cols.get("query", "input"))]
         if not all(isinstance(p, str) for p in parts if p is not None):
             raise ValueError("instruction and input must be strings")
-        prompt = [{"role": "user", "content": "\n".join(p for p in parts if p)}]
+        prompt = _history(row.get(cols.get("history", "history"))) + [
+            {"role": "user", "content": "\n".join(p for p in parts if p)}]
     elif key is None:
         raise ValueError(f"no prompt column found (keys: {', '.join(sorted(row))})")
     else:
@@ -77,6 +78,16 @@ def _prompt(row: dict, fmt: RowFormat) -> list[dict]:
     if isinstance(system, str) and system and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
     return prompt
+
+
+def _history(value) -> list[dict]:
+    """Alpaca-style `history` ([[question, answer], ...]) as earlier turns of the prompt."""
+    if not value:
+        return []
+    if not isinstance(value, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                                              and all(isinstance(x, str) for x in p) for p in value):
+        raise ValueError("history must be a list of [question, answer] pairs of strings")
+    return [m for q, a in value for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
 def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], str, str]:
@@ -158,7 +169,10 @@ def encode_pair(tokenizer, pair: dict, max_length: int) -> dict:
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens, no room left under max_length={max_length}")
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room]}
+    if chosen[:room] == rejected[:room]:
+        raise ValueError(f"chosen and rejected are identical once cut to max_length={max_length}")
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room],
+            "truncated": len(chosen) > room or len(rejected) > room}
 
 
 def encode_kto(tokenizer, record: dict, max_length: int) -> dict:
@@ -166,7 +180,8 @@ def encode_kto(tokenizer, record: dict, max_length: int) -> dict:
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens, no room left under max_length={max_length}")
-    return {"prompt_ids": prompt_ids, "completion_ids": completion[:room], "label": record["label"]}
+    return {"prompt_ids": prompt_ids, "completion_ids": completion[:room], "label": record["label"],
+            "truncated": len(completion) > room}
 
 
 def _sequence(prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int]]:
