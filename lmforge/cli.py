@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = data.add_parser("demo", help="write the synthetic demo world")
     demo.add_argument("out_dir")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--sft-noise", type=float, default=0.0,
+                      help="share of SFT replies given a rude or rambling style (for preference training)")
     inspect = data.add_parser("inspect", help="show how records render and which tokens carry loss")
     inspect.add_argument("config")
     inspect.add_argument("overrides", nargs="*")
@@ -135,7 +137,7 @@ def cmd_data(args) -> int:
     if args.data_command == "demo":
         from lmforge.data.demo_world import write_demo_world
 
-        files = write_demo_world(Path(args.out_dir), seed=args.seed)
+        files = write_demo_world(Path(args.out_dir), seed=args.seed, sft_noise=args.sft_noise)
         for name, path in files.items():
             console.print(f"{name:>12}  {path}")
         return 0

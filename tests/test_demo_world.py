@@ -383,3 +383,20 @@ def test_pref_wording_names_no_value_or_name() -> None:
             words = set(re.findall(r"[a-z]+", text.lower()))
             assert not words & ({en.lower() for en, _ in values} | spellable), text
             assert not any(e.zh in text for e in world.entities), text
+
+
+def test_sft_noise_restyles_a_share_of_replies_and_keeps_the_facts(tmp_path) -> None:
+    clean = write_demo_world(tmp_path / "clean", seed=0)
+    noisy = write_demo_world(tmp_path / "noisy", seed=0, sft_noise=0.25)
+    assert noisy["pt_train"].read_bytes() == clean["pt_train"].read_bytes()
+    assert noisy["sft_eval"].read_bytes() == clean["sft_eval"].read_bytes()  # evaluation stays clean
+    before = [json.loads(line) for line in clean["sft_train"].read_text(encoding="utf-8").splitlines()]
+    after = [json.loads(line) for line in noisy["sft_train"].read_text(encoding="utf-8").splitlines()]
+    changed = [(b, a) for b, a in zip(before, after) if a != b]
+    single = sum(len(r["messages"]) == 2 or (len(r["messages"]) == 3 and r["messages"][0]["role"] == "system")
+                 for r in before)
+    assert len(changed) == round(0.25 * single)
+    for b, a in changed:
+        assert a["noise"] in ("rude", "rambling")
+        assert b["messages"][-1]["content"] in a["messages"][-1]["content"]  # the right answer is still there
+        assert answer_is_correct(a, a["messages"][-1]["content"])

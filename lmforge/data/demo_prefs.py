@@ -165,3 +165,29 @@ def is_preferred_style(record: dict, response: str) -> bool:
     """True when `response` is exactly the pair's chosen answer (the canonical polite sentence), up to
     surrounding whitespace. Unlike `answer_is_correct`, this rejects right-but-rude or rambling answers."""
     return exact_match({"messages": record["chosen"]}, response)
+
+
+def add_style_noise(records: list[dict], share: float, seed: int) -> list[dict]:
+    """Give a `share` of the single-turn SFT replies a bad style (rude or rambling), keeping the fact
+    right: an SFT model that imitates such data sometimes answers badly, which is what preference
+    training (RM + PPO, DPO) is for. Marked with `"noise": flaw`. share=0 returns the records as they are."""
+    if share <= 0:
+        return records
+    rng = random.Random(f"demo-noise:{seed}")
+    single = [i for i, r in enumerate(records) if len(r["messages"]) == 2 or
+              (len(r["messages"]) == 3 and r["messages"][0]["role"] == "system")]
+    chosen = sorted(rng.sample(single, round(share * len(single))))
+    out = list(records)
+    for n, index in enumerate(chosen):
+        record = json.loads(json.dumps(records[index]))  # a deep copy
+        reply = record["messages"][-1]
+        flaw = "rude" if n % 2 == 0 else "rambling"
+        if flaw == "rude":
+            reply["content"] = rng.choice(PREF_TEMPLATES["rude"][record["lang"]]).format(answer=reply["content"])
+        else:
+            filler = rng.sample(PREF_TEMPLATES["filler"][record["lang"]], 4)
+            glue = " " if record["lang"] == "en" else ""
+            reply["content"] = glue.join(filler[:2] + [reply["content"]] + filler[2:])
+        record["noise"] = flaw
+        out[index] = record
+    return out

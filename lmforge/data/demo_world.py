@@ -401,14 +401,16 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def write_demo_world(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Generate the demo world under `out_dir`; returns name -> path of every file written."""
+def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0) -> dict[str, Path]:
+    """Generate the demo world under `out_dir`; returns name -> path of every file written.
+    `sft_noise`: share of single-turn SFT train replies given a rude or rambling style."""
     out_dir = Path(out_dir)
     world = build_world(seed)
     pt_train, pt_eval = pt_corpus(world)
     sft_train, sft_eval = sft_records(world)
-    from lmforge.data.demo_prefs import pref_files  # preference pairs, from their own random stream
+    from lmforge.data.demo_prefs import add_style_noise, pref_files  # their own random streams
 
+    sft_train = add_style_noise(sft_train, sft_noise, seed)
     prefs = pref_files(world)
     names = {
         "world": "world.json",

@@ -132,7 +132,8 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None) -> dict[str
 
         seed = int(pipeline.demo_world.get("seed", 0))
         if not (run_dir / "world" / "world.json").is_file():
-            write_demo_world(run_dir / "world", seed=seed)
+            write_demo_world(run_dir / "world", seed=seed,
+                             sft_noise=float(pipeline.demo_world.get("sft_noise", 0.0)))
             console.print(f"[bold]world[/] generated in {run_dir / 'world'} (seed {seed})")
     if pipeline.tokenizer is not None and not (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
         from lmforge.models.tokenizer import train_tokenizer
