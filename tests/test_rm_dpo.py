@@ -141,3 +141,34 @@ def test_precomputed_reference_gives_the_live_losses(base, world_dir, tmp_path):
         live_loss = preference_loss(model, collate(list(rows)), DPOConfig(), reference)[0]
         cached_loss = preference_loss(model, collate(list(with_cache)), DPOConfig(), None)[0]
     assert float(live_loss) == pytest.approx(float(cached_loss), abs=1e-6)
+
+
+def test_sft_weight_adds_the_chosen_nll(base, world_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.config.schema import DataConfig, DatasetSpec, DPOConfig
+    from lmforge.data.build import load_examples, tokenize_preference
+    from lmforge.data.errors import ErrorLog
+    from lmforge.data.preference import collate_pairs
+    from lmforge.losses.preference import sequence_logps
+    from lmforge.models.reference import Reference
+    from lmforge.stages.dpo import preference_loss
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    errors = ErrorLog()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        pairs, _ = load_examples([DatasetSpec(path=f"{world_dir}/pref/eval.jsonl")], DataConfig(), errors, cache,
+                                 kind="pair")
+        rows = tokenize_preference(pairs.select(range(4)), tokenizer, DataConfig(max_length=128), errors, "pair")
+    batch = collate_pairs(list(rows), pad_id=tokenizer.pad_token_id)
+    reference = Reference("copy", AutoModelForCausalLM.from_pretrained(base))
+    with torch.no_grad():
+        plain = preference_loss(model, batch, DPOConfig(), reference)[0]
+        mixed, _, metrics = preference_loss(model, batch, DPOConfig(sft_weight=0.5), reference)
+        sums, lengths = sequence_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+    nll = float(-sums[:4].sum() / lengths[:4].sum())
+    assert float(metrics["nll"]) == pytest.approx(nll, rel=1e-5)
+    assert float(mixed) / 4 == pytest.approx(float(plain) / 4 + 0.5 * nll, rel=1e-5)

@@ -55,10 +55,14 @@ def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | N
                                  desirable_weight=cfg.kto_desirable_weight,
                                  undesirable_weight=cfg.kto_undesirable_weight)
         return loss * half, count, metrics
+    nll = -sums[:half].sum() / lengths[:half].sum().clamp(min=1)
     if cfg.loss == "ipo":  # IPO is defined on per-token averages
         sums, ref = sums / lengths.clamp(min=1), ref / lengths.clamp(min=1)
     loss, metrics = dpo_loss(sums[:half], sums[half:], ref[:half], ref[half:], beta=cfg.beta, loss_type=cfg.loss,
                              label_smoothing=cfg.label_smoothing)
+    if cfg.sft_weight:
+        loss = loss + cfg.sft_weight * nll
+        metrics = {**metrics, "nll": nll.detach()}
     return loss * half, count, metrics
 
 
