@@ -54,6 +54,7 @@ def test_returns_every_file(out: dict[str, Path]) -> None:
         "sft_eval",
         "pref_train",
         "pref_eval",
+        "pref_eval_seen",
         "pref_kto",
         "dataset_info",
     }
@@ -400,3 +401,18 @@ def test_sft_noise_restyles_a_share_of_replies_and_keeps_the_facts(tmp_path) -> 
         assert a["noise"] in ("rude", "rambling")
         assert b["messages"][-1]["content"] in a["messages"][-1]["content"]  # the right answer is still there
         assert answer_is_correct(a, a["messages"][-1]["content"])
+
+
+def test_seen_fact_pairs_are_new_pairs_about_trained_facts(out: dict[str, Path]) -> None:
+    def load(key):
+        return [json.loads(line) for line in out[key].read_text(encoding="utf-8").splitlines()]
+
+    train, seen, held = load("pref_train"), load("pref_eval_seen"), load("pref_eval")
+    as_key = lambda p: (json.dumps(p["prompt"]), json.dumps(p["rejected"]))  # noqa: E731
+    assert not {as_key(p) for p in seen} & {as_key(p) for p in train}
+    trained_facts = {(p["subject"], p["kind"], p["lang"]) for p in train}
+    assert all((p["subject"], p["kind"], p["lang"]) in trained_facts for p in seen)
+    assert not {(p["subject"], p["kind"]) for p in seen if p["kind"] != "arith"} & \
+        {(p["subject"], p["kind"]) for p in held if p["kind"] != "arith"}
+    assert 200 <= len(seen) <= 320
+    assert all(answer_is_correct(p, p["chosen"][0]["content"]) for p in seen)

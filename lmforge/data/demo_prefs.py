@@ -38,6 +38,7 @@ PREF_FILES = {
     "pref_train": "pref/train.jsonl",
     "pref_eval": "pref/eval.jsonl",
     "pref_kto": "pref/kto_train.jsonl",
+    "pref_eval_seen": "pref/eval_seen.jsonl",
 }
 
 
@@ -125,6 +126,32 @@ def pref_pairs(world: World) -> tuple[list[dict], list[dict]]:
     return splits[0], splits[1]
 
 
+def seen_fact_pairs(world: World, train: list[dict], sums: int = 40) -> list[dict]:
+    """Held-out pairs about facts the model *was* trained on: one new pair per train fact and language
+    (new flaw draw, new wrong value) plus some sums, none equal to a training pair. `pref/eval.jsonl`
+    asks about unseen facts; this set tells judging known facts apart from generalising to new ones."""
+    rng = random.Random(f"demo-pref-seen:{world.seed}")
+    known = {(json.dumps(p["prompt"], ensure_ascii=False), json.dumps(p["rejected"], ensure_ascii=False))
+             for p in train}
+    items: list[tuple[Fact | Problem, dict]] = []
+    for fact in world.facts:
+        if fact.heldout:
+            continue
+        for lang in LANGS:
+            k, question = rng.choice(list(enumerate(TEMPLATES["ask", fact.attribute, lang])))
+            rid = f"pref-seen-{lang}-{fact.entity.lower()}-{fact.attribute}-{k}"
+            items.append((fact, _fact_record(world, fact, lang, question, rid)))
+    held = set(world.arith_heldout)
+    for problem in rng.sample([p for p in world.arith_problems() if p not in held], sums):
+        lang = rng.choice(LANGS)
+        question = rng.choice(TEMPLATES["asksum", problem[1], lang])
+        items.append((problem, _arith_record(problem, lang, question, f"pref-seen-{lang}-arith-"
+                                             f"{''.join(map(str, problem))}")))
+    pairs = [_pair(world, item, record, flaw, rng) for (item, record), flaw in zip(items, _flaw_plan(len(items), rng))]
+    return [p for p in pairs if (json.dumps(p["prompt"], ensure_ascii=False),
+                                 json.dumps(p["rejected"], ensure_ascii=False)) not in known]
+
+
 def kto_records(pairs: list[dict]) -> list[dict]:
     """LLaMA-Factory KTO records: each pair gives a desirable (chosen) and an undesirable (rejected) one."""
     return [
@@ -137,7 +164,8 @@ def kto_records(pairs: list[dict]) -> list[dict]:
 def pref_files(world: World) -> dict[str, tuple[str, list[str]]]:
     """name -> (path under the world directory, JSON lines) for the preference files."""
     train, held = pref_pairs(world)
-    records = {"pref_train": train, "pref_eval": held, "pref_kto": kto_records(train)}
+    records = {"pref_train": train, "pref_eval": held, "pref_kto": kto_records(train),
+               "pref_eval_seen": seen_fact_pairs(world, train)}
     return {
         name: (PREF_FILES[name], [json.dumps(r, ensure_ascii=False) for r in records[name]])
         for name in PREF_FILES
