@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory"
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def lang_of(line: str) -> str:
+    return "zh" if CJK.search(line) else "en"
+
+
+def jsonl_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def assistant_replies(record: dict) -> list[str]:
+    return [m["content"] for m in record["messages"] if m["role"] == "assistant"]
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +43,39 @@ def world_tokenizer_dir(world_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([world_dir / "pt" / "train.txt", world_dir / "sft" / "train.jsonl"], out, vocab_size=1000)
     return out
+
+
+# A tiny EN+ZH tokenizer for mask and truncation tests.
+EN_WORDS = ("the model learns from data and the training loop updates every weight with a small step "
+            "hello there you are forge again hi").split()
+ZH_WORDS = ["我们", "今天", "学习", "模型", "训练", "数据", "好的"]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory) -> Path:
+    from lmforge.models.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(400):
+        if i % 2:
+            lines.append("".join(rng.choices(ZH_WORDS, k=8)) + "。")
+        else:
+            lines.append(" ".join(rng.choices(EN_WORDS, k=10)).capitalize() + ".")
+    root = tmp_path_factory.mktemp("masking-tokenizer")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train_tokenizer([corpus], root / "tok", vocab_size=400)
+    return root / "tok"
+
+
+@pytest.fixture()
+def tok(chat_tokenizer_dir):
+    """A fresh ChatML tokenizer per test (some tests change its template or add tokens)."""
+    from transformers import AutoTokenizer
+
+    from lmforge.data.templates import apply_template_choice
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir))
+    assert apply_template_choice(tokenizer, "auto") == "tokenizer"  # it ships ChatML
+    return tokenizer

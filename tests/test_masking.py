@@ -1,21 +1,12 @@
-"""Loss masks and truncation: which tokens carry loss (`lmforge.data.tokenize`, `lmforge.data.templates`).
+"""Loss masks: which tokens carry loss (`lmforge.data.tokenize`, `lmforge.data.templates`).
 
-A tiny byte-level BPE tokenizer with the ChatML template is trained once for the module (offline).
+The `tok` fixture (conftest) is a tiny byte-level BPE tokenizer with ChatML, trained offline once.
 """
 
 from __future__ import annotations
 
-import json
-import random
-import tempfile
-from pathlib import Path
-
 import pytest
-from transformers import AutoTokenizer
 
-from lmforge.config.schema import DataConfig, DatasetSpec
-from lmforge.data.build import load_examples, tokenize_sft
-from lmforge.data.errors import ErrorLog
 from lmforge.data.inspect import render_record
 from lmforge.data.templates import (
     Segment,
@@ -26,11 +17,7 @@ from lmforge.data.templates import (
     render_prompt,
     render_segments,
 )
-from lmforge.data.tokenize import IGNORE, encode_sft, encode_text, truncate_pieces
-
-EN_WORDS = ("the model learns from data and the training loop updates every weight with a small step "
-            "hello there you are forge again hi").split()
-ZH_WORDS = ["我们", "今天", "学习", "模型", "训练", "数据", "好的"]
+from lmforge.data.tokenize import IGNORE, encode_sft, encode_text
 
 SYSTEM = "You are Forge."
 CONVERSATION = [
@@ -52,32 +39,6 @@ LLAMA3_STYLE = (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from lmforge.models.tokenizer import train_tokenizer
-
-    rng = random.Random(0)
-    lines = []
-    for i in range(400):
-        if i % 2:
-            lines.append("".join(rng.choices(ZH_WORDS, k=8)) + "。")
-        else:
-            lines.append(" ".join(rng.choices(EN_WORDS, k=10)).capitalize() + ".")
-    root = tmp_path_factory.mktemp("masking-tokenizer")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    train_tokenizer([corpus], root / "tok", vocab_size=400)
-    return root / "tok"
-
-
-@pytest.fixture()
-def tok(tokenizer_dir):
-    """A fresh ChatML tokenizer per test (some tests change its template or add tokens)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    assert apply_template_choice(tokenizer, "auto") == "tokenizer"  # it ships ChatML
-    return tokenizer
-
-
 def ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -96,6 +57,10 @@ def labelled_spans(tokenizer, encoded: dict) -> list[str]:
     if run:
         spans.append(run)
     return [tokenizer.decode(span) for span in spans]
+
+
+def single_turn(prompt: str, reply: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
 
 def expected_encoding(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
@@ -273,98 +238,6 @@ def test_template_that_rewrites_history_is_rejected(tok):
     tok.chat_template = "{{ messages | length }}" + builtin_template("chatml")
     with pytest.raises(ValueError, match="does not render turns as a growing prefix"):
         render_segments(tok, CONVERSATION)
-
-
-# --------------------------------------------------------------------------- truncation
-
-
-def single_turn(prompt: str, reply: str) -> list[dict]:
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-
-
-def prompt_and_reply_ids(tokenizer, prompt: str, reply: str) -> tuple[list[int], list[int]]:
-    prompt_ids = ids(tokenizer, f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
-    return prompt_ids, ids(tokenizer, reply) + ids(tokenizer, "<|im_end|>")
-
-
-def test_long_prompt_keeps_its_head_and_the_whole_short_reply(tok):
-    prompt, reply = prompt_and_reply_ids(tok, LONG_PROMPT, "a small step")
-    assert len(prompt) > 40 and len(reply) < 16
-    encoded = encode_sft(tok, single_turn(LONG_PROMPT, "a small step"), max_length=32)
-    keep = 32 - len(reply)
-    assert len(encoded["input_ids"]) == 32
-    assert encoded["input_ids"] == prompt[:keep] + reply
-    assert encoded["labels"] == [IGNORE] * keep + reply
-
-
-def test_long_prompt_and_long_reply_share_the_room_half_and_half(tok):
-    prompt, reply = prompt_and_reply_ids(tok, LONG_PROMPT, LONG_REPLY)
-    assert len(prompt) > 32 and len(reply) > 32
-    encoded = encode_sft(tok, single_turn(LONG_PROMPT, LONG_REPLY), max_length=33)
-    # The reply gets at least half (the odd token goes to it): 16 prompt + 17 reply.
-    assert encoded["input_ids"] == prompt[:16] + reply[:17]
-    assert encoded["labels"] == [IGNORE] * 16 + reply[:17]
-
-
-def test_short_prompt_keeps_all_of_it_and_the_reply_head(tok):
-    prompt, reply = prompt_and_reply_ids(tok, "hello", LONG_REPLY)
-    assert len(prompt) < 40 // 2 and len(reply) > 40
-    encoded = encode_sft(tok, single_turn("hello", LONG_REPLY), max_length=40)
-    assert encoded["input_ids"] == prompt + reply[: 40 - len(prompt)]
-    assert encoded["labels"] == [IGNORE] * len(prompt) + reply[: 40 - len(prompt)]
-
-
-def test_sequence_that_fits_is_untouched_and_one_less_drops_the_trailing_newline(tok):
-    messages = single_turn("hello", "hi there")
-    full = encode_sft(tok, messages, max_length=512)
-    n = len(full["input_ids"])
-    assert encode_sft(tok, messages, max_length=n) == full
-    shorter = encode_sft(tok, messages, max_length=n - 1)
-    assert shorter == {"input_ids": full["input_ids"][:-1], "labels": full["labels"][:-1]}
-    assert tok.decode(full["input_ids"][-1:]) == "\n"
-
-
-def test_truncate_pieces_policy_on_synthetic_pieces():
-    prompt, reply, newline = list(range(100, 110)), list(range(200, 210)), [300]
-    pieces = [(prompt, False), (reply, True), (newline, False)]
-    assert truncate_pieces(pieces, 21) == pieces
-    assert truncate_pieces(pieces, 20) == [(prompt, False), (reply, True)]
-    assert truncate_pieces(pieces, 8) == [(prompt[:4], False), (reply[:4], True)]
-    assert truncate_pieces(pieces, 9) == [(prompt[:4], False), (reply[:5], True)]
-    short_reply = [(prompt, False), ([200, 201], True)]
-    assert truncate_pieces(short_reply, 8) == [(prompt[:6], False), ([200, 201], True)]
-    # A second turn that does not fit shares only what the first left over.
-    two_turns = [(prompt[:3], False), (reply[:3], True), (newline, False), (prompt, False), (reply, True)]
-    assert truncate_pieces(two_turns, 11) == [(prompt[:3], False), (reply[:3], True), (newline, False),
-                                               (prompt[:2], False), (reply[:2], True)]
-
-
-def test_reply_with_no_room_left_is_dropped(tok):
-    # With mask_history only the last reply carries loss; a long first exchange leaves it no room.
-    messages = single_turn(LONG_PROMPT, LONG_REPLY) + single_turn("again", "a small step")
-    assert encode_sft(tok, messages, max_length=32, mask_history=True) is None
-    kept = encode_sft(tok, messages, max_length=32)  # without mask_history the first reply still learns
-    assert kept is not None and len(kept["input_ids"]) == 32
-    assert sum(label != IGNORE for label in kept["labels"]) == 16
-
-
-def test_tokenize_sft_counts_dropped_samples(tok, tmp_path):
-    long_dialogue = single_turn(LONG_PROMPT, LONG_REPLY) + single_turn("again", "a small step")
-    short_dialogue = single_turn("hello", "hi there")
-    path = tmp_path / "sft.jsonl"
-    path.write_text("\n".join(json.dumps({"messages": m}) for m in (long_dialogue, short_dialogue)) + "\n",
-                    encoding="utf-8")
-    cfg = DataConfig(max_length=32, mask_history=True)
-    errors = ErrorLog(cfg.on_error)
-    examples, _ = load_examples([DatasetSpec(path=str(path))], cfg, errors, tempfile.mkdtemp(dir=tmp_path))
-    tokens = tokenize_sft(examples, tok, cfg, errors, pack=False)
-    assert len(tokens) == 1
-    assert errors.dropped_too_long == 1
-    assert errors.total_skipped == 0
-    assert errors.summary()["dropped_too_long"] == 1
-    expected = encode_sft(tok, short_dialogue, max_length=32, mask_history=True)
-    assert tokens[0]["input_ids"] == expected["input_ids"]
-    assert tokens[0]["labels"] == expected["labels"]
 
 
 # --------------------------------------------------------------------------- data inspect

@@ -16,6 +16,7 @@ import json
 import random
 
 from lmforge.data.demo_grading import exact_match
+from lmforge.data.demo_sft import _arith_record, _fact_record
 from lmforge.data.demo_world import (
     _WORDING,
     LANGS,
@@ -23,8 +24,6 @@ from lmforge.data.demo_world import (
     Fact,
     Problem,
     World,
-    _arith_record,
-    _fact_record,
     _solve,
 )
 
