@@ -47,11 +47,19 @@ def apply_template_choice(tokenizer, choice: str | None) -> str:
 
 
 def end_of_turn_markers(tokenizer) -> list[str]:
-    """Strings that close an assistant turn for this tokenizer, used to stop generation."""
+    """Strings that close an assistant turn for this tokenizer, used to stop generation.
+
+    Called for every sample while tokenizing, and `get_vocab()` builds the whole vocabulary
+    (about 30 ms for 49k tokens): the answer is kept on the tokenizer per template and EOS."""
+    key = (tokenizer.chat_template, tokenizer.eos_token, len(tokenizer))
+    cached = getattr(tokenizer, "_lmforge_end_of_turn", None)
+    if cached is not None and cached[0] == key:
+        return list(cached[1])
     vocab = tokenizer.get_vocab()
     found = [m for m in KNOWN_END_OF_TURN if m in vocab and m in (tokenizer.chat_template or "")]
     if tokenizer.eos_token and tokenizer.eos_token not in found:
         found.append(tokenizer.eos_token)
+    tokenizer._lmforge_end_of_turn = (key, tuple(found))
     return found
 
 
