@@ -184,16 +184,16 @@ def encode_kto(tokenizer, record: dict, max_length: int) -> dict:
             "truncated": len(completion) > room}
 
 
-def _sequence(prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int]]:
+def sequence_with_labels(prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int]]:
     return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
 
 
 def pair_rows(row: dict) -> list[tuple[list[int], list[int]]]:
     """The chosen and the rejected sequence of a tokenized pair, as (ids, labels)."""
-    return [_sequence(row["prompt_ids"], row["chosen_ids"]), _sequence(row["prompt_ids"], row["rejected_ids"])]
+    return [sequence_with_labels(row["prompt_ids"], row["chosen_ids"]), sequence_with_labels(row["prompt_ids"], row["rejected_ids"])]
 
 
-def _pad(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in sequences)
     ids = [s + [pad_id] * (width - len(s)) for s, _ in sequences]
     labels = [lab + [IGNORE] * (width - len(lab)) for _, lab in sequences]
@@ -204,7 +204,7 @@ def _pad(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """[2B, L]: the B chosen sequences, then the B rejected ones — one forward pass for both."""
     pairs = [pair_rows(r) for r in rows]
-    batch = _pad([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    batch = pad_sequences([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
     if "ref_chosen" in rows[0]:
         batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows], dtype=torch.float32)
         batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows], dtype=torch.float32)
@@ -214,9 +214,9 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def collate_kto(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """[2B, L]: the B judged completions, then B mismatched prompt/completion pairs (each prompt with
     the next record's completion, fixed at tokenization) from which KTO estimates the KL term."""
-    judged = [_sequence(r["prompt_ids"], r["completion_ids"]) for r in rows]
-    mismatched = [_sequence(r["prompt_ids"], r["kl_completion_ids"]) for r in rows]
-    batch = _pad(judged + mismatched, pad_id)
+    judged = [sequence_with_labels(r["prompt_ids"], r["completion_ids"]) for r in rows]
+    mismatched = [sequence_with_labels(r["prompt_ids"], r["kl_completion_ids"]) for r in rows]
+    batch = pad_sequences(judged + mismatched, pad_id)
     batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
     if "ref_logps" in rows[0]:
         batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows], dtype=torch.float32)

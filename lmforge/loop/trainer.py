@@ -66,6 +66,12 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[l
     return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
+def shard_size(batches: int, world: int) -> int:
+    """Micro-batches each process gets per epoch: the same count everywhere, the remainder dropped
+    (a process with one more batch would wait forever in a collective)."""
+    return batches // world if batches >= world else min(batches, 1)
+
+
 def label_token_count(batch: dict) -> torch.Tensor:
     """Tokens that carry next-token loss (labels shifted by one)."""
     return (batch["labels"][:, 1:] != -100).sum()
@@ -121,7 +127,7 @@ class Trainer:
         if self.cfg.max_steps > 0:
             return self.cfg.max_steps
         batches = math.ceil(len(self.train_rows) / self.cfg.batch_size)
-        per_process = len(self._my_batches([[]] * batches))
+        per_process = shard_size(batches, self.accelerator.num_processes)
         return max(1, math.ceil(self.cfg.epochs * per_process / self.cfg.grad_accum))
 
     # -- data ---------------------------------------------------------------------------------
@@ -147,7 +153,7 @@ class Trainer:
         """This process's share: every world-size-th batch, the same count on every process
         (a straggler batch would leave the others waiting in a collective)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        usable = len(batches) - len(batches) % world if len(batches) >= world else len(batches)
+        usable = shard_size(len(batches), world) * world if len(batches) >= world else len(batches)
         return batches[:usable][rank::world]
 
     # -- one optimizer step -------------------------------------------------------------------

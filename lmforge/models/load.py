@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -140,9 +141,7 @@ def _load_weights(path: str, kwargs: dict, vocab_size: int):
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.is_file():
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    import json
-
-    from peft import PeftModel
+    from peft import PeftModel  # imported on use: peft is slow to import and only adapters need it
 
     base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
     if not Path(base_path).is_dir():

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from lmforge.config.load import from_dict, read_yaml, to_dict
+from lmforge.config.load import apply_override, from_dict, read_yaml, to_dict
 from lmforge.config.schema import ConfigError, StageConfig
 from lmforge.loop.checkpoint import latest_checkpoint
 from lmforge.stages import STAGE_RUNNERS
@@ -42,8 +42,6 @@ class Pipeline:
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     raw = read_yaml(path)
     for item in overrides or []:
-        from lmforge.config.load import apply_override
-
         apply_override(raw, item)
     unknown = set(raw) - {"run_dir", "demo_world", "tokenizer", "stages"}
     if unknown:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.data.preference import _sequence, encode_response
+from lmforge.data.preference import encode_response, pad_sequences, sequence_with_labels
 
 
 @torch.no_grad()
@@ -21,9 +21,9 @@ def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list
         sequences = []
         for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
             prompt_ids, response_ids = encode_response(tokenizer, prompt, response)
-            sequences.append(_sequence(prompt_ids, response_ids)[0][:max_length])
-        width = max(len(s) for s in sequences)
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
-        rewards += model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().tolist()
+            ids, labels = sequence_with_labels(prompt_ids, response_ids)
+            sequences.append((ids[:max_length], labels[:max_length]))
+        batch = pad_sequences(sequences, pad)
+        scores = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        rewards += scores.logits.squeeze(-1).float().tolist()
     return rewards

@@ -17,6 +17,7 @@ import yaml
 
 from lmforge.config.load import to_dict
 from lmforge.config.schema import StageConfig
+from lmforge.data.build import data_cache_dir
 from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids
 from lmforge.losses.lm import causal_lm_loss
@@ -39,8 +40,6 @@ def start_run(cfg: StageConfig) -> Run:
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
-    from lmforge.data.build import data_cache_dir
-
     return Run(cfg, out, ErrorLog(cfg.data.on_error), data_cache_dir(str(out)), time.time())
 
 
