@@ -74,12 +74,12 @@ def _reference_logps(model, batch: dict, reference: Reference | None) -> torch.T
     return reference.logps(model, batch).float()
 
 
-def make_reference(cfg: StageConfig, frozen) -> Reference | None:
+def reference_kind(cfg: StageConfig) -> str | None:
+    """`copy`, `adapter` (the default under LoRA), or None for the reference-free losses."""
     if cfg.dpo.loss in REFERENCE_FREE:
         return None
     lora = cfg.model.finetuning in ("lora", "dora", "qlora")
-    kind = cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
-    return Reference(kind, frozen)
+    return cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
 
 
 def held_out_answers(model, tokenizer, pairs, limit: int, max_new_tokens: int) -> dict:
@@ -96,11 +96,11 @@ def held_out_answers(model, tokenizer, pairs, limit: int, max_new_tokens: int) -
 
 def run(cfg: StageConfig) -> dict:
     run_ = start_run(cfg)
+    kind_of_reference = reference_kind(cfg)
     # Before the first step the policy *is* the reference: a cached pass needs no copy of it.
-    needs_copy = cfg.dpo.loss not in REFERENCE_FREE and not cfg.dpo.precompute_ref and (
-        cfg.dpo.reference == "copy" or (cfg.dpo.reference == "auto" and cfg.model.finetuning in ("full", "freeze")))
+    needs_copy = kind_of_reference == "copy" and not cfg.dpo.precompute_ref
     model, tokenizer, parent, frozen = load_for_training(cfg, frozen_copy=needs_copy)
-    reference = make_reference(cfg, frozen if needs_copy else model)
+    reference = None if kind_of_reference is None else Reference(kind_of_reference, frozen if needs_copy else model)
 
     kind = "kto" if cfg.dpo.loss == "kto" else "pair"
     train_pairs, eval_pairs, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind=kind)
