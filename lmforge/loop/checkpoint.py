@@ -101,6 +101,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_path(resume: bool, resume_from: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint a run continues from: the one named, else the newest when asked to resume."""
+    if resume_from:
+        return Path(resume_from)
+    return latest_checkpoint(output_dir) if resume else None
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete lmforge checkpoint (no {STATE_FILE})")

@@ -24,7 +24,13 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from lmforge.config.schema import LogConfig, TrainConfig
-from lmforge.loop.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.loop.checkpoint import (
+    LoopState,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_path,
+    save_checkpoint,
+)
 from lmforge.loop.progress import ProgressDisplay
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -121,6 +127,8 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, cfg.scheduler, cfg.min_lr_ratio))
         self.prepared, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.state = LoopState()
+        # The checkpoint train() continues from, if any; stages skip before-training evaluation then.
+        self.resume_from = resume_path(cfg.resume, cfg.resume_from, self.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
 
     def _total_steps(self) -> int:
@@ -241,9 +249,7 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def resume_if_asked(self) -> None:
-        path = Path(self.cfg.resume_from) if self.cfg.resume_from else None
-        if path is None and self.cfg.resume:
-            path = latest_checkpoint(self.output_dir)
+        path = self.resume_from
         if path is not None:
             unwrapped = self.accelerator.unwrap_model(self.prepared)
             self.state = load_checkpoint(path, unwrapped, self.optimizer, self.scheduler)

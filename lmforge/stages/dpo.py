@@ -16,7 +16,6 @@ import torch
 from lmforge.config.schema import DPOConfig, StageConfig
 from lmforge.data.build import load_splits, tokenize_preference
 from lmforge.data.preference import collate_kto, collate_pairs
-from lmforge.loop.checkpoint import latest_checkpoint
 from lmforge.loop.trainer import Trainer, pair_count
 from lmforge.losses.preference import (
     dpo_loss,
@@ -118,7 +117,7 @@ def run(cfg: StageConfig) -> dict:
         trainer.loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=None)
         reference = None
 
-    resuming = cfg.train.resume_from or (cfg.train.resume and latest_checkpoint(cfg.train.output_dir))
+    resuming = trainer.resume_from is not None
     before = {} if resuming else held_out_answers(model, tokenizer, eval_pairs, cfg.dpo.eval_generate,
                                                   cfg.dpo.max_new_tokens)
     result = trainer.train()

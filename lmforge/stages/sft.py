@@ -8,7 +8,6 @@ from functools import partial
 from lmforge.config.schema import StageConfig
 from lmforge.data.build import load_splits, tokenize_sft
 from lmforge.data.packing import collate
-from lmforge.loop.checkpoint import latest_checkpoint
 from lmforge.loop.trainer import Trainer
 from lmforge.rollout.evaluate import answer_eval
 from lmforge.stages.common import lm_loss, load_for_training, save_artifact, start_run
@@ -32,7 +31,7 @@ def run(cfg: StageConfig) -> dict:
 
     trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id), lm_loss,
                       cfg.train, cfg.log, eval_rows=eval_rows)
-    resuming = cfg.train.resume_from or (cfg.train.resume and latest_checkpoint(cfg.train.output_dir))
+    resuming = trainer.resume_from is not None
     before = held_out_answers(model, tokenizer, eval_examples, cfg.sft.eval_generate, cfg.sft.max_new_tokens) \
         if eval_examples is not None and cfg.sft.eval_generate > 0 and not resuming else {}
     result = trainer.train()
