@@ -28,12 +28,21 @@ def assistant_replies(record: dict) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def world_dir(tmp_path_factory) -> Path:
+def demo_files(tmp_path_factory) -> dict[str, Path]:
+    """The demo world (seed 0), written once: name -> path, as write_demo_world returns it."""
     from lmforge.data.demo_world import write_demo_world
 
-    out = tmp_path_factory.mktemp("world")
-    write_demo_world(out, seed=0)
-    return out
+    return write_demo_world(tmp_path_factory.mktemp("world"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_sft(demo_files) -> tuple[list[dict], list[dict]]:
+    return jsonl_records(demo_files["sft_train"]), jsonl_records(demo_files["sft_eval"])
+
+
+@pytest.fixture(scope="session")
+def world_dir(demo_files) -> Path:
+    return demo_files["world"].parent
 
 
 @pytest.fixture(scope="session")

@@ -26,18 +26,8 @@ PAIR_KEYS = ["prompt", "chosen", "rejected", "answer", "lang", "kind", "id", "su
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_demo_world(tmp_path_factory.mktemp("world"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def sft(out: dict[str, Path]) -> tuple[list[dict], list[dict]]:
-    return _jsonl(out["sft_train"]), _jsonl(out["sft_eval"])
-
-
-@pytest.fixture(scope="module")
-def prefs(out: dict[str, Path]) -> tuple[list[dict], list[dict]]:
-    return _jsonl(out["pref_train"]), _jsonl(out["pref_eval"])
+def prefs(demo_files: dict[str, Path]) -> tuple[list[dict], list[dict]]:
+    return _jsonl(demo_files["pref_train"]), _jsonl(demo_files["pref_eval"])
 
 
 def _reply(pair: dict, side: str) -> str:
@@ -53,7 +43,7 @@ def test_pref_files_deterministic_per_seed() -> None:
     assert pref_files(build_world(1))["pref_train"] != pref_files(build_world(2))["pref_train"]
 
 
-def test_pref_lines_parse_with_keys(out: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
+def test_pref_lines_parse_with_keys(demo_files: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
     kinds = set(ATTRIBUTES) | {"arith"}
     for pairs in prefs:
         for pair in pairs:
@@ -67,7 +57,7 @@ def test_pref_lines_parse_with_keys(out: dict[str, Path], prefs: tuple[list[dict
         assert {p["lang"] for p in pairs} == {"en", "zh"} and {p["kind"] for p in pairs} == kinds
     train, held = prefs
     assert len({p["id"] for p in train + held}) == len(train) + len(held)
-    for path in (out["pref_train"], out["pref_eval"], out["pref_kto"]):
+    for path in (demo_files["pref_train"], demo_files["pref_eval"], demo_files["pref_kto"]):
         text = path.read_text(encoding="utf-8")
         assert text.endswith("\n") and "\r" not in text
 
@@ -83,10 +73,10 @@ def test_pref_sizes_and_flaw_mix(prefs: tuple[list[dict], list[dict]]) -> None:
 
 
 def test_pref_chosen_is_sft_reference(
-    out: dict[str, Path], prefs: tuple[list[dict], list[dict]], sft: tuple[list[dict], list[dict]]
+    demo_files: dict[str, Path], prefs: tuple[list[dict], list[dict]], demo_sft: tuple[list[dict], list[dict]]
 ) -> None:
-    world = load_world(out["world"])
-    references = {_key(r): _assistant(r)[-1] for r in sft[0] + sft[1]}
+    world = load_world(demo_files["world"])
+    references = {_key(r): _assistant(r)[-1] for r in demo_sft[0] + demo_sft[1]}
     facts = {(world.term(f.entity, lang), f.attribute, lang): f for f in world.facts for lang in ("en", "zh")}
     for pair in prefs[0] + prefs[1]:
         chosen = _reply(pair, "chosen")
@@ -101,8 +91,8 @@ def test_pref_chosen_is_sft_reference(
         assert is_preferred_style(pair, f" {chosen}\n"), pair["id"]
 
 
-def test_pref_rejected_by_flaw(out: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
-    world = load_world(out["world"])
+def test_pref_rejected_by_flaw(demo_files: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
+    world = load_world(demo_files["world"])
     facts = {(world.term(f.entity, lang), f.attribute, lang): f for f in world.facts for lang in ("en", "zh")}
     for pair in prefs[0] + prefs[1]:
         chosen, rejected, flaw = _reply(pair, "chosen"), _reply(pair, "rejected"), pair["flaw"]
@@ -125,18 +115,18 @@ def test_pref_rejected_by_flaw(out: dict[str, Path], prefs: tuple[list[dict], li
 
 
 def test_pref_eval_asks_only_heldout(
-    prefs: tuple[list[dict], list[dict]], sft: tuple[list[dict], list[dict]]
+    prefs: tuple[list[dict], list[dict]], demo_sft: tuple[list[dict], list[dict]]
 ) -> None:
     train, held = prefs
     assert not {_key(p) for p in held} & {_key(p) for p in train}
     # The same held-out split as sft/eval.jsonl, and nothing SFT trains on.
-    assert {_key(p) for p in held} == {_key(r) for r in sft[1]}
-    assert not {_key(p) for p in held} & {_key(r) for r in sft[0]}
-    assert {_key(r) for r in sft[0]} <= {_key(p) for p in train}
+    assert {_key(p) for p in held} == {_key(r) for r in demo_sft[1]}
+    assert not {_key(p) for p in held} & {_key(r) for r in demo_sft[0]}
+    assert {_key(r) for r in demo_sft[0]} <= {_key(p) for p in train}
 
 
-def test_kto_file_balanced(out: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
-    kto = _jsonl(out["pref_kto"])
+def test_kto_file_balanced(demo_files: dict[str, Path], prefs: tuple[list[dict], list[dict]]) -> None:
+    kto = _jsonl(demo_files["pref_kto"])
     assert all(list(r) == ["messages", "label"] and isinstance(r["label"], bool) for r in kto)
     assert sum(r["label"] for r in kto) == sum(not r["label"] for r in kto) == len(prefs[0])
     sides = ("chosen", "rejected")
@@ -180,9 +170,9 @@ def test_sft_noise_restyles_a_share_of_replies_and_keeps_the_facts(tmp_path) -> 
         assert answer_is_correct(a, a["messages"][-1]["content"])
 
 
-def test_seen_fact_pairs_are_new_pairs_about_trained_facts(out: dict[str, Path]) -> None:
+def test_seen_fact_pairs_are_new_pairs_about_trained_facts(demo_files: dict[str, Path]) -> None:
     def load(key):
-        return [json.loads(line) for line in out[key].read_text(encoding="utf-8").splitlines()]
+        return [json.loads(line) for line in demo_files[key].read_text(encoding="utf-8").splitlines()]
 
     train, seen, held = load("pref_train"), load("pref_eval_seen"), load("pref_eval")
     as_key = lambda p: (json.dumps(p["prompt"]), json.dumps(p["rejected"]))  # noqa: E731

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from conftest import assistant_replies as _assistant
-from conftest import jsonl_records as _jsonl
 from conftest import lang_of as _lang
 
 from lmforge.data.demo_world import (
@@ -21,18 +19,8 @@ from lmforge.data.demo_world import (
 )
 
 
-@pytest.fixture(scope="module")
-def out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_demo_world(tmp_path_factory.mktemp("world"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def sft(out: dict[str, Path]) -> tuple[list[dict], list[dict]]:
-    return _jsonl(out["sft_train"]), _jsonl(out["sft_eval"])
-
-
-def test_returns_every_file(out: dict[str, Path]) -> None:
-    assert set(out) == {
+def test_returns_every_file(demo_files: dict[str, Path]) -> None:
+    assert set(demo_files) == {
         "world",
         "pt_train",
         "pt_eval",
@@ -44,22 +32,22 @@ def test_returns_every_file(out: dict[str, Path]) -> None:
         "pref_kto",
         "dataset_info",
     }
-    root = out["world"].parent
-    assert out["pt_train"] == root / "pt" / "train.txt"
-    assert out["sft_eval"] == root / "sft" / "eval.jsonl"
-    assert out["pref_train"] == root / "pref" / "train.jsonl"
-    assert out["pref_eval"] == root / "pref" / "eval.jsonl"
-    assert out["pref_kto"] == root / "pref" / "kto_train.jsonl"
-    assert all(p.is_file() and p.stat().st_size > 0 for p in out.values())
+    root = demo_files["world"].parent
+    assert demo_files["pt_train"] == root / "pt" / "train.txt"
+    assert demo_files["sft_eval"] == root / "sft" / "eval.jsonl"
+    assert demo_files["pref_train"] == root / "pref" / "train.jsonl"
+    assert demo_files["pref_eval"] == root / "pref" / "eval.jsonl"
+    assert demo_files["pref_kto"] == root / "pref" / "kto_train.jsonl"
+    assert all(p.is_file() and p.stat().st_size > 0 for p in demo_files.values())
 
 
-def test_same_seed_same_bytes_other_seed_differs(out: dict[str, Path], tmp_path: Path) -> None:
+def test_same_seed_same_bytes_other_seed_differs(demo_files: dict[str, Path], tmp_path: Path) -> None:
     again = write_demo_world(tmp_path / "again", seed=0)
-    for name, path in out.items():
+    for name, path in demo_files.items():
         assert again[name].read_bytes() == path.read_bytes(), name
     other = write_demo_world(tmp_path / "other", seed=1)
-    for name in set(out) - {"dataset_info"}:
-        assert other[name].read_bytes() != out[name].read_bytes(), name
+    for name in set(demo_files) - {"dataset_info"}:
+        assert other[name].read_bytes() != demo_files[name].read_bytes(), name
     assert {e.name for e in build_world(0).entities} != {e.name for e in build_world(1).entities}
 
 
@@ -82,16 +70,16 @@ def test_world_shape() -> None:
             assert world.entity(fact.value).kind == "town"
 
 
-def test_load_world_round_trips(out: dict[str, Path]) -> None:
-    world = load_world(out["world"])
+def test_load_world_round_trips(demo_files: dict[str, Path]) -> None:
+    world = load_world(demo_files["world"])
     assert world.facts == build_world(0).facts
-    assert world.entities == load_world(out["world"].parent).entities
+    assert world.entities == load_world(demo_files["world"].parent).entities
     assert world.arith_heldout == build_world(0).arith_heldout
 
 
-def test_pt_one_document_per_line_within_budget(out: dict[str, Path]) -> None:
-    train_text = out["pt_train"].read_text(encoding="utf-8")
-    eval_text = out["pt_eval"].read_text(encoding="utf-8")
+def test_pt_one_document_per_line_within_budget(demo_files: dict[str, Path]) -> None:
+    train_text = demo_files["pt_train"].read_text(encoding="utf-8")
+    eval_text = demo_files["pt_eval"].read_text(encoding="utf-8")
     for text in (train_text, eval_text):
         assert text.endswith("\n") and "\r" not in text
         lines = text.splitlines()
@@ -104,9 +92,9 @@ def test_pt_one_document_per_line_within_budget(out: dict[str, Path]) -> None:
     assert not set(eval_text.splitlines()) & set(train_text.splitlines())
 
 
-def test_every_fact_stated_several_times_in_both_languages(out: dict[str, Path]) -> None:
-    world = load_world(out["world"])
-    lines = out["pt_train"].read_text(encoding="utf-8").splitlines()
+def test_every_fact_stated_several_times_in_both_languages(demo_files: dict[str, Path]) -> None:
+    world = load_world(demo_files["world"])
+    lines = demo_files["pt_train"].read_text(encoding="utf-8").splitlines()
     for fact in world.facts:
         for lang in ("en", "zh"):
             subject, value = world.term(fact.entity, lang), world.term(fact.value, lang)
@@ -117,8 +105,8 @@ def test_every_fact_stated_several_times_in_both_languages(out: dict[str, Path])
             assert len({s for s in sentences for line in hits if s in line}) >= 2, (fact, lang)
 
 
-def test_sft_records_parse_and_have_keys(sft: tuple[list[dict], list[dict]]) -> None:
-    train, held = sft
+def test_sft_records_parse_and_have_keys(demo_sft: tuple[list[dict], list[dict]]) -> None:
+    train, held = demo_sft
     kinds = set(ATTRIBUTES) | {"arith"}
     for record in train + held:
         assert {"messages", "answer", "lang", "kind", "id"} <= set(record)
@@ -134,8 +122,8 @@ def test_sft_records_parse_and_have_keys(sft: tuple[list[dict], list[dict]]) -> 
         assert {r["kind"] for r in records} == kinds
 
 
-def test_sft_sizes(sft: tuple[list[dict], list[dict]]) -> None:
-    train, held = sft
+def test_sft_sizes(demo_sft: tuple[list[dict], list[dict]]) -> None:
+    train, held = demo_sft
     assert 70 <= len(held) <= 150
     assert all(len(_assistant(r)) == 1 and r["messages"][0]["role"] == "user" for r in held)
     assert 800 <= len(train) <= 3000
@@ -145,9 +133,9 @@ def test_sft_sizes(sft: tuple[list[dict], list[dict]]) -> None:
     assert text <= 300_000, text
 
 
-def test_no_eval_fact_in_sft_train(out: dict[str, Path], sft: tuple[list[dict], list[dict]]) -> None:
-    train, held = sft
-    world = load_world(out["world"])
+def test_no_eval_fact_in_sft_train(demo_files: dict[str, Path], demo_sft: tuple[list[dict], list[dict]]) -> None:
+    train, held = demo_sft
+    world = load_world(demo_files["world"])
     # The eval file asks exactly the held-out facts and sums, in both languages.
     asked = {(r["subject"], r["kind"]) for r in held if r["lang"] == "en"}
     expected = {(f.entity, f.attribute) for f in world.facts if f.heldout}
@@ -160,10 +148,10 @@ def test_no_eval_fact_in_sft_train(out: dict[str, Path], sft: tuple[list[dict], 
     assert not {(r["subject"], r["kind"], r["lang"]) for r in held} & trained
 
 
-def test_eval_facts_are_in_pt_train(out: dict[str, Path], sft: tuple[list[dict], list[dict]]) -> None:
-    lines = out["pt_train"].read_text(encoding="utf-8").splitlines()
+def test_eval_facts_are_in_pt_train(demo_files: dict[str, Path], demo_sft: tuple[list[dict], list[dict]]) -> None:
+    lines = demo_files["pt_train"].read_text(encoding="utf-8").splitlines()
     by_lang = {lang: [line for line in lines if _lang(line) == lang] for lang in ("en", "zh")}
-    for record in sft[1]:
+    for record in demo_sft[1]:
         pool = by_lang[record["lang"]]
         if record["kind"] == "arith":
             assert any(_assistant(record)[0] in line for line in pool), record["id"]
@@ -171,16 +159,16 @@ def test_eval_facts_are_in_pt_train(out: dict[str, Path], sft: tuple[list[dict],
             assert any(record["subject"] in line and record["answer"] in line for line in pool), record["id"]
 
 
-def test_reference_answers_grade_correct(sft: tuple[list[dict], list[dict]]) -> None:
-    for record in sft[0] + sft[1]:
+def test_reference_answers_grade_correct(demo_sft: tuple[list[dict], list[dict]]) -> None:
+    for record in demo_sft[0] + demo_sft[1]:
         reference = _assistant(record)[-1]
         assert exact_match(record, f"  {reference}\n")
         assert answer_is_correct(record, reference), record["id"]
 
 
-def test_wrong_and_hedged_answers_grade_incorrect(sft: tuple[list[dict], list[dict]]) -> None:
+def test_wrong_and_hedged_answers_grade_incorrect(demo_sft: tuple[list[dict], list[dict]]) -> None:
     checked = 0
-    for record in sft[1]:
+    for record in demo_sft[1]:
         reference = _assistant(record)[0]
         if record["kind"] == "arith" or record["answer"].isdigit():
             continue
@@ -216,11 +204,11 @@ def test_answer_is_correct_cases() -> None:
     assert answer_is_correct(same, "0 + 5 = 5") and answer_is_correct(same, "5")
 
 
-def test_dataset_info_points_to_files(out: dict[str, Path]) -> None:
-    info = json.loads(out["dataset_info"].read_text(encoding="utf-8"))
+def test_dataset_info_points_to_files(demo_files: dict[str, Path]) -> None:
+    info = json.loads(demo_files["dataset_info"].read_text(encoding="utf-8"))
     sets = {"demo_pt", "demo_pt_eval", "demo_sft", "demo_sft_eval", "demo_pref", "demo_pref_eval", "demo_kto"}
     assert set(info) == sets
-    root = out["dataset_info"].parent
+    root = demo_files["dataset_info"].parent
     for name, entry in info.items():
         assert (root / entry["file_name"]).is_file(), name
     assert info["demo_pt"] == {"file_name": "pt/train.txt", "columns": {"prompt": "text"}}
@@ -229,11 +217,11 @@ def test_dataset_info_points_to_files(out: dict[str, Path]) -> None:
         assert info[name]["columns"] == {"messages": "messages"}
         assert info[name]["tags"]["assistant_tag"] == "assistant"
     for name, file in (("demo_pref", "pref_train"), ("demo_pref_eval", "pref_eval")):
-        assert root / info[name]["file_name"] == out[file]
+        assert root / info[name]["file_name"] == demo_files[file]
         assert info[name]["ranking"] is True and info[name]["formatting"] == "sharegpt"
         assert info[name]["columns"] == {"messages": "prompt", "chosen": "chosen", "rejected": "rejected"}
         assert info[name]["tags"]["user_tag"] == "user" and info[name]["tags"]["assistant_tag"] == "assistant"
-    assert root / info["demo_kto"]["file_name"] == out["pref_kto"]
+    assert root / info["demo_kto"]["file_name"] == demo_files["pref_kto"]
     assert "ranking" not in info["demo_kto"] and info["demo_kto"]["formatting"] == "sharegpt"
     assert info["demo_kto"]["columns"] == {"messages": "messages", "kto_tag": "label"}
     assert info["demo_kto"]["tags"]["role_tag"] == "role"
