@@ -74,3 +74,14 @@ def test_every_example_yaml_loads(path):
 
 def test_examples_exist():
     assert len(list(EXAMPLES.glob("*.yaml"))) >= 3
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust", "simpo"])
+def test_sft_weight_accepted_where_it_has_a_meaning(loss):
+    assert load_config(None, ["stage=dpo", "model.scratch=test", f"dpo.loss={loss}", "dpo.sft_weight=1"]).dpo.sft_weight == 1.0
+
+
+@pytest.mark.parametrize("loss", ["orpo", "kto"])
+def test_sft_weight_refused_where_it_does_not_apply(loss):
+    with pytest.raises(ConfigError, match=f"sft_weight applies to .* not {loss}"):
+        load_config(None, ["stage=dpo", "model.scratch=test", f"dpo.loss={loss}", "dpo.sft_weight=1"])

@@ -169,6 +169,11 @@ def test_sft_weight_adds_the_chosen_nll(base, world_dir):
         plain = preference_loss(model, batch, DPOConfig(), reference)[0]
         mixed, _, metrics = preference_loss(model, batch, DPOConfig(sft_weight=0.5), reference)
         sums, lengths = sequence_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        simpo = preference_loss(model, batch, DPOConfig(loss="simpo", beta=2.0), None)[0]
+        cpo_simpo, _, simpo_metrics = preference_loss(model, batch, DPOConfig(loss="simpo", beta=2.0, sft_weight=2.0),
+                                                      None)
     nll = float(-sums[:4].sum() / lengths[:4].sum())
     assert float(metrics["nll"]) == pytest.approx(nll, rel=1e-5)
     assert float(mixed) / 4 == pytest.approx(float(plain) / 4 + 0.5 * nll, rel=1e-5)
+    assert float(simpo_metrics["nll"]) == pytest.approx(nll, rel=1e-5)  # CPO-SimPO
+    assert float(cpo_simpo) / 4 == pytest.approx(float(simpo) / 4 + 2.0 * nll, rel=1e-5)

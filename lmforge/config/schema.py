@@ -213,7 +213,8 @@ class DPOConfig:
     """ORPO weight of the odds-ratio term next to the SFT loss."""
     sft_weight: float = 0.0
     """Add this times the chosen replies' per-token NLL to DPO/IPO/hinge/robust (RPO, TRL's rpo_alpha,
-    LLaMA-Factory's pref_ftx): keeps the chosen answers likely while the pairs separate."""
+    LLaMA-Factory's pref_ftx) or SimPO (CPO-SimPO): keeps the chosen answers likely while the pairs
+    separate."""
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     reference: str = "auto"
@@ -228,8 +229,8 @@ class DPOConfig:
     def __post_init__(self) -> None:
         _check_choice("dpo", "loss", self.loss, DPO_LOSSES)
         _check_choice("dpo", "reference", self.reference, ("auto", "copy", "adapter"))
-        if self.sft_weight and self.loss not in ("sigmoid", "ipo", "hinge", "robust"):
-            raise ConfigError(f"dpo.sft_weight applies to sigmoid, ipo, hinge and robust, not {self.loss} "
+        if self.sft_weight and self.loss not in ("sigmoid", "ipo", "hinge", "robust", "simpo"):
+            raise ConfigError(f"dpo.sft_weight applies to sigmoid, ipo, hinge, robust and simpo, not {self.loss} "
                               "(orpo has its own SFT term)")
         if self.label_smoothing and self.loss not in ("sigmoid", "robust", "simpo"):
             raise ConfigError(f"dpo.label_smoothing applies to sigmoid, robust and simpo, not {self.loss}")

@@ -38,15 +38,16 @@ def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | N
     sums, lengths = sequence_logps(logits, batch["labels"])
     half = sums.shape[0] // 2
     count = torch.tensor(half, device=sums.device)
-    if cfg.loss in REFERENCE_FREE:
+    nll = -sums[:half].sum() / lengths[:half].sum().clamp(min=1)  # chosen replies, per token
+    if cfg.loss == "orpo":
         avg = sums / lengths.clamp(min=1)
-        if cfg.loss == "simpo":
-            loss, metrics = simpo_loss(avg[:half], avg[half:], beta=cfg.beta, gamma=cfg.simpo_gamma,
-                                       label_smoothing=cfg.label_smoothing)
-        else:
-            nll = -sums[:half].sum() / lengths[:half].sum().clamp(min=1)
-            loss, metrics = orpo_loss(avg[:half], avg[half:], nll, lam=cfg.orpo_lambda)
+        loss, metrics = orpo_loss(avg[:half], avg[half:], nll, lam=cfg.orpo_lambda)
         return loss * half, count, metrics
+    if cfg.loss == "simpo":
+        avg = sums / lengths.clamp(min=1)
+        loss, metrics = simpo_loss(avg[:half], avg[half:], beta=cfg.beta, gamma=cfg.simpo_gamma,
+                                   label_smoothing=cfg.label_smoothing)
+        return _with_sft_term(loss, metrics, nll, cfg) * half, count, metrics
     ref = _reference_logps(model, batch, reference)
     if cfg.loss == "kto":
         kl = kto_kl_estimate(sums[half:], ref[half:])
@@ -54,15 +55,19 @@ def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | N
                                  desirable_weight=cfg.kto_desirable_weight,
                                  undesirable_weight=cfg.kto_undesirable_weight)
         return loss * half, count, metrics
-    nll = -sums[:half].sum() / lengths[:half].sum().clamp(min=1)
     if cfg.loss == "ipo":  # IPO is defined on per-token averages
         sums, ref = sums / lengths.clamp(min=1), ref / lengths.clamp(min=1)
     loss, metrics = dpo_loss(sums[:half], sums[half:], ref[:half], ref[half:], beta=cfg.beta, loss_type=cfg.loss,
                              label_smoothing=cfg.label_smoothing)
-    if cfg.sft_weight:
-        loss = loss + cfg.sft_weight * nll
-        metrics = {**metrics, "nll": nll.detach()}
-    return loss * half, count, metrics
+    return _with_sft_term(loss, metrics, nll, cfg) * half, count, metrics
+
+
+def _with_sft_term(loss: torch.Tensor, metrics: dict, nll: torch.Tensor, cfg: DPOConfig) -> torch.Tensor:
+    """RPO / CPO-SimPO: the chosen replies' NLL, weighted, added to the preference loss."""
+    if not cfg.sft_weight:
+        return loss
+    metrics["nll"] = nll.detach()
+    return loss + cfg.sft_weight * nll
 
 
 def _reference_logps(model, batch: dict, reference: Reference | None) -> torch.Tensor:
