@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGES = ("pt", "sft", "rm", "dpo")
+STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
+RL_STAGES = ("ppo", "grpo", "rloo")
+REWARD_KINDS = ("model", "exact_match", "answer_match", "regex", "length", "function")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 FINETUNING = ("full", "freeze", "lora", "dora", "qlora")
 DTYPES = ("fp32", "bf16", "fp16", "auto")
@@ -237,6 +239,97 @@ class DPOConfig:
 
 
 @dataclass
+class RewardSpec:
+    kind: str = "model"
+    """model (a reward-model artifact), exact_match (the reply equals the reference), answer_match (the
+    reply states the reference answer), regex (the reply matches `pattern`), length (a penalty past
+    `target_length` tokens), function (`module:function` or `file.py:function`)."""
+    weight: float = 1.0
+    path: str = ""
+    """kind=model: the reward-model folder (an RM artifact)."""
+    pattern: str = ""
+    """kind=regex: a Python regular expression searched in the reply."""
+    function: str = ""
+    """kind=function: `package.module:function` or `path/to/file.py:function`, called as
+    function(prompts, responses, **columns) -> list[float]."""
+    target_length: int = 0
+    """kind=length: replies longer than this many tokens lose (length - target) / target."""
+
+    def __post_init__(self) -> None:
+        _check_choice("rl.rewards", "kind", self.kind, REWARD_KINDS)
+        needs = {"model": "path", "regex": "pattern", "function": "function", "length": "target_length"}
+        if self.kind in needs and not getattr(self, needs[self.kind]):
+            raise ConfigError(f"a reward of kind {self.kind} needs {needs[self.kind]}")
+
+
+@dataclass
+class RLConfig:
+    """Online RL (ppo, grpo, rloo): sample, score, and optimise against the reward with a KL leash."""
+
+    reward_model: str = ""
+    """Shorthand for one `model` reward of weight 1 (a pipeline stage writes `reward_model: rm`)."""
+    rewards: list[RewardSpec] = field(default_factory=list)
+    """Rewards summed with their weights."""
+    prompts_per_step: int = 16
+    """Prompts sampled per rollout (one RL iteration); train.max_steps counts iterations."""
+    num_generations: int = 1
+    """Samples per prompt; GRPO and RLOO compare a prompt's samples, so they need at least 2."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    minibatch_size: int = 0
+    """Samples per optimizer step (0: the whole rollout); micro-batches of train.batch_size accumulate."""
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    value_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05
+    """KL penalty coefficient (PPO, RLOO: in the reward; GRPO: β of the k3 loss term; 0 disables)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimate for PPO/RLOO: k1 (log-ratio) or k3 (always ≥ 0). GRPO uses k3."""
+    kl_target: float = 0.0
+    """> 0: adapt kl_coef so the per-sequence KL stays near this value (Ziegler et al. 2019)."""
+    kl_horizon: int = 10000
+    reward_norm: str = "none"
+    """none, batch (whiten each rollout's rewards), running (divide by a running std)."""
+    reward_clip: float = 0.0
+    """> 0: clip rewards to [-reward_clip, reward_clip] after normalisation."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of a reply cut at max_new_tokens instead of ending its turn."""
+    target_approx_kl: float = 0.0
+    """> 0: stop a rollout's remaining epochs once the approximate policy KL passes this."""
+    critic: str = "separate"
+    """PPO value model: separate (a copy of the reward model, or critic_path) or shared (a value head
+    on the policy's own hidden states)."""
+    critic_path: str = ""
+    reference: str = "auto"
+    """auto (the adapter-disabled policy under LoRA, else a frozen copy), copy, adapter."""
+    eval_prompts: int = 64
+    """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
+    backend: str = "hf"
+    """Generation backend for rollouts: hf (transformers generate with a KV cache)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("rl", "kl_estimator", self.kl_estimator, ("k1", "k3"))
+        _check_choice("rl", "reward_norm", self.reward_norm, ("none", "batch", "running"))
+        _check_choice("rl", "critic", self.critic, ("separate", "shared"))
+        _check_choice("rl", "reference", self.reference, ("auto", "copy", "adapter"))
+        _check_choice("rl", "backend", self.backend, ("hf",))
+        for name in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name} must be at least 1")
+
+    def reward_specs(self) -> list[RewardSpec]:
+        extra = [RewardSpec(kind="model", path=self.reward_model)] if self.reward_model else []
+        return extra + list(self.rewards)
+
+
+@dataclass
 class StageConfig:
     stage: str = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -248,10 +341,18 @@ class StageConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def __post_init__(self) -> None:
         _check_choice("", "stage", self.stage, STAGES)
-        if self.stage in ("rm", "dpo") and self.data.streaming:
+        if self.stage in RL_STAGES:
+            if not self.rl.reward_specs():
+                raise ConfigError(f"{self.stage} needs a reward: set rl.reward_model or rl.rewards")
+            if self.stage in ("grpo", "rloo") and self.rl.num_generations < 2:
+                raise ConfigError(f"{self.stage} compares samples of one prompt: set rl.num_generations >= 2")
+            if self.rl.reference == "adapter" and self.model.finetuning not in ("lora", "dora", "qlora"):
+                raise ConfigError("rl.reference=adapter needs model.finetuning=lora, dora or qlora")
+        if self.stage in ("rm", "dpo", *RL_STAGES) and self.data.streaming:
             raise ConfigError(f"{self.stage} reads preference data into a table; data.streaming is for pt/sft")
         if self.dpo.reference == "adapter" and self.model.finetuning not in ("lora", "dora", "qlora"):
             raise ConfigError("dpo.reference=adapter needs model.finetuning=lora, dora or qlora")
