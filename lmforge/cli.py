@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lmforge.config.schema import STAGES
+
 console = Console()
 
 
@@ -18,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run one stage: lmforge train sft config.yaml train.lr=1e-4")
-    train.add_argument("stage", choices=["pt", "sft", "rm", "dpo"])
+    train.add_argument("stage", choices=list(STAGES))
     train.add_argument("config", nargs="?", help="a YAML file (optional)")
     train.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
     train.add_argument("--resume", metavar="PATH", help="continue from this checkpoint folder")

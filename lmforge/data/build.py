@@ -21,6 +21,7 @@ from lmforge.data.errors import DataError, ErrorLog
 from lmforge.data.formats import RowFormat, to_example
 from lmforge.data.packing import pack_samples, pack_stream
 from lmforge.data.preference import encode_kto, encode_pair, to_kto, to_pair
+from lmforge.data.prompts import to_prompt
 from lmforge.data.readers import read_file, resolve_files
 from lmforge.data.registry import resolve_spec
 from lmforge.data.tokenize import encode_sft, encode_text, messages_as_text
@@ -35,8 +36,12 @@ FEATURES = {
     "pair": datasets.Features({"prompt": MESSAGES, "chosen": TEXT, "rejected": TEXT, "source": TEXT}),
     "kto": datasets.Features({"prompt": MESSAGES, "completion": TEXT, "label": datasets.Value("bool"),
                               "source": TEXT}),
+    "prompt": datasets.Features({"prompt": MESSAGES, "reference": TEXT, "answer": TEXT, "extra": TEXT,
+                                 "source": TEXT}),
 }
-ROW_TRANSFORMS = {"sft": to_example, "pair": to_pair, "kto": to_kto}
+ROW_TRANSFORMS = {"sft": to_example, "pair": to_pair, "kto": to_kto, "prompt": to_prompt}
+# Which dataset_info entries each kind may read: RL prompts come from SFT and preference data alike (None).
+PREFERENCE_KIND = {"sft": False, "pair": True, "kto": True, "prompt": None}
 
 
 @contextmanager
@@ -85,7 +90,7 @@ def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, c
     repetition can never put a held-out record in train."""
     parts, weights, all_files, held = [], [], [], []
     for spec in specs:
-        path, fmt = resolve_spec(spec, cfg.dataset_dir, preference=kind != "sft")
+        path, fmt = resolve_spec(spec, cfg.dataset_dir, preference=PREFERENCE_KIND[kind])
         files = resolve_files(path)
         all_files += files
         kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": fmt.limit, "kind": kind}

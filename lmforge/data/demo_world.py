@@ -313,19 +313,20 @@ def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0)
     world = build_world(seed)
     pt_train, pt_eval = pt_corpus(world)
     from lmforge.data.demo_prefs import add_style_noise, pref_files  # these modules import this one
+    from lmforge.data.demo_rl import rl_files
     from lmforge.data.demo_sft import sft_records
 
     sft_train, sft_eval = sft_records(world)
 
     sft_train = add_style_noise(sft_train, sft_noise, seed)
-    prefs = pref_files(world)
+    more = {**pref_files(world), **rl_files(world, sft_train, sft_eval)}
     names = {
         "world": "world.json",
         "pt_train": "pt/train.txt",
         "pt_eval": "pt/eval.txt",
         "sft_train": "sft/train.jsonl",
         "sft_eval": "sft/eval.jsonl",
-        **{name: rel for name, (rel, _) in prefs.items()},
+        **{name: rel for name, (rel, _) in more.items()},
         "dataset_info": "dataset_info.json",
     }
     contents = {
@@ -334,7 +335,7 @@ def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0)
         "pt_eval": pt_eval,
         "sft_train": [json.dumps(r, ensure_ascii=False) for r in sft_train],
         "sft_eval": [json.dumps(r, ensure_ascii=False) for r in sft_eval],
-        **{name: lines for name, (_, lines) in prefs.items()},
+        **{name: lines for name, (_, lines) in more.items()},
         "dataset_info": [json.dumps(dataset_info(), ensure_ascii=False, indent=2)],
     }
     paths = {key: out_dir / rel for key, rel in names.items()}

@@ -13,8 +13,9 @@ KNOWN_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "hf_hub_u
               "script_url", "subset", "split", "folder", "num_samples", "cloud_file_name"}
 
 
-def resolve_spec(spec: DatasetSpec, dataset_dir: str | None, preference: bool = False) -> tuple[str, RowFormat]:
-    """A dataset spec → (path, row format), reading dataset_info.json for `name:` specs."""
+def resolve_spec(spec: DatasetSpec, dataset_dir: str | None, preference: bool | None = False) -> tuple[str, RowFormat]:
+    """A dataset spec → (path, row format), reading dataset_info.json for `name:` specs. `preference`: whether
+    the entry must be preference data (True), must not be (False), or may be either (None: RL prompts)."""
     if spec.path is not None:
         return spec.path, RowFormat(spec.formatting, dict(spec.columns), dict(spec.tags), dict(spec.replacements),
                                     spec.max_samples)
@@ -37,7 +38,7 @@ def resolve_spec(spec: DatasetSpec, dataset_dir: str | None, preference: bool = 
         raise DataError(str(info_path), f"entry {spec.name!r}",
                         f"uses {sorted(unsupported)}, which only apply to hub datasets; point file_name at the local file")
     is_preference = bool(entry.get("ranking")) or "kto_tag" in entry.get("columns", {})
-    if is_preference != preference:
+    if preference is not None and is_preference != preference:
         problem = ("is preference data (ranking or KTO labels); PT and SFT cannot train on it" if is_preference
                    else "is not preference data (no `ranking: true` or kto_tag column); rm/dpo need pairs")
         raise DataError(str(info_path), f"entry {spec.name!r}", problem)

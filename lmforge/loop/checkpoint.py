@@ -13,7 +13,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,8 @@ class LoopState:
     batch_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed."""
     tokens: int = 0
+    extra: dict = field(default_factory=dict)
+    """Stage-specific state that must survive a resume (RL: iterations done, KL coefficient)."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:

@@ -165,7 +165,8 @@ class Trainer:
         return batches[:usable][rank::world]
 
     # -- one optimizer step -------------------------------------------------------------------
-    def _step(self, group: list[dict]) -> dict:
+    def step(self, group: list[dict]) -> dict:
+        """One optimizer step over `group`'s micro-batches (RL stages call it on their own rollouts)."""
         count = sum(self.count_fn(b) for b in group)
         total_tokens = self.accelerator.reduce(count.detach().clone(), "sum").clamp(min=1)
         # DDP averages gradients over processes; scale so the result is the global token mean.
@@ -268,7 +269,7 @@ class Trainer:
         with display:
             while self.state.step < self.total_steps:
                 group = [next(batches) for _ in range(self.cfg.grad_accum)]
-                last = self._step(group)
+                last = self.step(group)
                 window_tokens += last["tokens"]
                 elapsed = time.perf_counter() - started
                 last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)

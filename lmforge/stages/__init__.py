@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 
-def _pt(cfg):
-    from lmforge.stages import pt
-
-    return pt.run(cfg)
+from lmforge.config.schema import STAGES
 
 
-def _sft(cfg):
-    from lmforge.stages import sft
+def _runner(name: str):
+    def run(cfg):
+        # Imported on use: `lmforge --help` should not pay for torch and transformers.
+        return importlib.import_module(f"lmforge.stages.{name}").run(cfg)
 
-    return sft.run(cfg)
-
-
-def _rm(cfg):
-    from lmforge.stages import rm
-
-    return rm.run(cfg)
+    return run
 
 
-def _dpo(cfg):
-    from lmforge.stages import dpo
-
-    return dpo.run(cfg)
-
-
-STAGE_RUNNERS = {"pt": _pt, "sft": _sft, "rm": _rm, "dpo": _dpo}
+STAGE_RUNNERS = {name: _runner(name) for name in STAGES}

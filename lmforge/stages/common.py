@@ -71,12 +71,13 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: str, metrics: dict,
-                  merge_adapter: bool = False) -> Path:
+                  merge_adapter: bool = False, model=None) -> Path:
     """The final model (or adapter) as a plain Hugging Face folder, plus the lmforge.json manifest.
-    `merge_adapter` folds LoRA into the weights (a reward model must load as one plain model)."""
+    `merge_adapter` folds LoRA into the weights (a reward model must load as one plain model);
+    `model` saves a part of what the trainer trained (RL: the policy without its critic)."""
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(trainer.prepared)
+    model = model if model is not None else accelerator.unwrap_model(trainer.prepared)
     if merge_adapter and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if accelerator.is_main_process:

@@ -1,0 +1,303 @@
+"""Rewards for online RL: each `RewardSpec` becomes a function of (prompts, responses, per-sample columns)
+returning one float per response; `RewardSet` sums them with their weights and keeps each part for logging.
+
+The per-sample columns (`rows`) are the prompt record's `reference` and `answer`, every field of its
+`extra` JSON (the record's other columns, see `lmforge.data.prompts`), and from the rollout
+`response_lengths` (tokens) and `stopped` (the reply ended its turn by itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import numbers
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lmforge.config.schema import ConfigError, RewardSpec
+from lmforge.rollout.score import score_responses
+
+# Columns the rollout itself provides or that name the call's arguments: an `extra` field of the same
+# name must not shadow them.
+RESERVED = ("reference", "answer", "response_lengths", "stopped", "prompts", "responses")
+
+
+class RewardFn(Protocol):
+    def __call__(self, prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]: ...
+
+
+def decode_rows(records: list[dict]) -> dict[str, list]:
+    """Prompt-dataset rows (prompt, reference, answer, extra) → the per-sample `rows` columns, without the
+    rollout's `response_lengths` and `stopped`. A field missing from a record's `extra` is None there."""
+    extras = [json.loads(r.get("extra") or "{}") for r in records]
+    rows: dict[str, list] = {"reference": [r.get("reference") or "" for r in records],
+                             "answer": [r.get("answer") or "" for r in records]}
+    for key in dict.fromkeys(k for extra in extras for k in extra):
+        if key not in RESERVED:
+            rows[key] = [extra.get(key) for extra in extras]
+    return rows
+
+
+def _column(rows: dict[str, list], key: str, kind: str) -> list:
+    if key not in rows:
+        raise ValueError(f"{kind} reward needs the per-sample column {key!r}, which the rollout did not pass")
+    return rows[key]
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelReward:
+    """A reward-model artifact, loaded on first use; it renders each prompt with its own tokenizer and
+    chat template, so a policy with another tokenizer is scored as the RM was trained."""
+
+    def __init__(self, path: str, device=None):
+        self.path, self.device = path, device
+        self.model = self.tokenizer = None
+
+    def _load(self) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(self.path)
+            tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"rl.rewards: cannot load the reward model at {self.path!r}: {exc}") from exc
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is None:
+            # The score is read at the last non-pad token; without a pad id batches of >1 are refused.
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if self.device is not None:
+            model.to(self.device)
+        model.eval().requires_grad_(False)
+        self.model, self.tokenizer = model, tokenizer
+
+    def __call__(self, prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+        if self.model is None:
+            self._load()
+        return score_responses(self.model, self.tokenizer, prompts, responses)
+
+
+# --------------------------------------------------------------------------- exact and answer match
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_match(prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+    references = _column(rows, "reference", "exact_match")
+    out = []
+    for i, (response, reference) in enumerate(zip(responses, references)):
+        if not reference or not reference.strip():
+            raise ValueError(f"exact_match reward: sample {i} has no reference answer (the prompt data had no "
+                             "reference reply or column)")
+        out.append(float(_squash(response) == _squash(reference)))
+    return out
+
+
+_NUM = r"-?\d+(?:,\d{3})*(?:\.\d+)?"
+# Latin letters and digits are word boundaries; CJK characters are not ("他今年34岁" states 34).
+_NUMBER = re.compile(rf"(?<![0-9A-Za-z_.]){_NUM}(?![0-9A-Za-z_])")
+_OPERATOR = r"\s*(?:\+|-|−|×|\*|/|÷|x|plus|minus|times|multiplied by|divided by|加上|加|减去|减|乘以|乘|除以)\s*"
+_EXPRESSION = re.compile(rf"(?<![0-9A-Za-z_.])({_NUM}){_OPERATOR}({_NUM})(?![0-9A-Za-z_])", re.IGNORECASE)
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _states_number(response: str, expected: float, question: str) -> bool:
+    """Every number in the reply equals the answer, once operand pairs restated from the question
+    ("7 plus 8 equals 15") are removed, so "16 or 15" is wrong and "15" alone is right."""
+    operands = {_number(n) for n in _NUMBER.findall(question)}
+
+    def drop_restated(match: re.Match) -> str:
+        restated = _number(match.group(1)) in operands and _number(match.group(2)) in operands
+        return " " if restated else match.group(0)
+
+    numbers = [_number(n) for n in _NUMBER.findall(_EXPRESSION.sub(drop_restated, response))]
+    return bool(numbers) and all(math.isclose(n, expected, rel_tol=1e-9, abs_tol=1e-9) for n in numbers)
+
+
+def _normalise(text: str) -> str:
+    # Lower-case, punctuation (ASCII or full-width) to spaces, padded so " plums " matches whole words only.
+    return " " + " ".join(re.sub(r"[^\w]+", " ", text.lower()).split()) + " "
+
+
+def _mentions(normalised: str, term: str) -> bool:
+    if _CJK.search(term):  # no word boundaries in Chinese or Japanese: match characters, ignoring spaces
+        return _normalise(term).replace(" ", "") in normalised.replace(" ", "")
+    return _normalise(term) in normalised
+
+
+def answer_is_stated(response: str, expected: str, question: str = "", distractors=None) -> bool:
+    """True when the reply states `expected` (numerically for numbers, as a whole word or CJK substring
+    for text) and none of the `distractors` (the attribute's other values)."""
+    normalised = _normalise(response)
+    if re.fullmatch(_NUM, expected.strip()):
+        stated = _states_number(response, _number(expected.strip()), question)
+    else:
+        stated = _mentions(normalised, expected)
+    return stated and not any(_mentions(normalised, str(d)) for d in distractors or ())
+
+
+def answer_match(prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+    answers = rows.get("answer") or [""] * len(responses)
+    references = rows.get("reference") or [""] * len(responses)
+    distractors = rows.get("distractors") or [None] * len(responses)
+    out = []
+    for i, response in enumerate(responses):
+        expected = answers[i] or references[i]
+        if not expected or not expected.strip():
+            raise ValueError(f"answer_match reward: sample {i} has neither an answer nor a reference (the prompt "
+                             "data had no answer column or reference reply)")
+        question = next((m["content"] for m in reversed(prompts[i]) if m["role"] == "user"), "")
+        wrong = distractors[i] if isinstance(distractors[i], list) else None
+        out.append(float(answer_is_stated(response, expected, question, wrong)))
+    return out
+
+
+# --------------------------------------------------------------------------- regex and length
+
+
+def regex_reward(pattern: str) -> RewardFn:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"rl.rewards: regex pattern {pattern!r} does not compile ({exc})") from exc
+
+    def reward(prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+        return [float(compiled.search(r) is not None) for r in responses]
+
+    return reward
+
+
+def length_reward(target: int) -> RewardFn:
+    def reward(prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+        lengths = _column(rows, "response_lengths", "length")
+        return [-max(0, int(n) - target) / target for n in lengths]
+
+    return reward
+
+
+# --------------------------------------------------------------------------- user functions
+
+
+def load_function(target: str):
+    """`package.module:function` or `path/to/file.py:function` → the function; ConfigError naming it."""
+    module_name, sep, name = target.rpartition(":")
+    if not sep or not module_name or not name:
+        raise ConfigError(f"rl.rewards: function {target!r} must read package.module:function or "
+                          "path/to/file.py:function")
+    try:
+        if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+            path = Path(module_name).resolve()
+            if not path.is_file():
+                raise ConfigError(f"rl.rewards: function {target!r}: no file {path}")
+            # A name unique to the file: two reward files both called rewards.py must not collide.
+            unique = f"lmforge_reward_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+            spec = importlib.util.spec_from_file_location(unique, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[unique] = module  # dataclasses and pickling look the module up by name
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as exc:  # whatever the user's module raises while importing, reported as config
+        raise ConfigError(f"rl.rewards: cannot import {target!r} ({type(exc).__name__}: {exc})") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"rl.rewards: function {target!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+def checked_rewards(values, n: int, name: str) -> list[float]:
+    """A user function's output as n finite floats, or a ValueError saying what was wrong."""
+    if isinstance(values, torch.Tensor) or hasattr(values, "ndim"):
+        if values.ndim != 1:
+            raise ValueError(f"reward function {name} returned a {values.ndim}-D array; expected one value per response")
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"reward function {name} returned {type(values).__name__}; expected a list of {n} numbers")
+    if len(values) != n:
+        raise ValueError(f"reward function {name} returned {len(values)} rewards for {n} responses")
+    out = []
+    for i, value in enumerate(values):
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"reward function {name} returned {value!r} for response {i}; expected a finite number")
+        out.append(float(value))
+    return out
+
+
+def function_reward(target: str) -> RewardFn:
+    fn = load_function(target)
+
+    def reward(prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+        return checked_rewards(fn(prompts, responses, **rows), len(responses), target)
+
+    return reward
+
+
+# --------------------------------------------------------------------------- building and summing
+
+
+def build_reward(spec: RewardSpec, device=None) -> RewardFn:
+    if spec.kind == "model":
+        return ModelReward(spec.path, device)
+    if spec.kind == "exact_match":
+        return exact_match
+    if spec.kind == "answer_match":
+        return answer_match
+    if spec.kind == "regex":
+        return regex_reward(spec.pattern)
+    if spec.kind == "length":
+        return length_reward(spec.target_length)
+    if spec.kind == "function":
+        return function_reward(spec.function)
+    raise ConfigError(f"rl.rewards: unknown reward kind {spec.kind!r}")
+
+
+class RewardSet:
+    """Several rewards summed with their weights; each part is kept, unweighted, under a readable name
+    (the kind, with `_2`, `_3` for repeats)."""
+
+    def __init__(self, specs: list[RewardSpec], device=None):
+        if not specs:
+            raise ConfigError("rl.rewards: no rewards given (set rl.reward_model or rl.rewards)")
+        seen: Counter = Counter()
+        self.names, self.weights, self.fns = [], [], []
+        for spec in specs:
+            seen[spec.kind] += 1
+            self.names.append(spec.kind if seen[spec.kind] == 1 else f"{spec.kind}_{seen[spec.kind]}")
+            self.weights.append(spec.weight)
+            self.fns.append(build_reward(spec, device))
+
+    def __call__(self, prompts: list[list[dict]], responses: list[str],
+                 rows: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = len(responses)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} responses")
+        for key, column in rows.items():
+            if len(column) != n:
+                raise ValueError(f"rows[{key!r}] has {len(column)} entries for {n} responses")
+        total = torch.zeros(n, dtype=torch.float32)
+        components: dict[str, torch.Tensor] = {}
+        for name, weight, fn in zip(self.names, self.weights, self.fns):
+            values = torch.tensor(fn(prompts, responses, rows), dtype=torch.float32).reshape(-1)
+            if values.shape[0] != n:
+                raise ValueError(f"reward {name} gave {values.shape[0]} values for {n} responses")
+            components[name] = values
+            total += weight * values
+        return total, components

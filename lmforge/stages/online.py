@@ -1,0 +1,277 @@
+"""Online RL, the part PPO, GRPO and RLOO share.
+
+One iteration: the next prompts → replies sampled by the rollout backend → rewards (reward models,
+built-ins, user functions) shaped by the config → in inference mode, each reply token's log-prob
+under the policy, under the reference, and (PPO) its value → the algorithm's advantages → a few
+epochs of minibatches, each one optimizer step of the shared training loop (`Trainer.step`).
+Held-out prompts are answered greedily before training, every `train.eval_steps` iterations and
+at the end: mean reward, exact match with the reference answer, length, KL to the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.config.schema import RLConfig, StageConfig
+from lmforge.data.build import load_splits
+from lmforge.loop.trainer import Trainer, epoch_batches
+from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
+from lmforge.models.reference import Reference
+from lmforge.models.value import PolicyWithValue, reply_logits
+from lmforge.rollout.rewards import RewardSet, decode_rows
+from lmforge.rollout.sample import BACKENDS, SamplingParams, encode_prompts, sample
+from lmforge.stages.common import load_for_training, save_artifact, start_run
+from lmforge.stages.critic import load_critic
+
+
+@dataclass
+class Algorithm:
+    name: str
+    uses_critic: bool
+    advantages: Callable
+    """(batch, cfg, kl_coef) -> (advantages [N, R], returns [N, R] or None, metrics)."""
+    loss: Callable
+    """(model, micro_batch, cfg) -> (loss summed over reply tokens, reply tokens, metrics)."""
+
+
+def response_tokens(batch: dict) -> torch.Tensor:
+    return batch["mask"].sum()
+
+
+response_tokens.metric_name = "reply_tokens"
+
+
+def token_logps(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of the sampled tokens under the distribution they were sampled from (logits / T)."""
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    return gather_logps(logits, responses)
+
+
+def reference_kind(cfg: StageConfig) -> str | None:
+    if cfg.rl.kl_coef == 0 and cfg.rl.kl_target == 0:
+        return None  # no KL term: no reference forward passes at all
+    lora = cfg.model.finetuning in ("lora", "dora", "qlora")
+    return cfg.rl.reference if cfg.rl.reference != "auto" else ("adapter" if lora else "copy")
+
+
+def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
+    run_, rl = start_run(cfg), cfg.rl
+    kind = reference_kind(cfg)
+    policy, tokenizer, parent, frozen = load_for_training(cfg, frozen_copy=kind == "copy")
+    critic = load_critic(cfg, next(policy.parameters()).dtype, len(tokenizer)) if algo.uses_critic and rl.critic == "separate" else None
+    model = PolicyWithValue(policy, critic, shared_value_head=algo.uses_critic and rl.critic == "shared")
+    reference = Reference(kind, frozen) if kind else None
+
+    train_rows, eval_rows, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind="prompt")
+    train_prompts = _encode(tokenizer, train_rows, cfg, run_.errors)
+    eval_set = list(eval_rows.select(range(min(rl.eval_prompts, len(eval_rows))))) if eval_rows else []
+    iterations = cfg.train.max_steps if cfg.train.max_steps > 0 else \
+        math.ceil(cfg.train.epochs * len(train_prompts) / rl.prompts_per_step)
+    samples_per_step = rl.minibatch_size or rl.prompts_per_step * rl.num_generations
+    steps_per_iteration = rl.ppo_epochs * math.ceil(rl.prompts_per_step * rl.num_generations / samples_per_step)
+    train_cfg = dataclasses.replace(cfg.train, max_steps=iterations * steps_per_iteration)
+    trainer = Trainer(model, train_rows, None, lambda m, b: algo.loss(m, b, rl), train_cfg, cfg.log,
+                      perplexity=False, count_fn=response_tokens)
+    device = trainer.accelerator.device
+    if reference is not None:
+        reference.to(device)
+    rewards = RewardSet(rl.reward_specs(), device=device)
+    backend = BACKENDS[rl.backend]()
+    params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, rl.top_k)
+    kl_ctl = AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 \
+        else FixedKLController(rl.kl_coef)
+
+    trainer.resume_if_asked()
+    state = trainer.state
+    if state.extra:
+        kl_ctl.load_state_dict(state.extra["kl"])
+    unwrapped = trainer.accelerator.unwrap_model(trainer.prepared)
+    evaluate = lambda: evaluate_policy(unwrapped.policy, tokenizer, eval_set, rewards, reference, rl)  # noqa: E731
+    before = evaluate() if state.step == 0 else {}
+    trainer.log({f"eval_{k}": v for k, v in before.items()})
+    last: dict = {}
+    while state.extra.get("iteration", 0) < iterations:
+        prompts = _next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
+        last = one_iteration(trainer, unwrapped, tokenizer, backend, params, rewards, reference, kl_ctl, algo, rl,
+                             [train_rows[i] for i in prompts], [train_prompts[i] for i in prompts],
+                             samples_per_step)
+        state.extra = {**state.extra, "iteration": state.extra.get("iteration", 0) + 1, "kl": kl_ctl.state_dict()}
+        done = state.extra["iteration"]
+        if done % cfg.train.logging_steps == 0 or done == iterations:
+            trainer.log({"iteration": done, **last})
+        if cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < iterations:
+            trainer.log({f"eval_{k}": v for k, v in evaluate().items()})
+        if cfg.train.save_steps and done % cfg.train.save_steps == 0:
+            trainer.save_checkpoint()
+    after = evaluate()
+    trainer.log({f"eval_{k}": v for k, v in after.items()})
+    metrics = {**{f"train_{k}": v for k, v in last.items()}, **{f"eval_{k}": v for k, v in after.items()},
+               **{f"initial_eval_{k}": v for k, v in before.items()}, "iterations": iterations}
+    save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics, model=unwrapped.policy)
+    return metrics
+
+
+def _encode(tokenizer, rows, cfg: StageConfig, errors) -> list[list[int]]:
+    """Token ids of each prompt; a prompt leaving no room for the reply within data.max_length is an error."""
+    encoded = encode_prompts(tokenizer, rows["prompt"])
+    room = cfg.data.max_length - cfg.rl.max_new_tokens
+    too_long = [(row["source"], len(ids)) for row, ids in zip(rows, encoded) if len(ids) > room]
+    if too_long:
+        source, n = too_long[0]
+        raise ValueError(f"{source}: prompt of {n} tokens leaves no room for rl.max_new_tokens="
+                         f"{cfg.rl.max_new_tokens} within data.max_length={cfg.data.max_length} "
+                         f"({len(too_long)} prompts like it); raise data.max_length or shorten the prompts")
+    return encoded
+
+
+def _next_prompts(state, n_prompts: int, rl: RLConfig, seed: int, accelerator) -> list[int]:
+    """The next prompts of a seeded epoch order (a resumed run continues it); this process's share."""
+    batches = epoch_batches(n_prompts, rl.prompts_per_step, seed, state.epoch)
+    chosen = batches[state.batch_in_epoch]
+    state.batch_in_epoch += 1
+    if state.batch_in_epoch >= len(batches):
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    world, rank = accelerator.num_processes, accelerator.process_index
+    return chosen[rank::world] if len(chosen) >= world else chosen
+
+
+def one_iteration(trainer, model: PolicyWithValue, tokenizer, backend, params, rewards: RewardSet,
+                  reference, kl_ctl, algo: Algorithm, rl: RLConfig, rows: list[dict], prompt_ids: list[list[int]],
+                  samples_per_step: int) -> dict:
+    device = trainer.accelerator.device
+    started = time.perf_counter()
+    with trainer.accelerator.autocast():
+        samples = sample(backend, model.policy, tokenizer, prompt_ids, params, rl.num_generations)
+    scored_at = time.perf_counter()
+    conversations = [r["prompt"] for r in rows for _ in range(rl.num_generations)]
+    columns = decode_rows([r for r in rows for _ in range(rl.num_generations)])
+    columns.update(response_lengths=samples.lengths.long().tolist(), stopped=samples.stopped.tolist())
+    raw, components = rewards(conversations, samples.texts, columns)
+    batch = {**samples.model_inputs(), "responses": samples.response_ids, "mask": samples.response_mask}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["scores"] = shape_scores(raw.to(device), samples.stopped.to(device), rl, trainer.state.extra)
+    inferred_at = time.perf_counter()
+    batch.update(rollout_views(model, batch, reference, rl, trainer.cfg.batch_size))
+    advantages_at = time.perf_counter()
+    batch["advantages"], batch["returns"], adv_metrics = algo.advantages(batch, rl, kl_ctl.coef)
+    stats = _optimise(trainer, batch, rl, samples_per_step)
+    seq_kl = (kl_per_token(batch["old_logps"], batch["ref_logps"], "k1") * batch["mask"]).sum(-1).mean() \
+        if "ref_logps" in batch else torch.tensor(0.0)
+    kl_ctl.update(float(seq_kl), len(samples.texts))
+    ended = time.perf_counter()
+    total = max(ended - started, 1e-9)
+    return {
+        **stats, **adv_metrics,
+        "reward": float(raw.mean()), **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
+        "score": float(batch["scores"].mean()), "kl": float(seq_kl), "kl_coef": kl_ctl.coef,
+        "length": float(samples.lengths.mean()), "stopped_rate": float(samples.stopped.float().mean()),
+        "time/generate_share": samples.seconds / total, "time/score_share": (inferred_at - scored_at) / total,
+        "time/inference_share": (advantages_at - inferred_at) / total,
+        "time/train_share": (ended - advantages_at) / total, "samples_per_s": len(samples.texts) / total,
+    }
+
+
+def shape_scores(raw: torch.Tensor, stopped: torch.Tensor, rl: RLConfig, extra: dict) -> torch.Tensor:
+    """Reward as the optimiser sees it: missing-EOS penalty, then normalisation, then clipping."""
+    scores = raw.float() - rl.missing_eos_penalty * (~stopped).float()
+    if rl.reward_norm == "batch" and scores.numel() > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    elif rl.reward_norm == "running":
+        count, mean, m2 = extra.get("reward_stats", (0, 0.0, 0.0))
+        for value in scores.tolist():  # Welford: a running variance without keeping every reward
+            count += 1
+            delta = value - mean
+            mean += delta / count
+            m2 += delta * (value - mean)
+        extra["reward_stats"] = (count, mean, m2)
+        scores = scores / (math.sqrt(m2 / max(count - 1, 1)) + 1e-8)
+    if rl.reward_clip > 0:
+        scores = scores.clamp(-rl.reward_clip, rl.reward_clip)
+    return scores
+
+
+@torch.no_grad()
+def rollout_views(model: PolicyWithValue, batch: dict, reference, rl: RLConfig, chunk: int) -> dict:
+    """Old log-probs, reference log-probs and values of every reply token, in chunks, no gradients."""
+    width = batch["responses"].shape[1]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list] = {"old_logps": [], "ref_logps": [], "old_values": []}
+    for start in range(0, batch["responses"].shape[0], chunk):
+        part = {k: v[start:start + chunk] for k, v in inputs.items()}
+        responses = batch["responses"][start:start + chunk]
+        logits, values = model(**part, width=width)
+        parts["old_logps"].append(token_logps(logits.float(), responses, rl.temperature))
+        if values is not None:
+            parts["old_values"].append(values.float())
+        if reference is not None:
+            if reference.kind == "copy":
+                ref_logits = reply_logits(reference.frozen, part, width)
+            else:
+                with model.policy.disable_adapter():
+                    ref_logits = reply_logits(model.policy, part, width)
+            parts["ref_logps"].append(token_logps(ref_logits.float(), responses, rl.temperature))
+    model.train(was_training)
+    return {k: torch.cat(v) * batch["mask"] for k, v in parts.items() if v}
+
+
+def _optimise(trainer, batch: dict, rl: RLConfig, samples_per_step: int) -> dict:
+    """rl.ppo_epochs passes of minibatches over the rollout; stops early past rl.target_approx_kl."""
+    n = batch["responses"].shape[0]
+    keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)]
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(rl.ppo_epochs):
+        order = torch.randperm(n).tolist()
+        for start in range(0, n, samples_per_step):
+            picked = order[start:start + samples_per_step]
+            micro = [{k: batch[k][picked[i:i + trainer.cfg.batch_size]] for k in keys}
+                     for i in range(0, len(picked), trainer.cfg.batch_size)]
+            out = trainer.step(micro)
+            steps += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if rl.target_approx_kl and out.get("approx_kl", 0.0) > rl.target_approx_kl:
+                return {**{k: v / steps for k, v in sums.items()}, "optimizer_steps": steps, "early_stopped": 1}
+    return {**{k: v / steps for k, v in sums.items()}, "optimizer_steps": steps, "early_stopped": 0}
+
+
+@torch.no_grad()
+def evaluate_policy(policy, tokenizer, rows: list[dict], rewards: RewardSet, reference, rl: RLConfig) -> dict:
+    """Greedy replies to held-out prompts: reward, exact match with the reference, length, KL."""
+    if not rows:
+        return {}
+    prompts = [r["prompt"] for r in rows]
+    samples = sample(BACKENDS[rl.backend](), policy, tokenizer, encode_prompts(tokenizer, prompts),
+                     SamplingParams(rl.max_new_tokens, temperature=0.0))
+    columns = decode_rows(rows)
+    columns.update(response_lengths=samples.lengths.long().tolist(), stopped=samples.stopped.tolist())
+    total, components = rewards(prompts, samples.texts, columns)
+    out = {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
+           "length": float(samples.lengths.mean()), "stopped_rate": float(samples.stopped.float().mean())}
+    references = [r["reference"] for r in rows]
+    if all(references):
+        out["exact_match"] = sum(" ".join(t.split()) == " ".join(ref.split())
+                                 for t, ref in zip(samples.texts, references)) / len(rows)
+    if reference is not None:
+        device = next(policy.parameters()).device
+        batch = {k: v.to(device) for k, v in samples.model_inputs().items()}
+        width, mask = samples.response_ids.shape[1], samples.response_mask.to(device)
+        responses = samples.response_ids.to(device)
+        logps = gather_logps(reply_logits(policy, batch, width).float(), responses)
+        if reference.kind == "copy":
+            ref = gather_logps(reply_logits(reference.frozen, batch, width).float(), responses)
+        else:
+            with policy.disable_adapter():
+                ref = gather_logps(reply_logits(policy, batch, width).float(), responses)
+        out["kl"] = float(((logps - ref) * mask).sum(-1).mean())
+    out["sample"] = {"prompt": prompts[0][-1]["content"], "reply": samples.texts[0]}
+    return out
