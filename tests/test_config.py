@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config.load import load_config, to_dict
-from lmforge.config.schema import ConfigError, DatasetSpec, StageConfig
+from lmforge.config.schema import STAGES, ConfigError, DatasetSpec, StageConfig
 from lmforge.pipeline.run import load_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -69,7 +69,7 @@ def test_every_example_yaml_loads(path):
         assert pipeline.stages
     else:
         cfg = load_config(path)
-        assert cfg.stage in ("pt", "sft", "rm", "dpo")
+        assert cfg.stage in STAGES and cfg.stage == path.name.split("_")[0]
 
 
 def test_examples_exist():

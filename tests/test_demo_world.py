@@ -30,6 +30,10 @@ def test_returns_every_file(demo_files: dict[str, Path]) -> None:
         "pref_eval",
         "pref_eval_seen",
         "pref_kto",
+        "rl_train",
+        "rl_eval",
+        "rl_arith_train",
+        "rl_arith_eval",
         "dataset_info",
     }
     root = demo_files["world"].parent
@@ -225,3 +229,17 @@ def test_dataset_info_points_to_files(demo_files: dict[str, Path]) -> None:
     assert "ranking" not in info["demo_kto"] and info["demo_kto"]["formatting"] == "sharegpt"
     assert info["demo_kto"]["columns"] == {"messages": "messages", "kto_tag": "label"}
     assert info["demo_kto"]["tags"]["role_tag"] == "role"
+
+
+def test_rl_prompts_ask_what_sft_did_not_and_hold_out_what_sft_held_out(demo_files: dict[str, Path]) -> None:
+    read = {name: [json.loads(line) for line in demo_files[name].read_text().splitlines()]
+            for name in ("sft_train", "sft_eval", "rl_train", "rl_eval", "rl_arith_train", "rl_arith_eval")}
+    sft_sums = {r["subject"] for r in read["sft_train"] if r["kind"] == "arith"}
+    held_sums = {r["subject"] for r in read["sft_eval"] if r["kind"] == "arith"}
+    rl_sums = {r["subject"] for r in read["rl_arith_train"]}
+    assert rl_sums and not rl_sums & sft_sums and not rl_sums & held_sums
+    assert {r["id"] for r in read["rl_arith_train"]} <= {r["id"] for r in read["rl_train"]}
+    assert read["rl_eval"] == read["sft_eval"]
+    assert read["rl_arith_eval"] == [r for r in read["sft_eval"] if r["kind"] == "arith"]
+    for record in read["rl_train"]:  # every prompt carries its reference reply and a checkable answer
+        assert record["messages"][-1]["role"] == "assistant" and record["answer"]
