@@ -308,7 +308,8 @@ class RLConfig:
     on the policy's own hidden states)."""
     critic_path: str = ""
     reference: str = "auto"
-    """auto (the adapter-disabled policy under LoRA, else a frozen copy), copy, adapter."""
+    """auto (the adapter-disabled policy under LoRA, else a frozen copy), copy, adapter, or none (no
+    reference and no KL: saves a model copy, needs kl_coef 0 and no kl_target)."""
     eval_prompts: int = 64
     """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
     backend: str = "hf"
@@ -318,7 +319,9 @@ class RLConfig:
         _check_choice("rl", "kl_estimator", self.kl_estimator, ("k1", "k3"))
         _check_choice("rl", "reward_norm", self.reward_norm, ("none", "batch", "running"))
         _check_choice("rl", "critic", self.critic, ("separate", "shared"))
-        _check_choice("rl", "reference", self.reference, ("auto", "copy", "adapter"))
+        _check_choice("rl", "reference", self.reference, ("auto", "copy", "adapter", "none"))
+        if self.reference == "none" and (self.kl_coef or self.kl_target):
+            raise ConfigError("rl.reference=none leaves no KL to penalise: set rl.kl_coef=0 and rl.kl_target=0")
         _check_choice("rl", "backend", self.backend, ("hf",))
         for name in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs"):
             if getattr(self, name) < 1:

@@ -55,8 +55,10 @@ def token_logps(logits: torch.Tensor, responses: torch.Tensor, temperature: floa
 
 
 def reference_kind(cfg: StageConfig) -> str | None:
-    if cfg.rl.kl_coef == 0 and cfg.rl.kl_target == 0:
-        return None  # no KL term: no reference forward passes at all
+    """copy, adapter, or None (`rl.reference: none`). Kept even when the KL costs nothing
+    (kl_coef 0): the KL it measures is how a run shows drift and reward hacking."""
+    if cfg.rl.reference == "none":
+        return None
     lora = cfg.model.finetuning in ("lora", "dora", "qlora")
     return cfg.rl.reference if cfg.rl.reference != "auto" else ("adapter" if lora else "copy")
 
