@@ -62,7 +62,7 @@ def run_mode(mode: str, steps: int, batch: int, prompt: int, response: int) -> d
     trainer = Trainer(policy, rows, collate, partial(preference_loss, cfg=DPOConfig(), reference=reference),
                       cfg, LogConfig(report_to=[], progress=False))
     timings = []
-    original_step = trainer._step
+    original_step = trainer.step
 
     def timed_step(group):
         started = time.perf_counter()
@@ -70,7 +70,7 @@ def run_mode(mode: str, steps: int, batch: int, prompt: int, response: int) -> d
         timings.append(time.perf_counter() - started)
         return out
 
-    trainer._step = timed_step
+    trainer.step = timed_step
     trainer.train()
     measured = timings[2:]  # the first steps warm up allocators and kernels
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else \

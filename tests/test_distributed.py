@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,12 @@ def test_two_processes_equal_one_process_with_grad_accum(tmp_path):
     assert torchrun, "torchrun ships with torch"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(WORKER), str(out)],
-                   check=True, env=env, capture_output=True, timeout=300)
+    with socket.socket() as probe:  # a free port: a fixed one clashes with any other run on the machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(WORKER), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     distributed = torch.load(out / "weights.pt", weights_only=True)
     # Rank r takes global micro-batches r, r+2, ...: one 2-process step sees the rows a single process
     # sees in two accumulated micro-batches, and both normalise by the step's total token count.

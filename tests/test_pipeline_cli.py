@@ -165,3 +165,38 @@ def test_data_inspect_shows_pairs_for_preference_stages(world_dir, world_tokeniz
     assert code == 0
     out = capsys.readouterr().out
     assert "chosen:" in out and "rejected:" in out and out.count("<|im_start|>assistant") == 2
+
+
+def test_pipeline_rl_stage_reads_its_reward_model_by_name_and_reruns_when_it_changes(tmp_path, capsys):
+    spec = json.loads(json.dumps(PIPELINE))
+    run = tmp_path / "run"
+    spec["run_dir"] = str(run)
+    quiet = {"report_to": [], "progress": False}
+    spec["stages"] += [
+        {"name": "rm", "stage": "rm", "from": "sft", "config": {
+            "data": {"train": ["${run_dir}/world/pref/train.jsonl"], "max_length": 96},
+            "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3}, "log": quiet}},
+        {"name": "ppo", "stage": "ppo", "from": "sft", "reward_model": "rm", "config": {
+            "data": {"train": ["${run_dir}/world/rl/train.jsonl"], "eval": ["${run_dir}/world/rl/eval.jsonl"],
+                     "max_length": 96},
+            "rl": {"prompts_per_step": 4, "max_new_tokens": 8, "eval_prompts": 4},
+            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-4}, "log": quiet}},
+    ]
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == 0
+    ppo = manifest(run, "ppo")
+    assert ppo["config"]["rl"]["reward_model"] == str(run / "rm")
+    assert set(ppo["input_manifests"]) == {str(run / "rm")}
+    assert "train_reward/model" in ppo["metrics"] and "eval_kl" in ppo["metrics"]
+
+    spec["stages"][2]["config"]["train"]["lr"] = 2e-3  # a retrained reward model makes PPO stale
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0
+    assert capsys.readouterr().out.count("done before with the same config, skipped") == 2  # pt and sft
+    assert manifest(run, "ppo")["input_manifests"] != ppo["input_manifests"]
+
+    spec["stages"][3]["reward_model"] = "ppo"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == 2  # not an earlier stage: refused before anything runs

@@ -20,7 +20,7 @@ from lmforge.config.load import apply_override, from_dict, read_yaml, to_dict
 from lmforge.config.schema import ConfigError, StageConfig
 from lmforge.loop.checkpoint import latest_checkpoint
 from lmforge.stages import STAGE_RUNNERS
-from lmforge.stages.common import MANIFEST, parent_manifest_digest
+from lmforge.stages.common import MANIFEST, input_manifest_digests, parent_manifest_digest
 
 
 @dataclass
@@ -29,6 +29,8 @@ class PipelineStage:
     stage: str
     config: dict = field(default_factory=dict)
     from_: str | None = None
+    reward_model: str | None = None
+    """RL stages: the pipeline stage whose artifact is the reward model (`reward_model: rm`)."""
 
 
 @dataclass
@@ -49,11 +51,18 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     run_dir = str(raw.get("run_dir", "runs/pipeline"))
     stages = []
     for i, item in enumerate(raw.get("stages") or []):
-        extra = set(item) - {"name", "stage", "config", "from"}
+        extra = set(item) - {"name", "stage", "config", "from", "reward_model"}
         if extra or "stage" not in item:
-            raise ConfigError(f"{path}: stages[{i}] needs `stage` and takes name/config/from (got {sorted(item)})")
+            raise ConfigError(f"{path}: stages[{i}] needs `stage` and takes name/config/from/reward_model "
+                              f"(got {sorted(item)})")
         stages.append(PipelineStage(item.get("name", item["stage"]), item["stage"], item.get("config") or {},
-                                    item.get("from")))
+                                    item.get("from"), item.get("reward_model")))
+    names = [s.name for s in stages]
+    for stage in stages:
+        for ref in (stage.from_, stage.reward_model):
+            if ref is not None and ref not in names[:names.index(stage.name)]:
+                raise ConfigError(f"{path}: stage {stage.name} refers to {ref!r}, which is not an earlier stage "
+                                  f"(earlier: {', '.join(names[:names.index(stage.name)]) or 'none'})")
     pipeline = Pipeline(run_dir, raw.get("demo_world"), raw.get("tokenizer"), stages)
     for stage in stages:  # validate every stage config before anything runs
         stage_config(pipeline, stage)
@@ -79,6 +88,8 @@ def stage_config(pipeline: Pipeline, stage: PipelineStage) -> StageConfig:
         model["name_or_path"] = str(Path(pipeline.run_dir) / stage.from_)
         model.pop("scratch", None)
         model.pop("tokenizer", None)
+    if stage.reward_model:
+        raw.setdefault("rl", {})["reward_model"] = str(Path(pipeline.run_dir) / stage.reward_model)
     return from_dict(StageConfig, raw, where=f"stages.{stage.name}.config")
 
 
@@ -90,7 +101,9 @@ def _is_done(cfg: StageConfig) -> bool:
         return False
     recorded = json.loads(manifest.read_text(encoding="utf-8"))
     same_config = _comparable(recorded.get("config")) == _comparable(to_dict(cfg))
-    return same_config and recorded.get("parent_manifest") == parent_manifest_digest(cfg.model.name_or_path)
+    same_inputs = recorded.get("input_manifests", {}) == input_manifest_digests(cfg)
+    return same_config and same_inputs and \
+        recorded.get("parent_manifest") == parent_manifest_digest(cfg.model.name_or_path)
 
 
 def _same_config_started(cfg: StageConfig) -> bool:

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from lmforge.config.load import to_dict
-from lmforge.config.schema import StageConfig
+from lmforge.config.schema import RL_STAGES, StageConfig
 from lmforge.data.build import data_cache_dir
 from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids
@@ -93,6 +93,7 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
             "stage": run.cfg.stage,
             "parent": parent,
             "parent_manifest": parent_manifest_digest(run.cfg.model.name_or_path),
+            "input_manifests": input_manifest_digests(run.cfg),
             "config": to_dict(run.cfg),
             "data_fingerprint": data_fingerprint,
             "data": run.errors.summary(),
@@ -112,6 +113,13 @@ def parent_manifest_digest(model_path: str | None) -> str | None:
     if not model_path or not (Path(model_path) / MANIFEST).is_file():
         return None
     return hashlib.sha256((Path(model_path) / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def input_manifest_digests(cfg: StageConfig) -> dict:
+    """Digests of the other artifacts a stage read (RL: its reward models): retraining one makes it stale."""
+    if cfg.stage not in RL_STAGES:
+        return {}
+    return {spec.path: parent_manifest_digest(spec.path) for spec in cfg.rl.reward_specs() if spec.kind == "model"}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
