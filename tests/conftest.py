@@ -88,3 +88,18 @@ def tok(chat_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir))
     assert apply_template_choice(tokenizer, "auto") == "tokenizer"  # it ships ChatML
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, world_dir, world_tokenizer_dir) -> Path:
+    """A tiny model pretrained briefly on the demo corpus: the start of the RM, DPO and RL runs."""
+    from lmforge.config.load import load_config
+    from lmforge.stages import STAGE_RUNNERS
+
+    out = tmp_path_factory.mktemp("base")
+    cfg = load_config(None, ["model.scratch=test", f"model.tokenizer={world_tokenizer_dir}",
+                             f"data.train={world_dir}/pt/train.txt", "data.eval_split=0", "pt.block_size=128",
+                             "train.batch_size=8", "train.max_steps=40", "train.lr=5e-3",
+                             f"train.output_dir={out}", "log.report_to=[]", "log.progress=false"], stage="pt")
+    STAGE_RUNNERS["pt"](cfg)
+    return out

@@ -22,18 +22,6 @@ STARTS_WITH_DIGIT = r"^\s*\d"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, world_dir, world_tokenizer_dir):
-    """A tiny model pretrained briefly on the demo corpus: the policy every run below starts from."""
-    out = tmp_path_factory.mktemp("rl_base")
-    cfg = load_config(None, ["model.scratch=test", f"model.tokenizer={world_tokenizer_dir}",
-                             f"data.train={world_dir}/pt/train.txt", "data.eval_split=0", "pt.block_size=128",
-                             "train.batch_size=8", "train.max_steps=40", "train.lr=5e-3",
-                             f"train.output_dir={out}", *QUIET], stage="pt")
-    STAGE_RUNNERS["pt"](cfg)
-    return out
-
-
-@pytest.fixture(scope="module")
 def reward_model(base, tmp_path_factory):
     """An (untrained) reward model on the base network: enough to exercise the RM reward path."""
     out = tmp_path_factory.mktemp("rl_rm")

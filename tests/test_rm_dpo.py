@@ -16,18 +16,6 @@ from lmforge.stages import STAGE_RUNNERS
 QUIET = ["log.report_to=[]", "log.progress=false"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, world_dir, world_tokenizer_dir):
-    """A tiny model pretrained briefly on the demo corpus: the start of every run below."""
-    out = tmp_path_factory.mktemp("base")
-    cfg = load_config(None, ["model.scratch=test", f"model.tokenizer={world_tokenizer_dir}",
-                             f"data.train={world_dir}/pt/train.txt", "data.eval_split=0", "pt.block_size=128",
-                             "train.batch_size=8", "train.max_steps=40", "train.lr=5e-3",
-                             f"train.output_dir={out}", *QUIET], stage="pt")
-    STAGE_RUNNERS["pt"](cfg)
-    return out
-
-
 def pref_args(world_dir, out, *extra):
     return [f"data.train={world_dir}/pref/train.jsonl", f"data.eval={world_dir}/pref/eval.jsonl",
             "data.max_length=128", f"train.output_dir={out}", *QUIET, *extra]
