@@ -63,16 +63,21 @@ def to_example(row: dict, fmt: RowFormat) -> dict:
         row = _replace(row, fmt.replacements)
     kind = detect_format(row, fmt)
     if kind == "text":
-        key = fmt.columns.get("prompt", "text")
-        text = row.get(key)
-        if not isinstance(text, str):
-            raise ValueError(f"field {key!r} must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise ValueError(f"field {key!r} is empty")
-        return {"text": text, "messages": [], "tools": ""}
+        return {"text": text_field(row, fmt)[1], "messages": [], "tools": ""}
     messages, tools = _alpaca(row, fmt) if kind == "alpaca" else _conversation(row, fmt, kind)
     check_dialogue(messages)
     return {"text": "", "messages": messages, "tools": tools}
+
+
+def text_field(row: dict, fmt: RowFormat) -> tuple[str, str]:
+    """(column, text) of a raw-text record; the text must be a non-empty string."""
+    key = fmt.columns.get("prompt", "text")
+    text = row.get(key)
+    if not isinstance(text, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"field {key!r} is empty")
+    return key, text
 
 
 def _replace(value, replacements: dict[str, str]):

@@ -84,10 +84,7 @@ def _dialogue_prompt(row: dict, fmt: RowFormat) -> tuple[list[dict], str | None,
     """(prompt, the final assistant reply or None, the columns read) of an SFT-shaped record."""
     kind = detect_format(row, fmt)
     if kind == "text":
-        key = fmt.columns.get("prompt", "text")
-        text = row.get(key)
-        if not isinstance(text, str):
-            raise ValueError(f"field {key!r} must be a string, got {type(text).__name__}")
+        key, text = formats.text_field(row, fmt)
         return [{"role": "user", "content": text}], None, {key}
     if kind == "alpaca":
         cols = {**ALPACA_COLUMNS, **fmt.columns}
