@@ -243,3 +243,14 @@ def test_rl_prompts_ask_what_sft_did_not_and_hold_out_what_sft_held_out(demo_fil
     assert read["rl_arith_eval"] == [r for r in read["sft_eval"] if r["kind"] == "arith"]
     for record in read["rl_train"]:  # every prompt carries its reference reply and a checkable answer
         assert record["messages"][-1]["role"] == "assistant" and record["answer"]
+
+
+def test_arith_reps_states_every_sum_that_many_more_times() -> None:
+    from lmforge.data.demo_world import build_world, pt_corpus
+
+    world = build_world(0)
+    once, thrice = pt_corpus(world)[0], pt_corpus(world, arith_reps=3)[0]
+    for canonical in ("7 plus 8 equals 15.", "7 加 8 等于 15。"):  # once per canonical round, maybe in a random one
+        in_once, in_thrice = (sum(d.count(canonical) for d in docs) for docs in (once, thrice))
+        assert 1 <= in_once <= 2 and 3 <= in_thrice <= 6 and in_thrice >= in_once + 2
+    assert set(once) - set(thrice) <= {d for d in once if any(c.isdigit() for c in d)}  # facts text unchanged

@@ -262,13 +262,15 @@ def _arith_docs(problems: list[Problem], rng: random.Random, canonical: bool) ->
     return docs
 
 
-def pt_corpus(world: World, reps: int = 10) -> tuple[list[str], list[str]]:
-    """(train, eval) documents, one per line; eval re-renders the same facts with other random choices."""
+def pt_corpus(world: World, reps: int = 10, arith_reps: int = 1) -> tuple[list[str], list[str]]:
+    """(train, eval) documents, one per line; eval re-renders the same facts with other random choices.
+    `arith_reps`: rounds of sums, each stating every sum twice per language."""
     rng = random.Random(f"demo-pt:{world.seed}")
     problems = world.arith_problems()
-    # Every sum twice per language: once in its canonical answer form, once in a random wording.
-    train = _entity_docs(world, rng, reps) + _arith_docs(problems, rng, True)
-    train += _arith_docs(problems, rng, False)
+    train = _entity_docs(world, rng, reps)
+    for _ in range(arith_reps):  # every sum twice per language: its canonical answer form and a random wording
+        train += _arith_docs(problems, rng, True)
+        train += _arith_docs(problems, rng, False)
     rng.shuffle(train)
     seen = set(train)
     held = []
@@ -306,12 +308,12 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0) -> dict[str, Path]:
+def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0, arith_reps: int = 1) -> dict[str, Path]:
     """Generate the demo world under `out_dir`; returns name -> path of every file written.
     `sft_noise`: share of single-turn SFT train replies given a rude or rambling style."""
     out_dir = Path(out_dir)
     world = build_world(seed)
-    pt_train, pt_eval = pt_corpus(world)
+    pt_train, pt_eval = pt_corpus(world, arith_reps=arith_reps)
     from lmforge.data.demo_prefs import add_style_noise, pref_files  # these modules import this one
     from lmforge.data.demo_rl import rl_files
     from lmforge.data.demo_sft import sft_records

@@ -144,7 +144,8 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None) -> dict[str
         seed = int(pipeline.demo_world.get("seed", 0))
         if not (run_dir / "world" / "world.json").is_file():
             write_demo_world(run_dir / "world", seed=seed,
-                             sft_noise=float(pipeline.demo_world.get("sft_noise", 0.0)))
+                             sft_noise=float(pipeline.demo_world.get("sft_noise", 0.0)),
+                             arith_reps=int(pipeline.demo_world.get("arith_reps", 1)))
             console.print(f"[bold]world[/] generated in {run_dir / 'world'} (seed {seed})")
     if pipeline.tokenizer is not None and not (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
         from lmforge.models.tokenizer import train_tokenizer
