@@ -142,3 +142,13 @@ def test_rloo_runs_and_resumes_to_the_same_weights(base, world_dir, tmp_path):
     a = AutoModelForCausalLM.from_pretrained(whole).state_dict()
     b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_prompt_too_long_for_the_reply_is_a_data_error_naming_file_and_line(base, world_dir, tmp_path, capsys):
+    from lmforge.cli import main
+
+    args = rl_args(world_dir, tmp_path / "long", f"model.name_or_path={base}", "rl.num_generations=2",
+                   "rl.rewards=[{kind: answer_match}]", "data.max_length=12")
+    assert main(["train", "grpo", *args]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{world_dir}/rl/arith_train.jsonl:line" in out and "leaves no room for rl.max_new_tokens=8" in out

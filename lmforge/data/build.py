@@ -144,7 +144,7 @@ def load_splits(cfg: DataConfig, errors: ErrorLog, cache_dir: str, kind: str = "
     return train, evaluation, fingerprint
 
 
-def _error_at(source: str, problem: str) -> DataError:
+def error_at(source: str, problem: str) -> DataError:
     """A DataError for an example whose `source` column reads `file:line N`."""
     path, where = source.rsplit(":", 1)
     return DataError(path, where, problem)
@@ -154,7 +154,7 @@ def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> di
     out = {"input_ids": [], "labels": []}
     for messages, source in zip(batch["messages"], batch["source"]):
         if not messages:
-            errors.report(_error_at(source, "a plain-text record in SFT data (no dialogue)"))
+            errors.report(error_at(source, "a plain-text record in SFT data (no dialogue)"))
             continue
         encoded = encode_sft(tokenizer, messages, cfg.max_length, cfg.train_on_prompt, cfg.mask_history)
         if encoded is None:
@@ -207,7 +207,7 @@ def _preference_tokens(batch: dict, tokenizer, max_length: int, errors: ErrorLog
             encoded = encode_pair(tokenizer, record, max_length) if kind == "pair" else \
                 encode_kto(tokenizer, record, max_length)
         except ValueError as exc:
-            errors.report(_error_at(source, str(exc)))
+            errors.report(error_at(source, str(exc)))
             continue
         # Cut responses still train, but never silently: they are counted in the run summary.
         errors.truncated += int(encoded["truncated"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,11 +46,18 @@ class Reference:
             self.frozen.to(device)
         return self
 
-    def logps(self, policy, batch: dict) -> torch.Tensor:
+    @contextmanager
+    def model(self, policy):
+        """The model that computes reference outputs: the frozen copy, or the policy with its adapter off."""
         if self.kind == "copy":
-            return batch_logps(self.frozen, batch)
-        with _unwrap(policy).disable_adapter():
-            return batch_logps(policy, batch)
+            yield self.frozen
+        else:
+            with _unwrap(policy).disable_adapter():
+                yield policy
+
+    def logps(self, policy, batch: dict) -> torch.Tensor:
+        with self.model(policy) as model:
+            return batch_logps(model, batch)
 
 
 def cache_key(*parts: object) -> str:

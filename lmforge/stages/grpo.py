@@ -17,21 +17,19 @@ from lmforge.losses.rl import (
     kl_per_token,
     masked_mean,
 )
-from lmforge.stages.online import Algorithm, run_online, token_logps
+from lmforge.stages.online import Algorithm, reply_outputs, run_online
 
 
 def grpo_advantages(batch: dict, cfg: RLConfig, kl_coef: float):
     advantages = group_advantages(batch["scores"], cfg.num_generations)
     groups = batch["scores"].view(-1, cfg.num_generations)
-    solved = (groups.std(-1) > 0).float().mean()  # groups whose replies differ: the ones that teach
-    return advantages[:, None] * batch["mask"], None, {"groups_with_signal": float(solved)}
+    with_signal = (groups.std(-1) > 0).float().mean()  # groups whose rewards differ: the ones that teach
+    return advantages[:, None] * batch["mask"], None, {"groups_with_signal": float(with_signal)}
 
 
 def grpo_loss(model, batch: dict, cfg: RLConfig):
     mask = batch["mask"]
-    logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                      width=batch["responses"].shape[1])
-    logps = token_logps(logits.float(), batch["responses"], cfg.temperature)
+    logits, _, logps = reply_outputs(model, batch, cfg)
     loss, metrics = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.clip_range)
     if "ref_logps" in batch and cfg.kl_coef > 0:
         kl = kl_per_token(logps, batch["ref_logps"], "k3")

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config.schema import RLConfig, StageConfig
-from lmforge.data.build import load_splits
+from lmforge.data.build import error_at, load_splits
 from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
 from lmforge.models.reference import Reference
 from lmforge.models.value import PolicyWithValue, reply_logits
-from lmforge.rollout.rewards import RewardSet, decode_rows
+from lmforge.rollout.rewards import RewardSet, decode_rows, exact_match
 from lmforge.rollout.sample import BACKENDS, SamplingParams, encode_prompts, sample
 from lmforge.stages.common import load_for_training, save_artifact, start_run
 from lmforge.stages.critic import load_critic
@@ -54,6 +54,13 @@ def token_logps(logits: torch.Tensor, responses: torch.Tensor, temperature: floa
     return gather_logps(logits, responses)
 
 
+def reply_outputs(model, batch: dict, rl: RLConfig):
+    """(logits, values or None, per-token log-probs) of the policy on a micro-batch's replies."""
+    logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                           width=batch["responses"].shape[1])
+    return logits, values, token_logps(logits.float(), batch["responses"], rl.temperature)
+
+
 def reference_kind(cfg: StageConfig) -> str | None:
     """copy, adapter, or None (`rl.reference: none`). Kept even when the KL costs nothing
     (kl_coef 0): the KL it measures is how a run shows drift and reward hacking."""
@@ -67,12 +74,13 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     run_, rl = start_run(cfg), cfg.rl
     kind = reference_kind(cfg)
     policy, tokenizer, parent, frozen = load_for_training(cfg, frozen_copy=kind == "copy")
-    critic = load_critic(cfg, next(policy.parameters()).dtype, len(tokenizer)) if algo.uses_critic and rl.critic == "separate" else None
+    separate_critic = algo.uses_critic and rl.critic == "separate"
+    critic = load_critic(cfg, next(policy.parameters()).dtype, len(tokenizer)) if separate_critic else None
     model = PolicyWithValue(policy, critic, shared_value_head=algo.uses_critic and rl.critic == "shared")
     reference = Reference(kind, frozen) if kind else None
 
     train_rows, eval_rows, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind="prompt")
-    train_prompts = _encode(tokenizer, train_rows, cfg, run_.errors)
+    train_prompts = _encode(tokenizer, train_rows, cfg)
     eval_set = list(eval_rows.select(range(min(rl.eval_prompts, len(eval_rows))))) if eval_rows else []
     iterations = cfg.train.max_steps if cfg.train.max_steps > 0 else \
         math.ceil(cfg.train.epochs * len(train_prompts) / rl.prompts_per_step)
@@ -95,7 +103,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     if state.extra:
         kl_ctl.load_state_dict(state.extra["kl"])
     unwrapped = trainer.accelerator.unwrap_model(trainer.prepared)
-    evaluate = lambda: evaluate_policy(unwrapped.policy, tokenizer, eval_set, rewards, reference, rl)  # noqa: E731
+    evaluate = lambda: evaluate_policy(unwrapped.policy, tokenizer, backend, eval_set, rewards, reference, rl)  # noqa: E731
     before = evaluate() if state.step == 0 else {}
     trainer.log({f"eval_{k}": v for k, v in before.items()})
     last: dict = {}
@@ -120,16 +128,16 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     return metrics
 
 
-def _encode(tokenizer, rows, cfg: StageConfig, errors) -> list[list[int]]:
+def _encode(tokenizer, rows, cfg: StageConfig) -> list[list[int]]:
     """Token ids of each prompt; a prompt leaving no room for the reply within data.max_length is an error."""
     encoded = encode_prompts(tokenizer, rows["prompt"])
     room = cfg.data.max_length - cfg.rl.max_new_tokens
     too_long = [(row["source"], len(ids)) for row, ids in zip(rows, encoded) if len(ids) > room]
     if too_long:
         source, n = too_long[0]
-        raise ValueError(f"{source}: prompt of {n} tokens leaves no room for rl.max_new_tokens="
-                         f"{cfg.rl.max_new_tokens} within data.max_length={cfg.data.max_length} "
-                         f"({len(too_long)} prompts like it); raise data.max_length or shorten the prompts")
+        raise error_at(source, f"prompt of {n} tokens leaves no room for rl.max_new_tokens={cfg.rl.max_new_tokens} "
+                               f"within data.max_length={cfg.data.max_length} ({len(too_long)} prompts like it); "
+                               "raise data.max_length or shorten the prompts")
     return encoded
 
 
@@ -207,22 +215,26 @@ def rollout_views(model: PolicyWithValue, batch: dict, reference, rl: RLConfig, 
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {"old_logps": [], "ref_logps": [], "old_values": []}
-    for start in range(0, batch["responses"].shape[0], chunk):
-        part = {k: v[start:start + chunk] for k, v in inputs.items()}
-        responses = batch["responses"][start:start + chunk]
-        logits, values = model(**part, width=width)
-        parts["old_logps"].append(token_logps(logits.float(), responses, rl.temperature))
-        if values is not None:
-            parts["old_values"].append(values.float())
-        if reference is not None:
-            if reference.kind == "copy":
-                ref_logits = reply_logits(reference.frozen, part, width)
-            else:
-                with model.policy.disable_adapter():
-                    ref_logits = reply_logits(model.policy, part, width)
-            parts["ref_logps"].append(token_logps(ref_logits.float(), responses, rl.temperature))
-    model.train(was_training)
+    try:
+        for start in range(0, batch["responses"].shape[0], chunk):
+            part = {k: v[start:start + chunk] for k, v in inputs.items()}
+            responses = batch["responses"][start:start + chunk]
+            logits, values = model(**part, width=width)
+            parts["old_logps"].append(token_logps(logits.float(), responses, rl.temperature))
+            if values is not None:
+                parts["old_values"].append(values.float())
+            if reference is not None:
+                parts["ref_logps"].append(reference_logps(reference, model.policy, part, responses, rl.temperature))
+    finally:
+        model.train(was_training)
     return {k: torch.cat(v) * batch["mask"] for k, v in parts.items() if v}
+
+
+def reference_logps(reference, policy, inputs: dict, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token log-probs of `responses` under the reference (the frozen copy, or the adapter-off policy)."""
+    with reference.model(policy) as model:
+        logits = reply_logits(model, inputs, responses.shape[1])
+    return token_logps(logits.float(), responses, temperature)
 
 
 def _optimise(trainer, batch: dict, rl: RLConfig, samples_per_step: int) -> dict:
@@ -247,33 +259,27 @@ def _optimise(trainer, batch: dict, rl: RLConfig, samples_per_step: int) -> dict
 
 
 @torch.no_grad()
-def evaluate_policy(policy, tokenizer, rows: list[dict], rewards: RewardSet, reference, rl: RLConfig) -> dict:
+def evaluate_policy(policy, tokenizer, backend, rows: list[dict], rewards: RewardSet, reference,
+                    rl: RLConfig) -> dict:
     """Greedy replies to held-out prompts: reward, exact match with the reference, length, KL."""
     if not rows:
         return {}
     prompts = [r["prompt"] for r in rows]
-    samples = sample(BACKENDS[rl.backend](), policy, tokenizer, encode_prompts(tokenizer, prompts),
+    samples = sample(backend, policy, tokenizer, encode_prompts(tokenizer, prompts),
                      SamplingParams(rl.max_new_tokens, temperature=0.0))
     columns = decode_rows(rows)
     columns.update(response_lengths=samples.lengths.long().tolist(), stopped=samples.stopped.tolist())
     total, components = rewards(prompts, samples.texts, columns)
     out = {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
            "length": float(samples.lengths.mean()), "stopped_rate": float(samples.stopped.float().mean())}
-    references = [r["reference"] for r in rows]
-    if all(references):
-        out["exact_match"] = sum(" ".join(t.split()) == " ".join(ref.split())
-                                 for t, ref in zip(samples.texts, references)) / len(rows)
+    if all(r["reference"].strip() for r in rows):
+        out["exact_match"] = sum(exact_match(prompts, samples.texts, columns)) / len(rows)
     if reference is not None:
         device = next(policy.parameters()).device
-        batch = {k: v.to(device) for k, v in samples.model_inputs().items()}
-        width, mask = samples.response_ids.shape[1], samples.response_mask.to(device)
-        responses = samples.response_ids.to(device)
-        logps = gather_logps(reply_logits(policy, batch, width).float(), responses)
-        if reference.kind == "copy":
-            ref = gather_logps(reply_logits(reference.frozen, batch, width).float(), responses)
-        else:
-            with policy.disable_adapter():
-                ref = gather_logps(reply_logits(policy, batch, width).float(), responses)
+        inputs = {k: v.to(device) for k, v in samples.model_inputs().items()}
+        responses, mask = samples.response_ids.to(device), samples.response_mask.to(device)
+        logps = gather_logps(reply_logits(policy, inputs, responses.shape[1]).float(), responses)
+        ref = reference_logps(reference, policy, inputs, responses, temperature=0.0)
         out["kl"] = float(((logps - ref) * mask).sum(-1).mean())
     out["sample"] = {"prompt": prompts[0][-1]["content"], "reply": samples.texts[0]}
     return out

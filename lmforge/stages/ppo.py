@@ -20,7 +20,7 @@ from lmforge.losses.rl import (
     masked_mean,
     masked_whiten,
 )
-from lmforge.stages.online import Algorithm, run_online, token_logps
+from lmforge.stages.online import Algorithm, reply_outputs, run_online
 
 
 def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float) -> torch.Tensor:
@@ -44,9 +44,7 @@ def ppo_advantages(batch: dict, cfg: RLConfig, kl_coef: float):
 
 def ppo_loss(model, batch: dict, cfg: RLConfig):
     mask = batch["mask"]
-    logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                           width=batch["responses"].shape[1])
-    logps = token_logps(logits.float(), batch["responses"], cfg.temperature)
+    logits, values, logps = reply_outputs(model, batch, cfg)
     policy, policy_metrics = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.clip_range)
     value, value_metrics = clipped_value_loss(values.float(), batch["old_values"], batch["returns"], mask,
                                               cfg.clip_range_value)
