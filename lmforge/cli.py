@@ -27,7 +27,25 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a pipeline: lmforge run examples/demo.yaml")
     run.add_argument("pipeline")
-    run.add_argument("overrides", nargs="*")
+    run.add_argument("overrides", nargs="*", help="dotted overrides of the pipeline file: stages.0.config.train.lr=1e-3")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and every later one again")
+    run.add_argument("--only", metavar="STAGE", help="run only this stage (again)")
+    run.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+
+    ev = sub.add_parser("eval", help="evaluate a model: lmforge eval runs/demo/ppo --suite eval.yaml")
+    ev.add_argument("model", help="a model folder or artifact (a reward model gets --pairs accuracy)")
+    ev.add_argument("--suite", help="a YAML file with the keys of a pipeline's eval block")
+    for name, what in (("perplexity", "held-out text"), ("answers", "prompts with reference replies"),
+                       ("choice", "multiple choice (C-Eval/CMMLU/MMLU layout)"), ("pairs", "preference pairs"),
+                       ("prompts", "prompts for reward, KL, win-rate"), ("reward-model", "judge RM folder"),
+                       ("reference", "KL reference model"), ("baseline", "win-rate against this model")):
+        ev.add_argument(f"--{name}", help=what)
+    ev.add_argument("--max-samples", type=int)
+    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--no-save", action="store_true", help="do not store the results in the artifact's manifest")
+
+    report = sub.add_parser("report", help="write RUN_DIR/report.html for a pipeline run")
+    report.add_argument("run_dir")
 
     score = sub.add_parser("score", help="reward of each prompt/response with a reward model")
     score.add_argument("model", help="an RM artifact (lmforge train rm)")
@@ -89,11 +107,47 @@ def cmd_run(args) -> int:
     from lmforge.pipeline.run import load_pipeline, run_pipeline
 
     pipeline = load_pipeline(args.pipeline, args.overrides)
-    results = run_pipeline(pipeline, console)
-    for name, metrics in results.items():
-        console.rule(f"[bold]{name}")
-        _print_metrics(metrics)
-        _print_data_counts(Path(pipeline.run_dir) / name)
+    run_pipeline(pipeline, console, start=args.start, only=args.only, report=not args.no_report)
+    for stage in pipeline.stages:
+        _print_data_counts(Path(pipeline.run_dir) / stage.name)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lmforge.config.load import from_dict, read_yaml
+    from lmforge.eval.spec import EvalSpec
+    from lmforge.eval.suite import evaluate_model, record_eval
+    from lmforge.stages.common import MANIFEST
+
+    raw = read_yaml(args.suite) if args.suite else {}
+    for key in ("perplexity", "answers", "choice", "pairs", "prompts", "reward_model", "reference", "baseline",
+                "max_samples", "max_new_tokens"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    spec = from_dict(EvalSpec, raw, where=args.suite or "eval options")
+    manifest = Path(args.model) / MANIFEST
+    previous = json.loads(manifest.read_text(encoding="utf-8")).get("eval") if manifest.is_file() else None
+    # Suites that are not asked for this time stay in the manifest; the ones asked for run afresh.
+    result = evaluate_model(args.model, spec, {"suites": (previous or {}).get("suites", {})},
+                            log=lambda m: console.print(f"[dim]{m}[/]"))
+    if not result["suites"]:
+        console.print("[yellow]nothing to evaluate: give --suite or data options (see lmforge eval -h)[/]")
+        return 2
+    console.rule(f"[bold]{args.model}")
+    _print_metrics(result["metrics"])
+    if manifest.is_file() and not args.no_save:
+        record_eval(args.model, result)
+        console.print(f"  saved in {manifest}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lmforge.report.html import summary_lines, write_report
+
+    path = write_report(args.run_dir)
+    for line in summary_lines(args.run_dir):
+        console.print(line, highlight=False)
+    console.print(f"report: {path}")
     return 0
 
 
@@ -228,10 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.data.errors import DataError
     from lmforge.loop.trainer import TrainingDiverged
 
-    handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score}
+    handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score,
+                "eval": cmd_eval, "report": cmd_report}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, TrainingDiverged) as exc:
+    except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # a wrapped path cannot be copied
         return 2
 

@@ -182,3 +182,16 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     Trainer(model, rows, partial(collate, pad_id=0), lm_loss, cfg, NO_LOG).train()
     for name, value in model.state_dict().items():
         assert torch.allclose(value, plain[name], atol=1e-6), name
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_row_once():
+    from lmforge.loop.trainer import epoch_batches
+
+    lengths = [10 if i % 4 else 150 for i in range(400)]  # a quarter long, spread through the data
+    grouped = epoch_batches(400, 8, seed=0, epoch=0, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(400))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in grouped)
+    shuffled = sum(len(b) * max(lengths[i] for i in b) for b in epoch_batches(400, 8, seed=0, epoch=0))
+    assert padded < shuffled / 2.5  # far less padding than random batches
+    assert grouped == epoch_batches(400, 8, seed=0, epoch=0, lengths=lengths)  # a resume sees the same order
+    assert grouped != epoch_batches(400, 8, seed=0, epoch=1, lengths=lengths)

@@ -165,6 +165,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no, bf16, fp16 (autocast through accelerate)."""
     num_workers: int = 0
+    group_by_length: bool = False
+    """Batch rows of similar length together (shuffled within chunks of 50 batches, batch order
+    shuffled): far less padding when lengths vary, e.g. long rejected answers among short ones."""
 
     def __post_init__(self) -> None:
         _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)

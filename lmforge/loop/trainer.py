@@ -66,10 +66,30 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str) -> Acc
     return accelerator
 
 
-def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch, in a seeded order that a resumed run reproduces."""
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
+def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int,
+                  lengths: list[int] | None = None) -> list[list[int]]:
+    """The micro-batches of one epoch, in a seeded order that a resumed run reproduces. With
+    `lengths`, rows are sorted by length inside chunks of 50 batches and the batches shuffled, so a
+    batch holds rows of similar length while every epoch still sees a new order."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_rows, generator=generator).tolist()
+    if lengths is None:
+        return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
+    chunk = 50 * batch_size
+    order = [i for start in range(0, n_rows, chunk)
+             for i in sorted(order[start:start + chunk], key=lambda row: -lengths[row])]
+    batches = [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def row_lengths(rows) -> list[int]:
+    """Tokens per row for length grouping: `input_ids`, or a prompt plus its longest answer."""
+    columns = rows.column_names
+    if "input_ids" in columns:
+        return [len(ids) for ids in rows["input_ids"]]
+    answers = [rows[c] for c in columns if c.endswith("_ids") and c != "prompt_ids"]
+    prompts = rows["prompt_ids"] if "prompt_ids" in columns else [[]] * len(rows)
+    return [len(p) + max((len(a[i]) for a in answers), default=0) for i, p in enumerate(prompts)]
 
 
 def shard_size(batches: int, world: int) -> int:
@@ -130,6 +150,7 @@ class Trainer:
         # The checkpoint train() continues from, if any; stages skip before-training evaluation then.
         self.resume_from = resume_path(cfg.resume, cfg.resume_from, self.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._row_lengths: list[int] | None = None
 
     def _total_steps(self) -> int:
         if self.cfg.max_steps > 0:
@@ -148,7 +169,7 @@ class Trainer:
                     next(loader, None)
             else:
                 order = self._my_batches(epoch_batches(len(self.train_rows), self.cfg.batch_size,
-                                                       self.cfg.seed, self.state.epoch))
+                                                       self.cfg.seed, self.state.epoch, self._lengths()))
                 loader = DataLoader(self.train_rows, batch_sampler=order[self.state.batch_in_epoch:],
                                     collate_fn=self.collate_fn, num_workers=self.cfg.num_workers)
             for batch in loader:
@@ -156,6 +177,13 @@ class Trainer:
                 yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
+
+    def _lengths(self) -> list[int] | None:
+        if not self.cfg.group_by_length:
+            return None
+        if self._row_lengths is None:
+            self._row_lengths = row_lengths(self.train_rows)
+        return self._row_lengths
 
     def _my_batches(self, batches: list[list[int]]) -> list[list[int]]:
         """This process's share: every world-size-th batch, the same count on every process

@@ -63,7 +63,7 @@ class ModelReward:
         self.path, self.device = path, device
         self.model = self.tokenizer = None
 
-    def _load(self) -> None:
+    def load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
@@ -83,7 +83,7 @@ class ModelReward:
 
     def __call__(self, prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
         if self.model is None:
-            self._load()
+            self.load()
         return score_responses(self.model, self.tokenizer, prompts, responses)
 
 

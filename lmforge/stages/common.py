@@ -109,10 +109,13 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
 
 
 def parent_manifest_digest(model_path: str | None) -> str | None:
-    """A digest of the parent artifact's manifest: it changes whenever the parent is retrained."""
+    """A digest of the parent artifact's manifest: it changes whenever the parent is retrained, and not
+    when evaluation results are added to it (its "eval" entry)."""
     if not model_path or not (Path(model_path) / MANIFEST).is_file():
         return None
-    return hashlib.sha256((Path(model_path) / MANIFEST).read_bytes()).hexdigest()[:16]
+    manifest = json.loads((Path(model_path) / MANIFEST).read_text(encoding="utf-8"))
+    manifest.pop("eval", None)
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def input_manifest_digests(cfg: StageConfig) -> dict:

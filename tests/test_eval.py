@@ -1,0 +1,112 @@
+"""Evaluation: each measurement against numbers known by construction, and `lmforge eval` on artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmforge.cli import main
+from lmforge.config.schema import ConfigError
+from lmforge.eval import metrics
+from lmforge.eval.spec import EvalSpec
+from lmforge.eval.suite import evaluate_model, read_records, wanted_suites
+from lmforge.rollout.sample import Samples
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(base, world_dir):
+    model, tokenizer = _load(base)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()  # tied: every logit 0, every token 1/V
+    texts = (world_dir / "pt" / "eval.txt").read_text(encoding="utf-8").splitlines()[:10]
+    result = metrics.perplexity(model, tokenizer, texts, block_size=64)
+    assert result["perplexity"] == pytest.approx(model.config.vocab_size, rel=1e-4)
+    assert result["eval_tokens"] > 100
+
+
+def test_perplexity_of_the_trained_model_is_far_below_uniform(base, world_dir):
+    model, tokenizer = _load(base)
+    texts = (world_dir / "pt" / "eval.txt").read_text(encoding="utf-8").splitlines()[:10]
+    assert metrics.perplexity(model, tokenizer, texts, block_size=64)["perplexity"] < model.config.vocab_size / 5
+
+
+def _samples(texts: list[str], stopped: list[bool]) -> Samples:
+    n = len(texts)
+    return Samples(torch.zeros(n, 1), torch.ones(n, 1), torch.zeros(n, 2), torch.tensor([[1.0, 1.0]] * n), texts,
+                   torch.tensor(stopped), 0.0)
+
+
+def test_answer_metrics_exact_and_contains():
+    records = [{"prompt": [{"role": "user", "content": "Where is Fusovel?"}], "reference": "Fusovel lies in the south.",
+                "answer": "south", "extra": json.dumps({"distractors": ["north", "east"]})}] * 4
+    replies = _samples(["Fusovel lies in the south.", "In the south, I think.", "South or north.", "No idea."],
+                       [True, True, True, False])
+    out = metrics.answer_metrics(records, replies)
+    assert out["exact_match"] == 0.25
+    assert out["contains"] == 0.5  # "south or north" names a distractor too: not an answer
+    assert out["stopped_rate"] == 0.75
+
+
+def test_win_rate_counts_ties_half():
+    out = metrics.win_rate([1.0, 2.0, 0.5, 3.0], [0.0, 2.0, 1.0, 1.0], prefix="gt_")
+    assert out == {"gt_win_rate": 0.625, "gt_wins": 2, "gt_ties": 1, "gt_losses": 1}
+
+
+def test_kl_to_itself_is_zero_and_to_another_model_positive(base, world_dir):
+    model, tokenizer = _load(base)
+    records = read_records(str(world_dir / "rl" / "eval.jsonl"), "prompt", 8)
+    assert metrics.kl_to_reference(model, model, tokenizer, records, 12, seed=0)["kl"] == pytest.approx(0.0, abs=1e-5)
+    other, _ = _load(base)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    assert metrics.kl_to_reference(model, other, tokenizer, records, 12, seed=0)["kl"] > 0.01
+
+
+def test_wanted_suites_follow_the_model_kind_and_the_judges():
+    spec = EvalSpec(perplexity="a.txt", answers="b.jsonl", pairs="p.jsonl", reward_model="rm", baseline="sft")
+    assert wanted_suites(spec, reward_model=True) == ["rm_accuracy"]
+    assert wanted_suites(spec, reward_model=False) == ["perplexity", "answers", "reward", "win_rate"]
+    with pytest.raises(ConfigError):
+        EvalSpec(max_new_tokens=0)
+
+
+def test_eval_command_stores_results_and_reuses_unchanged_suites(base, world_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    args = ["eval", str(model), "--perplexity", str(world_dir / "pt" / "eval.txt"),
+            "--answers", str(world_dir / "rl" / "eval.jsonl"), "--max-samples", "6", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    stored = json.loads((model / "lmforge.json").read_text())["eval"]
+    assert set(stored["suites"]) == {"perplexity", "answers"}
+    assert math.isfinite(stored["metrics"]["perplexity"]) and 0 <= stored["metrics"]["exact_match"] <= 1
+    assert len(stored["samples"]) == 4 and stored["samples"][0]["reference"]
+
+    capsys.readouterr()
+    assert main(args) == 0  # nothing changed: nothing is evaluated again
+    assert "evaluating" not in capsys.readouterr().out
+    assert main([*args[:-2], "--max-new-tokens", "9"]) == 0
+    out = capsys.readouterr().out
+    assert "answers" in out and "perplexity," not in out  # only the suite whose settings changed reruns
+
+
+def test_eval_of_a_reward_model_is_its_pairwise_accuracy(base, world_dir, tmp_path):
+    from lmforge.config.load import load_config
+    from lmforge.stages import STAGE_RUNNERS
+
+    out = tmp_path / "rm"
+    cfg = load_config(None, [f"model.name_or_path={base}", f"data.train={world_dir}/pref/train.jsonl",
+                             "data.eval_split=0", "data.max_length=64", "train.max_steps=2", f"train.output_dir={out}",
+                             "log.report_to=[]", "log.progress=false"], stage="rm")
+    STAGE_RUNNERS["rm"](cfg)
+    result = evaluate_model(str(out), EvalSpec(pairs=str(world_dir / "pref" / "eval.jsonl"), max_samples=40))
+    assert set(result["suites"]) == {"rm_accuracy"}
+    assert 0.0 <= result["metrics"]["rm_accuracy"] <= 1.0 and "rm_margin" in result["metrics"]
