@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--sft-noise", type=float, default=0.0,
                       help="share of SFT replies given a rude or rambling style (for preference training)")
+    demo.add_argument("--sft-noise-style", choices=("mixed", "habit"), default="mixed",
+                      help="mixed: rude or rambling at random; habit: always the same rude remark")
     demo.add_argument("--arith-reps", type=int, default=1,
                       help="rounds of sums in the PT corpus (4 lets the tiny model learn sums GRPO can improve)")
     inspect = data.add_parser("inspect", help="show how records render and which tokens carry loss")
@@ -196,7 +198,7 @@ def cmd_data(args) -> int:
         from lmforge.data.demo_world import write_demo_world
 
         files = write_demo_world(Path(args.out_dir), seed=args.seed, sft_noise=args.sft_noise,
-                                 arith_reps=args.arith_reps)
+                                 arith_reps=args.arith_reps, sft_noise_style=args.sft_noise_style)
         for name, path in files.items():
             console.print(f"{name:>12}  {path}")
         return 0

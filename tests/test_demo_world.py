@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from conftest import assistant_replies as _assistant
@@ -17,6 +18,7 @@ from lmforge.data.demo_world import (
     load_world,
     write_demo_world,
 )
+from lmforge.eval.choice import read_choice_file
 
 
 def test_returns_every_file(demo_files: dict[str, Path]) -> None:
@@ -34,6 +36,7 @@ def test_returns_every_file(demo_files: dict[str, Path]) -> None:
         "rl_eval",
         "rl_arith_train",
         "rl_arith_eval",
+        "choice_eval",
         "dataset_info",
     }
     root = demo_files["world"].parent
@@ -42,6 +45,7 @@ def test_returns_every_file(demo_files: dict[str, Path]) -> None:
     assert demo_files["pref_train"] == root / "pref" / "train.jsonl"
     assert demo_files["pref_eval"] == root / "pref" / "eval.jsonl"
     assert demo_files["pref_kto"] == root / "pref" / "kto_train.jsonl"
+    assert demo_files["choice_eval"] == root / "choice" / "eval.csv"
     assert all(p.is_file() and p.stat().st_size > 0 for p in demo_files.values())
 
 
@@ -206,6 +210,24 @@ def test_answer_is_correct_cases() -> None:
         assert not answer_is_correct(add, bad), bad
     same = {"answer": "5", "kind": "arith", "lang": "en", "subject": "0 + 5", "distractors": []}
     assert answer_is_correct(same, "0 + 5 = 5") and answer_is_correct(same, "5")
+
+
+def test_choice_file_asks_held_out_questions_with_their_answer_among_four(
+    demo_files: dict[str, Path], demo_sft: tuple[list[dict], list[dict]]
+) -> None:
+    assert demo_files["choice_eval"].read_text(encoding="utf-8").startswith("id,question,A,B,C,D,answer\n")
+    questions = read_choice_file(demo_files["choice_eval"])
+    held = {r["id"]: r for r in demo_sft[1]}
+    assert len(questions) == sum(len(r["distractors"]) >= 3 for r in held.values()) >= 40
+    assert {_lang(q.question) for q in questions} == {"en", "zh"}
+    for question in questions:
+        record = held[question.id]
+        assert question.question == record["messages"][0]["content"]
+        assert len(question.options) == len(set(question.options)) == 4
+        assert question.options[question.answer] == record["answer"]
+        assert set(question.options) - {record["answer"]} <= set(record["distractors"])
+    letters = Counter(q.answer_letter for q in questions)
+    assert set(letters) == set("ABCD") and max(letters.values()) <= 0.4 * len(questions), letters
 
 
 def test_dataset_info_points_to_files(demo_files: dict[str, Path]) -> None:

@@ -194,10 +194,18 @@ def is_preferred_style(record: dict, response: str) -> bool:
     return exact_match({"messages": record["chosen"]}, response)
 
 
-def add_style_noise(records: list[dict], share: float, seed: int) -> list[dict]:
-    """Give a `share` of the single-turn SFT replies a bad style (rude or rambling), keeping the fact
-    right: an SFT model that imitates such data sometimes answers badly, which is what preference
-    training (RM + PPO, DPO) is for. Marked with `"noise": flaw`. share=0 returns the records as they are."""
+NOISE_STYLES = ("mixed", "habit")
+
+
+def add_style_noise(records: list[dict], share: float, seed: int, style: str = "mixed") -> list[dict]:
+    """Give a `share` of the single-turn SFT replies a bad style, keeping the fact right: an SFT model
+    that imitates such data answers badly, which is what preference training (RM + PPO, DPO) is for.
+    `mixed`: rude or rambling in turn, wording drawn at random — sampling shows it, greedy answers
+    mostly not. `habit`: always the same rude wording — above half the data it becomes the model's
+    most likely reply, so even its greedy answers carry it. Marked with `"noise": flaw`. share=0
+    returns the records as they are."""
+    if style not in NOISE_STYLES:
+        raise ValueError(f"sft noise style {style!r}: expected one of {', '.join(NOISE_STYLES)}")
     if share <= 0:
         return records
     rng = random.Random(f"demo-noise:{seed}")
@@ -208,9 +216,11 @@ def add_style_noise(records: list[dict], share: float, seed: int) -> list[dict]:
     for n, index in enumerate(chosen):
         record = json.loads(json.dumps(records[index]))  # a deep copy
         reply = record["messages"][-1]
-        flaw = "rude" if n % 2 == 0 else "rambling"
+        flaw = "rude" if n % 2 == 0 or style == "habit" else "rambling"
         if flaw == "rude":
-            reply["content"] = rng.choice(PREF_TEMPLATES["rude"][record["lang"]]).format(answer=reply["content"])
+            templates = PREF_TEMPLATES["rude"][record["lang"]]
+            template = templates[0] if style == "habit" else rng.choice(templates)
+            reply["content"] = template.format(answer=reply["content"])
         else:
             filler = rng.sample(PREF_TEMPLATES["filler"][record["lang"]], 4)
             glue = " " if record["lang"] == "en" else ""

@@ -308,20 +308,23 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0, arith_reps: int = 1) -> dict[str, Path]:
+def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0, arith_reps: int = 1,
+                     sft_noise_style: str = "mixed") -> dict[str, Path]:
     """Generate the demo world under `out_dir`; returns name -> path of every file written.
-    `sft_noise`: share of single-turn SFT train replies given a rude or rambling style."""
+    `sft_noise`: share of single-turn SFT train replies given a bad style; `sft_noise_style`: how
+    (see `add_style_noise`: mixed rude/rambling, or one rude habit)."""
     out_dir = Path(out_dir)
     world = build_world(seed)
     pt_train, pt_eval = pt_corpus(world, arith_reps=arith_reps)
-    from lmforge.data.demo_prefs import add_style_noise, pref_files  # these modules import this one
+    from lmforge.data.demo_choice import choice_files  # these modules import this one
+    from lmforge.data.demo_prefs import add_style_noise, pref_files
     from lmforge.data.demo_rl import rl_files
     from lmforge.data.demo_sft import sft_records
 
     sft_train, sft_eval = sft_records(world)
 
-    sft_train = add_style_noise(sft_train, sft_noise, seed)
-    more = {**pref_files(world), **rl_files(world, sft_train, sft_eval)}
+    sft_train = add_style_noise(sft_train, sft_noise, seed, sft_noise_style)
+    more = {**pref_files(world), **rl_files(world, sft_train, sft_eval), **choice_files(world, sft_eval)}
     names = {
         "world": "world.json",
         "pt_train": "pt/train.txt",

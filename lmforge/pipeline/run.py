@@ -175,24 +175,48 @@ def _selected(pipeline: Pipeline, start: str | None, only: str | None) -> tuple[
 
 
 def _prepare(pipeline: Pipeline, state: RunState, console: Console) -> None:
+    """The demo world and the tokenizer, built once; rebuilt (the old folder set aside) when their
+    settings change, so a changed `sft_noise` never trains on the old data."""
     run_dir = Path(pipeline.run_dir)
-    if pipeline.demo_world is not None and not (run_dir / "world" / "world.json").is_file():
+    if pipeline.demo_world is not None and _needs_build(run_dir / "world", pipeline.demo_world, console):
         from lmforge.data.demo_world import write_demo_world
 
         started, seed = time.time(), int(pipeline.demo_world.get("seed", 0))
         write_demo_world(run_dir / "world", seed=seed, sft_noise=float(pipeline.demo_world.get("sft_noise", 0.0)),
-                         arith_reps=int(pipeline.demo_world.get("arith_reps", 1)))
+                         arith_reps=int(pipeline.demo_world.get("arith_reps", 1)),
+                         sft_noise_style=str(pipeline.demo_world.get("sft_noise_style", "mixed")))
+        _mark_built(run_dir / "world", pipeline.demo_world)
         state.data["prepare"]["world"] = round(time.time() - started, 1)
         console.print(f"[bold]world[/] generated in {run_dir / 'world'} (seed {seed})")
-    if pipeline.tokenizer is not None and not (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
+    if pipeline.tokenizer is not None and _needs_build(run_dir / "tokenizer", pipeline.tokenizer, console):
         from lmforge.models.tokenizer import train_tokenizer
 
         started, spec = time.time(), _substitute(pipeline.tokenizer, str(run_dir))
         train_tokenizer(spec["train"], run_dir / "tokenizer", vocab_size=int(spec.get("vocab_size", 4000)),
                         split_han_chars=bool(spec.get("split_han_chars", False)))
+        _mark_built(run_dir / "tokenizer", pipeline.tokenizer)
         state.data["prepare"]["tokenizer"] = round(time.time() - started, 1)
         console.print(f"[bold]tokenizer[/] trained into {run_dir / 'tokenizer'}")
     state.save()
+
+
+BUILT = "lmforge-built.json"
+
+
+def _needs_build(folder: Path, settings: dict, console: Console) -> bool:
+    if not folder.exists():
+        return True
+    marker = folder / BUILT
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == settings:
+        return False
+    if not marker.is_file() and any(folder.iterdir()):
+        return False  # built by an older lmforge that left no record: keep using it
+    console.print(f"[yellow]{folder.name}: settings changed; old folder kept as {_set_aside(folder)}[/]")
+    return True
+
+
+def _mark_built(folder: Path, settings: dict) -> None:
+    (folder / BUILT).write_text(json.dumps(settings, sort_keys=True), encoding="utf-8")
 
 
 def _run_stage(stage: PipelineStage, cfg: StageConfig, forced: bool, console: Console) -> tuple[dict, bool]:
