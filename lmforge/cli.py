@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a pipeline: lmforge run examples/demo.yaml")
     run.add_argument("pipeline")
-    run.add_argument("overrides", nargs="*", help="dotted overrides of the pipeline file: stages.0.config.train.lr=1e-3")
+    run.add_argument("overrides", nargs="*", help="dotted overrides of the pipeline file: stages.sft.config.train.lr=1e-3")
     run.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and every later one again")
     run.add_argument("--only", metavar="STAGE", help="run only this stage (again)")
     run.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
@@ -276,7 +276,13 @@ def _print_data_counts(output_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow an option (`lmforge run demo.yaml --only ppo train.lr=1e-4`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch

@@ -195,15 +195,17 @@ def is_preferred_style(record: dict, response: str) -> bool:
 
 
 NOISE_STYLES = ("mixed", "habit")
+HABIT = 1
+"""The rude template the `habit` style always uses: one that puts its remark after the answer."""
 
 
 def add_style_noise(records: list[dict], share: float, seed: int, style: str = "mixed") -> list[dict]:
     """Give a `share` of the single-turn SFT replies a bad style, keeping the fact right: an SFT model
     that imitates such data answers badly, which is what preference training (RM + PPO, DPO) is for.
     `mixed`: rude or rambling in turn, wording drawn at random — sampling shows it, greedy answers
-    mostly not. `habit`: always the same rude wording — above half the data it becomes the model's
-    most likely reply, so even its greedy answers carry it. Marked with `"noise": flaw`. share=0
-    returns the records as they are."""
+    mostly not. `habit`: always the same rude remark after the answer — above half the data it
+    becomes the model's most likely continuation, so even its greedy answers carry it, and removing
+    it leaves the answer as it was. Marked with `"noise": flaw`. share=0 returns the records as they are."""
     if style not in NOISE_STYLES:
         raise ValueError(f"sft noise style {style!r}: expected one of {', '.join(NOISE_STYLES)}")
     if share <= 0:
@@ -219,7 +221,7 @@ def add_style_noise(records: list[dict], share: float, seed: int, style: str = "
         flaw = "rude" if n % 2 == 0 or style == "habit" else "rambling"
         if flaw == "rude":
             templates = PREF_TEMPLATES["rude"][record["lang"]]
-            template = templates[0] if style == "habit" else rng.choice(templates)
+            template = templates[HABIT] if style == "habit" else rng.choice(templates)
             reply["content"] = template.format(answer=reply["content"])
         else:
             filler = rng.sample(PREF_TEMPLATES["filler"][record["lang"]], 4)

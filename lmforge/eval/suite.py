@@ -130,9 +130,7 @@ def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
         replies = metrics.greedy_replies(model, tokenizer, records, spec.max_new_tokens)
         greedy[spec.answers] = replies.texts
         out["answers"] = {"metrics": metrics.answer_metrics(records, replies)}
-        samples = [{"id": json.loads(r["extra"] or "{}").get("id", str(i)), "prompt": r["prompt"][-1]["content"],
-                    "reference": r["reference"], "reply": text}
-                   for i, (r, text) in enumerate(zip(records[:spec.show_samples], replies.texts))]
+        samples = _samples(records, replies.texts, spec.show_samples)
     policy_suites = [s for s in ("reward", "kl", "win_rate") if s in todo]
     if policy_suites:
         records = read_records(spec.prompt_file, "prompt", spec.max_samples)
@@ -146,12 +144,20 @@ def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
                 metrics.greedy_replies(model, tokenizer, records, spec.max_new_tokens).texts
             judge = _judge(spec.reward_model, cache)
             scores = metrics.reward_of(judge.model, judge.tokenizer, records, texts)
+            if not spec.answers:  # no reference answers to show: show these replies instead
+                samples = _samples(records, texts, spec.show_samples)
             out["reward"] = {"metrics": {"reward": sum(scores) / len(scores)}}
             if "win_rate" in todo:
                 out["win_rate"] = {"metrics": _win_rate(spec, cache, judge, records, texts, scores)}
             if "reward" not in todo:
                 del out["reward"]
     return out, samples
+
+
+def _samples(records: list[dict], texts: list[str], limit: int) -> list[dict]:
+    """The first held-out prompts with the reply, for the report's side-by-side table."""
+    return [{"id": str(json.loads(r["extra"] or "{}").get("id", i)), "prompt": r["prompt"][-1]["content"],
+             "reference": r["reference"], "reply": text} for i, (r, text) in enumerate(zip(records[:limit], texts))]
 
 
 def _win_rate(spec: EvalSpec, cache: EvalCache, judge, records: list[dict], texts: list[str],

@@ -61,7 +61,7 @@ class Pipeline:
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     raw = read_yaml(path)
     for item in overrides or []:
-        apply_override(raw, item)
+        _override(raw, item, path)
     unknown = set(raw) - {"run_dir", "demo_world", "tokenizer", "stages", "eval"}
     if unknown:
         raise ConfigError(f"{path}: unknown pipeline keys {sorted(unknown)} "
@@ -93,6 +93,22 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         if isinstance(stage.eval, dict) and eval_spec is not None:
             from_dict(EvalSpec, {**dataclasses.asdict(eval_spec), **stage.eval}, where=f"stages.{stage.name}.eval")
     return pipeline
+
+
+def _override(raw: dict, item: str, path) -> None:
+    """Dotted overrides; `stages.NAME.…` (or `stages.INDEX.…`) reaches into one stage:
+    `stages.dpo.config.dpo.beta=0.3`."""
+    key = item.partition("=")[0].strip()
+    if not key.startswith("stages."):
+        apply_override(raw, item)
+        return
+    _, ref, rest = key.split(".", 2) if key.count(".") >= 2 else (*key.split("."), "")
+    stages = raw.get("stages") or []
+    found = [s for i, s in enumerate(stages) if isinstance(s, dict) and ref in (s.get("name", s.get("stage")), str(i))]
+    if not found or not rest:
+        names = ", ".join(str(s.get("name", s.get("stage"))) for s in stages if isinstance(s, dict))
+        raise ConfigError(f"override {item!r}: expected stages.NAME.key=value with NAME one of {names} ({path})")
+    apply_override(found[0], f"{rest}={item.partition('=')[2]}")
 
 
 def _substitute(value, run_dir: str):
@@ -254,7 +270,8 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None, start: str 
             cfg = stage_config(pipeline, stage)
             if stage.name not in visit:
                 done = (Path(cfg.train.output_dir) / MANIFEST).is_file()
-                state.update(stage.name, status="skipped" if done else "pending")
+                state.update(stage.name, status="skipped" if done else "pending",
+                             seconds=_manifest(cfg).get("seconds", 0.0))
                 continue
             for needed in (stage.from_, stage.reward_model):
                 if needed and not (run_dir / needed / MANIFEST).is_file():
