@@ -49,12 +49,20 @@ class ModelConfig:
     """With finetuning=freeze: how many of the last decoder layers train."""
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+    parent_adapter: str = "merge"
+    """When name_or_path is a LoRA/DoRA adapter (a previous stage's artifact): `merge` folds it into
+    its base and this stage trains its own method on top; `continue` trains that same adapter further,
+    so the artifact stays a small adapter over the original base."""
     trust_remote_code: bool = False
     """Run code shipped with a model folder. Off unless you trust the folder."""
 
     def __post_init__(self) -> None:
         _check_choice("model", "dtype", self.dtype, DTYPES)
         _check_choice("model", "finetuning", self.finetuning, FINETUNING)
+        _check_choice("model", "parent_adapter", self.parent_adapter, ("merge", "continue"))
+        if self.parent_adapter == "continue" and self.finetuning not in ("lora", "dora"):
+            raise ConfigError("model.parent_adapter=continue trains the parent's adapter further: "
+                              "set model.finetuning=lora (or dora)")
 
 
 @dataclass

@@ -53,6 +53,8 @@ def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra
                 param.requires_grad_(True)
         _unfreeze(model, extra_trainable)
         return model
+    if hasattr(model, "peft_config"):  # the parent's adapter, kept to train further (parent_adapter=continue)
+        return model
     return _wrap_lora(model, cfg, lora, extra_trainable, task_type)
 
 

@@ -122,7 +122,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None
                   "attn_implementation": cfg.attn_implementation}
         if quantization is not None:
             kwargs["quantization_config"] = quantization
-        model = _load_weights(path, kwargs, len(tokenizer))
+        model = _load_weights(path, kwargs, len(tokenizer), keep_adapter=cfg.parent_adapter == "continue")
     old_vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old_vocab:
         from lmforge.models.tokenizer import resize_embeddings_mean
@@ -135,9 +135,10 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None
     return model, tokenizer, path
 
 
-def _load_weights(path: str, kwargs: dict, vocab_size: int):
+def _load_weights(path: str, kwargs: dict, vocab_size: int, keep_adapter: bool = False):
     """A full model folder, or a LoRA adapter folder: then its base is loaded and the adapter merged,
-    so the next stage starts from the adapted weights."""
+    so the next stage starts from the adapted weights — or, with `keep_adapter`, left trainable as it
+    is (model.parent_adapter=continue)."""
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.is_file():
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -146,10 +147,13 @@ def _load_weights(path: str, kwargs: dict, vocab_size: int):
     base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
     if not Path(base_path).is_dir():
         raise ConfigError(f"{path} is a LoRA adapter whose base model {base_path!r} is not a local folder")
-    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    # The base may itself be an adapter (a LoRA stage after a LoRA stage): merge the chain from the root.
+    base = _load_weights(base_path, kwargs, vocab_size)
     if vocab_size > base.get_input_embeddings().weight.shape[0]:
         # The adapter was trained after the vocabulary grew; its saved embeddings need the room.
         base.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if keep_adapter:
+        return PeftModel.from_pretrained(base, path, is_trainable=True)
     return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 

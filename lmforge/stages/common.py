@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from lmforge.config.load import to_dict
-from lmforge.config.schema import RL_STAGES, StageConfig
+from lmforge.config.schema import RL_STAGES, ConfigError, StageConfig
 from lmforge.data.build import data_cache_dir
 from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids
@@ -47,6 +47,8 @@ def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: 
     """(model with the fine-tuning method applied, tokenizer, parent model path or preset, and a frozen
     copy of the starting model when `frozen_copy` — the reference of preference losses)."""
     quant = quantization_config(cfg.model, cfg.lora)
+    if reward_head and cfg.model.parent_adapter == "continue":
+        raise ConfigError("a reward model gets a new head on merged weights: use model.parent_adapter=merge")
     model, tokenizer, path = load_model_and_tokenizer(cfg.model, seed=cfg.train.seed, quantization=quant)
     if reward_head:
         model = as_reward_model(model, cfg.train.seed)
@@ -81,6 +83,7 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
     if merge_adapter and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if accelerator.is_main_process:
+        _chain_adapter(model, run.cfg)
         model.config.use_cache = True
         stop = end_of_turn_ids(tokenizer)
         if getattr(model, "generation_config", None) is not None:
@@ -106,6 +109,16 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
     shutil.rmtree(run.cache_dir, ignore_errors=True)
     trainer.end()
     return run.output_dir
+
+
+def _chain_adapter(model, cfg: StageConfig) -> None:
+    """An adapter trained on a merged parent adapter is an adapter over that parent, not over the
+    original base: record the parent folder as its base, so loading it merges the whole chain."""
+    parent = cfg.model.name_or_path
+    if hasattr(model, "peft_config") and cfg.model.parent_adapter == "merge" and parent \
+            and (Path(parent) / "adapter_config.json").is_file():
+        for adapter in model.peft_config.values():
+            adapter.base_model_name_or_path = parent
 
 
 def parent_manifest_digest(model_path: str | None) -> str | None:

@@ -82,7 +82,8 @@ def reference_kind(cfg: StageConfig) -> str | None:
     """`copy`, `adapter` (the default under LoRA), or None for the reference-free losses."""
     if cfg.dpo.loss in REFERENCE_FREE:
         return None
-    lora = cfg.model.finetuning in ("lora", "dora", "qlora")
+    # A continued parent adapter cannot be switched off to get the parent back: that would be its base.
+    lora = cfg.model.finetuning in ("lora", "dora", "qlora") and cfg.model.parent_adapter == "merge"
     return cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
 
 

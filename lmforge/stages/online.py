@@ -66,7 +66,8 @@ def reference_kind(cfg: StageConfig) -> str | None:
     (kl_coef 0): the KL it measures is how a run shows drift and reward hacking."""
     if cfg.rl.reference == "none":
         return None
-    lora = cfg.model.finetuning in ("lora", "dora", "qlora")
+    # A continued parent adapter cannot be switched off to get the parent back: that would be its base.
+    lora = cfg.model.finetuning in ("lora", "dora", "qlora") and cfg.model.parent_adapter == "merge"
     return cfg.rl.reference if cfg.rl.reference != "auto" else ("adapter" if lora else "copy")
 
 
