@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from lmforge.config.load import from_dict, read_yaml
     from lmforge.eval.spec import EvalSpec
-    from lmforge.eval.suite import evaluate_model, record_eval
+    from lmforge.eval.suite import evaluate_model, is_reward_model, record_eval, wanted_suites
     from lmforge.stages.common import MANIFEST
 
     raw = read_yaml(args.suite) if args.suite else {}
@@ -129,12 +129,13 @@ def cmd_eval(args) -> int:
     spec = from_dict(EvalSpec, raw, where=args.suite or "eval options")
     manifest = Path(args.model) / MANIFEST
     previous = json.loads(manifest.read_text(encoding="utf-8")).get("eval") if manifest.is_file() else None
-    # Suites that are not asked for this time stay in the manifest; the ones asked for run afresh.
-    result = evaluate_model(args.model, spec, {"suites": (previous or {}).get("suites", {})},
-                            log=lambda m: console.print(f"[dim]{m}[/]"))
-    if not result["suites"]:
-        console.print("[yellow]nothing to evaluate: give --suite or data options (see lmforge eval -h)[/]")
+    # Suites not asked for this time stay in the manifest; those asked for run unless already up to date.
+    if not wanted_suites(spec, is_reward_model(args.model)):
+        console.print("[yellow]nothing to evaluate: give --suite or data options (see lmforge eval -h); "
+                      "a reward model takes --pairs[/]")
         return 2
+    result = evaluate_model(args.model, spec, previous, log=lambda m: console.print(f"[dim]{m}[/]"),
+                            keep_others=True)
     console.rule(f"[bold]{args.model}")
     _print_metrics(result["metrics"])
     if manifest.is_file() and not args.no_save:

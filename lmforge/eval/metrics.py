@@ -26,9 +26,13 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], block_size: int, batch_size: int = 8) -> dict:
-    """exp(mean next-token loss) over the texts packed into blocks, as the PT stage measures it."""
+def perplexity(model, tokenizer, texts: list[str], block_size: int, batch_size: int = 8,
+               max_tokens: int | None = None) -> dict:
+    """exp(mean next-token loss) over the texts packed into blocks, as the PT stage measures it;
+    the first `max_tokens` tokens only, when given."""
     rows = list(pack_stream((encode_text(tokenizer, t) for t in texts), block_size))
+    if max_tokens:
+        rows = rows[:max(1, max_tokens // block_size)]
     if not rows:
         return {}
     was_training = model.training

@@ -38,6 +38,8 @@ class EvalSpec:
     """At most this many records from each file."""
     max_new_tokens: int = 64
     block_size: int = 256
+    perplexity_tokens: int = 65536
+    """At most this many tokens of the perplexity text (long documents make it slow on a CPU)."""
     show_samples: int = 4
     """Held-out prompts whose replies are kept for the report."""
     seed: int = 0
@@ -52,7 +54,7 @@ class EvalSpec:
 
     def suite_key(self, suite: str, judges: dict[str, str | None]) -> str:
         """A digest of everything a suite's result depends on besides the model itself: rerun when it changes."""
-        fields = {"perplexity": ("perplexity", "max_samples", "block_size"),
+        fields = {"perplexity": ("perplexity", "max_samples", "block_size", "perplexity_tokens"),
                   "answers": ("answers", "max_samples", "max_new_tokens", "show_samples"),
                   "choice": ("choice", "max_samples"), "rm_accuracy": ("pairs", "max_samples"),
                   "reward": ("reward_model", "prompts", "answers", "max_samples", "max_new_tokens"),

@@ -83,16 +83,20 @@ def wanted_suites(spec: EvalSpec, reward_model: bool) -> list[str]:
 
 
 def evaluate_model(path: str, spec: EvalSpec, previous: dict | None = None, cache: EvalCache | None = None,
-                   log=print) -> dict:
-    """{"suites": {name: {"key", "metrics"}}, "metrics": every suite's numbers, "samples", "seconds"}."""
+                   log=print, keep_others: bool = False) -> dict:
+    """{"suites": {name: {"key", "metrics"}}, "metrics": every suite's numbers, "samples", "seconds"}.
+    `keep_others` keeps earlier results of suites this spec does not ask for (`lmforge eval` adds to a
+    manifest; a pipeline's eval block is the whole list)."""
     started = time.time()
     cache = cache or EvalCache()
     previous = previous or {}
     reward_model = is_reward_model(path)
     judges = {role: parent_manifest_digest(getattr(spec, role)) for role in ("reward_model", "reference", "baseline")
               if getattr(spec, role)}
-    suites = {name: result for name, result in (previous.get("suites") or {}).items()}
-    todo = [s for s in wanted_suites(spec, reward_model) if suites.get(s, {}).get("key") != spec.suite_key(s, judges)]
+    wanted = wanted_suites(spec, reward_model)
+    suites = {name: result for name, result in (previous.get("suites") or {}).items()
+              if keep_others or name in wanted}
+    todo = [s for s in wanted if suites.get(s, {}).get("key") != spec.suite_key(s, judges)]
     samples = previous.get("samples") or []
     if todo:
         log(f"evaluating {path}: {', '.join(todo)}")
@@ -117,7 +121,8 @@ def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
     if "perplexity" in todo:
         texts = [r["text"] or "\n".join(m["content"] for m in r["messages"])
                  for r in read_records(spec.perplexity, "sft", spec.max_samples)]
-        out["perplexity"] = {"metrics": metrics.perplexity(model, tokenizer, texts, spec.block_size)}
+        out["perplexity"] = {"metrics": metrics.perplexity(model, tokenizer, texts, spec.block_size,
+                                                           max_tokens=spec.perplexity_tokens)}
     if "choice" in todo:
         from lmforge.eval.choice import choice_eval, read_choice_file
 

@@ -290,10 +290,10 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None, start: str 
             _evaluate(pipeline, stage, state, cache, console)
         for stage in pipeline.stages:  # what became possible later: the SFT model's reward once the RM exists
             _evaluate(pipeline, stage, state, cache, console)
-        start = evaluate_start(pipeline.eval, stage_config(pipeline, pipeline.stages[0]), run_dir, cache,
-                               lambda message: console.print(f"[dim]{message}[/]"))
-        if start is not None:
-            state.data["start_eval"] = start
+        before = evaluate_start(pipeline.eval, stage_config(pipeline, pipeline.stages[0]), run_dir, cache,
+                                lambda message: console.print(f"[dim]{message}[/]"))
+        if before is not None:
+            state.data["start_eval"] = before
     finally:
         state.save()
         if report:
