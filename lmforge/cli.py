@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int)
     ev.add_argument("--no-save", action="store_true", help="do not store the results in the artifact's manifest")
 
+    export = sub.add_parser("export", help="merge adapters and write a plain Hugging Face folder")
+    export.add_argument("model", help="a model folder or artifact (a LoRA adapter is merged into its base)")
+    export.add_argument("--out", required=True, help="a new folder")
+    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as loaded)")
+    export.add_argument("--max-shard-size", default="2GB", help="split safetensors files above this size")
+
     report = sub.add_parser("report", help="write RUN_DIR/report.html for a pipeline run")
     report.add_argument("run_dir")
 
@@ -141,6 +147,15 @@ def cmd_eval(args) -> int:
     if manifest.is_file() and not args.no_save:
         record_eval(args.model, result)
         console.print(f"  saved in {manifest}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lmforge.models.export import export_model
+
+    out = export_model(args.model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    console.print(f"exported {args.model} to {out} (loads with transformers alone: "
+                  f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
 
@@ -292,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.loop.trainer import TrainingDiverged
 
     handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score,
-                "eval": cmd_eval, "report": cmd_report}
+                "eval": cmd_eval, "report": cmd_report, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as exc:

@@ -1,0 +1,71 @@
+"""`lmforge export`: a merged, plain Hugging Face folder that transformers alone loads with the same logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lmforge.cli import main
+from lmforge.config.load import load_config
+from lmforge.stages import STAGE_RUNNERS
+
+IDS = [[5, 6, 7, 8, 9, 10, 11]]
+FRESH = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+assert not any(name.startswith(("lmforge", "peft")) for name in sys.modules), "needs only transformers"
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor(json.loads(sys.argv[2]))).logits
+print(json.dumps({"dtype": str(next(model.parameters()).dtype), "logits": logits.float().tolist()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def adapter(base, world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_sft")
+    cfg = load_config(None, [f"model.name_or_path={base}", "model.finetuning=lora", "lora.r=4",
+                             f"data.train={world_dir}/sft/train.jsonl", "data.eval_split=0", "data.max_length=96",
+                             "train.max_steps=4", "train.batch_size=4", "train.lr=1e-2", f"train.output_dir={out}",
+                             "log.progress=false", "log.report_to=[]"], stage="sft")
+    STAGE_RUNNERS["sft"](cfg)
+    return out
+
+
+def fresh_logits(folder) -> dict:
+    done = subprocess.run([sys.executable, "-c", FRESH, str(folder), json.dumps(IDS)], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_export_merges_the_adapter_and_loads_with_transformers_alone(base, adapter, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["export", str(adapter), "--out", str(out)]) == 0
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
+    assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    assert json.loads((out / "lmforge_source.json").read_text())["stage"] == "sft"
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"]  # stops at the end of a turn
+
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)(
+            input_ids=torch.tensor(IDS)).logits
+        plain_base = AutoModelForCausalLM.from_pretrained(base)(input_ids=torch.tensor(IDS)).logits
+    got = torch.tensor(fresh_logits(out)["logits"])
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(got, plain_base, atol=1e-3)  # the adapter's change is in the weights
+
+
+def test_export_casts_shards_and_never_overwrites(adapter, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["export", str(adapter), "--out", str(out), "--dtype", "bf16", "--max-shard-size", "100KB"]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert fresh_logits(out)["dtype"] == "torch.bfloat16"
+    assert main(["export", str(adapter), "--out", str(out)]) == 2  # not empty: refused, nothing touched
+    assert len(list(out.glob("model-*.safetensors"))) > 1
