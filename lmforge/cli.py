@@ -50,6 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as loaded)")
     export.add_argument("--max-shard-size", default="2GB", help="split safetensors files above this size")
 
+    gen = sub.add_parser("generate", help="answer every prompt of a dataset: lmforge generate MODEL --data F --out F")
+    gen.add_argument("model")
+    gen.add_argument("--data", required=True, help="prompts in any SFT, prompt or preference format")
+    gen.add_argument("--out", required=True, help="a new JSON-lines file")
+    chat = sub.add_parser("chat", help="talk to a model in the terminal (/reset, /system TEXT, /exit)")
+    chat.add_argument("model")
+    chat.add_argument("--system", help="a system prompt")
+    for sampler in (gen, chat):
+        sampler.add_argument("--max-new-tokens", type=int, default=256)
+        sampler.add_argument("--temperature", type=float, default=0.0 if sampler is gen else 0.7)
+        sampler.add_argument("--top-p", type=float, default=1.0 if sampler is gen else 0.9)
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--max-samples", type=int)
+
     report = sub.add_parser("report", help="write RUN_DIR/report.html for a pipeline run")
     report.add_argument("run_dir")
 
@@ -156,6 +170,38 @@ def cmd_export(args) -> int:
     out = export_model(args.model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     console.print(f"exported {args.model} to {out} (loads with transformers alone: "
                   f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def _load_for_use(path: str):
+    import torch
+
+    from lmforge.config.schema import ModelConfig
+    from lmforge.models.load import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(ModelConfig(name_or_path=path))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+
+
+def cmd_generate(args) -> int:
+    from lmforge.eval.suite import read_records
+    from lmforge.inference.generate import generate_file
+    from lmforge.rollout.sample import SamplingParams
+
+    records = read_records(args.data, "prompt", args.max_samples)
+    model, tokenizer = _load_for_use(args.model)
+    params = SamplingParams(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    written = generate_file(model, tokenizer, records, args.out, params, batch_size=args.batch_size)
+    console.print(f"{written} replies written to {args.out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from lmforge.inference.chat import chat_loop
+
+    model, tokenizer = _load_for_use(args.model)
+    chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_p=args.top_p)
     return 0
 
 
@@ -307,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.loop.trainer import TrainingDiverged
 
     handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score,
-                "eval": cmd_eval, "report": cmd_report, "export": cmd_export}
+                "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "generate": cmd_generate,
+                "chat": cmd_chat}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as exc:

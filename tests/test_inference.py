@@ -1,0 +1,80 @@
+"""Using a model: `lmforge generate` over a dataset and `lmforge chat` in a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmforge.cli import main
+from lmforge.eval.suite import read_records
+from lmforge.inference.chat import chat_loop
+from lmforge.rollout.generate import generate
+
+
+def test_generate_answers_every_record_in_file_order(base, world_dir, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    data = world_dir / "rl" / "eval.jsonl"
+    assert main(["generate", str(base), "--data", str(data), "--out", str(out), "--max-samples", "12",
+                 "--max-new-tokens", "12", "--batch-size", "5"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    records = read_records(str(data), "prompt", 12)
+    assert [line["prompt"] for line in lines] == [r["prompt"] for r in records]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    one_by_one = [generate(model, tokenizer, [r["prompt"]], max_new_tokens=12)[0].text for r in records]
+    assert [line["response"] for line in lines] == one_by_one  # sorting and batching change nothing
+    assert all(line["reference"] for line in lines)
+    assert main(["generate", str(base), "--data", str(data), "--out", str(out)]) == 2  # never overwritten
+
+
+def test_chat_keeps_history_and_obeys_commands(base):
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    typed = iter(["What is 2 plus 3?", "And 4 plus 4?", "/system Be brief.", "/reset", "/nope", "/exit"])
+    written: list[str] = []
+    chat_loop(model, tokenizer, max_new_tokens=10, temperature=0.0, read=lambda _: next(typed),
+              write=written.append)
+    out = "".join(written)
+    first = generate(model, tokenizer, [[{"role": "user", "content": "What is 2 plus 3?"}]], max_new_tokens=10)[0]
+    second = generate(model, tokenizer, [[{"role": "user", "content": "What is 2 plus 3?"},
+                                          {"role": "assistant", "content": first.text.strip()},
+                                          {"role": "user", "content": "And 4 plus 4?"}]], max_new_tokens=10)[0]
+    assert out.count("bot> ") == 2
+    assert f"bot> {first.text}" in out.replace("\n", " ") or first.text.strip() in out
+    assert second.text.strip() in out  # the second turn saw the first
+    assert "system prompt set" in out and "conversation cleared" in out and "unknown command /nope" in out
+
+
+def test_chat_command_streams_in_a_terminal(base):
+    """The real command in a pseudo-terminal: a two-turn exchange, then /exit."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "chat", str(base), "--temperature", "0",
+                                "--max-new-tokens", "8"], stdin=follower, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes, count: int, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.time() + timeout
+        while seen.count(marker) < count and time.time() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(leader, 4096)
+                except OSError:
+                    break
+
+    read_until(b"you> ", 1)
+    os.write(leader, b"Where does Ansa live?\n")
+    read_until(b"you> ", 2)
+    os.write(leader, b"And her age?\n")
+    read_until(b"you> ", 3)
+    os.write(leader, b"/exit\n")
+    assert process.wait(timeout=60) == 0
+    os.close(leader)
+    assert seen.count(b"bot> ") == 2 and b"/reset" in seen
