@@ -173,23 +173,14 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _load_for_use(path: str):
-    import torch
-
-    from lmforge.config.schema import ModelConfig
-    from lmforge.models.load import load_model_and_tokenizer
-
-    model, tokenizer, _ = load_model_and_tokenizer(ModelConfig(name_or_path=path))
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
-
-
 def cmd_generate(args) -> int:
     from lmforge.eval.suite import read_records
     from lmforge.inference.generate import generate_file
+    from lmforge.models.load import load_for_inference
     from lmforge.rollout.sample import SamplingParams
 
     records = read_records(args.data, "prompt", args.max_samples)
-    model, tokenizer = _load_for_use(args.model)
+    model, tokenizer = load_for_inference(args.model)
     params = SamplingParams(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     written = generate_file(model, tokenizer, records, args.out, params, batch_size=args.batch_size)
     console.print(f"{written} replies written to {args.out}")
@@ -198,8 +189,9 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from lmforge.inference.chat import chat_loop
+    from lmforge.models.load import load_for_inference
 
-    model, tokenizer = _load_for_use(args.model)
+    model, tokenizer = load_for_inference(args.model)
     chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_p=args.top_p)
     return 0
@@ -218,16 +210,16 @@ def cmd_report(args) -> int:
 def cmd_score(args) -> int:
     import tempfile
 
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lmforge.config.schema import DataConfig, DatasetSpec
     from lmforge.data.build import load_examples
     from lmforge.data.errors import DataError, ErrorLog
+    from lmforge.models.load import inference_device
     from lmforge.rollout.score import score_responses
 
     model = AutoModelForSequenceClassification.from_pretrained(args.model)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(inference_device())
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cfg = DataConfig()
     with tempfile.TemporaryDirectory() as cache:

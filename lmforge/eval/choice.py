@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from lmforge.data.errors import DataError, ErrorLog
+from lmforge.data.preference import pad_sequences, sequence_with_labels
 from lmforge.data.readers import _decoded_lines
 from lmforge.data.templates import render_prompt
-from lmforge.losses.lm import IGNORE
 from lmforge.losses.preference import sequence_logps
 
 LETTERS = string.ascii_uppercase
@@ -316,20 +316,14 @@ def _sequence_logps(model, rows: list[tuple[list[int], int]], pad_id: int, batch
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (ids, context_len) in enumerate(chunk):  # right padding: positions stay 0, 1, 2, ...
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                labels[i, context_len: len(ids)] = input_ids[i, context_len: len(ids)]
-                mask[i, : len(ids)] = 1
+            # Right padding: positions stay 0, 1, 2, ...; only the continuation carries labels.
+            batch = pad_sequences([sequence_with_labels(ids[:n], ids[n:]) for ids, n in chunk], pad_id)
             # Logits only from the earliest continuation on: a [B, T, V] tensor over long (few-shot)
             # contexts would be most of the memory and none of the answer.
-            keep = width - min(context_len for _, context_len in chunk) + 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False,
-                           logits_to_keep=keep).logits
-            logps, _ = sequence_logps(logits[:, -keep:], labels[:, -keep:].to(device))
+            keep = batch["input_ids"].shape[1] - min(n for _, n in chunk) + 1
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           use_cache=False, logits_to_keep=keep).logits
+            logps, _ = sequence_logps(logits[:, -keep:], batch["labels"][:, -keep:].to(device))
             scores += logps.tolist()
     finally:
         model.train(was_training)

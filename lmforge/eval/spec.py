@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 
 from lmforge.config.schema import ConfigError
 
-SUITES = ("perplexity", "answers", "choice", "rm_accuracy", "reward", "kl", "win_rate")
 SUITE_JUDGES = {"reward": ("reward_model",), "kl": ("reference",), "win_rate": ("reward_model", "baseline")}
 
 

@@ -13,13 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from lmforge.config.schema import ConfigError, DataConfig, DatasetSpec, ModelConfig
+from lmforge.config.schema import ConfigError, DataConfig, DatasetSpec
 from lmforge.data.build import load_examples
 from lmforge.data.errors import ErrorLog
 from lmforge.eval import metrics
 from lmforge.eval.spec import EvalSpec
+from lmforge.models.load import inference_device, load_for_inference
 from lmforge.stages.common import MANIFEST, parent_manifest_digest, write_json_atomic
 
 
@@ -29,10 +28,6 @@ def is_reward_model(path: str) -> bool:
         return False
     architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in architectures)
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -55,17 +50,10 @@ def _judge(path: str, cache: EvalCache):
 
     key = (path, parent_manifest_digest(path))
     if key not in cache.judges:
-        judge = ModelReward(path, device=_device())
+        judge = ModelReward(path, device=inference_device())
         judge.load()
         cache.judges = {key: judge}  # one judge at a time: a pipeline's RM does not change mid-run
     return cache.judges[key]
-
-
-def _causal(path: str):
-    from lmforge.models.load import load_model_and_tokenizer
-
-    model, tokenizer, _ = load_model_and_tokenizer(ModelConfig(name_or_path=path))
-    return model.to(_device()).eval(), tokenizer
 
 
 def wanted_suites(spec: EvalSpec, reward_model: bool) -> list[str]:
@@ -116,7 +104,7 @@ def evaluate_model(path: str, spec: EvalSpec, previous: dict | None = None, cach
 
 def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
                    samples: list[dict]) -> tuple[dict, list[dict]]:
-    model, tokenizer = _causal(path)
+    model, tokenizer = load_for_inference(path)
     out: dict[str, dict] = {}
     if "perplexity" in todo:
         texts = [r["text"] or "\n".join(m["content"] for m in r["messages"])
@@ -140,7 +128,7 @@ def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
     if policy_suites:
         records = read_records(spec.prompt_file, "prompt", spec.max_samples)
         if "kl" in todo:
-            reference, _ = _causal(spec.reference)
+            reference, _ = load_for_inference(spec.reference)
             out["kl"] = {"metrics": metrics.kl_to_reference(model, reference, tokenizer, records,
                                                             spec.max_new_tokens, spec.seed)}
             del reference
@@ -170,7 +158,7 @@ def _win_rate(spec: EvalSpec, cache: EvalCache, judge, records: list[dict], text
     key = (spec.baseline, parent_manifest_digest(spec.baseline), spec.prompt_file, spec.max_samples,
            spec.max_new_tokens)
     if key not in cache.baseline_replies:
-        baseline, tokenizer = _causal(spec.baseline)
+        baseline, tokenizer = load_for_inference(spec.baseline)
         cache.baseline_replies[key] = metrics.greedy_replies(baseline, tokenizer, records, spec.max_new_tokens).texts
         del baseline
     baseline_texts = cache.baseline_replies[key]

@@ -70,7 +70,6 @@ def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int =
         for piece in reply_stream(model, tokenizer, messages, max_new_tokens, temperature, top_p):
             pieces.append(piece)
             write(piece)
-            if hasattr(sys.stdout, "flush"):
-                sys.stdout.flush()
+            sys.stdout.flush()
         write("\n")
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]

@@ -157,6 +157,16 @@ def _load_weights(path: str, kwargs: dict, vocab_size: int, keep_adapter: bool =
     return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
+def inference_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_inference(path: str):
+    """(model in eval mode on the GPU if there is one, tokenizer) for evaluation, chat and generation."""
+    model, tokenizer, _ = load_model_and_tokenizer(ModelConfig(name_or_path=path))
+    return model.to(inference_device()).eval(), tokenizer
+
+
 def as_reward_model(causal, seed: int):
     """The same network with a scalar head instead of the LM head (`AutoModelForSequenceClassification`,
     which reads the score at the last non-pad token). Works for every source a causal LM comes from."""
