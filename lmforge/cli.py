@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lmforge.cli_use import USE_COMMANDS, add_use_commands
 from lmforge.config.schema import STAGES
 
 console = Console()
@@ -44,25 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int)
     ev.add_argument("--no-save", action="store_true", help="do not store the results in the artifact's manifest")
 
-    export = sub.add_parser("export", help="merge adapters and write a plain Hugging Face folder")
-    export.add_argument("model", help="a model folder or artifact (a LoRA adapter is merged into its base)")
-    export.add_argument("--out", required=True, help="a new folder")
-    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as loaded)")
-    export.add_argument("--max-shard-size", default="2GB", help="split safetensors files above this size")
-
-    gen = sub.add_parser("generate", help="answer every prompt of a dataset: lmforge generate MODEL --data F --out F")
-    gen.add_argument("model")
-    gen.add_argument("--data", required=True, help="prompts in any SFT, prompt or preference format")
-    gen.add_argument("--out", required=True, help="a new JSON-lines file")
-    chat = sub.add_parser("chat", help="talk to a model in the terminal (/reset, /system TEXT, /exit)")
-    chat.add_argument("model")
-    chat.add_argument("--system", help="a system prompt")
-    for sampler in (gen, chat):
-        sampler.add_argument("--max-new-tokens", type=int, default=256)
-        sampler.add_argument("--temperature", type=float, default=0.0 if sampler is gen else 0.7)
-        sampler.add_argument("--top-p", type=float, default=1.0 if sampler is gen else 0.9)
-    gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--max-samples", type=int)
+    add_use_commands(sub)
 
     report = sub.add_parser("report", help="write RUN_DIR/report.html for a pipeline run")
     report.add_argument("run_dir")
@@ -161,39 +144,6 @@ def cmd_eval(args) -> int:
     if manifest.is_file() and not args.no_save:
         record_eval(args.model, result)
         console.print(f"  saved in {manifest}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    from lmforge.models.export import export_model
-
-    out = export_model(args.model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    console.print(f"exported {args.model} to {out} (loads with transformers alone: "
-                  f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from lmforge.eval.suite import read_records
-    from lmforge.inference.generate import generate_file
-    from lmforge.models.load import load_for_inference
-    from lmforge.rollout.sample import SamplingParams
-
-    records = read_records(args.data, "prompt", args.max_samples)
-    model, tokenizer = load_for_inference(args.model)
-    params = SamplingParams(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    written = generate_file(model, tokenizer, records, args.out, params, batch_size=args.batch_size)
-    console.print(f"{written} replies written to {args.out}")
-    return 0
-
-
-def cmd_chat(args) -> int:
-    from lmforge.inference.chat import chat_loop
-    from lmforge.models.load import load_for_inference
-
-    model, tokenizer = load_for_inference(args.model)
-    chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, top_p=args.top_p)
     return 0
 
 
@@ -345,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.loop.trainer import TrainingDiverged
 
     handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score,
-                "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "generate": cmd_generate,
-                "chat": cmd_chat}
+                "eval": cmd_eval, "report": cmd_report, **USE_COMMANDS}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as exc:

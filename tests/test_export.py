@@ -69,3 +69,52 @@ def test_export_casts_shards_and_never_overwrites(adapter, tmp_path):
     assert fresh_logits(out)["dtype"] == "torch.bfloat16"
     assert main(["export", str(adapter), "--out", str(out)]) == 2  # not empty: refused, nothing touched
     assert len(list(out.glob("model-*.safetensors"))) > 1
+
+
+GGUF_READ = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, name, text = sys.argv[1], sys.argv[2], sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([ids])).logits
+print(json.dumps({"ids": ids, "logits": logits.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 1e-5), ("bf16", 1e-6)])
+def test_gguf_export_reads_back_with_the_same_tokens_and_logits(adapter, tmp_path, dtype, tolerance):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    out = tmp_path / f"gguf-{dtype}"
+    assert main(["export", str(adapter), "--out", str(out), "--gguf", "--dtype", dtype]) == 0
+    name = "model-f32.gguf" if dtype == "fp32" else "model-bf16.gguf"
+    assert (out / name).is_file() and not list(out.glob("*.partial"))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3? 你好"}], tokenize=False,
+                                         add_generation_prompt=True)
+    done = subprocess.run([sys.executable, "-c", GGUF_READ, str(out), name, text], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    back = json.loads(done.stdout.strip().splitlines()[-1])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert back["ids"] == ids  # special tokens whole, byte-level pieces the same
+    field = GGUFReader(out / name).fields["tokenizer.chat_template"]  # what llama.cpp and Ollama read
+    assert bytes(field.parts[field.data[0]]).decode() == tokenizer.chat_template
+    with torch.no_grad():  # the exported HF folder in the same dtype, upcast like the GGUF reader does
+        expected = AutoModelForCausalLM.from_pretrained(out).float()(input_ids=torch.tensor([ids])).logits
+    assert torch.allclose(torch.tensor(back["logits"]), expected, atol=tolerance)
+
+
+def test_gguf_export_refuses_other_architectures(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmforge.config.schema import ConfigError
+    from lmforge.models.gguf_export import write_gguf
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ConfigError, match="GGUF export supports LlamaForCausalLM; this model is GPT2LMHeadModel"):
+        write_gguf(model, None, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())

@@ -11,13 +11,16 @@ from pathlib import Path
 
 from lmforge.config.schema import ConfigError, ModelConfig
 from lmforge.data.templates import end_of_turn_ids
+from lmforge.models.gguf_export import gguf_name, write_gguf
 from lmforge.models.load import DTYPES, load_model_and_tokenizer
 
 EXPORT_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name != "auto"}
 
 
-def export_model(source: str, out: str | Path, dtype: str | None = None, max_shard_size: str = "2GB") -> Path:
-    """Write `source` (a folder, an adapter artifact, a GGUF short name) to `out` as a merged HF folder."""
+def export_model(source: str, out: str | Path, dtype: str | None = None, max_shard_size: str = "2GB",
+                 gguf: bool = False) -> Path:
+    """Write `source` (a folder, an adapter artifact, a GGUF short name) to `out` as a merged HF folder,
+    and with `gguf` also as `out/model-<dtype>.gguf`."""
     out = Path(out)
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ConfigError(f"export dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
@@ -35,6 +38,8 @@ def export_model(source: str, out: str | Path, dtype: str | None = None, max_sha
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if gguf:
+        write_gguf(model, tokenizer, tmp / gguf_name(model.dtype))
     manifest = Path(source) / "lmforge.json"
     if manifest.is_file():  # where the weights came from, for whoever deploys them
         record = json.loads(manifest.read_text(encoding="utf-8"))

@@ -1,0 +1,91 @@
+"""The commands that use a trained model: export, generate, chat and serve."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+
+console = Console()
+
+
+def add_use_commands(sub) -> None:
+    export = sub.add_parser("export", help="merge adapters and write a plain Hugging Face folder (or a GGUF file)")
+    export.add_argument("model", help="a model folder or artifact (a LoRA adapter is merged into its base)")
+    export.add_argument("--out", required=True, help="a new folder")
+    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as loaded)")
+    export.add_argument("--max-shard-size", default="2GB", help="split safetensors files above this size")
+    export.add_argument("--gguf", action="store_true",
+                        help="also write OUT/model-<dtype>.gguf for llama.cpp and Ollama (Llama-style models)")
+
+    gen = sub.add_parser("generate", help="answer every prompt of a dataset: lmforge generate MODEL --data F --out F")
+    gen.add_argument("model")
+    gen.add_argument("--data", required=True, help="prompts in any SFT, prompt or preference format")
+    gen.add_argument("--out", required=True, help="a new JSON-lines file")
+    chat = sub.add_parser("chat", help="talk to a model in the terminal (/reset, /system TEXT, /exit)")
+    chat.add_argument("model")
+    chat.add_argument("--system", help="a system prompt")
+    for sampler in (gen, chat):
+        sampler.add_argument("--max-new-tokens", type=int, default=256)
+        sampler.add_argument("--temperature", type=float, default=0.0 if sampler is gen else 0.7)
+        sampler.add_argument("--top-p", type=float, default=1.0 if sampler is gen else 0.9)
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--max-samples", type=int)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API: lmforge serve MODEL --port 8000")
+    serve.add_argument("model")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", help="the model id clients send (default: the folder's name)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $LMFORGE_API_KEY if set)")
+    serve.add_argument("--max-batch-size", type=int, default=16,
+                       help="requests decoded together (1 turns batching off)")
+    serve.add_argument("--queue-size", type=int, default=64, help="requests allowed to wait; more get 503")
+    serve.add_argument("--max-tokens", type=int, default=256, help="reply length when a request sets none")
+
+
+def cmd_export(args) -> int:
+    from lmforge.models.export import export_model
+
+    out = export_model(args.model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, gguf=args.gguf)
+    console.print(f"exported {args.model} to {out} (loads with transformers alone: "
+                  f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    for gguf in sorted(out.glob("*.gguf")):
+        console.print(f"  GGUF for llama.cpp / Ollama: {gguf}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from lmforge.eval.suite import read_records
+    from lmforge.inference.generate import generate_file
+    from lmforge.models.load import load_for_inference
+    from lmforge.rollout.sample import SamplingParams
+
+    records = read_records(args.data, "prompt", args.max_samples)
+    model, tokenizer = load_for_inference(args.model)
+    params = SamplingParams(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    written = generate_file(model, tokenizer, records, args.out, params, batch_size=args.batch_size)
+    console.print(f"{written} replies written to {args.out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from lmforge.inference.chat import chat_loop
+    from lmforge.models.load import load_for_inference
+
+    model, tokenizer = load_for_inference(args.model)
+    chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_p=args.top_p)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from lmforge.serve.server import serve
+
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    serve(args.model, host=args.host, port=args.port, name=args.name, api_key=api_key,
+          max_batch_size=args.max_batch_size, queue_size=args.queue_size, default_max_tokens=args.max_tokens)
+    return 0
+
+
+USE_COMMANDS = {"export": cmd_export, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}

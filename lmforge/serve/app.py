@@ -1,0 +1,206 @@
+"""The FastAPI app of `lmforge serve`: routes, the API-key and body-size guard, and errors in OpenAI's
+shape (a bad request gets a 400 with a message, a full queue a 503, never a dropped connection)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import secrets
+import time
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lmforge.data.templates import render_prompt
+from lmforge.rollout.stream import Row
+from lmforge.serve import protocol
+from lmforge.serve.batcher import Batcher, QueueFull
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class Collector:
+    """The n rows of one request, and the events they send from the generating thread to the event loop."""
+
+    def __init__(self, n: int):
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.rows: list[Row] = []
+        self.n = n
+
+    def make_rows(self, prompt_ids: list[int], limit: int, body: protocol._Sampling) -> list[Row]:
+        self.rows = [Row(prompt_ids, limit, body.temperature, body.top_p, body.stop_texts,
+                         on_text=partial(self._send, i, "text"), on_done=partial(self._done, i))
+                     for i in range(self.n)]
+        return self.rows
+
+    def _send(self, index: int, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, value))
+
+    def _done(self, index: int, reason: str, tokens: int) -> None:
+        self._send(index, "done", (reason, tokens))
+
+    async def events_until_done(self):
+        finished: set[int] = set()
+        while len(finished) < self.n:
+            index, kind, value = await self.events.get()
+            if index in finished:
+                continue
+            if kind == "done":
+                finished.add(index)
+            yield index, kind, value
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancelled = True
+
+
+def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | None = None,
+               default_max_tokens: int = 256, max_body_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    prompt_tokenizer = copy.deepcopy(tokenizer)  # the batcher's thread decodes with the original
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                              kind="authentication_error")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return _error(413, f"request body over {max_body_bytes} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        return _error(error.status, error.message, error.param, error.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, error: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                             for e in error.errors()[:5])
+        return _error(400, f"invalid request: {problems}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):
+        return _error(error.status_code, str(error.detail))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "batches": batcher.batches, "rows_decoded": batcher.rows_decoded}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "lmforge"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: protocol.ChatRequest):
+        _check_model(body.model, name)
+        try:
+            prompt = render_prompt(prompt_tokenizer, [m.as_template_message() for m in body.messages])
+        except Exception as error:  # the template's own rules (roles must alternate, ...)
+            raise ApiError(400, f"the chat template refused these messages: {error}", "messages") from None
+        return await _answer(body, prompt, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: protocol.CompletionRequest):
+        _check_model(body.model, name)
+        return await _answer(body, body.prompt, chat=False)
+
+    async def _answer(body, prompt: str, chat: bool):
+        prompt_ids = prompt_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        limit = _token_limit(len(prompt_ids), body.token_limit, context, default_max_tokens)
+        collector = Collector(body.n)
+        try:
+            batcher.submit(collector.make_rows(prompt_ids, limit, body))
+        except QueueFull as full:
+            return _error(503, f"server busy ({full}); retry later", kind="server_busy", headers={"Retry-After": "1"})
+        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            return StreamingResponse(_stream(collector, rid, len(prompt_ids), chat, body.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts, reasons, tokens = [""] * body.n, [""] * body.n, 0
+        try:
+            async for index, kind, value in collector.events_until_done():
+                if kind == "text":
+                    texts[index] += value
+                else:
+                    reasons[index], used = value
+                    tokens += used
+        finally:
+            collector.cancel()
+        failed = next((r for r in reasons if r.startswith("error")), None)
+        if failed:
+            return _error(500, f"generation failed ({failed})", kind="server_error")
+        build = protocol.chat_response if chat else protocol.completion_response
+        return build(rid, name, texts, reasons, len(prompt_ids), tokens)
+
+    async def _stream(collector: Collector, rid: str, prompt_tokens: int, chat: bool, include_usage: bool):
+        tokens = 0
+        try:
+            if chat:
+                for index in range(collector.n):
+                    yield _sse(protocol.chat_chunk(rid, name, index, {"role": "assistant", "content": ""}, None))
+            async for index, kind, value in collector.events_until_done():
+                if kind == "done":
+                    reason, used = value
+                    tokens += used
+                    if reason.startswith("error"):
+                        yield _sse(protocol.error_body(f"generation failed ({reason})", "server_error"))
+                        return
+                if chat:
+                    delta = {"content": value} if kind == "text" else {}
+                    chunk = protocol.chat_chunk(rid, name, index, delta, value[0] if kind == "done" else None)
+                else:
+                    chunk = protocol.completion_chunk(rid, name, index, value if kind == "text" else "",
+                                                      value[0] if kind == "done" else None)
+                yield _sse(chunk)
+            if include_usage:
+                kind = "chat.completion.chunk" if chat else "text_completion"
+                yield _sse(protocol.usage_chunk(rid, name, kind, prompt_tokens, tokens))
+            yield "data: [DONE]\n\n"
+        finally:  # the client left mid-stream: its rows stop at the next decoding step
+            collector.cancel()
+
+    return app
+
+
+def _check_model(asked: str, served: str) -> None:
+    if asked != served:
+        raise ApiError(404, f"model {asked!r} is not served here; this server serves {served!r}", "model",
+                       kind="model_not_found")
+
+
+def _token_limit(prompt_tokens: int, asked: int | None, context: int, default: int) -> int:
+    room = context - prompt_tokens
+    if room < 1:
+        raise ApiError(400, f"the prompt has {prompt_tokens} tokens; the model's context is {context} tokens",
+                       "messages", kind="context_length_exceeded")
+    if asked is None:
+        return min(default, room)
+    if asked > room:
+        raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({asked}) exceeds the model's "
+                       f"context of {context} tokens", "max_tokens", kind="context_length_exceeded")
+    return asked
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, kind, param), status_code=status, headers=headers)
