@@ -168,15 +168,26 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one extra step")
     parser.add_argument("--peer", help="a folder holding the peer harness (sft.py, common.py)")
     parser.add_argument("--peer-strategies", default="bfd,wrapped")
+    parser.add_argument("--single", choices=["eager", "compile"], help=argparse.SUPPRESS)
     parser.add_argument("--out")
     args = parser.parse_args()
     import transformers
 
+    if args.single:  # one measurement in this (fresh) process, printed as the last line
+        print(json.dumps(run_lmforge(args, compile_blocks=args.single == "compile")), flush=True)
+        return
     rows = []
-    for mode in args.modes.split(","):
-        rows.append(run_lmforge(args, compile_blocks=mode == "compile"))
+    for mode in args.modes.split(","):  # each mode in its own process, as a user's run would be
+        command = [sys.executable, __file__, "--single", mode, "--model", args.model, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq)]
+        command += (["--no-fused"] if not args.fused else []) + (["--profile"] if args.profile else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        print(done.stdout[:-1].rsplit("\n", 1)[0] if args.profile else "", flush=True)
+        try:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        except (IndexError, json.JSONDecodeError):
+            rows.append({"who": "lmforge", "mode": mode, "error": done.stderr[-2000:]})
         print(json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.peer:
         for strategy in args.peer_strategies.split(","):
             rows.append(run_peer(args, strategy))
