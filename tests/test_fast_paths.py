@@ -117,3 +117,47 @@ def test_compiled_blocks_equal_eager():
     assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
     for name, grad in eager[2].items():
         assert torch.allclose(compiled[2][name], grad, atol=1e-5), name
+
+
+def test_chunked_sequence_logps_equal_full_logits_with_gradients():
+    from lmforge.losses.linear_ce import sequence_logps_from_hidden
+    from lmforge.losses.preference import sequence_logps
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 9, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(40, 16, generator=g) * 0.3).requires_grad_(True)
+    labels = torch.randint(0, 40, (4, 9), generator=g)
+    labels[:, :3] = IGNORE  # prompts
+    labels[3, 6:] = IGNORE  # a shorter, padded sequence
+    coefficients = torch.tensor([0.7, -1.3, 0.2, 2.0])  # a loss that weighs each sequence differently
+    sums, lengths = sequence_logps_from_hidden(hidden, weight, labels, chunk_rows=5)
+    (sums * coefficients).sum().backward()
+    got = (sums.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad, weight.grad = None, None
+    expected, expected_lengths = sequence_logps(hidden @ weight.T, labels)
+    (expected * coefficients).sum().backward()
+    assert torch.equal(lengths, expected_lengths)
+    assert torch.allclose(got[0], expected.detach(), atol=1e-5)
+    assert torch.allclose(got[1], hidden.grad, atol=1e-6) and torch.allclose(got[2], weight.grad, atol=1e-6)
+
+
+def test_fused_dpo_loss_equals_plain():
+    from lmforge.config.schema import DPOConfig
+    from lmforge.data.preference import collate_pairs
+    from lmforge.stages.dpo import preference_loss
+
+    g = torch.Generator().manual_seed(5)
+    pairs = [{"prompt_ids": torch.randint(1, 64, (int(n),), generator=g).tolist(),
+              "chosen_ids": torch.randint(1, 64, (6,), generator=g).tolist(),
+              "rejected_ids": torch.randint(1, 64, (9,), generator=g).tolist()} for n in (4, 7, 5)]
+    batch = collate_pairs(pairs, pad_id=0)
+    batch["ref_chosen"], batch["ref_rejected"] = torch.tensor([-20.0, -25.0, -22.0]), torch.tensor([-30.0, -28, -33])
+    results = []
+    for fused in (False, True):
+        model = tiny(seed=2, tied=True)
+        loss, count, metrics = preference_loss(model, batch, DPOConfig(beta=0.1), reference=None, fused=fused)
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(results[1][1][name], grad, atol=1e-6), name

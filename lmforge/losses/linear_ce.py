@@ -83,3 +83,64 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, label
     """`causal_lm_loss` from the final hidden states [B, T, H]: position t predicts label t+1."""
     width = hidden.shape[-1]
     return linear_cross_entropy(hidden[:, :-1].reshape(-1, width), weight, labels[:, 1:].reshape(-1), chunk_rows)
+
+
+def _chunk_token_logps(logits, safe, valid):
+    full = logits.float()
+    return torch.where(valid, full.gather(1, safe)[:, 0] - full.logsumexp(-1), torch.zeros_like(full[:, 0]))
+
+
+def _chunk_token_logps_grad(logits, safe, valid, grad_out):
+    """d(sum_i g_i · logp_i)/d(logits) = g_i · (one_hot(target) - softmax), zero on ignored rows."""
+    probs = logits.float().softmax(-1)
+    weight = (grad_out * valid)[:, None]
+    grad = (-probs).scatter_add(1, safe, torch.ones_like(safe, dtype=probs.dtype)) * weight
+    return grad.to(logits.dtype)
+
+
+if torch.cuda.is_available():
+    _chunk_token_logps_grad = torch.compile(_chunk_token_logps_grad, dynamic=True)
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """Per-token log-probs of the labels under `hidden @ weight.T`, chunked. The preference losses need
+    each token's value, so the gradient is not known in the forward pass: backward recomputes each
+    chunk's logits (one extra matmul) instead of keeping them all."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows: int):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            targets = labels[start:start + chunk_rows]
+            out[start:start + chunk_rows] = _chunk_token_logps(hidden[start:start + chunk_rows] @ weight.T,
+                                                               targets.clamp(min=0)[:, None], targets != IGNORE)
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        rows_per = ctx.chunk_rows
+        for start in range(0, hidden.shape[0], rows_per):
+            rows, targets = hidden[start:start + rows_per], labels[start:start + rows_per]
+            grad_logits = _chunk_token_logps_grad(rows @ weight.T, targets.clamp(min=0)[:, None],
+                                                  targets != IGNORE, grad_out[start:start + rows_per].float())
+            if grad_hidden is not None:
+                grad_hidden[start:start + rows_per] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ rows).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def sequence_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`losses.preference.sequence_logps` from the final hidden states [B, T, H] and the output weight:
+    per-sequence sums of the labelled tokens' log-probs, and the counts, without [B, T, V] logits."""
+    rows = chunk_rows or max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    batch, length, width = hidden.shape
+    targets = labels[:, 1:]
+    token = _ChunkedTokenLogps.apply(hidden[:, :-1].reshape(-1, width), weight, targets.reshape(-1), rows)
+    return token.view(batch, length - 1).sum(-1), (targets != IGNORE).sum(-1)

@@ -12,11 +12,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from lmforge.config.schema import DPOConfig, StageConfig
 from lmforge.data.build import load_splits, tokenize_preference
 from lmforge.data.preference import collate_kto, collate_pairs
-from lmforge.loop.trainer import Trainer, pair_count
+from lmforge.loop.trainer import Trainer, compile_blocks, pair_count
+from lmforge.losses.linear_ce import sequence_logps_from_hidden
 from lmforge.losses.preference import (
     dpo_loss,
     kto_kl_estimate,
@@ -27,15 +29,22 @@ from lmforge.losses.preference import (
 )
 from lmforge.models.reference import Reference, cache_key, precompute
 from lmforge.rollout.evaluate import answer_eval
-from lmforge.stages.common import load_for_training, save_artifact, start_run
+from lmforge.stages.common import (
+    fusable_output_layer,
+    hidden_states_as_logits,
+    load_for_training,
+    save_artifact,
+    start_run,
+    use_fused_loss,
+)
 
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | None):
-    """(loss × pairs, pairs, metrics) for one [2B, L] batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    sums, lengths = sequence_logps(logits, batch["labels"])
+def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | None, fused: bool = False):
+    """(loss × pairs, pairs, metrics) for one [2B, L] batch. `fused`: log-probs from the final hidden
+    states in chunks, never the [2B, L, vocab] logits."""
+    sums, lengths = policy_logps(model, batch, fused)
     half = sums.shape[0] // 2
     count = torch.tensor(half, device=sums.device)
     nll = -sums[:half].sum() / lengths[:half].sum().clamp(min=1)  # chosen replies, per token
@@ -60,6 +69,17 @@ def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | N
     loss, metrics = dpo_loss(sums[:half], sums[half:], ref[:half], ref[half:], beta=cfg.beta, loss_type=cfg.loss,
                              label_smoothing=cfg.label_smoothing)
     return _with_sft_term(loss, metrics, nll, cfg) * half, count, metrics
+
+
+def policy_logps(model, batch: dict, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    inner = extract_model_from_parallel(model)
+    head = fusable_output_layer(inner) if fused else None
+    if head is None:
+        return sequence_logps(model(**inputs).logits, batch["labels"])
+    with hidden_states_as_logits(inner, head):
+        hidden = model(**inputs).logits
+    return sequence_logps_from_hidden(hidden, head.weight, batch["labels"])
 
 
 def _with_sft_term(loss: torch.Tensor, metrics: dict, nll: torch.Tensor, cfg: DPOConfig) -> torch.Tensor:
@@ -106,6 +126,8 @@ def run(cfg: StageConfig) -> dict:
     needs_copy = kind_of_reference == "copy" and not cfg.dpo.precompute_ref
     model, tokenizer, parent, frozen = load_for_training(cfg, frozen_copy=needs_copy)
     reference = None if kind_of_reference is None else Reference(kind_of_reference, frozen if needs_copy else model)
+    if frozen is not None and cfg.train.compile:
+        compile_blocks(frozen)
 
     kind = "kto" if cfg.dpo.loss == "kto" else "pair"
     train_pairs, eval_pairs, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind=kind)
@@ -114,13 +136,14 @@ def run(cfg: StageConfig) -> dict:
         if eval_pairs is not None else None
     collate = partial(collate_kto if kind == "kto" else collate_pairs, pad_id=tokenizer.pad_token_id)
 
-    trainer = Trainer(model, train_rows, collate, partial(preference_loss, cfg=cfg.dpo, reference=reference),
-                      cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False, count_fn=pair_count)
+    fused = use_fused_loss(cfg)
+    loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=reference, fused=fused)
+    trainer = Trainer(model, train_rows, collate, loss_fn, cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False, count_fn=pair_count)
     if reference is not None:
         reference.to(trainer.accelerator.device)
     if reference is not None and cfg.dpo.precompute_ref:
         trainer.train_rows, trainer.eval_rows = _precomputed(cfg, trainer, reference, collate, fingerprint, kind)
-        trainer.loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=None)
+        trainer.loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=None, fused=fused)
         reference = None
 
     resuming = trainer.resume_from is not None
