@@ -75,7 +75,7 @@ def run_lmforge(args, mode: str) -> dict:
         reference = Reference("copy", frozen)
     total_steps = args.warmup + args.steps
     cfg = TrainConfig(output_dir=f"/tmp/lmforge_dpo_{os.getpid()}", batch_size=args.batch, max_steps=total_steps,
-                      lr=1e-6, warmup_ratio=0.0, logging_steps=10**9, compile=compiled == "compile", fused_loss="on")
+                      lr=1e-6, warmup_ratio=0.0, logging_steps=10**9, compile=compiled == "compile", fused_loss=True)
     loss = partial(preference_loss, cfg=DPOConfig(beta=0.1), reference=reference, fused=args.fused)
     trainer = Trainer(model, rows, collate, loss, cfg, LogConfig(report_to=[], progress=False), count_fn=pair_count)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

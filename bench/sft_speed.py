@@ -76,7 +76,7 @@ def run_lmforge(args, compile_blocks: bool) -> dict:
     total_steps = args.warmup + args.steps + (1 if args.profile else 0)
     rows = pack_samples(synthetic_rows(total_steps, args.batch, args.seq), args.seq)
     cfg = TrainConfig(output_dir=f"/tmp/lmforge_bench_{os.getpid()}", batch_size=args.batch, max_steps=total_steps,
-                      lr=1e-4, warmup_ratio=0.0, logging_steps=10**9, compile=compile_blocks, fused_loss="on")
+                      lr=1e-4, warmup_ratio=0.0, logging_steps=10**9, compile=compile_blocks, fused_loss=True)
     check = {}
     if not compile_blocks:  # the fast path's loss against transformers' SDPA with its block-diagonal mask
         batch = {k: v.to(device) for k, v in collate(rows[:args.batch], pad_id=PAD).items()}

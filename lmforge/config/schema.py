@@ -175,9 +175,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no, bf16, fp16 (autocast through accelerate)."""
     num_workers: int = 0
-    fused_loss: str = "auto"
-    """Cross-entropy straight from hidden states in chunks, never the whole [tokens x vocab] logits:
-    auto (on a GPU), on, off."""
+    fused_loss: bool | None = None
+    """Loss and log-probs straight from hidden states in chunks, never the whole [tokens x vocab]
+    logits: true, false, or unset (on with a GPU)."""
     compile: bool = False
     """torch.compile each transformer block (compiled once, shared by all blocks)."""
     group_by_length: bool = False
@@ -187,7 +187,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        _check_choice("train", "fused_loss", self.fused_loss, ("auto", "on", "off"))
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
 

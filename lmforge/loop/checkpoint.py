@@ -34,6 +34,10 @@ class LoopState:
     """Stage-specific state that must survive a resume (RL: iterations done, KL coefficient)."""
 
 
+SHARDED = "sharded"
+"""The accelerate-written part of a checkpoint saved under FSDP or DeepSpeed."""
+
+
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -128,4 +132,39 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:
     random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    return LoopState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def save_sharded_checkpoint(accelerator, output_dir: str | Path, state: LoopState, scheduler, keep: int) -> Path:
+    """FSDP / DeepSpeed: every process writes its shards of the model and optimizer through accelerate
+    (torch.distributed.checkpoint for FSDP, which can load them back on another number of processes);
+    the first process adds the scheduler and loop state and renames the folder into place last."""
+    root = checkpoint_dir(output_dir)
+    final = root / f"checkpoint-{state.step}"
+    tmp = root / f".tmp-checkpoint-{state.step}-sharded"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / SHARDED))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
+        _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_sharded_checkpoint(accelerator, path: Path, scheduler) -> LoopState:
+    if not (path / STATE_FILE).is_file() or not (path / SHARDED).is_dir():
+        raise FileNotFoundError(f"{path} is not a complete sharded lmforge checkpoint")
+    accelerator.load_state(str(path / SHARDED))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return LoopState(**json.loads((path / STATE_FILE).read_text()))

@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -29,8 +29,10 @@ from lmforge.loop.checkpoint import (
     LoopState,
     latest_checkpoint,
     load_checkpoint,
+    load_sharded_checkpoint,
     resume_path,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from lmforge.loop.progress import ProgressDisplay
 
@@ -236,6 +238,8 @@ class Trainer:
                    grad_norm.float() if grad_norm is not None else torch.zeros((), device=device)]
         numbers += [v for values in extras.values() for v in values]
         # One synchronisation per step: the GPU is never left idle while the host waits on a value.
+        # (FSDP2 returns the gradient norm as a DTensor: its full value is what is wanted.)
+        numbers = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in numbers]
         loss, tokens, seen, norm, *extra_values = torch.stack([n.reshape(()) for n in numbers]).tolist()
         if not math.isfinite(loss):
             raise TrainingDiverged(self._diverged_message(f"loss is {loss}"))
@@ -305,9 +309,12 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def resume_if_asked(self) -> None:
         path = self.resume_from
-        if path is not None:
+        if path is not None and self.sharded:
+            self.state = load_sharded_checkpoint(self.accelerator, path, self.scheduler)
+        elif path is not None:
             unwrapped = self.accelerator.unwrap_model(self.prepared)
             self.state = load_checkpoint(path, unwrapped, self.optimizer, self.scheduler)
+        if path is not None:
             self.accelerator.print(f"resumed from {path} at step {self.state.step}")
 
     def train(self) -> TrainResult:
@@ -339,7 +346,15 @@ class Trainer:
         self.log({k: v for k, v in final.items() if k.startswith("eval_")})
         return TrainResult(self.state, final)
 
+    @property
+    def sharded(self) -> bool:
+        """Weights split across processes (FSDP, DeepSpeed): checkpoints go through accelerate."""
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
     def save_checkpoint(self) -> Path | None:
+        if self.sharded:
+            return save_sharded_checkpoint(self.accelerator, self.output_dir, self.state, self.scheduler,
+                                           self.cfg.save_total_limit)
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None

@@ -7,7 +7,8 @@ attention runs per document:
 
 - on a GPU, through torch's own variable-length flash attention (`torch.nn.attention.varlen`), no
   flash-attn package needed;
-- elsewhere (the CPU), one causal SDPA call per document: the same numbers, for tests and small runs.
+- elsewhere (the CPU, fp32 weights without autocast), one causal SDPA call per document: the same
+  numbers, for tests and small runs.
 
 `lmforge_varlen` is registered with transformers' attention and mask interfaces, so a model loaded
 with `attn_implementation="lmforge_varlen"` uses it; without document boundaries in the call (plain
@@ -76,7 +77,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     # [B, heads, T, D] -> [B*T, heads, D]: one flattened row
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3]) for t in (query, key, value))
     longest = int(kwargs.get("max_length_q") or length)
-    if q.is_cuda and KERNEL is not None:
+    if q.is_cuda and KERNEL is not None and q.dtype in (torch.bfloat16, torch.float16):
         out = KERNEL(q, k, v, cu, cu, longest, longest, scale=scaling, **_CAUSAL,
                      **(_GQA if k.shape[1] != q.shape[1] else {}))
     else:

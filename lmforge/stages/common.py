@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import extract_model_from_parallel
+from accelerate.utils import DistributedType, extract_model_from_parallel
 
 from lmforge.config.load import to_dict
 from lmforge.config.schema import RL_STAGES, ConfigError, StageConfig
@@ -55,8 +55,10 @@ def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: 
     if reward_head and cfg.model.parent_adapter == "continue":
         raise ConfigError("a reward model gets a new head on merged weights: use model.parent_adapter=merge")
     model, tokenizer, path = load_model_and_tokenizer(cfg.model, seed=cfg.train.seed, quantization=quant)
-    if cfg.model.attn_implementation == "auto" and torch.cuda.is_available():
-        register_varlen()  # packed documents kept apart without a dense mask; SDPA elsewhere
+    half = cfg.train.mixed_precision != "no" or model.dtype in (torch.bfloat16, torch.float16)
+    if cfg.model.attn_implementation == "auto" and torch.cuda.is_available() and half:
+        # packed documents kept apart without a dense mask (the flash kernel wants bf16/fp16); SDPA elsewhere
+        register_varlen()
         model.set_attn_implementation(VARLEN)
     if reward_head:
         model = as_reward_model(model, cfg.train.seed)
@@ -120,7 +122,7 @@ def fusable_output_layer(model):
 
 
 def use_fused_loss(cfg: StageConfig) -> bool:
-    return cfg.train.fused_loss == "on" or (cfg.train.fused_loss == "auto" and torch.cuda.is_available())
+    return torch.cuda.is_available() if cfg.train.fused_loss is None else cfg.train.fused_loss
 
 
 def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: str, metrics: dict,
@@ -130,6 +132,10 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
     `model` saves a part of what the trainer trained (RL: the policy without its critic)."""
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
+    state_dict = None
+    if model is None and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Sharded weights: every process takes part in gathering the full state dict, the first one saves it.
+        state_dict = accelerator.get_state_dict(trainer.prepared)
     model = model if model is not None else accelerator.unwrap_model(trainer.prepared)
     if merge_adapter and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -140,7 +146,7 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.eos_token_id = stop
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(run.output_dir, state_dict=None)
+        model.save_pretrained(run.output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(run.output_dir)
         total, trainable = count_parameters(model)
         manifest = {
