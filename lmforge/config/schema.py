@@ -332,6 +332,8 @@ class RLConfig:
     """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
     backend: str = "hf"
     """Generation backend for rollouts: hf (transformers generate with a KV cache)."""
+    static_cache: bool = False
+    """Pre-allocated KV cache for rollouts; on a GPU the decoding step is then compiled."""
 
     def __post_init__(self) -> None:
         _check_choice("rl", "kl_estimator", self.kl_estimator, ("k1", "k3"))

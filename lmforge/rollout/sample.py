@@ -36,10 +36,13 @@ class GenerationBackend(Protocol):
 
 
 class HFBackend:
-    """transformers `generate`: batched, KV-cached, left-padded prompts."""
+    """transformers `generate`: batched, KV-cached, left-padded prompts. `static_cache` pre-allocates the
+    cache for the whole batch; on a GPU transformers then compiles the decoding step (CUDA graphs),
+    which removes most of the per-token launch overhead that dominates small-model decoding."""
 
-    def __init__(self, batch_size: int = 64):
+    def __init__(self, batch_size: int = 64, static_cache: bool = False):
         self.batch_size = batch_size
+        self.static_cache = static_cache
 
     @torch.no_grad()
     def generate(self, model, prompts, params, stop_ids, pad_id):
@@ -49,9 +52,10 @@ class HFBackend:
         out: list[list[int]] = []
         for start in range(0, len(prompts), self.batch_size):
             ids, mask = left_pad(prompts[start:start + self.batch_size], pad_id)
+            cache = {"cache_implementation": "static"} if self.static_cache else {}
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                        max_new_tokens=params.max_new_tokens, eos_token_id=stop_ids,
-                                       pad_token_id=pad_id, use_cache=True, **sampling)
+                                       pad_token_id=pad_id, use_cache=True, **cache, **sampling)
             out += generated[:, ids.shape[1]:].tolist()
         return out
 

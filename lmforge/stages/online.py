@@ -94,7 +94,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     if reference is not None:
         reference.to(device)
     rewards = RewardSet(rl.reward_specs(), device=device)
-    backend = BACKENDS[rl.backend]()
+    backend = BACKENDS[rl.backend](static_cache=rl.static_cache)
     params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, rl.top_k)
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 \
         else FixedKLController(rl.kl_coef)

@@ -1,0 +1,69 @@
+"""Rollout generation speed on one GPU: lmforge's rollout backend with a dynamic and a static (compiled)
+KV cache, model A (349M), 128 prompts of 128 random tokens, 256 sampled tokens each (the peer's
+gen_speed.py workload). Generation is 90% of a GRPO step, so this is the number RL speed rests on.
+
+    python bench/gen_speed.py --out bench/results/gen_speed_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+from sft_speed import PAD, build_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="A")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    import transformers
+
+    from lmforge.rollout.sample import HFBackend, SamplingParams
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(4, 32000, (args.batch, args.prompt), generator=g).tolist()
+    params = SamplingParams(max_new_tokens=args.new, temperature=1.0)
+    rows = []
+    for static in (False, True):
+        backend = HFBackend(batch_size=args.batch, static_cache=static)
+        started = time.perf_counter()
+        backend.generate(model, prompts, params, stop_ids=[0], pad_id=PAD)  # warm-up (and compilation)
+        first = time.perf_counter() - started
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = backend.generate(model, prompts, params, stop_ids=[0], pad_id=PAD)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        tokens = sum(len(r) for r in out)
+        rows.append({"cache": "static (compiled decoding)" if static else "dynamic", "tokens_per_s": round(tokens / seconds),
+                     "ms_per_step": round(seconds / args.new * 1000, 2), "first_call_s": round(first, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()}-thread CPU"
+    result = {"machine": {"device": name, "platform": platform.platform(), "python": platform.python_version()},
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+              "workload": vars(args), "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
