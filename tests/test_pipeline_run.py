@@ -116,3 +116,19 @@ def test_pipeline_killed_in_ppo_resumes_to_the_uninterrupted_result(tmp_path, ca
     expected = load_file(str(straight / "ppo" / "model.safetensors"))
     assert resumed.keys() == expected.keys()
     assert all((resumed[k] == expected[k]).all() for k in expected)
+
+
+def test_a_field_added_since_a_stage_ran_does_not_make_it_stale():
+    import copy
+
+    from lmforge.config.load import load_config, to_dict
+    from lmforge.pipeline.run import _comparable
+
+    recorded = to_dict(load_config(None, ["model.scratch=test", "model.tokenizer=tok", "data.train=x.jsonl"],
+                                   stage="sft"))
+    older = copy.deepcopy(recorded)
+    del older["train"]["compile"]  # written by an lmforge that did not have this field yet
+    assert _comparable(older) == _comparable(recorded)
+    changed = copy.deepcopy(older)
+    changed["train"]["lr"] = recorded["train"]["lr"] * 2
+    assert _comparable(changed) != _comparable(recorded)

@@ -167,10 +167,15 @@ def _set_aside(folder: Path) -> Path:
 
 
 def _comparable(config: dict | None) -> dict | None:
-    """The config without the resume switches, which say how a run got done, not what it did."""
+    """The config without the resume switches, which say how a run got done, not what it did. A recorded
+    config is read back through the schema first, so a field added to lmforge since (at its default)
+    does not make every finished stage look changed after an upgrade."""
     if config is None:
         return None
-    config = copy.deepcopy(config)
+    try:
+        config = to_dict(from_dict(StageConfig, copy.deepcopy(config), where="recorded config"))
+    except (ConfigError, TypeError, ValueError):
+        config = copy.deepcopy(config)  # a field since removed or renamed: compare as written
     config.get("train", {}).pop("resume", None)
     config.get("train", {}).pop("resume_from", None)
     return config
