@@ -13,18 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import machine_and_versions  # noqa: E402
 
 
 def run_lmforge(packing: bool) -> dict:
@@ -86,7 +85,6 @@ def main() -> None:
     parser.add_argument("--peer", help="a folder holding trl_sft_cpu.py")
     parser.add_argument("--out")
     args = parser.parse_args()
-    import transformers
 
     rows = [run_lmforge(packing=False), run_lmforge(packing=True)]
     for row in rows:
@@ -94,10 +92,7 @@ def main() -> None:
     if args.peer:
         rows.append(run_peer(args.peer, "lora"))
         print(json.dumps(rows[-1]), flush=True)
-    result = {"machine": {"device": f"{os.cpu_count()}-thread CPU", "platform": platform.platform(),
-                          "python": platform.python_version()},
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              "workload": "SmolLM2-135M-Instruct LoRA r8 all-linear, alpaca_en_demo[:96], max_length 256, "
+    result = {**machine_and_versions(), "workload": "SmolLM2-135M-Instruct LoRA r8 all-linear, alpaca_en_demo[:96], max_length 256, "
                           "batch 8, fp32, steps 3-5 timed", "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -17,8 +17,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
+from common import machine_and_versions, run_fresh, run_peer_script  # noqa: E402
 from sft_speed import PAD, build_model  # noqa: E402
 
 
@@ -102,14 +101,8 @@ def run_lmforge(args, mode: str) -> dict:
 
 
 def run_peer(args, mode: str) -> dict:
-    out = Path(f"/tmp/peer_dpo_{mode}.jsonl")
-    out.unlink(missing_ok=True)
-    done = subprocess.run([sys.executable, str(Path(args.peer) / "dpo.py"), "--model", args.model, "--mode", mode,
-                           "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                          env={**os.environ, "RESULTS": str(out)}, capture_output=True, text=True)
-    if done.returncode != 0 or not out.exists():
-        return {"who": "trl", "mode": mode, "error": done.stdout[-1500:] + done.stderr[-1500:]}
-    return {"who": "trl", **json.loads(out.read_text().splitlines()[-1])}
+    return run_peer_script(Path(args.peer) / "dpo.py", ["--model", args.model, "--mode", mode, "--steps",
+                                                        str(args.steps), "--warmup", str(args.warmup)], {"mode": mode})
 
 
 def main() -> None:
@@ -131,27 +124,19 @@ def main() -> None:
     if args.single:
         print(json.dumps(run_lmforge(args, args.single)), flush=True)
         return
-    import transformers
 
     rows = []
     for mode in args.modes.split(","):  # each in a fresh process
         command = [sys.executable, __file__, "--single", mode, "--model", args.model, "--pairs", str(args.pairs),
                    "--prompt", str(args.prompt), "--reply", str(args.reply), "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)] + ([] if args.fused else ["--no-fused"])
-        done = subprocess.run(command, capture_output=True, text=True)
-        try:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        except (IndexError, json.JSONDecodeError):
-            rows.append({"who": "lmforge", "mode": mode, "error": done.stderr[-2000:]})
+        rows.append(run_fresh(command, {"who": "lmforge", "mode": mode}))
         print(json.dumps(rows[-1]), flush=True)
     if args.peer:
         for mode in args.peer_modes.split(","):
             rows.append(run_peer(args, mode))
             print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-thread CPU"
-    result = {"machine": {"device": device, "platform": platform.platform(), "python": platform.python_version()},
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              "workload": {"model": args.model, "pairs_per_step": args.batch, "prompt": args.prompt, "reply": args.reply,
+    result = {**machine_and_versions(), "workload": {"model": args.model, "pairs_per_step": args.batch, "prompt": args.prompt, "reply": args.reply,
                            "steps": args.steps, "warmup": args.warmup, "precision": "bf16 weights, grads, AdamW state"},
               "rows": rows}
     if args.out:

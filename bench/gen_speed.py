@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
+from common import machine_and_versions  # noqa: E402
 from sft_speed import PAD, build_model  # noqa: E402
 
 
@@ -31,7 +30,6 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--out")
     args = parser.parse_args()
-    import transformers
 
     from lmforge.rollout.sample import HFBackend, SamplingParams
 
@@ -57,10 +55,7 @@ def main() -> None:
         rows.append({"cache": "static (compiled decoding)" if static else "dynamic", "tokens_per_s": round(tokens / seconds),
                      "ms_per_step": round(seconds / args.new * 1000, 2), "first_call_s": round(first, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()}-thread CPU"
-    result = {"machine": {"device": name, "platform": platform.platform(), "python": platform.python_version()},
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              "workload": vars(args), "rows": rows}
+    result = {**machine_and_versions(), "workload": vars(args), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -21,6 +20,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from common import machine_and_versions  # noqa: E402
+
 ALPACA = ROOT.parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
 
 
@@ -89,8 +91,6 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16", help="server --max-batch-size values; 1 is batching off")
     parser.add_argument("--out")
     args = parser.parse_args()
-    import torch
-    import transformers
 
     prompts = prompts_from_alpaca(args.requests)
     rows = []
@@ -104,10 +104,7 @@ def main() -> None:
             process.wait(timeout=60)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-thread CPU"
-    result = {"machine": {"device": device, "platform": platform.platform(), "python": platform.python_version()},
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              "model": args.model, "max_tokens": args.max_tokens, "greedy": True, "rows": rows}
+    result = {**machine_and_versions(), "model": args.model, "max_tokens": args.max_tokens, "greedy": True, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

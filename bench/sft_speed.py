@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from functools import partial
@@ -28,6 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import machine_and_versions, run_fresh, run_peer_script  # noqa: E402
 
 MODELS = {  # the peer's shapes (Llama, untied embeddings, vocabulary 32000)
     "A": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
@@ -146,14 +146,9 @@ def run_lmforge(args, compile_blocks: bool) -> dict:
 
 
 def run_peer(args, strategy: str) -> dict:
-    out = Path(f"/tmp/peer_{strategy}.jsonl")
-    out.unlink(missing_ok=True)
-    done = subprocess.run([sys.executable, str(Path(args.peer) / "sft.py"), "--model", args.model, "--strategy",
-                           strategy, "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                          env={**os.environ, "RESULTS": str(out)}, capture_output=True, text=True)
-    if done.returncode != 0 or not out.exists():
-        return {"who": "trl", "strategy": strategy, "error": done.stdout[-1500:] + done.stderr[-1500:]}
-    return {"who": "trl", **json.loads(out.read_text().splitlines()[-1])}
+    return run_peer_script(Path(args.peer) / "sft.py", ["--model", args.model, "--strategy", strategy, "--steps",
+                                                        str(args.steps), "--warmup", str(args.warmup)],
+                           {"strategy": strategy})
 
 
 def main() -> None:
@@ -165,13 +160,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--no-fused", dest="fused", action="store_false")
-    parser.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one extra step")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the CUDA kernel table of one extra step (with --single)")
     parser.add_argument("--peer", help="a folder holding the peer harness (sft.py, common.py)")
     parser.add_argument("--peer-strategies", default="bfd,wrapped")
     parser.add_argument("--single", choices=["eager", "compile"], help=argparse.SUPPRESS)
     parser.add_argument("--out")
     args = parser.parse_args()
-    import transformers
 
     if args.single:  # one measurement in this (fresh) process, printed as the last line
         print(json.dumps(run_lmforge(args, compile_blocks=args.single == "compile")), flush=True)
@@ -181,21 +176,13 @@ def main() -> None:
         command = [sys.executable, __file__, "--single", mode, "--model", args.model, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq)]
         command += (["--no-fused"] if not args.fused else []) + (["--profile"] if args.profile else [])
-        done = subprocess.run(command, capture_output=True, text=True)
-        print(done.stdout[:-1].rsplit("\n", 1)[0] if args.profile else "", flush=True)
-        try:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        except (IndexError, json.JSONDecodeError):
-            rows.append({"who": "lmforge", "mode": mode, "error": done.stderr[-2000:]})
+        rows.append(run_fresh(command, {"who": "lmforge", "mode": mode}))
         print(json.dumps(rows[-1]), flush=True)
     if args.peer:
         for strategy in args.peer_strategies.split(","):
             rows.append(run_peer(args, strategy))
             print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-thread CPU"
-    result = {"machine": {"device": device, "platform": platform.platform(), "python": platform.python_version()},
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              "workload": {"model": args.model, "seq": args.seq, "rows_per_step": args.batch, "steps": args.steps,
+    result = {**machine_and_versions(), "workload": {"model": args.model, "seq": args.seq, "rows_per_step": args.batch, "steps": args.steps,
                            "warmup": args.warmup, "precision": "bf16 weights, grads and AdamW state"},
               "rows": rows}
     if args.out:

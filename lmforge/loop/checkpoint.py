@@ -76,13 +76,18 @@ def save_checkpoint(output_dir: str | Path, state: LoopState, model, optimizer, 
         rng["cuda"] = torch.cuda.get_rng_state_all()
     _write(tmp / "rng.pt", lambda p: torch.save(rng, p))
     _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
+    _move_into_place(tmp, final)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """The complete folder appears under its final name in one rename, after everything in it is on disk."""
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
-    prune_checkpoints(root, keep)
-    return final
+    _fsync_dir(final.parent)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -151,11 +156,7 @@ def save_sharded_checkpoint(accelerator, output_dir: str | Path, state: LoopStat
     if accelerator.is_main_process:
         _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
         _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        _move_into_place(tmp, final)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
