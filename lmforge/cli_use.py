@@ -1,4 +1,4 @@
-"""The commands that use a trained model: export, generate, chat and serve."""
+"""The commands that use a trained model (export, generate, chat, serve) and the web UI."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def add_use_commands(sub) -> None:
                        help="requests decoded together (1 turns batching off)")
     serve.add_argument("--queue-size", type=int, default=64, help="requests allowed to wait; more get 503")
     serve.add_argument("--max-tokens", type=int, default=256, help="reply length when a request sets none")
+
+    web = sub.add_parser("webui", help="a local web app to train, watch runs, chat and export")
+    web.add_argument("--root", default=".", help="the folder whose files the app may read and write")
+    web.add_argument("--runs", default="runs", help="where runs are listed (under --root)")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--auth", help="USER:PASSWORD to require a login")
 
 
 def cmd_export(args) -> int:
@@ -88,4 +95,17 @@ def cmd_serve(args) -> int:
     return 0
 
 
-USE_COMMANDS = {"export": cmd_export, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
+def cmd_webui(args) -> int:
+    try:
+        from lmforge.webui.app import launch
+    except ImportError as error:
+        from lmforge.config.schema import ConfigError
+
+        raise ConfigError(f"the web UI needs Gradio: pip install 'lmforge[webui]' ({error})") from None
+
+    launch(args.root, args.runs, host=args.host, port=args.port, auth=args.auth)
+    return 0
+
+
+USE_COMMANDS = {"export": cmd_export, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
+                "webui": cmd_webui}

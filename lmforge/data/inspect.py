@@ -33,15 +33,22 @@ def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bo
     return styled(tokenizer, ids, labels), counts
 
 
-def styled(tokenizer, ids: list[int], labels: list[int]) -> Text:
-    """Loss-carrying tokens green, masked ones dim. Runs that share a mask are decoded together: a
+def loss_runs(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """(text, carries loss) for each run of tokens that share a mask. A run is decoded whole: a
     byte-level token can hold half a Chinese character, which decodes to U+FFFD on its own."""
-    text = Text()
-    start = 0
+    runs, start = [], 0
     for end in range(1, len(ids) + 1):
         if end == len(ids) or (labels[end] != IGNORE) != (labels[start] != IGNORE):
-            text.append(tokenizer.decode(ids[start:end]), style="bold green" if labels[start] != IGNORE else "dim")
+            runs.append((tokenizer.decode(ids[start:end]), labels[start] != IGNORE))
             start = end
+    return runs
+
+
+def styled(tokenizer, ids: list[int], labels: list[int]) -> Text:
+    """Loss-carrying tokens green, masked ones dim."""
+    text = Text()
+    for piece, has_loss in loss_runs(tokenizer, ids, labels):
+        text.append(piece, style="bold green" if has_loss else "dim")
     return text
 
 

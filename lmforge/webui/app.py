@@ -1,0 +1,195 @@
+"""The Gradio app: Train (form, preview, YAML, start), Runs (status and live curves, stop, resume,
+report), Chat (one or two models side by side, streamed) and Export. Everything it runs is the CLI's
+own code; a training run is `lmforge train` in a subprocess, identical to one started from a shell."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from lmforge.config.schema import STAGES, ConfigError
+from lmforge.webui.forms import (
+    DPO_LOSSES,
+    METHODS,
+    TrainForm,
+    checked_path,
+    config_to_form,
+    form_to_config,
+    from_yaml,
+    preview_html,
+    to_yaml,
+)
+from lmforge.webui.runs import Launcher, curves, list_runs
+
+FORM_FIELDS = [f.name for f in fields(TrainForm)]
+
+
+def build_app(root: Path, runs_root: Path) -> gr.Blocks:
+    root, launcher = root.resolve(), Launcher()
+    runs_root = (root / runs_root).resolve() if not runs_root.is_absolute() else runs_root
+    models: dict[str, tuple] = {}
+
+    def read_form(*values) -> TrainForm:
+        return TrainForm(**dict(zip(FORM_FIELDS, values)))
+
+    def make_yaml(*values):
+        try:
+            return to_yaml(form_to_config(read_form(*values), root)), ""
+        except ConfigError as error:
+            return gr.update(), f"⚠ {error}"
+
+    def load_yaml(text):
+        try:
+            form = config_to_form(from_yaml(text))
+        except ConfigError as error:
+            return [gr.update()] * len(FORM_FIELDS) + [f"⚠ {error}"]
+        return [getattr(form, name) for name in FORM_FIELDS] + ["loaded into the form"]
+
+    def preview(*values):
+        try:
+            return preview_html(form_to_config(read_form(*values), root), root)
+        except (ConfigError, FileNotFoundError, ValueError) as error:
+            return f"<p>⚠ {error}</p>"
+
+    def start(*values):
+        try:
+            config = form_to_config(read_form(*values), root)
+        except ConfigError as error:
+            return f"⚠ {error}"
+        out = launcher.start(config["stage"], to_yaml(config), root / config["train"]["output_dir"], root)
+        return f"started: {out.relative_to(root)} (log: webui-train.log in that folder)"
+
+    def runs_table():
+        rows = [[r.name, r.stage, r.status, r.step, None if r.loss is None else round(r.loss, 4)]
+                for r in list_runs(runs_root, launcher)]
+        return pd.DataFrame(rows, columns=["run", "stage", "status", "step", "loss"])
+
+    def run_curves(name):
+        if not name:
+            return pd.DataFrame(columns=["step", "metric", "value"])
+        return pd.DataFrame(curves(runs_root / checked_path(name, runs_root)),
+                            columns=["step", "metric", "value"])
+
+    def stop_run(name):
+        return "stopped" if name and launcher.stop(runs_root / checked_path(name, runs_root)) else "not running"
+
+    def resume_run(name):
+        run = runs_root / checked_path(name, runs_root)
+        config = run / "webui-config.yaml"
+        if not config.is_file():
+            return "only runs started here can be resumed here (use `lmforge train ... train.resume=true`)"
+        stage = from_yaml(config.read_text(encoding="utf-8"))["stage"]
+        launcher.start(stage, config.read_text(encoding="utf-8"), run, root, resume=True)
+        return "resumed"
+
+    def load_model(path):
+        from lmforge.models.load import load_for_inference
+
+        path = path.strip()
+        key = path if path in ("smollm2-135m-instruct",) else checked_path(path, root)
+        if key not in models:
+            models[key] = load_for_inference(key if key == path and "/" not in path else str(root / key))
+        return models[key]
+
+    def chat(message, history, model_path, temperature, max_new_tokens):
+        from lmforge.inference.chat import reply_stream
+
+        try:
+            model, tokenizer = load_model(model_path)
+        except ConfigError as error:
+            yield f"⚠ {error}"
+            return
+        messages = [{"role": m["role"], "content": m["content"]} for m in history] + \
+            [{"role": "user", "content": message}]
+        text = ""
+        for piece in reply_stream(model, tokenizer, messages, int(max_new_tokens), float(temperature), 0.9):
+            text += piece
+            yield text
+
+    def export(model_path, out, dtype, gguf):
+        from lmforge.models.export import export_model
+
+        try:
+            target = export_model(str(root / checked_path(model_path, root)),
+                                  root / checked_path(out, root, must_exist=False),
+                                  dtype=None if dtype == "as loaded" else dtype, gguf=gguf)
+        except ConfigError as error:
+            return f"⚠ {error}"
+        return f"exported to {target.relative_to(root)}"
+
+    with gr.Blocks(title="lmforge") as app:
+        gr.Markdown(f"## lmforge\nServing files under `{root}`; runs under `{runs_root}`.")
+        with gr.Tab("Train"):
+            defaults = TrainForm()
+            with gr.Row():
+                stage = gr.Dropdown(list(STAGES), value=defaults.stage, label="stage")
+                model = gr.Textbox(defaults.model, label="model (folder, GGUF, short name, artifact, scratch:PRESET)")
+                tokenizer = gr.Textbox(defaults.tokenizer, label="tokenizer (scratch models)")
+            data = gr.Textbox(defaults.data, label="datasets (files, folders, dataset_info.json entries; comma-separated)")
+            with gr.Row():
+                method = gr.Dropdown(METHODS, value=defaults.method, label="method")
+                lr = gr.Number(defaults.lr, label="learning rate")
+                epochs = gr.Number(defaults.epochs, label="epochs")
+                batch_size = gr.Number(defaults.batch_size, label="batch size", precision=0)
+                max_length = gr.Number(defaults.max_length, label="max length", precision=0)
+                lora_r = gr.Number(defaults.lora_r, label="LoRA rank", precision=0)
+                dpo_loss = gr.Dropdown(DPO_LOSSES, value=defaults.dpo_loss, label="DPO loss")
+            with gr.Row():
+                output_dir = gr.Textbox(defaults.output_dir, label="output folder")
+                seed = gr.Number(defaults.seed, label="seed", precision=0)
+            inputs = [stage, model, tokenizer, data, method, lr, epochs, batch_size, max_length, lora_r, dpo_loss,
+                      output_dir, seed]
+            with gr.Row():
+                preview_button = gr.Button("Preview")
+                yaml_button = gr.Button("Show YAML")
+                load_button = gr.Button("Load YAML into the form")
+                start_button = gr.Button("Start", variant="primary")
+            message = gr.Markdown(elem_id="train-message")
+            config_yaml = gr.Code(language="yaml", label="config (copy it, or paste one and load it)",
+                                  interactive=True, elem_id="config-yaml")
+            preview_box = gr.HTML(elem_id="preview")
+            preview_button.click(preview, inputs, preview_box)
+            yaml_button.click(make_yaml, inputs, [config_yaml, message])
+            load_button.click(load_yaml, config_yaml, inputs + [message])
+            start_button.click(start, inputs, message)
+        with gr.Tab("Runs"):
+            gr.Dataframe(runs_table, every=2.0, label="runs", elem_id="runs-table")
+            run_name = gr.Textbox(label="run (as listed)", elem_id="run-name")
+            plot = gr.LinePlot(x="step", y="value", color="metric", label="curves", elem_id="curves")
+            gr.Timer(2.0).tick(run_curves, run_name, plot)
+            with gr.Row():
+                stop_button, resume_button = gr.Button("Stop"), gr.Button("Resume")
+            run_message = gr.Markdown()
+            run_name.change(run_curves, run_name, plot)
+            stop_button.click(stop_run, run_name, run_message)
+            resume_button.click(resume_run, run_name, run_message)
+        with gr.Tab("Chat"):
+            with gr.Row():
+                chat_model = gr.Textbox(label="model or artifact", elem_id="chat-model")
+                temperature = gr.Slider(0, 1.5, value=0.7, label="temperature")
+                max_new = gr.Slider(16, 1024, value=256, step=16, label="max new tokens")
+            gr.ChatInterface(chat, additional_inputs=[chat_model, temperature, max_new])
+        with gr.Tab("Export"):
+            with gr.Row():
+                export_model_path = gr.Textbox(label="model or artifact")
+                export_out = gr.Textbox(label="new folder")
+                export_dtype = gr.Dropdown(["as loaded", "fp32", "bf16", "fp16"], value="as loaded", label="dtype")
+                export_gguf = gr.Checkbox(label="also GGUF")
+            export_message = gr.Markdown()
+            gr.Button("Export").click(export, [export_model_path, export_out, export_dtype, export_gguf],
+                                      export_message)
+    return app
+
+
+def launch(root: str = ".", runs: str = "runs", host: str = "127.0.0.1", port: int = 7860,
+           auth: str | None = None) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+    credentials = tuple(auth.split(":", 1)) if auth else None
+    build_app(Path(root), Path(runs)).queue().launch(server_name=host, server_port=port, share=False,
+                                                     auth=credentials, show_api=False)
+
+

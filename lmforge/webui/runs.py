@@ -1,0 +1,122 @@
+"""Runs as the web UI sees them: every stage folder under the runs root with its status and curves, and
+the training processes the UI started (the same `lmforge train` command as in a shell)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.loop.checkpoint import latest_checkpoint
+
+MANIFEST = "lmforge.json"
+UI_CONFIG = "webui-config.yaml"
+LOG = "webui-train.log"
+CURVE_KEYS = ("loss", "eval_loss", "lr", "reward", "kl", "reward_accuracy", "reward_margin", "grad_norm")
+
+
+@dataclass
+class RunInfo:
+    name: str
+    path: Path
+    stage: str
+    status: str
+    """running, done, failed, stopped, or partial (checkpoints but no artifact)."""
+    step: int
+    loss: float | None
+
+
+class Launcher:
+    """Starts `python -m lmforge.cli train STAGE CONFIG` in a subprocess per run; tracks, stops, resumes."""
+
+    def __init__(self):
+        self.processes: dict[Path, subprocess.Popen] = {}
+        self.stopped: set[Path] = set()
+
+    def start(self, stage: str, config_yaml: str, output_dir: Path, cwd: Path, resume: bool = False) -> Path:
+        output_dir = output_dir.resolve()
+        if output_dir in self.processes and self.processes[output_dir].poll() is None:
+            raise RuntimeError(f"{output_dir} is already training")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config_file = output_dir / UI_CONFIG
+        config_file.write_text(config_yaml, encoding="utf-8")
+        command = [sys.executable, "-m", "lmforge.cli", "train", stage, str(config_file), "log.progress=false"]
+        if resume:
+            command.append("train.resume=true")
+        log = (output_dir / LOG).open("a", encoding="utf-8")
+        self.processes[output_dir] = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                                      start_new_session=True)
+        self.stopped.discard(output_dir)
+        return output_dir
+
+    def stop(self, output_dir: Path) -> bool:
+        process = self.processes.get(output_dir.resolve())
+        if process is None or process.poll() is not None:
+            return False
+        os.killpg(process.pid, signal.SIGTERM)  # the whole process group: data workers too
+        process.wait(timeout=60)
+        self.stopped.add(output_dir.resolve())
+        return True
+
+    def state(self, output_dir: Path) -> str | None:
+        process = self.processes.get(output_dir.resolve())
+        if process is None:
+            return None
+        code = process.poll()
+        if code is None:
+            return "running"
+        if output_dir.resolve() in self.stopped:
+            return "stopped"
+        return "done" if code == 0 else "failed"
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return rows
+
+
+def curves(run: Path) -> list[dict]:
+    """Long-format points (step, metric, value) for the curves worth watching, as plots want them."""
+    return [{"step": row["step"], "metric": key, "value": float(row[key])}
+            for row in read_metrics(run) for key in CURVE_KEYS if isinstance(row.get(key), (int, float))]
+
+
+def run_info(run: Path, root: Path, launcher: Launcher) -> RunInfo:
+    manifest = run / MANIFEST
+    stage = "?"
+    if manifest.is_file():
+        stage = json.loads(manifest.read_text(encoding="utf-8")).get("stage", "?")
+    elif (run / "config.yaml").is_file():
+        import yaml
+
+        stage = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("stage", "?")
+    status = launcher.state(run) or ("done" if manifest.is_file() else
+                                     "partial" if latest_checkpoint(run) is not None else "failed")
+    if status == "done" and not manifest.is_file():
+        status = "failed"
+    metrics = [r for r in read_metrics(run) if "loss" in r]
+    return RunInfo(str(run.relative_to(root)), run, stage, status, metrics[-1]["step"] if metrics else 0,
+                   metrics[-1]["loss"] if metrics else None)
+
+
+def list_runs(runs_root: Path, launcher: Launcher) -> list[RunInfo]:
+    """Stage folders under `runs_root` (any depth up to 2): those with a config, metrics or manifest."""
+    if not runs_root.is_dir():
+        return []
+    found = set()
+    for pattern in ("*/config.yaml", "*/*/config.yaml", "*/" + MANIFEST, "*/*/" + MANIFEST):
+        found.update(p.parent for p in runs_root.glob(pattern) if ".old-" not in str(p))
+    found.update(p for p in launcher.processes if p.is_relative_to(runs_root.resolve()))
+    return sorted((run_info(p.resolve(), runs_root.resolve(), launcher) for p in found), key=lambda r: r.name)
