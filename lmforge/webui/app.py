@@ -190,6 +190,6 @@ def launch(root: str = ".", runs: str = "runs", host: str = "127.0.0.1", port: i
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
     credentials = tuple(auth.split(":", 1)) if auth else None
     build_app(Path(root), Path(runs)).queue().launch(server_name=host, server_port=port, share=False,
-                                                     auth=credentials, show_api=False)
+                                                     auth=credentials)
 
 
