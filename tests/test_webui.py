@@ -113,3 +113,21 @@ def test_stopping_a_run_started_in_the_ui(world_dir, world_tokenizer_dir, root):
     time.sleep(2)
     assert launcher.stop(run) and launcher.state(run) == "stopped"
     assert not launcher.stop(run)  # already stopped
+
+
+def test_pipeline_tab_reads_each_stage_state_from_run_json(tmp_path):
+    from lmforge.webui.runs import pipeline_stages
+
+    pipeline = tmp_path / "demo.yaml"
+    text = (Path(__file__).resolve().parent.parent / "examples" / "demo.yaml").read_text(encoding="utf-8")
+    pipeline.write_text(text, encoding="utf-8")
+    before = pipeline_stages(pipeline, tmp_path)
+    assert [row[0] for row in before][:3] == ["pt", "sft", "rm"] and {row[2] for row in before} == {"pending"}
+    import yaml
+
+    run_dir = tmp_path / yaml.safe_load(text)["run_dir"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"stages": [{"name": "pt", "status": "done", "seconds": 12.34},
+                                                            {"name": "sft", "status": "running", "seconds": 3.0}]}))
+    after = {row[0]: row for row in pipeline_stages(pipeline, tmp_path)}
+    assert after["pt"][2:] == ["done", 12.3] and after["sft"][2] == "running" and after["rm"][2] == "pending"

@@ -23,7 +23,7 @@ from lmforge.webui.forms import (
     preview_html,
     to_yaml,
 )
-from lmforge.webui.runs import Launcher, curves, list_runs
+from lmforge.webui.runs import Launcher, curves, list_runs, pipeline_stages
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
 
@@ -85,6 +85,36 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
         stage = from_yaml(config.read_text(encoding="utf-8"))["stage"]
         launcher.start(stage, config.read_text(encoding="utf-8"), run, root, resume=True)
         return "resumed"
+
+    def read_pipeline(path):
+        try:
+            return (root / checked_path(path, root)).read_text(encoding="utf-8"), ""
+        except ConfigError as error:
+            return gr.update(), f"⚠ {error}"
+
+    def save_pipeline(path, text):
+        try:
+            target = root / checked_path(path, root, must_exist=False)
+            from_yaml(text)  # refuse to save what does not parse
+        except ConfigError as error:
+            return f"⚠ {error}"
+        target.write_text(text, encoding="utf-8")
+        return f"saved {target.relative_to(root)}"
+
+    def run_pipeline(path):
+        try:
+            key = launcher.start_pipeline(root / checked_path(path, root), root)
+        except (ConfigError, RuntimeError) as error:
+            return f"⚠ {error}"
+        return f"running {key.relative_to(root)} (log beside it)"
+
+    def pipeline_table(path):
+        columns = ["stage", "kind", "status", "seconds"]
+        try:
+            rows = pipeline_stages(root / checked_path(path, root), root) if path else []
+        except (ConfigError, FileNotFoundError):
+            rows = []
+        return pd.DataFrame(rows, columns=columns)
 
     def load_model(path):
         from lmforge.models.load import load_for_inference
@@ -167,6 +197,19 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
             run_name.change(run_curves, run_name, plot)
             stop_button.click(stop_run, run_name, run_message)
             resume_button.click(resume_run, run_name, run_message)
+        with gr.Tab("Pipeline"):
+            with gr.Row():
+                pipeline_path = gr.Textbox(label="pipeline YAML", elem_id="pipeline-path")
+                load_pipeline_button = gr.Button("Load")
+                save_pipeline_button = gr.Button("Save")
+                run_pipeline_button = gr.Button("Run", variant="primary")
+            pipeline_message = gr.Markdown(elem_id="pipeline-message")
+            pipeline_text = gr.Code(language="yaml", interactive=True, label="pipeline")
+            stages_table = gr.Dataframe(label="stages", elem_id="pipeline-stages")
+            gr.Timer(2.0).tick(pipeline_table, pipeline_path, stages_table)
+            load_pipeline_button.click(read_pipeline, pipeline_path, [pipeline_text, pipeline_message])
+            save_pipeline_button.click(save_pipeline, [pipeline_path, pipeline_text], pipeline_message)
+            run_pipeline_button.click(run_pipeline, pipeline_path, pipeline_message)
         with gr.Tab("Chat"):
             with gr.Row():
                 chat_model = gr.Textbox(label="model or artifact", elem_id="chat-model")

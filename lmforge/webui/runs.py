@@ -53,6 +53,16 @@ class Launcher:
         self.stopped.discard(output_dir)
         return output_dir
 
+    def start_pipeline(self, pipeline_file: Path, cwd: Path) -> Path:
+        """`lmforge run PIPELINE` in a subprocess; tracked under the pipeline file's path."""
+        key = pipeline_file.resolve()
+        if key in self.processes and self.processes[key].poll() is None:
+            raise RuntimeError(f"{pipeline_file} is already running")
+        log = key.with_name(key.stem + ".webui-run.log").open("a", encoding="utf-8")
+        self.processes[key] = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "run", str(key)], cwd=cwd,
+                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return key
+
     def stop(self, output_dir: Path) -> bool:
         process = self.processes.get(output_dir.resolve())
         if process is None or process.poll() is not None:
@@ -120,3 +130,16 @@ def list_runs(runs_root: Path, launcher: Launcher) -> list[RunInfo]:
         found.update(p.parent for p in runs_root.glob(pattern) if ".old-" not in str(p))
     found.update(p for p in launcher.processes if p.is_relative_to(runs_root.resolve()))
     return sorted((run_info(p.resolve(), runs_root.resolve(), launcher) for p in found), key=lambda r: r.name)
+
+
+def pipeline_stages(pipeline_file: Path, cwd: Path) -> list[list]:
+    """[stage name, stage kind, status, seconds] from the run folder's run.json (pending before it exists)."""
+    from lmforge.pipeline.run import load_pipeline
+    from lmforge.pipeline.state import read_state
+
+    pipeline = load_pipeline(pipeline_file)
+    run_dir = Path(pipeline.run_dir)
+    state = read_state(run_dir if run_dir.is_absolute() else cwd / run_dir) or {}
+    recorded = {s["name"]: s for s in state.get("stages", [])}
+    return [[s.name, s.stage, recorded.get(s.name, {}).get("status", "pending"),
+             round(recorded.get(s.name, {}).get("seconds", 0.0), 1)] for s in pipeline.stages]
