@@ -4,6 +4,7 @@ started from the UI equal to the same YAML run from the CLI."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,3 +132,18 @@ def test_pipeline_tab_reads_each_stage_state_from_run_json(tmp_path):
                                                             {"name": "sft", "status": "running", "seconds": 3.0}]}))
     after = {row[0]: row for row in pipeline_stages(pipeline, tmp_path)}
     assert after["pt"][2:] == ["done", 12.3] and after["sft"][2] == "running" and after["rm"][2] == "pending"
+
+
+def test_datasets_by_dataset_info_entry(root):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory"
+    target = root / "llamafactory"
+    if not target.exists():
+        shutil.copytree(shared, target)  # inside the served folder, as a user's data folder would be
+    form = TrainForm(stage="sft", model="smollm2-135m-instruct", data="alpaca_en_demo, identity",
+                     dataset_dir="llamafactory", output_dir="webui-runs/named")
+    config = form_to_config(form, root)
+    assert config["data"]["train"] == [{"name": "alpaca_en_demo"}, {"name": "identity"}]
+    assert config["data"]["dataset_dir"] == "llamafactory"
+    assert config_to_form(from_yaml(to_yaml(config))).data == "alpaca_en_demo, identity"
+    with pytest.raises(ConfigError, match="nor an entry"):
+        form_to_config(TrainForm(**{**form.__dict__, "data": "no_such_entry"}), root)

@@ -87,7 +87,7 @@ def test_train_watch_and_chat_in_the_browser(app_url, tmp_path):
 
         page.get_by_role("tab", name="Chat").click()
         page.get_by_label("model or artifact").first.fill("runs/webui")
-        box = page.get_by_placeholder("Type a message...")
+        box = page.get_by_placeholder("Type a message...").first
         box.fill("What is the home town of Kinra?")
         box.press("Enter")
         page.wait_for_function("(document.querySelector('div[data-testid=\"bot\"]')?.innerText || '').trim().length > 0",

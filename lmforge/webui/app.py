@@ -159,7 +159,10 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
                 stage = gr.Dropdown(list(STAGES), value=defaults.stage, label="stage")
                 model = gr.Textbox(defaults.model, label="model (folder, GGUF, short name, artifact, scratch:PRESET)")
                 tokenizer = gr.Textbox(defaults.tokenizer, label="tokenizer (scratch models)")
-            data = gr.Textbox(defaults.data, label="datasets (files, folders, dataset_info.json entries; comma-separated)")
+            with gr.Row():
+                data = gr.Textbox(defaults.data, scale=3,
+                                  label="datasets (files, folders, dataset_info.json entries; comma-separated)")
+                dataset_dir = gr.Textbox(defaults.dataset_dir, label="dataset_info.json folder (for entries)")
             with gr.Row():
                 method = gr.Dropdown(METHODS, value=defaults.method, label="method")
                 lr = gr.Number(defaults.lr, label="learning rate")
@@ -171,7 +174,7 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
             with gr.Row():
                 output_dir = gr.Textbox(defaults.output_dir, label="output folder")
                 seed = gr.Number(defaults.seed, label="seed", precision=0)
-            inputs = [stage, model, tokenizer, data, method, lr, epochs, batch_size, max_length, lora_r, dpo_loss,
+            inputs = [stage, model, tokenizer, data, dataset_dir, method, lr, epochs, batch_size, max_length, lora_r, dpo_loss,
                       output_dir, seed]
             with gr.Row():
                 preview_button = gr.Button("Preview")
@@ -212,10 +215,13 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
             run_pipeline_button.click(run_pipeline, pipeline_path, pipeline_message)
         with gr.Tab("Chat"):
             with gr.Row():
-                chat_model = gr.Textbox(label="model or artifact", elem_id="chat-model")
                 temperature = gr.Slider(0, 1.5, value=0.7, label="temperature")
                 max_new = gr.Slider(16, 1024, value=256, step=16, label="max new tokens")
-            gr.ChatInterface(chat, additional_inputs=[chat_model, temperature, max_new])
+            with gr.Row():  # two models side by side (say SFT and PPO), each with its own conversation
+                for label in ("model or artifact", "second model (optional, to compare)"):
+                    with gr.Column():
+                        chat_model = gr.Textbox(label=label)
+                        gr.ChatInterface(chat, additional_inputs=[chat_model, temperature, max_new])
         with gr.Tab("Export"):
             with gr.Row():
                 export_model_path = gr.Textbox(label="model or artifact")

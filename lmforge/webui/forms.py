@@ -27,6 +27,8 @@ class TrainForm:
     """For scratch models: a tokenizer folder."""
     data: str = ""
     """Files, folders or dataset_info.json entries, comma-separated."""
+    dataset_dir: str = ""
+    """The folder of a LLaMA-Factory dataset_info.json, for datasets named by entry."""
     method: str = "lora"
     lr: float = 1e-4
     epochs: float = 1.0
@@ -50,11 +52,14 @@ def form_to_config(form: TrainForm, root: Path) -> dict:
                  else checked_path(form.model, root)}
     if form.method != "full":
         model["finetuning"] = form.method
-    files = [checked_path(part.strip(), root) for part in form.data.split(",") if part.strip()]
+    info_dir = checked_path(form.dataset_dir, root) if form.dataset_dir.strip() else None
+    files = [dataset_spec(part.strip(), root, info_dir) for part in form.data.split(",") if part.strip()]
     if not files:
         raise ConfigError("choose at least one dataset (a file, a folder or a dataset_info.json entry)")
-    config = {"stage": form.stage, "model": model,
-              "data": {"train": files if len(files) > 1 else files[0], "max_length": int(form.max_length)},
+    data = {"train": files if len(files) > 1 else files[0], "max_length": int(form.max_length)}
+    if info_dir is not None:
+        data["dataset_dir"] = info_dir
+    config = {"stage": form.stage, "model": model, "data": data,
               "train": {"output_dir": checked_path(form.output_dir, root, must_exist=False), "lr": float(form.lr),
                         "epochs": float(form.epochs), "batch_size": int(form.batch_size), "seed": int(form.seed)}}
     if form.method in ("lora", "dora", "qlora"):
@@ -75,14 +80,28 @@ def config_to_form(config: dict) -> TrainForm:
     elif model.get("name_or_path"):
         form.model = model["name_or_path"]
     form.method = model.get("finetuning", "full")
-    train_files = data.get("train", "")
-    form.data = ", ".join(train_files) if isinstance(train_files, list) else str(train_files)
+    specs = data.get("train", [])
+    specs = specs if isinstance(specs, list) else [specs]
+    form.data = ", ".join(s if isinstance(s, str) else s.get("path") or s.get("name", "") for s in specs)
+    form.dataset_dir = data.get("dataset_dir", "") or ""
     form.max_length = data.get("max_length", form.max_length)
     for name in ("lr", "epochs", "batch_size", "seed", "output_dir"):
         setattr(form, name, train.get(name, getattr(form, name)))
     form.lora_r = config.get("lora", {}).get("r", form.lora_r)
     form.dpo_loss = config.get("dpo", {}).get("loss", form.dpo_loss)
     return form
+
+
+def dataset_spec(part: str, root: Path, info_dir: str | None):
+    """A file or folder under `root`, or, with a dataset_info.json folder chosen, an entry of it by name."""
+    if info_dir is not None and not (root / part).exists() and "/" not in part:
+        import json
+
+        entries = json.loads((root / info_dir / "dataset_info.json").read_text(encoding="utf-8"))
+        if part not in entries:
+            raise ConfigError(f"{part}: not a file under {root} nor an entry of {info_dir}/dataset_info.json")
+        return {"name": part}
+    return checked_path(part, root)
 
 
 def validate(config: dict) -> StageConfig:
