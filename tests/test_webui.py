@@ -147,3 +147,21 @@ def test_datasets_by_dataset_info_entry(root):
     assert config_to_form(from_yaml(to_yaml(config))).data == "alpaca_en_demo, identity"
     with pytest.raises(ConfigError, match="nor an entry"):
         form_to_config(TrainForm(**{**form.__dict__, "data": "no_such_entry"}), root)
+
+
+def test_curves_and_report_of_a_pipeline_stage(tmp_path):
+    from lmforge.webui.runs import report_for
+
+    stage = tmp_path / "pipeline" / "dpo"
+    stage.mkdir(parents=True)
+    (stage / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 10, "loss": 0.69, "rewards/accuracy": 0.5, "rewards/margin": 0.0},
+        {"step": 20, "loss": 0.41, "rewards/accuracy": 0.8, "rewards/margin": 1.2},
+        {"step": 20, "eval_loss": 0.45, "eval_rewards/accuracy": 0.75}]) + "\n{\"step\": 30, \"lo")  # a line being written
+    points = curves(stage)
+    assert {p["metric"] for p in points} == {"loss", "rewards/accuracy", "rewards/margin", "eval_loss",
+                                             "eval_rewards/accuracy"}
+    assert [p["value"] for p in points if p["metric"] == "rewards/accuracy"] == [0.5, 0.8]
+    assert report_for(stage) is None
+    (tmp_path / "pipeline" / "report.html").write_text("<html></html>")
+    assert report_for(stage) == tmp_path / "pipeline" / "report.html"

@@ -23,7 +23,7 @@ from lmforge.webui.forms import (
     preview_html,
     to_yaml,
 )
-from lmforge.webui.runs import Launcher, curves, list_runs, pipeline_stages
+from lmforge.webui.runs import Launcher, curves, list_runs, pipeline_stages, report_for
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
 
@@ -85,6 +85,10 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
         stage = from_yaml(config.read_text(encoding="utf-8"))["stage"]
         launcher.start(stage, config.read_text(encoding="utf-8"), run, root, resume=True)
         return "resumed"
+
+    def open_report(name):
+        report = report_for(runs_root / checked_path(name, runs_root)) if name else None
+        return (str(report), "") if report else (None, "no report.html for this run (pipelines write one)")
 
     def read_pipeline(path):
         try:
@@ -196,7 +200,10 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
             gr.Timer(2.0).tick(run_curves, run_name, plot)
             with gr.Row():
                 stop_button, resume_button = gr.Button("Stop"), gr.Button("Resume")
+                report_button = gr.Button("Report")
             run_message = gr.Markdown()
+            report_file = gr.File(label="HTML report (open or download)")
+            report_button.click(open_report, run_name, [report_file, run_message])
             run_name.change(run_curves, run_name, plot)
             stop_button.click(stop_run, run_name, run_message)
             resume_button.click(resume_run, run_name, run_message)
@@ -238,7 +245,8 @@ def launch(root: str = ".", runs: str = "runs", host: str = "127.0.0.1", port: i
            auth: str | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
     credentials = tuple(auth.split(":", 1)) if auth else None
+    # allowed_paths: the served folder's files (reports) may be downloaded, nothing else.
     build_app(Path(root), Path(runs)).queue().launch(server_name=host, server_port=port, share=False,
-                                                     auth=credentials)
+                                                     auth=credentials, allowed_paths=[str(Path(root).resolve())])
 
 

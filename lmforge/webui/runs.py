@@ -16,7 +16,10 @@ from lmforge.loop.checkpoint import latest_checkpoint
 MANIFEST = "lmforge.json"
 UI_CONFIG = "webui-config.yaml"
 LOG = "webui-train.log"
-CURVE_KEYS = ("loss", "eval_loss", "lr", "reward", "kl", "reward_accuracy", "reward_margin", "grad_norm")
+# What each stage logs that is worth a curve: LM losses, RL reward and KL, preference accuracy and margin
+# (DPO family: rewards/*, reward model: accuracy/margin), and their held-out versions.
+CURVE_KEYS = ("loss", "eval_loss", "lr", "grad_norm", "reward", "kl", "rewards/accuracy", "rewards/margin",
+              "accuracy", "margin", "eval_rewards/accuracy", "eval_accuracy")
 
 
 @dataclass
@@ -119,6 +122,14 @@ def run_info(run: Path, root: Path, launcher: Launcher) -> RunInfo:
     metrics = [r for r in read_metrics(run) if "loss" in r]
     return RunInfo(str(run.relative_to(root)), run, stage, status, metrics[-1]["step"] if metrics else 0,
                    metrics[-1]["loss"] if metrics else None)
+
+
+def report_for(run: Path) -> Path | None:
+    """The pipeline report of a run: in its folder, or in the pipeline folder around a stage."""
+    for folder in (run, run.parent):
+        if (folder / "report.html").is_file():
+            return folder / "report.html"
+    return None
 
 
 def list_runs(runs_root: Path, launcher: Launcher) -> list[RunInfo]:
