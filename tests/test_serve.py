@@ -178,3 +178,14 @@ def test_decoder_holds_back_a_possible_stop_string_and_cuts_at_it():
         decoder.push(ord(ch))
     # "E" and "EN" wait until "x" shows they do not start "END"; the reply ends before "END".
     assert pieces == ["a", "b", "c", "ENx", "y", "z"] and ends == [("stop", 11)]
+
+
+def test_per_row_sampling_keeps_each_rows_own_nucleus_and_greedy():
+    from lmforge.rollout.stream import _PerRowSampling
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
+    rows = [Row([], 1, temperature=1.0, top_p=0.7), Row([], 1, temperature=0.0), Row([], 1, temperature=1.0)]
+    out = _PerRowSampling(rows, "cpu")(None, logits.clone())
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]  # 0.5 + 0.3 reaches 0.7
+    assert torch.isfinite(out[1]).tolist() == [True, False, False, False]  # greedy: the arg-max alone
+    assert torch.allclose(out[2], logits[2])  # temperature 1, top_p 1: untouched

@@ -93,12 +93,13 @@ class _PerRowSampling(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         scores = scores.float() / self.temperature
-        ordered, order = scores.sort(-1, descending=True)
-        probs = ordered.softmax(-1)
-        # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always stays).
-        drop_sorted = probs.cumsum(-1) - probs > self.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        if (self.top_p < 1).any():  # a sort of the whole vocabulary per step: only when a row asks for it
+            ordered, order = scores.sort(-1, descending=True)
+            probs = ordered.softmax(-1)
+            # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always stays).
+            drop_sorted = probs.cumsum(-1) - probs > self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
         if self.greedy.any():
             only_best = torch.full_like(scores, float("-inf")).scatter(-1, scores.argmax(-1, keepdim=True), 0.0)
             scores = torch.where(self.greedy[:, None], only_best, scores)
