@@ -31,13 +31,15 @@ def app_url(world_dir, world_tokenizer_dir, tmp_path):
     shutil.copytree(world_tokenizer_dir, root / "tokenizer")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "GRADIO_ANALYTICS_ENABLED": "False"}
+    # The app's output goes to a file: an unread pipe fills up and stalls the server mid-test.
+    log = (tmp_path / "webui.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "webui", "--root", str(root), "--port", str(port)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(process.stdout.read().decode()[-3000:])
+            raise RuntimeError((tmp_path / "webui.log").read_text()[-3000:])
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
@@ -46,6 +48,7 @@ def app_url(world_dir, world_tokenizer_dir, tmp_path):
     yield url, root
     process.terminate()
     process.wait(timeout=30)
+    log.close()
 
 
 @pytest.mark.slow
@@ -88,10 +91,22 @@ def test_train_watch_and_chat_in_the_browser(app_url, tmp_path):
         page.get_by_role("tab", name="Chat").click()
         page.get_by_label("model or artifact").first.fill("runs/webui")
         box = page.get_by_placeholder("Type a message...").first
-        box.fill("What is the home town of Kinra?")
-        box.press("Enter")
-        page.wait_for_function("(document.querySelector('div[data-testid=\"bot\"]')?.innerText || '').trim().length > 0",
-                               timeout=120000)
+        box.wait_for(state="visible", timeout=30000)
+        for _ in range(3):  # the freshly shown tab can swallow a first Enter while it mounts
+            box.fill("What is the home town of Kinra?")
+            box.press("Enter")
+            try:
+                page.wait_for_selector('div[data-testid="user"]', timeout=15000)
+                break
+            except playwright.Error:
+                continue
+        try:
+            page.wait_for_function(
+                "(document.querySelector('div[data-testid=\"bot\"]')?.innerText || '').trim().length > 0",
+                timeout=120000)
+        except playwright.Error:
+            page.screenshot(path=str(shots / "3-chat-failed.png"), full_page=True)
+            raise AssertionError("no reply in the chat; app log:\n" + (root.parent / "webui.log").read_text()[-3000:]) from None
         page.wait_for_timeout(3000)  # let the stream finish before the screenshot
         assert page.locator('div[data-testid="bot"]').last.inner_text().strip()
         page.screenshot(path=str(shots / "3-chat.png"), full_page=True)
