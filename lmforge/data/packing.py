@@ -87,9 +87,15 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         else:
             batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * pad)
     out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-    if packed:  # where each document starts in the flattened batch (the row ends, for varlen attention)
-        positions = out["position_ids"].reshape(-1)
-        starts = positions == 0
-        starts[::width] = True
-        out["cu_seq_lens"] = torch.cat([starts.nonzero().flatten(), torch.tensor([positions.numel()])]).int()
+    if packed:  # computed here, on the host: finding them on a GPU costs a synchronisation
+        out["cu_seq_lens"] = cu_seq_lens(out["position_ids"])
     return out
+
+
+def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where each document starts in the flattened batch, plus its end (int32, for variable-length
+    attention). A row's first token always starts a document, whatever its position id."""
+    flat = position_ids.reshape(-1)
+    starts = flat == 0
+    starts[:: position_ids.shape[-1]] = True
+    return torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)

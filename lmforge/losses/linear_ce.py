@@ -50,7 +50,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             safe = targets.clamp(min=0)[:, None]
             logits = rows @ weight.T
             if grad_hidden is None and grad_weight is None:
-                total += _chunk_loss(logits, safe, valid)
+                total -= _chunk_token_logps(logits, safe, valid).sum()
                 continue
             loss, grad_logits = _chunk_loss_and_grad(logits, safe, valid)
             total += loss

@@ -22,16 +22,14 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.packing import cu_seq_lens
+
 VARLEN = "lmforge_varlen"
 
 
 def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """cu_seqlens (int32, starts of each document plus the end) of the flattened batch, and the longest
-    document. A row's first token always starts a document, whatever its position id."""
-    flat = position_ids.reshape(-1)
-    starts = flat == 0
-    starts[:: position_ids.shape[-1]] = True
-    cu = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    """cu_seqlens of the flattened batch (see data.packing.cu_seq_lens) and the longest document."""
+    cu = cu_seq_lens(position_ids)
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
@@ -39,8 +37,7 @@ def packed_inputs(batch: dict) -> dict:
     """Model inputs for a packed batch: one flattened row plus its document boundaries. The longest
     document is given as the row width, an upper bound the kernel accepts: a value that changed from
     batch to batch would make torch.compile specialise on it again each time."""
-    # Computed on the host by collate when it can be: finding them on the GPU costs a synchronisation.
-    cu = batch["cu_seq_lens"] if "cu_seq_lens" in batch else document_boundaries(batch["position_ids"])[0]
+    cu = batch["cu_seq_lens"] if "cu_seq_lens" in batch else cu_seq_lens(batch["position_ids"])
     width = batch["input_ids"].shape[-1]
     return {"input_ids": batch["input_ids"].reshape(1, -1), "position_ids": batch["position_ids"].reshape(1, -1),
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": width, "max_length_k": width}
@@ -68,7 +65,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     batch, _, length, _ = query.shape
     if cu is None and attention_mask is None and positions is not None and key.shape[2] == length \
             and positions.shape[-1] == length:  # packed rows given without boundaries: find them here
-        cu, _ = document_boundaries(positions.expand(batch, -1))
+        cu = cu_seq_lens(positions.expand(batch, -1))
     if cu is None or (batch != 1 and int(cu[-1]) != batch * length):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

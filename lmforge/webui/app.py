@@ -12,6 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from lmforge.config.schema import STAGES, ConfigError
+from lmforge.models.load import SHORT_NAMES
 from lmforge.webui.forms import (
     DPO_LOSSES,
     METHODS,
@@ -124,10 +125,10 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
         from lmforge.models.load import load_for_inference
 
         path = path.strip()
-        key = path if path in ("smollm2-135m-instruct",) else checked_path(path, root)
-        if key not in models:
-            models[key] = load_for_inference(key if key == path and "/" not in path else str(root / key))
-        return models[key]
+        source = path if path in SHORT_NAMES else str(root / checked_path(path, root))
+        if source not in models:  # loaded once, kept for the next message
+            models[source] = load_for_inference(source)
+        return models[source]
 
     def chat(message, history, model_path, temperature, max_new_tokens):
         from lmforge.inference.chat import reply_stream
