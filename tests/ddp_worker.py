@@ -26,6 +26,9 @@ def main(out: str) -> None:
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(out) / "weights.pt")
+    # As the stages do: the process group is torn down before exit. Left to the interpreter's exit,
+    # gloo's threads sometimes outlive it and the process aborts ("terminate called ...").
+    trainer.end()
 
 
 if __name__ == "__main__":
