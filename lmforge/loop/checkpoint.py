@@ -4,22 +4,31 @@ A checkpoint holds the trainable weights (safetensors), optimizer and scheduler 
 states and the data position. Frozen weights are not stored: resuming rebuilds the same starting
 model (seeded scratch init or the same pretrained folder) and loads the trainable part on top.
 Optimizer/scheduler/RNG files are torch tensors loaded with `weights_only=True` (no unpickling
-of arbitrary objects).
+of arbitrary objects). Every file's sha256 is kept in the checkpoint's `checksums.json` and checked
+before anything is loaded: a flipped byte is refused instead of resumed from.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+STATE_FILE = "trainer_state.json"  # its presence marks a complete checkpoint
+CHECKSUMS = "checksums.json"  # the sha256 of every other file, written last
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written, or that must not be loaded (corrupted files)."""
 
 
 @dataclass
@@ -66,28 +75,84 @@ def save_checkpoint(output_dir: str | Path, state: LoopState, model, optimizer, 
     final = root / f"checkpoint-{state.step}"
     tmp = root / f".tmp-checkpoint-{state.step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write(tmp / "trainable.safetensors", lambda p: save_file(trainable_state(model), str(p)))
-    _write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
-    _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
-    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-           "python_pos": random.getstate()[2]}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    _write(tmp / "rng.pt", lambda p: torch.save(rng, p))
-    _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
+    with _cleaned_up_on_failure(tmp, final):
+        tmp.mkdir()
+        _write(tmp / "trainable.safetensors", lambda p: save_file(trainable_state(model), str(p)))
+        _write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
+        _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+               "python_pos": random.getstate()[2]}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        _write(tmp / "rng.pt", lambda p: torch.save(rng, p))
+        _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
+        write_checksums(tmp)
     _move_into_place(tmp, final)
     prune_checkpoints(root, keep)
     return final
 
 
+@contextmanager
+def _cleaned_up_on_failure(tmp: Path, final: Path):
+    """A save that fails (a full disk, most often) removes its partial folder, which would otherwise
+    hold on to the space, and says so; the checkpoints already written are never touched."""
+    try:
+        yield
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = list_checkpoints(final.parent)
+        kept = f"the last complete checkpoint, {last[-1]}, is intact" if last else "no earlier checkpoint exists"
+        what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+        raise CheckpointError(f"{what} while saving {final} (in {tmp}: {exc}); the partial folder was "
+                              f"removed and {kept}") from exc
+
+
+def write_checksums(folder: Path) -> None:
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    _write(folder / CHECKSUMS, lambda p: p.write_text(json.dumps(sums, indent=1)))
+
+
+def verify_checksums(folder: Path) -> None:
+    """Refuse a checkpoint whose files differ from what was written (a bit flip, a truncated copy).
+    Checkpoints from before checksums were kept have no `checksums.json` and are taken as they are."""
+    listed = folder / CHECKSUMS
+    if not listed.is_file():
+        return
+    try:
+        sums = json.loads(listed.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{listed} is unreadable ({exc}): the checkpoint is corrupted") from exc
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder} is corrupted: {name} is missing")
+        if (found := _sha256(path)) != expected:
+            raise CheckpointError(f"{path} is corrupted (sha256 {found[:12]}…, written as {expected[:12]}…): "
+                                  "refusing to resume from it; pick an earlier checkpoint with train.resume_from")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
-    """The complete folder appears under its final name in one rename, after everything in it is on disk."""
+    """The complete folder appears under its final name in one rename, after everything in it is on disk.
+    A folder already there (the same step saved again) is renamed away first, never deleted in place."""
     _fsync_dir(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        discard(final)
     os.rename(tmp, final)
     _fsync_dir(final.parent)
+
+
+def discard(folder: Path) -> None:
+    """Delete a checkpoint so that no half-deleted one is ever visible: one rename takes it out of sight
+    (a kill during the deletion leaves a `.trash-` folder, swept by the next save), then it is removed."""
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -99,12 +164,13 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    for stale in root.glob(".tmp-checkpoint-*"):
+    """Keep the newest `keep` checkpoints; sweep what killed runs left (partial saves, half deletions)."""
+    for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".trash-*")]:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -122,6 +188,7 @@ def resume_path(resume: bool, resume_from: str | None, output_dir: str | Path) -
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete lmforge checkpoint (no {STATE_FILE})")
+    verify_checksums(path)
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -154,11 +221,13 @@ def save_sharded_checkpoint(accelerator, output_dir: str | Path, state: LoopStat
     accelerator.save_state(str(tmp / SHARDED))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
-        _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
+        with _cleaned_up_on_failure(tmp, final):
+            _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
+            _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
+            write_checksums(tmp)
         _move_into_place(tmp, final)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -166,6 +235,7 @@ def save_sharded_checkpoint(accelerator, output_dir: str | Path, state: LoopStat
 def load_sharded_checkpoint(accelerator, path: Path, scheduler) -> LoopState:
     if not (path / STATE_FILE).is_file() or not (path / SHARDED).is_dir():
         raise FileNotFoundError(f"{path} is not a complete sharded lmforge checkpoint")
+    verify_checksums(path)
     accelerator.load_state(str(path / SHARDED))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return LoopState(**json.loads((path / STATE_FILE).read_text()))

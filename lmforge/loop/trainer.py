@@ -8,7 +8,6 @@ decay, clipping, evaluation, metrics.jsonl, atomic checkpoints, exact resume, an
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -25,8 +24,10 @@ from torch.utils.data import DataLoader
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lmforge.config.schema import LogConfig, TrainConfig
+from lmforge.loop.batching import chunks, epoch_batches, row_lengths, shard_size
 from lmforge.loop.checkpoint import (
     LoopState,
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
@@ -34,7 +35,10 @@ from lmforge.loop.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from lmforge.loop.preemption import Preempted, PreemptionGuard
 from lmforge.loop.progress import ProgressDisplay
+
+__all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "row_lengths", "shard_size"]
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -80,38 +84,6 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str) -> Acc
     return accelerator
 
 
-def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int,
-                  lengths: list[int] | None = None) -> list[list[int]]:
-    """The micro-batches of one epoch, in a seeded order that a resumed run reproduces. With
-    `lengths`, rows are sorted by length inside chunks of 50 batches and the batches shuffled, so a
-    batch holds rows of similar length while every epoch still sees a new order."""
-    generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n_rows, generator=generator).tolist()
-    if lengths is None:
-        return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
-    chunk = 50 * batch_size
-    order = [i for start in range(0, n_rows, chunk)
-             for i in sorted(order[start:start + chunk], key=lambda row: -lengths[row])]
-    batches = [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def row_lengths(rows) -> list[int]:
-    """Tokens per row for length grouping: `input_ids`, or a prompt plus its longest answer."""
-    columns = rows.column_names
-    if "input_ids" in columns:
-        return [len(ids) for ids in rows["input_ids"]]
-    answers = [rows[c] for c in columns if c.endswith("_ids") and c != "prompt_ids"]
-    prompts = rows["prompt_ids"] if "prompt_ids" in columns else [[]] * len(rows)
-    return [len(p) + max((len(a[i]) for a in answers), default=0) for i, p in enumerate(prompts)]
-
-
-def shard_size(batches: int, world: int) -> int:
-    """Micro-batches each process gets per epoch: the same count everywhere, the remainder dropped
-    (a process with one more batch would wait forever in a collective)."""
-    return batches // world if batches >= world else min(batches, 1)
-
-
 def label_token_count(batch: dict) -> torch.Tensor:
     """Tokens that carry next-token loss (labels shifted by one)."""
     return (batch["labels"][:, 1:] != -100).sum()
@@ -123,11 +95,6 @@ def pair_count(batch: dict) -> torch.Tensor:
 
 
 pair_count.metric_name = "pairs"
-
-
-def _chunks(rows: Iterator, size: int) -> Iterator[list]:
-    while chunk := list(itertools.islice(rows, size)):
-        yield chunk
 
 
 class Trainer:
@@ -168,6 +135,7 @@ class Trainer:
         # The checkpoint train() continues from, if any; stages skip before-training evaluation then.
         self.resume_from = resume_path(cfg.resume, cfg.resume_from, self.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.saved_step = -1  # the step of the last checkpoint this run wrote
         self._row_lengths: list[int] | None = None
 
     def _total_steps(self) -> int:
@@ -182,7 +150,7 @@ class Trainer:
         """Micro-batches from the saved data position onwards, epoch after epoch."""
         while True:
             if self.streaming:
-                loader = (self.collate_fn(b) for b in _chunks(iter(self.train_rows), self.cfg.batch_size))
+                loader = (self.collate_fn(b) for b in chunks(iter(self.train_rows), self.cfg.batch_size))
                 for _ in range(self.state.batch_in_epoch):
                     next(loader, None)
             else:
@@ -262,10 +230,10 @@ class Trainer:
                 out[k] = sum(finite) / len(finite)
         return out
 
-    def _diverged_message(self, what: str) -> str:
+    def _diverged_message(self, what: str, step: int | None = None) -> str:
         last = latest_checkpoint(self.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        return f"training diverged at step {self.state.step + 1}: {what}; stopped; {kept}"
+        return f"training diverged at step {self.state.step + 1 if step is None else step}: {what}; stopped; {kept}"
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -327,7 +295,7 @@ class Trainer:
         display = ProgressDisplay(self.total_steps, self.state.step,
                                   enabled=self.log_cfg.progress and self.accelerator.is_main_process)
         started, window_tokens = time.perf_counter(), 0
-        with display:
+        with display, PreemptionGuard() as preemption:
             while self.state.step < self.total_steps:
                 group = [next(batches) for _ in range(self.cfg.grad_accum)]
                 last = self.step(group)
@@ -341,6 +309,8 @@ class Trainer:
                     self.log(self.evaluate())
                 if self.cfg.save_steps and self.state.step % self.cfg.save_steps == 0:
                     self.save_checkpoint()
+                if preemption.stop_now(self.accelerator):
+                    self.stop_for_preemption()
         final = {**{f"train_{k}": v for k, v in last.items()}, **self.evaluate(),
                  **{f"initial_{k}": v for k, v in initial.items()}}
         self.log({k: v for k, v in final.items() if k.startswith("eval_")})
@@ -352,15 +322,29 @@ class Trainer:
         return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def save_checkpoint(self) -> Path | None:
+        self.saved_step = self.state.step
         if self.sharded:
             return save_sharded_checkpoint(self.accelerator, self.output_dir, self.state, self.scheduler,
                                            self.cfg.save_total_limit)
+        unwrapped = self.accelerator.unwrap_model(self.prepared)
+        # A finite loss does not prove finite weights (an update can overflow): never save NaN over good.
+        broken = next((n for n, p in unwrapped.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+        if broken is not None:
+            raise TrainingDiverged(self._diverged_message(f"weight {broken} is not finite", self.state.step))
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        unwrapped = self.accelerator.unwrap_model(self.prepared)
         return save_checkpoint(self.output_dir, self.state, unwrapped, self.optimizer, self.scheduler,
                                self.cfg.save_total_limit)
+
+    def stop_for_preemption(self) -> None:
+        """After SIGTERM, at a step boundary: save (unless this step just was) and exit with status 143."""
+        if self.saved_step != self.state.step:
+            self.save_checkpoint()
+        saved = checkpoint_dir(self.output_dir) / f"checkpoint-{self.state.step}"
+        message = f"SIGTERM: stopped at step {self.state.step} and saved {saved}; train.resume=true continues"
+        self.accelerator.print(message)
+        raise Preempted(message)
 
     def log(self, metrics: dict) -> None:
         if not metrics or not self.accelerator.is_main_process:
