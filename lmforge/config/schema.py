@@ -332,8 +332,8 @@ class RLConfig:
     """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
     backend: str = "hf"
     """Generation backend for rollouts: hf (transformers generate with a KV cache), lmforge (its own
-    decode loop: pre-allocated KV cache, on a GPU a CUDA-graph-captured decode step), or vllm (when
-    installed)."""
+    decode loop for Llama-style models: pre-allocated KV cache, on a GPU a CUDA-graph-captured decode
+    step)."""
     static_cache: bool = False
     """Pre-allocated KV cache for rollouts; on a GPU the decoding step is then compiled."""
 
@@ -344,7 +344,7 @@ class RLConfig:
         _check_choice("rl", "reference", self.reference, ("auto", "copy", "adapter", "none"))
         if self.reference == "none" and (self.kl_coef or self.kl_target):
             raise ConfigError("rl.reference=none leaves no KL to penalise: set rl.kl_coef=0 and rl.kl_target=0")
-        _check_choice("rl", "backend", self.backend, ("hf", "lmforge", "vllm"))
+        _check_choice("rl", "backend", self.backend, ("hf", "lmforge"))
         for name in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be at least 1")

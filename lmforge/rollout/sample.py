@@ -60,8 +60,6 @@ class HFBackend:
         return out
 
 
-BACKENDS = {"hf": HFBackend}
-
 
 @dataclass
 class Samples:

@@ -24,8 +24,9 @@ from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
 from lmforge.models.reference import Reference
 from lmforge.models.value import PolicyWithValue, reply_logits
+from lmforge.rollout.backends import BACKENDS
 from lmforge.rollout.rewards import RewardSet, decode_rows, exact_match
-from lmforge.rollout.sample import BACKENDS, SamplingParams, encode_prompts, sample
+from lmforge.rollout.sample import SamplingParams, encode_prompts, sample
 from lmforge.stages.common import load_for_training, save_artifact, start_run
 from lmforge.stages.critic import load_critic
 
