@@ -66,9 +66,13 @@ def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorL
         for raw in read_file(path, errors, cfg.text_split):
             try:
                 example = transform(raw.row, fmt)
+            except RecursionError:
+                errors.report(DataError(raw.source, raw.where, "a value is nested too deeply to read"))
+                continue
             except (ValueError, TypeError, KeyError) as exc:
                 errors.report(exc if isinstance(exc, DataError) else DataError(raw.source, raw.where, str(exc)))
                 continue
+            errors.mark_loaded(raw.source)
             yield {**example, "source": f"{raw.source}:{raw.where}"}
             count += 1
             if limit is not None and count >= limit:
@@ -154,11 +158,11 @@ def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> di
     out = {"input_ids": [], "labels": []}
     for messages, source in zip(batch["messages"], batch["source"]):
         if not messages:
-            errors.report(error_at(source, "a plain-text record in SFT data (no dialogue)"))
+            errors.reject_loaded(error_at(source, "a plain-text record in SFT data (no dialogue)"))
             continue
         encoded = encode_sft(tokenizer, messages, cfg.max_length, cfg.train_on_prompt, cfg.mask_history)
         if encoded is None:
-            errors.dropped_too_long += 1
+            errors.drop_too_long(error_at(source, "").source)
             continue
         out["input_ids"].append(encoded["input_ids"])
         out["labels"].append(encoded["labels"])
@@ -207,7 +211,7 @@ def _preference_tokens(batch: dict, tokenizer, max_length: int, errors: ErrorLog
             encoded = encode_pair(tokenizer, record, max_length) if kind == "pair" else \
                 encode_kto(tokenizer, record, max_length)
         except ValueError as exc:
-            errors.report(error_at(source, str(exc)))
+            errors.reject_loaded(error_at(source, str(exc)))
             continue
         # Cut responses still train, but never silently: they are counted in the run summary.
         errors.truncated += int(encoded["truncated"])

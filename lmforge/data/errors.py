@@ -26,6 +26,8 @@ class ErrorLog:
     """Samples whose response did not fit max_length at all (never silent: counted here)."""
     truncated: int = 0
     """Preference records whose response(s) were cut to fit max_length."""
+    loaded: Counter = field(default_factory=Counter)
+    """file -> records read, normalised and not (yet) rejected: what training and evaluation use."""
 
     def report(self, error: DataError) -> None:
         if self.on_error == "raise":
@@ -34,12 +36,31 @@ class ErrorLog:
         if len(self.examples) < 20:
             self.examples.append(str(error))
 
+    def mark_loaded(self, source: str) -> None:
+        self.loaded[source] += 1
+
+    def reject_loaded(self, error: DataError) -> None:
+        """A record already counted as loaded proved unusable later (at tokenization): it moves from
+        loaded to skipped, so records read == loaded + skipped + dropped stays true."""
+        self.report(error)
+        self.loaded[error.source] -= 1
+
+    def drop_too_long(self, source: str) -> None:
+        self.dropped_too_long += 1
+        self.loaded[source] -= 1
+
     @property
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    @property
+    def total_loaded(self) -> int:
+        return sum(self.loaded.values())
+
     def summary(self) -> dict:
         return {
+            "records_read": self.total_loaded + self.total_skipped + self.dropped_too_long,
+            "loaded_records": self.total_loaded,
             "skipped_records": self.total_skipped,
             "skipped_by_file": dict(self.skipped),
             "dropped_too_long": self.dropped_too_long,

@@ -124,6 +124,8 @@ def to_kto(row: dict, fmt: RowFormat) -> dict:
     """Normalise one unpaired record with a desirable/undesirable label."""
     label_key = fmt.columns.get("kto_tag", "label")
     label = row.get(label_key)
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"  # CSV has no booleans: its cells say "true" or "false"
     if not isinstance(label, bool):
         raise ValueError(f"field {label_key!r} must be true or false, got {label!r}")
     if "completion" in row:

@@ -55,7 +55,8 @@ def to_prompt(row: dict, fmt: RowFormat) -> dict:
                               if k and k in row and k not in used and row[k] is not None), None)
         reply = _reply_text(row[reference_key], reference_key) if reference_key else ""
     label = row.get(fmt.columns.get("kto_tag", "label"))
-    if label is False and reference_key in (None, "completion"):
+    undesirable = label is False or (isinstance(label, str) and label.strip().lower() == "false")  # CSV: "false"
+    if undesirable and reference_key in (None, "completion"):
         reply = ""  # a KTO record's reply is the undesirable one: no reference to reward against
     answer = _scalar_text(row["answer"], "answer") if row.get("answer") is not None else ""
     used |= {reference_key, "answer", *PAIR_KEYS, fmt.columns.get("chosen"), fmt.columns.get("rejected")}

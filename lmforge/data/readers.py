@@ -10,6 +10,8 @@ import codecs
 import csv
 import glob
 import json
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +58,42 @@ def read_file(path: Path, errors: ErrorLog, text_split: str = "line") -> Iterato
         ".parquet": lambda: _read_parquet(path),
         ".csv": lambda: _read_csv(path, errors),
     }[path.suffix.lower()]
-    yield from reader()
+    try:
+        yield from reader()
+    except OSError as exc:  # unreadable, vanished, or a folder named like a data file
+        raise DataError(str(path), "file", f"cannot read the file ({exc.strerror or exc})") from exc
+
+
+class _BadJSON(ValueError):
+    def __init__(self, problem: str, line: int):
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+def _parse_json(text: str):
+    """json.loads; every failure becomes _BadJSON with its problem and line, including the ones json
+    reports as other exception types (values nested past the recursion limit, over-long integers)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _BadJSON(f"invalid JSON ({exc.msg} at column {exc.colno})", exc.lineno) from None
+    except RecursionError:
+        raise _BadJSON("invalid JSON (values nested too deeply to read)", 1) from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise _BadJSON(f"invalid JSON ({str(exc).split(':')[0]})", 1) from None
+
+
+# A JSON escape of a UTF-16 surrogate: Python decodes a lone one into a string that no file can hold.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value) -> str | None:
+    """The first lone surrogate in a parsed JSON value, as an escape (`\\ud800`), or None."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(exc.object[exc.start]):04x}"
+    return None
 
 
 def _decoded_lines(path: Path, errors: ErrorLog) -> Iterator[tuple[int, str]]:
@@ -95,12 +132,17 @@ def _read_jsonl(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.report(DataError(str(path), f"line {number}", f"invalid JSON ({exc.msg} at column {exc.colno})"))
+            row = _parse_json(line)
+        except _BadJSON as exc:
+            errors.report(DataError(str(path), f"line {number}", exc.problem))
             continue
         if not isinstance(row, dict):
             errors.report(DataError(str(path), f"line {number}", f"expected a JSON object, got {type(row).__name__}"))
+            continue
+        surrogate = _lone_surrogate(row) if SURROGATE_ESCAPE.search(line) else None
+        if surrogate:
+            errors.report(DataError(str(path), f"line {number}", f"a string holds a lone surrogate {surrogate} "
+                                                                  "(not valid Unicode)"))
             continue
         yield RawRecord(row, str(path), f"line {number}")
 
@@ -110,20 +152,27 @@ def _read_json(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
     try:
-        data = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = _parse_json(text)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(str(path), f"line {line}", f"invalid UTF-8 ({exc.reason})") from exc
-    except json.JSONDecodeError as exc:
+    except _BadJSON as exc:
         # A broken .json file cannot be read past the error: this is fatal even under on_error=skip.
-        raise DataError(str(path), f"line {exc.lineno}", f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        raise DataError(str(path), f"line {exc.line}", exc.problem) from None
     if isinstance(data, dict):
         data = _columns_to_rows(path, data)
     if not isinstance(data, list):
         raise DataError(str(path), "top level", f"expected a list of records or an object of lists, got {type(data).__name__}")
+    check_surrogates = SURROGATE_ESCAPE.search(text) is not None
     for index, row in enumerate(data):
         if not isinstance(row, dict):
             errors.report(DataError(str(path), f"record {index}", f"expected an object, got {type(row).__name__}"))
+            continue
+        surrogate = _lone_surrogate(row) if check_surrogates else None
+        if surrogate:
+            errors.report(DataError(str(path), f"record {index}", f"a string holds a lone surrogate {surrogate} "
+                                                                   "(not valid Unicode)"))
             continue
         yield RawRecord(row, str(path), f"record {index}")
 
@@ -138,13 +187,19 @@ def _columns_to_rows(path: Path, data: dict) -> list:
 
 
 def _read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield RawRecord(row, str(path), f"record {index}")
-            index += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield RawRecord(row, str(path), f"record {index}")
+                index += 1
+    except pa.ArrowException as exc:
+        # A damaged file cannot be read past the damage: fatal even under on_error=skip.
+        where = f"record {index}" if index else "file"
+        raise DataError(str(path), where, f"not a readable Parquet file ({exc})") from exc
 
 
 def _read_csv(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
@@ -155,8 +210,18 @@ def _read_csv(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
             physical.append(number)
             yield text + "\n"  # the csv module needs line ends to join quoted multi-line fields
 
+    # Long texts (whole documents, 1 MB replies) are data, not an attack on the parser.
+    csv.field_size_limit(max(csv.field_size_limit(), sys.maxsize >> 1))
     reader = csv.DictReader(lines())
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # The csv module resumes at the next line, so only this row is lost.
+            errors.report(DataError(str(path), f"line {physical[-1] if physical else 1}", f"malformed CSV ({exc})"))
+            continue
         # A quoted field may span lines: a row starts on the line after the previous row ended.
         first_line = physical[reader.line_num - 1 - _row_span(row)] if physical else reader.line_num
         where = f"line {first_line}"
