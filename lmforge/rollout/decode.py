@@ -88,7 +88,7 @@ class StaticDecoder:
     """Fixed buffers for `batch` rows, a cache `width` slots wide, prompts ending at slot `prompt_width`."""
 
     def __init__(self, model, batch: int, prompt_width: int, width: int, dtype: torch.dtype, params,
-                 stop_ids: list[int], pad_id: int):
+                 stop_ids: list[int], pad_id: int, compile: bool = False):
         self.backbone, self.head = decoder_parts(model)
         config = self.backbone.config
         device = self.backbone.embed_tokens.weight.device
@@ -110,6 +110,9 @@ class StaticDecoder:
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.out = torch.full((batch, width - prompt_width), pad_id, dtype=torch.long, device=device)
         self.graph = None
+        # Compiling fuses the step's many small kernels (norms, rotary, softmax, sampling); the
+        # compiled code is then captured like the eager one.
+        self.run_step = torch.compile(self._step, dynamic=False) if compile else self._step
 
     # -- the model, layer by layer -----------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, write: torch.Tensor,
@@ -184,7 +187,7 @@ class StaticDecoder:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self._step()
+                self.run_step()
         return self.out[:, :max_new_tokens]
 
     def _capture(self) -> None:
@@ -196,11 +199,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
+                self.run_step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._step()
+            self.run_step()
         for buffer, value in zip((self.tokens, self.row_position, self.slot, self.step_index, self.done,
                                   self.out, self.key_valid), saved):
             buffer.copy_(value)
@@ -211,8 +214,9 @@ class LMForgeBackend:
     and its captured graph are kept between rollouts while the shapes, the sampling settings and the
     model's parameter storage stay the same, so the capture is paid once per run, not per rollout."""
 
-    def __init__(self, batch_size: int = 256, static_cache: bool = True):
+    def __init__(self, batch_size: int = 256, compile: bool = False):
         self.batch_size = batch_size
+        self.compile = compile
         self._decoder: StaticDecoder | None = None
         self._key: tuple | None = None
 
@@ -241,6 +245,7 @@ class LMForgeBackend:
                hash(storage))
         if key != self._key:
             self._decoder = None  # free the old cache before allocating the new one
-            self._decoder = StaticDecoder(model, batch, prompt_width, width, dtype, params, stop_ids, pad_id)
+            self._decoder = StaticDecoder(model, batch, prompt_width, width, dtype, params, stop_ids, pad_id,
+                                          self.compile)
             self._key = key
         return self._decoder

@@ -30,7 +30,8 @@ def grpo_advantages(batch: dict, cfg: RLConfig, kl_coef: float):
 def grpo_loss(model, batch: dict, cfg: RLConfig):
     mask = batch["mask"]
     logits, _, logps = reply_outputs(model, batch, cfg)
-    loss, metrics = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.clip_range)
+    old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()  # on-policy: see on_policy_step
+    loss, metrics = clipped_policy_loss(logps, old_logps, batch["advantages"], mask, cfg.clip_range)
     if "ref_logps" in batch and cfg.kl_coef > 0:
         kl = kl_per_token(logps, batch["ref_logps"], "k3")
         loss = loss + cfg.kl_coef * kl

@@ -24,7 +24,7 @@ from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
 from lmforge.models.reference import Reference
 from lmforge.models.value import PolicyWithValue, reply_logits
-from lmforge.rollout.backends import BACKENDS
+from lmforge.rollout.backends import make_backend
 from lmforge.rollout.rewards import RewardSet, decode_rows, exact_match
 from lmforge.rollout.sample import SamplingParams, encode_prompts, sample
 from lmforge.stages.common import load_for_training, save_artifact, start_run
@@ -95,7 +95,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     if reference is not None:
         reference.to(device)
     rewards = RewardSet(rl.reward_specs(), device=device)
-    backend = BACKENDS[rl.backend](static_cache=rl.static_cache)
+    backend = make_backend(rl.backend, rl.static_cache, cfg.train.compile)
     params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, rl.top_k)
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 \
         else FixedKLController(rl.kl_coef)
@@ -170,7 +170,9 @@ def one_iteration(trainer, model: PolicyWithValue, tokenizer, backend, params, r
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["scores"] = shape_scores(raw.to(device), samples.stopped.to(device), rl, trainer.state.extra)
     inferred_at = time.perf_counter()
-    batch.update(rollout_views(model, batch, reference, rl, trainer.cfg.batch_size))
+    batch.update(rollout_views(model, batch, reference, rl, trainer.cfg.batch_size,
+                               old_logps=not on_policy_step(algo, rl, len(samples.texts), samples_per_step,
+                                                            reference)))
     advantages_at = time.perf_counter()
     batch["advantages"], batch["returns"], adv_metrics = algo.advantages(batch, rl, kl_ctl.coef)
     stats = _optimise(trainer, batch, rl, samples_per_step)
@@ -209,9 +211,19 @@ def shape_scores(raw: torch.Tensor, stopped: torch.Tensor, rl: RLConfig, extra: 
     return scores
 
 
+def on_policy_step(algo: Algorithm, rl: RLConfig, n: int, samples_per_step: int, reference) -> bool:
+    """One optimizer step on the whole rollout by the weights that sampled it (GRPO/RLOO with
+    rl.ppo_epochs=1): the "old" log-probs are the training pass's own, detached, so the separate
+    inference pass that would compute them is skipped. The KL metric needs them beside the reference."""
+    return not algo.uses_critic and rl.ppo_epochs == 1 and samples_per_step >= n and reference is None
+
+
 @torch.no_grad()
-def rollout_views(model: PolicyWithValue, batch: dict, reference, rl: RLConfig, chunk: int) -> dict:
+def rollout_views(model: PolicyWithValue, batch: dict, reference, rl: RLConfig, chunk: int,
+                  old_logps: bool = True) -> dict:
     """Old log-probs, reference log-probs and values of every reply token, in chunks, no gradients."""
+    if not (old_logps or reference is not None or model.has_values):
+        return {}
     width = batch["responses"].shape[1]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     was_training = model.training
@@ -221,8 +233,10 @@ def rollout_views(model: PolicyWithValue, batch: dict, reference, rl: RLConfig, 
         for start in range(0, batch["responses"].shape[0], chunk):
             part = {k: v[start:start + chunk] for k, v in inputs.items()}
             responses = batch["responses"][start:start + chunk]
-            logits, values = model(**part, width=width)
-            parts["old_logps"].append(token_logps(logits.float(), responses, rl.temperature))
+            values = None
+            if old_logps or model.has_values:
+                logits, values = model(**part, width=width)
+                parts["old_logps"].append(token_logps(logits.float(), responses, rl.temperature))
             if values is not None:
                 parts["old_values"].append(values.float())
             if reference is not None:
