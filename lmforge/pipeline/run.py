@@ -14,7 +14,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,22 +206,34 @@ def _prepare(pipeline: Pipeline, state: RunState, console: Console) -> None:
         from lmforge.data.demo_world import write_demo_world
 
         started, seed = time.time(), int(pipeline.demo_world.get("seed", 0))
-        write_demo_world(run_dir / "world", seed=seed, sft_noise=float(pipeline.demo_world.get("sft_noise", 0.0)),
-                         arith_reps=int(pipeline.demo_world.get("arith_reps", 1)),
-                         sft_noise_style=str(pipeline.demo_world.get("sft_noise_style", "mixed")))
-        _mark_built(run_dir / "world", pipeline.demo_world)
+        with _built_in_place(run_dir / "world", pipeline.demo_world) as partial:
+            write_demo_world(partial, seed=seed, sft_noise=float(pipeline.demo_world.get("sft_noise", 0.0)),
+                             arith_reps=int(pipeline.demo_world.get("arith_reps", 1)),
+                             sft_noise_style=str(pipeline.demo_world.get("sft_noise_style", "mixed")))
         state.data["prepare"]["world"] = round(time.time() - started, 1)
         console.print(f"[bold]world[/] generated in {run_dir / 'world'} (seed {seed})")
     if pipeline.tokenizer is not None and _needs_build(run_dir / "tokenizer", pipeline.tokenizer, console):
         from lmforge.models.tokenizer import train_tokenizer
 
         started, spec = time.time(), _substitute(pipeline.tokenizer, str(run_dir))
-        train_tokenizer(spec["train"], run_dir / "tokenizer", vocab_size=int(spec.get("vocab_size", 4000)),
-                        split_han_chars=bool(spec.get("split_han_chars", False)))
-        _mark_built(run_dir / "tokenizer", pipeline.tokenizer)
+        with _built_in_place(run_dir / "tokenizer", pipeline.tokenizer) as partial:
+            train_tokenizer(spec["train"], partial, vocab_size=int(spec.get("vocab_size", 4000)),
+                            split_han_chars=bool(spec.get("split_han_chars", False)))
         state.data["prepare"]["tokenizer"] = round(time.time() - started, 1)
         console.print(f"[bold]tokenizer[/] trained into {run_dir / 'tokenizer'}")
     state.save()
+
+
+@contextmanager
+def _built_in_place(folder: Path, settings: dict):
+    """Build into a scratch folder that takes the final name, with its settings record, in one rename:
+    a run killed while building leaves no half-built world or tokenizer that the next run would trust."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    _mark_built(partial, settings)
+    os.rename(partial, folder)
 
 
 BUILT = "lmforge-built.json"

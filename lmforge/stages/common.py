@@ -44,7 +44,10 @@ class Run:
 def start_run(cfg: StageConfig) -> Run:
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    # Whole or not at all: a resumed pipeline compares it with its config to decide whether to continue.
+    config = out / "config.yaml.tmp"
+    config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(config, out / "config.yaml")
     return Run(cfg, out, ErrorLog(cfg.data.on_error), data_cache_dir(str(out)), time.time())
 
 
