@@ -1,16 +1,16 @@
-"""The FastAPI app of `lmforge serve`: routes, the API-key and body-size guard, and errors in OpenAI's
-shape (a bad request gets a 400 with a message, a full queue a 503, never a dropped connection)."""
+"""The FastAPI app of `lmforge serve`: routes behind the API-key and body-size guard (serve.guard), and
+errors in OpenAI's shape (a bad request gets a 400 with a message, a full queue a 503, never a dropped
+connection)."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import json
-import secrets
 import time
 from functools import partial
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -19,6 +19,7 @@ from lmforge.data.templates import render_prompt
 from lmforge.rollout.stream import Row
 from lmforge.serve import protocol
 from lmforge.serve.batcher import Batcher, QueueFull
+from lmforge.serve.guard import RequestGuard
 
 
 class ApiError(Exception):
@@ -67,19 +68,14 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
                default_max_tokens: int = 256, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    # No token is longer (in characters) than its vocabulary entry, so a prompt this long cannot fit the
+    # context: refused before tokenizing, which would block the event loop for a second per megabyte.
+    longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    max_prompt_chars = 2 * context * (longest_token + 1)
     prompt_tokenizer = copy.deepcopy(tokenizer)  # the batcher's thread decodes with the original
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                              kind="authentication_error")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return _error(413, f"request body over {max_body_bytes} bytes")
-        return await call_next(request)
+    # Added last, so it runs first: nothing is parsed for a client without the key or with too big a body.
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
@@ -94,6 +90,10 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
     @app.exception_handler(HTTPException)
     async def http_error(request, error: HTTPException):
         return _error(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, error: Exception):  # logged by Starlette; the client still gets JSON
+        return _error(500, f"internal error ({type(error).__name__})", kind="server_error")
 
     @app.get("/health")
     async def health():
@@ -119,6 +119,10 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
         return await _answer(body, body.prompt, chat=False)
 
     async def _answer(body, prompt: str, chat: bool):
+        if len(prompt) > max_prompt_chars:
+            raise ApiError(400, f"the prompt has {len(prompt)} characters, more than the model's context of "
+                           f"{context} tokens can hold", "messages" if chat else "prompt",
+                           kind="context_length_exceeded")
         prompt_ids = prompt_tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", "prompt")

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 4
@@ -44,6 +44,26 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable_text(cls, body):
+        """JSON may carry an unpaired UTF-16 surrogate ("\\ud800") that no tokenizer can encode: refused
+        here, with the field named, rather than failing deep inside the tokenizer."""
+        stack = [("body", body)]
+        while stack:  # iterative: a deeply nested value must not exhaust the recursion limit
+            where, value = stack.pop()
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{where}: text with an unpaired surrogate is not valid Unicode") from None
+            elif isinstance(value, dict):
+                stack.extend((where, key) for key in value)  # names are text too, even of ignored fields
+                stack.extend((f"{where}.{key}", item) for key, item in value.items())
+            elif isinstance(value, list):
+                stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        return body
 
     @field_validator("stop")
     @classmethod
@@ -90,6 +110,8 @@ class CompletionRequest(_Sampling):
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    # A message may quote what the client sent, unpaired surrogates included: escaped, so it encodes.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 

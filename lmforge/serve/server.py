@@ -1,4 +1,6 @@
-"""Load a model and serve it with uvicorn."""
+"""Load a model and serve it with uvicorn, with limits on what one client can hold: a connection must
+deliver each request whole within `request_timeout` seconds, at most `max_connections` are served at once
+(more get 503), headers are capped by h11 (16 KiB) and bodies by the app (1 MiB)."""
 
 from __future__ import annotations
 
@@ -11,17 +13,19 @@ from lmforge.data.templates import end_of_turn_ids
 from lmforge.models.load import load_for_inference
 from lmforge.serve.app import create_app
 from lmforge.serve.batcher import Batcher
+from lmforge.serve.guard import protocol_with_deadline
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
           api_key: str | None = None, max_batch_size: int = 16, queue_size: int = 64,
-          default_max_tokens: int = 256) -> None:
+          default_max_tokens: int = 256, request_timeout: float = 20.0, max_connections: int = 256) -> None:
     import uvicorn  # imported on use: only this command needs it
 
-    if max_batch_size < 1 or queue_size < 1 or default_max_tokens < 1:
-        raise ConfigError("--max-batch-size, --queue-size and --max-tokens must be at least 1")
+    if min(max_batch_size, queue_size, default_max_tokens, max_connections) < 1 or request_timeout <= 0:
+        raise ConfigError("--max-batch-size, --queue-size, --max-tokens and --max-connections must be at least 1, "
+                          "--request-timeout above 0")
     console = Console(stderr=True)
     if host not in LOOPBACK and api_key is None:
         console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
@@ -33,6 +37,8 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, name: str 
     console.print(f"serving {name!r} at http://{host}:{port}/v1 (batches of up to {max_batch_size}, "
                   f"{queue_size} waiting at most{', API key required' if api_key else ''})")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                    http=protocol_with_deadline(request_timeout), limit_concurrency=max_connections,
+                    timeout_keep_alive=5)
     finally:
         batcher.stop()
