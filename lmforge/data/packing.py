@@ -24,13 +24,12 @@ def pack_stream(documents: Iterable[list[int]], block_size: int) -> Iterable[dic
     ids: list[int] = []
     positions: list[int] = []
     for doc in documents:
-        position = 0
-        while doc:
-            take = doc[: block_size - len(ids)]
+        start = 0  # an offset, not `doc = doc[len(take):]`: re-slicing made one long document quadratic
+        while start < len(doc):
+            take = doc[start:start + block_size - len(ids)]
             ids += take
-            positions += range(position, position + len(take))
-            position = 0  # a continuation starts a fresh attention span in the next row
-            doc = doc[len(take):]
+            positions += range(len(take))  # a continuation starts a fresh attention span in the next row
+            start += len(take)
             if len(ids) == block_size:
                 yield _packed_row(ids, positions)
                 ids, positions = [], []

@@ -192,7 +192,10 @@ def _read_parquet(path: Path) -> Iterator[RawRecord]:
 
     index = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        table = pq.ParquetFile(path)
+        if table.metadata.num_rows and not table.schema_arrow.names:
+            raise DataError(str(path), "file", f"{table.metadata.num_rows} rows but no columns")
+        for batch in table.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield RawRecord(row, str(path), f"record {index}")
                 index += 1
