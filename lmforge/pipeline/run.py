@@ -29,6 +29,7 @@ from lmforge.config.schema import ConfigError, StageConfig
 from lmforge.eval.spec import EvalSpec
 from lmforge.eval.suite import EvalCache
 from lmforge.loop.checkpoint import latest_checkpoint
+from lmforge.loop.preemption import Preempted
 from lmforge.pipeline.evaluate import evaluate_stage, evaluate_start, load_eval_block
 from lmforge.pipeline.state import RunState
 from lmforge.stages import STAGE_RUNNERS
@@ -301,8 +302,9 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None, start: str 
             started = time.time()
             try:
                 results[stage.name], skipped = _run_stage(stage, cfg, stage.name in forced, console)
-            except BaseException:
-                state.update(stage.name, status="failed", seconds=round(time.time() - started, 1))
+            except BaseException as exc:
+                status = "preempted" if isinstance(exc, Preempted) else "failed"  # preempted: resumable as is
+                state.update(stage.name, status=status, seconds=round(time.time() - started, 1))
                 raise
             # A skipped stage shows the time it took when it ran (its manifest's), not the check's.
             seconds = _manifest(cfg).get("seconds", 0.0) if skipped else round(time.time() - started, 1)

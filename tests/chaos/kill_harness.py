@@ -110,7 +110,10 @@ def child_command(lmforge_args: list[str]) -> list[str]:
 
 
 def child_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # One thread: the tiny models gain nothing from more, and on a busy machine spinning threads slow every
+    # child down; the uninterrupted run and the killed ones share it, so their results stay comparable.
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1"}
 
 
 def _reader(stream, lines: queue.Queue) -> None:
