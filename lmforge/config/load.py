@@ -35,8 +35,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -55,7 +57,19 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a group")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: {_yaml_problem(exc)}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The YAML error in a line; a Python-object tag gets the reason it is refused."""
+    if isinstance(exc, yaml.constructor.ConstructorError) and "python/" in str(exc.problem):
+        mark = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        return (f"invalid YAML{mark}: {exc.problem}; lmforge reads YAML with the safe loader, so tags that build "
+                "Python objects (!!python/...) are refused")
+    return f"invalid YAML: {exc}"
 
 
 def to_dict(obj: Any) -> Any:

