@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +133,38 @@ def test_half_written_checkpoint_is_ignored_and_pruned(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-checkpoint-10-1").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-2", "checkpoint-3"]
     assert latest_checkpoint(tmp_path).name == "checkpoint-3"
+
+
+def test_checkpoint_checksums_cover_every_file_and_catch_an_edited_state(tmp_path):
+    from lmforge.loop.checkpoint import CHECKSUMS, CheckpointError, load_checkpoint, verify_checksums
+
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    folder = save_checkpoint(tmp_path, LoopState(step=3, tokens=99), model, optimizer, scheduler, keep=0)
+    listed = json.loads((folder / CHECKSUMS).read_text())
+    assert sorted(listed) == sorted(p.name for p in folder.iterdir() if p.name != CHECKSUMS)
+    assert load_checkpoint(folder, model, optimizer, scheduler).tokens == 99
+    state = folder / "trainer_state.json"
+    state.write_text(state.read_text().replace("99", "98"))  # still valid JSON: only the checksum can tell
+    with pytest.raises(CheckpointError, match="trainer_state.json is corrupted"):
+        load_checkpoint(folder, model, optimizer, scheduler)
+    (folder / "rng.pt").unlink()
+    with pytest.raises(CheckpointError, match="rng.pt is missing"):
+        verify_checksums(folder)
+
+
+def test_pruning_renames_before_deleting_and_sweeps_what_a_kill_left(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    root = tmp_path / "checkpoints"
+    save_checkpoint(tmp_path, LoopState(step=1), model, optimizer, scheduler, keep=1)
+    left = root / ".trash-checkpoint-0-999999"  # a run killed while deleting an old checkpoint
+    left.mkdir()
+    (left / "optimizer.pt").write_bytes(b"half")
+    save_checkpoint(tmp_path, LoopState(step=2), model, optimizer, scheduler, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2"]
 
 
 def _pt_command(world_dir: Path, tokenizer_dir: Path, out: Path, *extra: str) -> list[str]:
