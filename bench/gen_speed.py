@@ -1,5 +1,5 @@
-"""Rollout generation speed on one GPU: lmforge's rollout backend with a dynamic and a static (compiled)
-KV cache, model A (349M), 128 prompts of 128 random tokens, 256 sampled tokens each (the peer's
+"""Rollout generation speed on one GPU: the rollout backends (transformers generate with a dynamic or a
+static, compiled cache; lmforge's own decoder, eager or compiled step, CUDA graph), model A (349M), 128 prompts of 128 random tokens, 256 sampled tokens each (the peer's
 gen_speed.py workload). Generation is 90% of a GRPO step, so this is the number RL speed rests on.
 
     python bench/gen_speed.py --out bench/results/gen_speed_h100.json
@@ -28,9 +28,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--backends", default="hf,hf-static,lmforge,lmforge-compile")
     parser.add_argument("--out")
     args = parser.parse_args()
 
+    from lmforge.rollout.decode import LMForgeBackend
     from lmforge.rollout.sample import HFBackend, SamplingParams
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,9 +40,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(4, 32000, (args.batch, args.prompt), generator=g).tolist()
     params = SamplingParams(max_new_tokens=args.new, temperature=1.0)
+    backends = {"hf": lambda: HFBackend(batch_size=args.batch),  # transformers generate, dynamic cache
+                "hf-static": lambda: HFBackend(batch_size=args.batch, static_cache=True),  # its compiled decoding
+                "lmforge": lambda: LMForgeBackend(batch_size=args.batch),  # our decoder, CUDA graph
+                "lmforge-compile": lambda: LMForgeBackend(batch_size=args.batch, compile=True)}
     rows = []
-    for static in (False, True):
-        backend = HFBackend(batch_size=args.batch, static_cache=static)
+    for name in args.backends.split(","):
+        backend = backends[name]()
         started = time.perf_counter()
         backend.generate(model, prompts, params, stop_ids=[0], pad_id=PAD)  # warm-up (and compilation)
         first = time.perf_counter() - started
@@ -52,7 +58,7 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         tokens = sum(len(r) for r in out)
-        rows.append({"cache": "static (compiled decoding)" if static else "dynamic", "tokens_per_s": round(tokens / seconds),
+        rows.append({"backend": name, "tokens_per_s": round(tokens / seconds),
                      "ms_per_step": round(seconds / args.new * 1000, 2), "first_call_s": round(first, 1)})
         print(json.dumps(rows[-1]), flush=True)
     result = {**machine_and_versions(), "workload": vars(args), "rows": rows}

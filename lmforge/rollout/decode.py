@@ -57,12 +57,10 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible
     their key/value head by a reshape, never a copy of the cache."""
     b, h, t, d = q.shape
     kv_heads = k.shape[1]
-    grouped = q.reshape(b, kv_heads, (h // kv_heads) * t, d)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale
-    scores = scores.view(b, kv_heads, h // kv_heads, t, -1)
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    weights = torch.softmax(scores, dim=-1).to(v.dtype).view(b, kv_heads, (h // kv_heads) * t, -1)
-    return torch.matmul(weights, v).view(b, h, t, d)
+    group = h // kv_heads
+    grouped = q.reshape(b, kv_heads, group * t, d)
+    mask = visible[:, None, None].expand(b, 1, group, t, visible.shape[-1]).reshape(b, 1, group * t, -1)
+    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).view(b, h, t, d)
 
 
 def sample_from(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -98,9 +96,11 @@ class StaticDecoder:
         self.scale = attn.scaling
         kv_heads = config.num_key_value_heads
         self.params, self.pad_id, self.prompt_width = params, pad_id, prompt_width
-        shape = (len(self.layers), batch, kv_heads, width, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # One tensor per layer, not views of one: a compiled step then updates each in place instead of
+        # rewriting a whole-model buffer for every layer's write.
+        shape = (batch, kv_heads, width, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.key_valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
         self.stop_ids = torch.tensor(stop_ids or [-1], device=device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -131,10 +131,11 @@ class StaticDecoder:
             q = rotate(q.transpose(1, 2), cos, sin)
             k = rotate(k.transpose(1, 2), cos, sin)
             v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-            self.keys[index].index_copy_(2, write, k.to(self.keys.dtype))
-            self.values[index].index_copy_(2, write, v.to(self.values.dtype))
-            mixed = grouped_attention(q.to(self.keys.dtype), self.keys[index][:, :, keys_seen],
-                                      self.values[index][:, :, keys_seen], visible, self.scale)
+            keys, values = self.keys[index], self.values[index]
+            keys.index_copy_(2, write, k.to(keys.dtype))
+            values.index_copy_(2, write, v.to(values.dtype))
+            mixed = grouped_attention(q.to(keys.dtype), keys[:, :, keys_seen], values[:, :, keys_seen], visible,
+                                      self.scale)
             hidden = hidden + attn.o_proj(mixed.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.backbone.norm(hidden[:, -1])
@@ -179,7 +180,7 @@ class StaticDecoder:
 
     def decode(self, max_new_tokens: int) -> torch.Tensor:
         """[B, max_new_tokens] reply tokens (padding after a row's stop token)."""
-        if self.graph is None and self.keys.is_cuda:
+        if self.graph is None and self.tokens.is_cuda:
             self._capture()
         for step in range(1, max_new_tokens):
             if step % CHECK_EVERY == 0 and bool(self.done.all()):
