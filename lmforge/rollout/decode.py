@@ -60,7 +60,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible
     group = h // kv_heads
     grouped = q.reshape(b, kv_heads, group * t, d)
     mask = visible[:, None, None].expand(b, 1, group, t, visible.shape[-1]).reshape(b, 1, group * t, -1)
-    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).view(b, h, t, d)
+    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).reshape(b, h, t, d)
 
 
 def sample_from(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:

@@ -70,16 +70,23 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
         return pd.DataFrame(rows, columns=["run", "stage", "status", "step", "loss"])
 
     def run_curves(name):
-        if not name:
-            return pd.DataFrame(columns=["step", "metric", "value"])
-        return pd.DataFrame(curves(runs_root / checked_path(name, runs_root)),
-                            columns=["step", "metric", "value"])
+        try:
+            points = curves(runs_root / checked_path(name, runs_root)) if name else []
+        except ConfigError:  # a half-typed or refused name: no curves rather than an error every tick
+            points = []
+        return pd.DataFrame(points, columns=["step", "metric", "value"])
 
     def stop_run(name):
-        return "stopped" if name and launcher.stop(runs_root / checked_path(name, runs_root)) else "not running"
+        try:
+            return "stopped" if name and launcher.stop(runs_root / checked_path(name, runs_root)) else "not running"
+        except ConfigError as error:
+            return f"⚠ {error}"
 
     def resume_run(name):
-        run = runs_root / checked_path(name, runs_root)
+        try:
+            run = runs_root / checked_path(name, runs_root)
+        except ConfigError as error:
+            return f"⚠ {error}"
         config = run / "webui-config.yaml"
         if not config.is_file():
             return "only runs started here can be resumed here (use `lmforge train ... train.resume=true`)"
@@ -88,13 +95,16 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
         return "resumed"
 
     def open_report(name):
-        report = report_for(runs_root / checked_path(name, runs_root)) if name else None
+        try:
+            report = report_for(runs_root / checked_path(name, runs_root)) if name else None
+        except ConfigError as error:
+            return None, f"⚠ {error}"
         return (str(report), "") if report else (None, "no report.html for this run (pipelines write one)")
 
     def read_pipeline(path):
         try:
             return (root / checked_path(path, root)).read_text(encoding="utf-8"), ""
-        except ConfigError as error:
+        except (ConfigError, OSError, UnicodeDecodeError) as error:  # a folder or a binary file is not YAML
             return gr.update(), f"⚠ {error}"
 
     def save_pipeline(path, text):
@@ -103,7 +113,10 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
             from_yaml(text)  # refuse to save what does not parse
         except ConfigError as error:
             return f"⚠ {error}"
-        target.write_text(text, encoding="utf-8")
+        try:
+            target.write_text(text, encoding="utf-8")
+        except OSError as error:  # a folder of that name, or no folder to hold it
+            return f"⚠ {error}"
         return f"saved {target.relative_to(root)}"
 
     def run_pipeline(path):

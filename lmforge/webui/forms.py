@@ -5,6 +5,7 @@ stage will see them, loss-carrying tokens marked."""
 from __future__ import annotations
 
 import html
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,11 @@ def form_to_config(form: TrainForm, root: Path) -> dict:
     if form.model.startswith("scratch:"):
         model = {"scratch": form.model.split(":", 1)[1], "tokenizer": checked_path(form.tokenizer, root)}
     else:
-        model = {"name_or_path": form.model if "/" not in form.model and not Path(form.model).suffix
-                 else checked_path(form.model, root)}
+        from lmforge.models.load import SHORT_NAMES  # imported on use: it brings torch
+
+        # Anything but a short name is a path, even without a slash: ".." names the parent folder.
+        name = form.model.strip()
+        model = {"name_or_path": name if name in SHORT_NAMES else checked_path(name, root)}
     if form.method != "full":
         model["finetuning"] = form.method
     info_dir = checked_path(form.dataset_dir, root) if form.dataset_dir.strip() else None
@@ -126,14 +130,19 @@ def from_yaml(text: str) -> dict:
 def checked_path(value: str, root: Path, must_exist: bool = True) -> str:
     """`value` as a path under `root` (the folder the app was started for): typed paths may not reach
     outside it, through `..`, an absolute path or a link."""
-    if not value or not value.strip():
+    if not isinstance(value, str) or not value.strip():
         raise ConfigError("a path is empty")
     root = root.resolve()
-    path = Path(value.strip())
-    resolved = (path if path.is_absolute() else root / path).resolve()
+    try:  # a NUL byte, an unpaired surrogate, a link loop or a name too long: refused like any bad path
+        path = Path(value.strip())
+        os.fsencode(path)
+        resolved = (path if path.is_absolute() else root / path).resolve()
+        exists = resolved.exists()
+    except (ValueError, OSError, RuntimeError) as error:  # UnicodeError is a ValueError
+        raise ConfigError(f"{value!r}: not a usable path ({error})") from None
     if resolved != root and root not in resolved.parents:
         raise ConfigError(f"{value}: outside the folder this app serves ({root})")
-    if must_exist and not resolved.exists():
+    if must_exist and not exists:
         raise ConfigError(f"{value}: no such file or folder under {root}")
     return str(resolved.relative_to(root)) if resolved != root else "."
 

@@ -306,6 +306,29 @@ def test_unusable_input_is_one_error_naming_file_and_place(case, on_error, tok, 
     FIGURES["inputs_rejected_with_location"] += 1
 
 
+def test_a_stage_run_records_the_counts_in_its_manifest(chat_tokenizer_dir, tmp_path):
+    """The real sft stage on a fuzzed file under on_error=skip: the manifest's `data` (what the run summary
+    prints) says how many records were read, loaded and skipped, and they add up."""
+    import random
+
+    from lmforge.config.load import load_config
+    from lmforge.stages import STAGE_RUNNERS
+
+    file = fuzz_file(random.Random(f"{SEED}:stage"), "sft", "jsonl", RECORDS_PER_FILE, "stage", big_records=0)
+    path = write(file, tmp_path, "sft")
+    out = tmp_path / "run"
+    cfg = load_config(None, ["model.scratch=test", f"model.tokenizer={chat_tokenizer_dir}", f"data.train={path}",
+                             "data.on_error=skip", "data.eval_split=0", "sft.eval_generate=0", "train.max_steps=1",
+                             "train.batch_size=4", f"train.output_dir={out}", "log.report_to=[]",
+                             "log.progress=false"], stage="sft")
+    STAGE_RUNNERS["sft"](cfg)
+    data = json.loads((out / "lmforge.json").read_text(encoding="utf-8"))["data"]
+    loads = sum(r.problem is None for r in file.records)
+    assert (data["records_read"], data["loaded_records"], data["skipped_records"], data["dropped_too_long"]) == \
+        (len(file.records), loads, len(file.records) - loads, 0)
+    assert data["skipped_by_file"] == {str(path): len(file.records) - loads}
+
+
 def test_figures():
     """The run's figures, which every test above adds to: records tried, loaded (under skip), skipped and
     counted (under skip), rejected with location (under raise: one load per bad record, one per damaged
