@@ -7,7 +7,7 @@ below 16000. Tokens are words "t<id>" of a word-level tokenizer, so prompt lengt
 chat template prints the prompt as it is. lmforge runs its real `grpo` stage (the same code users
 run) with each rollout backend; the figures are the stage's own per-iteration timings after warm-up.
 
-    python bench/grpo_speed.py --backends hf,lmforge --peer .peer --out bench/results/grpo_speed_h100.json
+    python bench/grpo_speed.py --peer .peer --out bench/results/grpo_speed_h100.json
 """
 
 from __future__ import annotations
@@ -102,12 +102,13 @@ def run_lmforge(args, backend: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="A", choices=sorted(MODELS))
-    parser.add_argument("--backends", default="hf,hf-static,lmforge", help="hf-static: hf with rl.static_cache")
+    parser.add_argument("--backends", default="lmforge:compile,lmforge,hf-static",
+                        help="hf-static: hf with rl.static_cache; BACKEND:compile adds train.compile")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--ngen", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--micro", type=int, default=32)
+    parser.add_argument("--micro", type=int, default=64)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
@@ -122,9 +123,10 @@ def main() -> None:
                    f"--prompt-len={args.prompt_len}", f"--new={args.new}", f"--micro={args.micro}",
                    f"--warmup={args.warmup}", f"--steps={args.steps}", *(["--compile"] if args.compile else [])]
     rows = []
-    for backend in args.backends.split(","):
-        rows.append(run_fresh([sys.executable, __file__, "--single", backend, *passthrough],
-                              {"who": "lmforge", "backend": backend}))
+    for entry in args.backends.split(","):  # BACKEND or BACKEND:compile
+        backend, _, compiled = entry.partition(":")
+        rows.append(run_fresh([sys.executable, __file__, "--single", backend, *passthrough,
+                               *(["--compile"] if compiled else [])], {"who": "lmforge", "backend": entry}))
         print(json.dumps(rows[-1]), flush=True)
     if args.peer:
         rows.append(run_peer_script(Path(args.peer) / "grpo.py",
