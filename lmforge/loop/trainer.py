@@ -322,10 +322,15 @@ class Trainer:
         return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def save_checkpoint(self) -> Path | None:
-        self.saved_step = self.state.step
         if self.sharded:
-            return save_sharded_checkpoint(self.accelerator, self.output_dir, self.state, self.scheduler,
-                                           self.cfg.save_total_limit)
+            saved = save_sharded_checkpoint(self.accelerator, self.output_dir, self.state, self.scheduler,
+                                            self.cfg.save_total_limit)
+        else:
+            saved = self._save_unsharded()
+        self.saved_step = self.state.step
+        return saved
+
+    def _save_unsharded(self) -> Path | None:
         unwrapped = self.accelerator.unwrap_model(self.prepared)
         # A finite loss does not prove finite weights (an update can overflow): never save NaN over good.
         broken = next((n for n, p in unwrapped.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
