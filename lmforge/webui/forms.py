@@ -138,8 +138,13 @@ def checked_path(value: str, root: Path, must_exist: bool = True) -> str:
         os.fsencode(path)
         resolved = (path if path.is_absolute() else root / path).resolve()
         exists = resolved.exists()
+        # resolve() stops at a link loop and returns the rest unresolved ("loop/../out/x" comes back as
+        # root/out/x with `out` still a link): a result with a link left in it is not trusted.
+        unresolved = any(part.is_symlink() for part in (resolved, *resolved.parents))
     except (ValueError, OSError, RuntimeError) as error:  # UnicodeError is a ValueError
         raise ConfigError(f"{value!r}: not a usable path ({error})") from None
+    if unresolved:
+        raise ConfigError(f"{value}: goes through a link loop")
     if resolved != root and root not in resolved.parents:
         raise ConfigError(f"{value}: outside the folder this app serves ({root})")
     if must_exist and not exists:

@@ -44,6 +44,8 @@ def tree(tmp_path_factory) -> tuple[Path, Path, Path]:
     (root / "chain1").symlink_to(root / "chain2")
     (root / "chain2").symlink_to(outside)  # a chain that ends outside
     (root / "loop").symlink_to(root / "loop")
+    (root / "ping").symlink_to(root / "pong")  # a loop of two links
+    (root / "pong").symlink_to(root / "ping")
     (root / "up").symlink_to("..")  # relative: the parent of root
     return base, root, outside
 
@@ -53,7 +55,8 @@ ACCEPTED = {"data/ok.jsonl": "data/ok.jsonl", "in/ok.jsonl": "data/ok.jsonl", ".
 NEW_NAMES = {"%2e%2e": "%2e%2e", "~": "~", "..\\..\\x": "..\\..\\x", "runs/new": "runs/new", "...": "..."}
 REFUSED = ["..", "../", "../outside/secret.txt", "data/../../outside/secret.txt", "/etc/passwd", "/", "//etc",
            "out", "out/secret.txt", "chain1/secret.txt", "up/outside/secret.txt", "up/root/../outside",
-           "data/sneaky.yaml", "in/../../outside", "loop", "loop/x", "a\x00b", "\ud800", "a" * 5000, "", "   ",
+           "data/sneaky.yaml", "in/../../outside", "loop", "loop/x", "loop/../out/new.yaml",
+           "ping/../out/new.yaml", "a\x00b", "\ud800", "a" * 5000, "", "   ",
            None, 5]
 
 
@@ -72,7 +75,7 @@ def test_checked_path_table(tree):
 def test_checked_path_fuzzed_never_leaves_root(tree):
     base, root, outside = tree
     rng = random.Random(1)
-    pieces = ["..", ".", "", "data", "ok.jsonl", "out", "in", "loop", "chain1", "chain2", "up", "root", "outside",
+    pieces = ["..", ".", "", "data", "ok.jsonl", "out", "in", "loop", "ping", "chain1", "chain2", "up", "root", "outside",
               "secret.txt", "runs", "r1", "sneaky.yaml", "~", "%2e%2e", "..\\..", "\x00", "\ud800", "a" * 300,
               "etc", "passwd"]
     starts = ["", "/", str(root) + "/", str(base) + "/", str(outside) + "/", " ", "./"]
@@ -206,7 +209,8 @@ def test_webui_endpoints_refuse_outside_paths(webui, tree):
     cookie = login(port, PASSWORD)[1]
     before = {p: sorted(os.listdir(p)) for p in (base, outside)}
     form = ["sft", "scratch:test", "data", "data/ok.jsonl", "", "full", 1e-4, 1, 8, 128, 8, "sigmoid", "runs/x", 1]
-    bad = ["../outside/secret.txt", "data/sneaky.yaml", "up", "a\x00b", str(outside / "secret.txt"),
+    bad = ["../outside/secret.txt", "loop/../out/stolen.yaml", "up", "a\x00b", str(outside / "secret.txt"),
+           "data/sneaky.yaml",
            "out/secret.txt", "chain1/pipe.yaml", "..", "loop"][:trials(4, 9)]
     asked = 0
     for value in bad:
