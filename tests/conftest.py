@@ -15,6 +15,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafa
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
+def pytest_collection_modifyitems(items):
+    """Everything under tests/chaos carries the `chaos` marker (`pytest -m chaos` runs it alone)."""
+    for item in items:
+        if "chaos" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.chaos)
+
+
 def lang_of(line: str) -> str:
     return "zh" if CJK.search(line) else "en"
 

@@ -22,14 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The rule of tests/chaos/conftest.py, read here because a test module cannot import that conftest by
-# name: in a whole-suite run, `conftest` is tests/conftest.py.
-FULL = os.environ.get("LMFORGE_CHAOS", "").lower() == "full"
-
-
-def trials(cheap: int, full: int) -> int:
-    return full if FULL else cheap
-
+from chaos_trials import FULL, trials  # noqa: F401  (re-exported to the tests)
 
 AUDITED_EVENTS = {"open", "os.listdir", "os.scandir", "os.mkdir", "os.remove", "os.rmdir", "os.rename",
                   "os.replace", "os.truncate", "os.symlink", "os.link", "os.chmod", "os.utime", "shutil.rmtree",

@@ -12,7 +12,6 @@ folder that can be seen must load. The pauses change only timing, never what is 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -25,28 +24,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import chaos_trials
+from chaos_trials import FULL
+
 REPO = Path(__file__).resolve().parents[2]
 EVENT = "CHAOS "
 PAUSE_S = float(os.environ.get("CHAOS_PAUSE_S", "0.03"))
 
 
-def _chaos_settings():
-    """tests/chaos/conftest.py as a module of its own: `from conftest import` would get whichever
-    conftest pytest imported last."""
-    spec = importlib.util.spec_from_file_location("chaos_settings", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_SETTINGS = _chaos_settings()
-FULL = _SETTINGS.FULL
-
-
 def trials(cheap: int, full: int) -> int:
-    """The conftest's count; LMFORGE_CHAOS_TRIALS lowers a full run's (a quicker full pass)."""
+    """chaos_trials' count; LMFORGE_CHAOS_TRIALS lowers a full run's (a quicker full pass)."""
     return min(full, int(os.environ["LMFORGE_CHAOS_TRIALS"])) if FULL and os.environ.get("LMFORGE_CHAOS_TRIALS") \
-        else _SETTINGS.trials(cheap, full)
+        else chaos_trials.trials(cheap, full)
 
 
 # -- the child ------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ says so. The figures go to tests/chaos/results/fuzz_data.json under LMFORGE_CHAO
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import signal
@@ -22,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from chaos_trials import FULL, trials
 from fuzz_inputs import file_cases
 from fuzz_records import KINDS, FuzzFile, fuzz_file, fuzz_files, parquet_files, render, write_parquet
 from transformers import AutoTokenizer
@@ -32,16 +32,6 @@ from lmforge.data.errors import DataError, ErrorLog
 from lmforge.data.templates import apply_template_choice
 from lmforge.rollout.sample import encode_prompts
 
-
-def _chaos_conftest():
-    """tests/chaos/conftest.py itself: by the name `conftest` a whole-suite run finds tests/conftest.py."""
-    spec = importlib.util.spec_from_file_location("chaos_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FULL, trials = _chaos_conftest().FULL, _chaos_conftest().trials
 SEED = 20261124
 RECORDS_PER_FILE = trials(16, 70)  # 16 files + 5 through dataset_info: ~340 records in CI, ~1,500 in full
 BIG_RECORDS_PER_FILE = trials(1, 2)  # 1 MB strings: costly to tokenize
