@@ -85,11 +85,14 @@ def test_shape_scores_penalty_normalisation_and_clip():
     assert shape_scores(raw * 10, stopped, RLConfig(reward_clip=15.0), {}).tolist() == [10.0, 15.0, 15.0, 15.0]
 
 
-def test_grpo_learns_a_verifiable_reward(base, world_dir, tmp_path):
+@pytest.mark.parametrize("backend,epochs", [("hf", 2), ("lmforge", 1)])
+def test_grpo_learns_a_verifiable_reward(base, world_dir, tmp_path, backend, epochs):
+    """Also with lmforge's own decoder and one on-policy step per rollout (no old-log-prob pass)."""
     out = tmp_path / "grpo"
     cfg = load_config(None, rl_args(world_dir, out, f"model.name_or_path={base}", "rl.num_generations=8",
                                     "rl.rewards=[{kind: regex, pattern: '" + STARTS_WITH_DIGIT + "'}]",
-                                    "rl.kl_coef=0.0", "rl.ppo_epochs=2", "train.max_steps=20", "train.lr=3e-3"),
+                                    "rl.kl_coef=0.0", f"rl.ppo_epochs={epochs}", "train.max_steps=20",
+                                    "train.lr=3e-3", f"rl.backend={backend}"),
                       stage="grpo")
     metrics = STAGE_RUNNERS["grpo"](cfg)
     rows = [r for r in rows_of(out / "metrics.jsonl") if "iteration" in r]

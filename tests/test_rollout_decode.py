@@ -13,6 +13,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from lmforge.rollout.backends import make_backend
 from lmforge.rollout.decode import LMForgeBackend, UnsupportedModel, sample_from
 from lmforge.rollout.sample import HFBackend, SamplingParams
 
@@ -124,3 +125,18 @@ def test_compiled_step_gives_the_same_greedy_replies(device):
     params = SamplingParams(max_new_tokens=21, temperature=0.0)
     expected = HFBackend(8).generate(model, prompts(), params, [2], 0)
     assert LMForgeBackend(compile=True).generate(model, prompts(), params, [2], 0) == expected
+
+
+def test_auto_backend_is_the_decoder_on_a_gpu_for_supported_unsharded_models():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    llama = ARCHITECTURES["llama"]()
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert isinstance(make_backend("auto", llama, on_gpu=True), LMForgeBackend)
+    assert isinstance(make_backend("auto", llama, on_gpu=False), HFBackend)
+    assert isinstance(make_backend("auto", llama, on_gpu=True, sharded=True), HFBackend)
+    assert isinstance(make_backend("auto", gpt2, on_gpu=True), HFBackend)
+    with pytest.raises(UnsupportedModel, match="rl.backend=hf"):
+        make_backend("lmforge", gpt2, on_gpu=True)
+    with pytest.raises(UnsupportedModel, match="FSDP or ZeRO-3"):
+        make_backend("lmforge", llama, on_gpu=True, sharded=True)

@@ -330,10 +330,10 @@ class RLConfig:
     reference and no KL: saves a model copy, needs kl_coef 0 and no kl_target)."""
     eval_prompts: int = 64
     """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
-    backend: str = "hf"
+    backend: str = "auto"
     """Generation backend for rollouts: hf (transformers generate with a KV cache), lmforge (its own
     decode loop for Llama-style models: pre-allocated KV cache, on a GPU a CUDA-graph-captured decode
-    step)."""
+    step), auto (lmforge on a GPU where it applies, else hf)."""
     static_cache: bool = False
     """Pre-allocated KV cache for rollouts; on a GPU the decoding step is then compiled."""
 
@@ -344,7 +344,7 @@ class RLConfig:
         _check_choice("rl", "reference", self.reference, ("auto", "copy", "adapter", "none"))
         if self.reference == "none" and (self.kl_coef or self.kl_target):
             raise ConfigError("rl.reference=none leaves no KL to penalise: set rl.kl_coef=0 and rl.kl_target=0")
-        _check_choice("rl", "backend", self.backend, ("hf", "lmforge"))
+        _check_choice("rl", "backend", self.backend, ("auto", "hf", "lmforge"))
         for name in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be at least 1")

@@ -95,7 +95,8 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     if reference is not None:
         reference.to(device)
     rewards = RewardSet(rl.reward_specs(), device=device)
-    backend = make_backend(rl.backend, rl.static_cache, cfg.train.compile)
+    sharded = trainer.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    backend = make_backend(rl.backend, policy, device.type == "cuda", sharded, rl.static_cache, cfg.train.compile)
     params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, rl.top_k)
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 \
         else FixedKLController(rl.kl_coef)
