@@ -165,10 +165,11 @@ def cmd_score(args) -> int:
     from lmforge.config.schema import DataConfig, DatasetSpec
     from lmforge.data.build import load_examples
     from lmforge.data.errors import DataError, ErrorLog
-    from lmforge.models.load import inference_device
+    from lmforge.models.load import inference_device, require_safetensors
     from lmforge.rollout.score import score_responses
 
-    model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    require_safetensors(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, use_safetensors=True)
     model.to(inference_device())
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cfg = DataConfig()
@@ -246,7 +247,10 @@ def cmd_tokenizer(args) -> int:
     if args.model:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        from lmforge.models.load import require_safetensors
+
+        require_safetensors(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True)
     result = extend_tokenizer(args.tokenizer, read_token_list(args.tokens), args.out, model=model)
     if result.model is not None:
         result.model.save_pretrained(args.out)

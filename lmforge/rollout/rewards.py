@@ -66,8 +66,11 @@ class ModelReward:
     def load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from lmforge.models.load import require_safetensors
+
+        require_safetensors(self.path)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(self.path)
+            model = AutoModelForSequenceClassification.from_pretrained(self.path, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"rl.rewards: cannot load the reward model at {self.path!r}: {exc}") from exc

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lmforge.config.schema import ConfigError, StageConfig
 from lmforge.models.adapters import apply_finetuning
-from lmforge.models.load import as_reward_model, load_model_and_tokenizer
+from lmforge.models.load import as_reward_model, load_model_and_tokenizer, require_safetensors
 
 
 def critic_source(cfg: StageConfig) -> str | None:
@@ -22,7 +22,9 @@ def critic_source(cfg: StageConfig) -> str | None:
 def load_critic(cfg: StageConfig, dtype: torch.dtype, policy_vocab: int):
     source = critic_source(cfg)
     if source:
-        critic = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
+        require_safetensors(source)
+        critic = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype,
+                                                                    use_safetensors=True)
         if critic.get_input_embeddings().num_embeddings < policy_vocab:
             raise ConfigError(f"the critic {source} has another vocabulary than the policy (it reads the "
                               "policy's tokens): set rl.critic=shared or rl.critic_path to a model that shares it")
