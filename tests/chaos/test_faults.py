@@ -234,7 +234,7 @@ def test_sigterm_to_a_real_training_process(tmp_path, world_dir, world_tokenizer
     def args(out: Path) -> list[str]:
         return ["train", "pt", "model.scratch=test", f"model.tokenizer={world_tokenizer_dir}",
                 f"data.train={world_dir}/pt/train.txt", "data.eval_split=0", "pt.block_size=64", "train.batch_size=4",
-                "train.max_steps=30", "train.save_steps=0", "train.logging_steps=1", "log.report_to=[]",
+                "train.max_steps=120", "train.save_steps=0", "train.logging_steps=1", "log.report_to=[]",
                 "log.progress=false",
                 f"train.output_dir={out}"]
 
@@ -248,7 +248,7 @@ def test_sigterm_to_a_real_training_process(tmp_path, world_dir, world_tokenizer
                                        env=child_env())
             while not (out / "metrics.jsonl").is_file() and process.poll() is None:  # training has begun
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0, 1))
+            time.sleep(rng.uniform(0, 0.5))  # well inside the 120 steps
             process.send_signal(signal.SIGTERM)
             assert process.wait() == 143
             output.seek(0)
