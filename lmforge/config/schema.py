@@ -9,18 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# The fine-tuning method groups live in methods.py (ConfigError with them, so that module stands alone).
+from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.config.schema import ...`)
+    FINETUNING,
+    LORA_METHODS,
+    ConfigError,
+    ExpandConfig,
+    GaloreConfig,
+    LoraConfig,
+    ModConfig,
+)
+
 STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
 RL_STAGES = ("ppo", "grpo", "rloo")
 REWARD_KINDS = ("model", "exact_match", "answer_match", "regex", "length", "function")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
-FINETUNING = ("full", "freeze", "lora", "dora", "qlora")
 DTYPES = ("fp32", "bf16", "fp16", "auto")
 SCHEDULERS = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "alpaca", "sharegpt", "openai")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
 
 
 def _check_choice(group: str, name: str, value: Any, choices: tuple) -> None:
@@ -44,7 +50,8 @@ class ModelConfig:
     dtype: str = "fp32"
     """Weights dtype: fp32, bf16, fp16 or auto (the checkpoint's)."""
     finetuning: str = "full"
-    """full, freeze (last N layers), lora, dora, qlora."""
+    """full, freeze (last N layers), lora, dora, qlora, galore, mod (Mixture-of-Depths), llama_pro (block
+    expansion); see docs/finetuning.md."""
     freeze_trainable_layers: int = 2
     """With finetuning=freeze: how many of the last decoder layers train."""
     gradient_checkpointing: bool = False
@@ -65,22 +72,6 @@ class ModelConfig:
         if self.parent_adapter == "continue" and self.finetuning not in ("lora", "dora"):
             raise ConfigError("model.parent_adapter=continue trains the parent's adapter further: "
                               "set model.finetuning=lora (or dora)")
-
-
-@dataclass
-class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-    """Module names to adapt, or `all-linear` (every linear layer except the output head)."""
-    bits: int = 4
-    """QLoRA quantisation bits (4 or 8); needs a GPU and bitsandbytes."""
-
-    def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ConfigError(f"lora.r must be positive, got {self.r}")
-        _check_choice("lora", "bits", self.bits, (4, 8))
 
 
 @dataclass
@@ -210,6 +201,9 @@ class SFTConfig:
     eval_generate: int = 64
     """Held-out samples answered by generation at the end (exact match); 0 disables."""
     max_new_tokens: int = 64
+    neftune_alpha: float = 0.0
+    """NEFTune (Jain et al. 2023): uniform noise of scale alpha/sqrt(length x width) on the input embeddings
+    while training (e.g. 5); 0 turns it off."""
 
 
 @dataclass
@@ -361,6 +355,9 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
+    mod: ModConfig = field(default_factory=ModConfig)
+    expand: ExpandConfig = field(default_factory=ExpandConfig)
     log: LogConfig = field(default_factory=LogConfig)
     pt: PTConfig = field(default_factory=PTConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -375,11 +372,11 @@ class StageConfig:
                 raise ConfigError(f"{self.stage} needs a reward: set rl.reward_model or rl.rewards")
             if self.stage in ("grpo", "rloo") and self.rl.num_generations < 2:
                 raise ConfigError(f"{self.stage} compares samples of one prompt: set rl.num_generations >= 2")
-            if self.rl.reference == "adapter" and self.model.finetuning not in ("lora", "dora", "qlora"):
+            if self.rl.reference == "adapter" and self.model.finetuning not in LORA_METHODS:
                 raise ConfigError("rl.reference=adapter needs model.finetuning=lora, dora or qlora")
         if self.stage in ("rm", "dpo", *RL_STAGES) and self.data.streaming:
             raise ConfigError(f"{self.stage} reads preference data into a table; data.streaming is for pt/sft")
-        if self.dpo.reference == "adapter" and self.model.finetuning not in ("lora", "dora", "qlora"):
+        if self.dpo.reference == "adapter" and self.model.finetuning not in LORA_METHODS:
             raise ConfigError("dpo.reference=adapter needs model.finetuning=lora, dora or qlora")
         if self.model.name_or_path is None and self.model.scratch is None:
             raise ConfigError("set model.name_or_path (a model to load) or model.scratch (a preset)")

@@ -1,15 +1,17 @@
-"""Fine-tuning methods: full, freeze (last N layers), LoRA, DoRA, QLoRA — one place for all stages."""
+"""Fine-tuning methods — full, freeze (last N layers), LoRA/DoRA/QLoRA (with LoRA+, rsLoRA, PiSSA), GaLore,
+Mixture-of-Depths, LLaMA-Pro — one place for all stages. What a method needs from the optimizer is
+recorded on the model (`models.optimizers.OptimizerPlan`) for the loop to build it."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lmforge.config.schema import ConfigError, LoraConfig, ModelConfig
+from lmforge.config.schema import ConfigError, ExpandConfig, GaloreConfig, LoraConfig, ModConfig, ModelConfig
 
 # Heads that stay out of LoRA targeting: adapting the output projection rarely helps and
-# breaks weight tying.
-HEAD_NAMES = ("lm_head", "score", "v_head", "embed_out", "output")
+# breaks weight tying. A Mixture-of-Depths router is a one-output linear layer: no target either.
+HEAD_NAMES = ("lm_head", "score", "v_head", "embed_out", "output", "mod_router")
 
 
 def find_linear_targets(model: nn.Module) -> list[str]:
@@ -33,29 +35,52 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...] = (),
-                     task_type: str = "CAUSAL_LM"):
+                     task_type: str = "CAUSAL_LM", galore: GaloreConfig | None = None, mod: ModConfig | None = None,
+                     expand: ExpandConfig | None = None):
     """Set which parameters train; returns the (possibly peft-wrapped) model.
 
-    `extra_trainable` names modules that always train (a reward head, later).
+    `extra_trainable` names modules that always train (a reward head). The method groups default to
+    their defaults when a caller does not pass them.
     """
+    from lmforge.models.optimizers import OptimizerPlan, attach_plan  # optimizers imports the config only
+
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if cfg.finetuning == "full":
+    if cfg.finetuning in ("full", "galore", "mod"):
+        if cfg.finetuning == "galore":
+            galore = galore or GaloreConfig()
+            attach_plan(model, OptimizerPlan(galore=galore, galore_targets=tuple(_targets(model, galore.target_modules))))
+        if cfg.finetuning == "mod":
+            from lmforge.models.mod import apply_mod
+
+            apply_mod(model, mod or ModConfig())
         return model
-    if cfg.finetuning == "freeze":
+    if cfg.finetuning in ("freeze", "llama_pro"):
+        if cfg.finetuning == "llama_pro":
+            from lmforge.models.expand import expand_blocks
+
+            trainable = expand_blocks(model, expand or ExpandConfig())
+        else:
+            count = len(decoder_layers(model))
+            trainable = range(count - min(cfg.freeze_trainable_layers, count), count)
         layers = decoder_layers(model)
-        n = min(cfg.freeze_trainable_layers, len(layers))
-        for param in model.parameters():
-            param.requires_grad_(False)
-        for layer in layers[len(layers) - n:]:
-            for param in layer.parameters():
-                param.requires_grad_(True)
+        model.requires_grad_(False)
+        for index in trainable:
+            layers[index].requires_grad_(True)
         _unfreeze(model, extra_trainable)
         return model
-    if hasattr(model, "peft_config"):  # the parent's adapter, kept to train further (parent_adapter=continue)
-        return model
-    return _wrap_lora(model, cfg, lora, extra_trainable, task_type)
+    if not hasattr(model, "peft_config"):  # else the parent's adapter, kept to train further (parent_adapter=continue)
+        model = _wrap_lora(model, cfg, lora, extra_trainable, task_type)
+    attach_plan(model, OptimizerPlan(lora_plus_ratio=lora.plus_ratio))
+    return model
+
+
+def _targets(model: nn.Module, names: list[str] | str) -> list[str]:
+    """`all-linear` resolved to leaf names; a bare string as a one-name list (peft would read it as a regex)."""
+    if names == "all-linear":
+        return find_linear_targets(model)
+    return [names] if isinstance(names, str) else list(names)
 
 
 def _unfreeze(model: nn.Module, names: tuple[str, ...]) -> None:
@@ -70,16 +95,13 @@ def _wrap_lora(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple
 
     if getattr(model, "lmforge_vocab_grew", False):
         extra_trainable = (*extra_trainable, "embed_tokens", "lm_head")
-    targets = lora.target_modules
-    if targets == "all-linear":
-        targets = find_linear_targets(model)
-    elif isinstance(targets, str):
-        targets = [targets]  # peft would read a bare string as a regex
+    targets = _targets(model, lora.target_modules)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     peft_config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        use_dora=cfg.finetuning == "dora", modules_to_save=list(extra_trainable) or None, task_type=task_type,
+        use_dora=cfg.finetuning == "dora", use_rslora=lora.use_rslora, init_lora_weights=lora.peft_init(),
+        modules_to_save=list(extra_trainable) or None, task_type=task_type,
     )
     return get_peft_model(model, peft_config)
 

@@ -20,10 +20,11 @@ from transformers import (
     LlamaConfig,
 )
 
-from lmforge.config.schema import ConfigError, ModelConfig
+from lmforge.config.schema import ConfigError, ModConfig, ModelConfig
 from lmforge.data.templates import apply_template_choice
 from lmforge.models.attention import VARLEN
 from lmforge.models.attention import register as register_varlen
+from lmforge.models.mod import apply_mod, restore_mod
 
 # Weight formats that are pickles: loading one may run any code its author chose.
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -171,7 +172,9 @@ def _load_weights(path: str, kwargs: dict, vocab_size: int, keep_adapter: bool =
     require_safetensors(path)
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.is_file():
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        restore_mod(model, path)  # a Mixture-of-Depths artifact gets its routed layers back
+        return model
     from peft import PeftModel  # imported on use: peft is slow to import and only adapters need it
 
     base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
@@ -205,6 +208,8 @@ def as_reward_model(causal, seed: int):
     config.use_cache = False
     torch.manual_seed(seed)
     reward = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+    if getattr(config, "lmforge_mod", None):  # the same routed layers, so the routers' weights load
+        apply_mod(reward, ModConfig(**config.lmforge_mod))
     missing, _ = reward.load_state_dict(causal.state_dict(), strict=False)
     if any(not name.startswith("score") for name in missing):
         raise ConfigError(f"cannot put a reward head on {type(causal).__name__}: missing {missing[:3]}")

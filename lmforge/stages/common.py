@@ -74,7 +74,8 @@ def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: 
     if frozen_copy:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     extra = ("score",) if reward_head else ()
-    model = apply_finetuning(model, cfg.model, cfg.lora, extra, "SEQ_CLS" if reward_head else "CAUSAL_LM")
+    model = apply_finetuning(model, cfg.model, cfg.lora, extra, "SEQ_CLS" if reward_head else "CAUSAL_LM",
+                             galore=cfg.galore, mod=cfg.mod, expand=cfg.expand)
     return model, tokenizer, path or f"scratch:{cfg.model.scratch}", reference
 
 
@@ -140,6 +141,9 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
         # Sharded weights: every process takes part in gathering the full state dict, the first one saves it.
         state_dict = accelerator.get_state_dict(trainer.prepared)
     model = model if model is not None else accelerator.unwrap_model(trainer.prepared)
+    # A PiSSA adapter is relative to the residual weights it left in the base, not to the base folder it
+    # would name: saved merged, it loads right anywhere.
+    merge_adapter = merge_adapter or run.cfg.lora.init.startswith("pissa")
     if merge_adapter and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if accelerator.is_main_process:

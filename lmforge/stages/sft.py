@@ -9,6 +9,7 @@ from lmforge.config.schema import StageConfig
 from lmforge.data.build import load_splits, tokenize_sft
 from lmforge.data.packing import collate
 from lmforge.loop.trainer import Trainer
+from lmforge.models.neftune import add_neftune_noise
 from lmforge.rollout.evaluate import answer_eval
 from lmforge.stages.common import lm_loss, load_for_training, save_artifact, start_run, use_fused_loss
 
@@ -23,6 +24,7 @@ def held_out_answers(model, tokenizer, eval_examples, limit: int, max_new_tokens
 def run(cfg: StageConfig) -> dict:
     run_ = start_run(cfg)
     model, tokenizer, parent, _ = load_for_training(cfg)
+    noise = add_neftune_noise(model, cfg.sft.neftune_alpha) if cfg.sft.neftune_alpha > 0 else None
 
     train_examples, eval_examples, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir)
     train_rows = tokenize_sft(train_examples, tokenizer, cfg.data, run_.errors, pack=cfg.data.packing)
@@ -36,6 +38,8 @@ def run(cfg: StageConfig) -> dict:
     before = held_out_answers(model, tokenizer, eval_examples, cfg.sft.eval_generate, cfg.sft.max_new_tokens) \
         if eval_examples is not None and cfg.sft.eval_generate > 0 and not resuming else {}
     result = trainer.train()
+    if noise is not None:
+        noise.remove()  # training only: evaluation, the saved model and later stages see clean embeddings
     metrics = dict(result.metrics)
     if eval_examples is not None and cfg.sft.eval_generate > 0:
         after = held_out_answers(trainer.accelerator.unwrap_model(trainer.prepared), tokenizer, eval_examples,
