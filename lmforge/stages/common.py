@@ -137,10 +137,14 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
     state_dict = None
-    if model is None and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    whole = accelerator.unwrap_model(trainer.prepared)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # Sharded weights: every process takes part in gathering the full state dict, the first one saves it.
         state_dict = accelerator.get_state_dict(trainer.prepared)
-    model = model if model is not None else accelerator.unwrap_model(trainer.prepared)
+        if model is not None and state_dict:  # a part of what was trained: its own keys, unprefixed
+            prefix = next(name for name, module in whole.named_modules() if module is model) + "."
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    model = model if model is not None else whole
     # A PiSSA adapter is relative to the residual weights it left in the base, not to the base folder it
     # would name: saved merged, it loads right anywhere.
     merge_adapter = merge_adapter or run.cfg.lora.init.startswith("pissa")

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,10 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     if state.extra:
         kl_ctl.load_state_dict(state.extra["kl"])
     unwrapped = trainer.accelerator.unwrap_model(trainer.prepared)
-    evaluate = lambda: evaluate_policy(unwrapped.policy, tokenizer, backend, eval_set, rewards, reference, rl)  # noqa: E731
+    def evaluate() -> dict:
+        with whole_parameters(trainer.prepared):
+            return evaluate_policy(unwrapped.policy, tokenizer, backend, eval_set, rewards, reference, rl)
+
     before = evaluate() if state.step == 0 else {}
     trainer.log({f"eval_{k}": v for k, v in before.items()})
     last: dict = {}
@@ -160,7 +164,7 @@ def one_iteration(trainer, model: PolicyWithValue, tokenizer, backend, params, r
                   samples_per_step: int) -> dict:
     device = trainer.accelerator.device
     started = time.perf_counter()
-    with trainer.accelerator.autocast():
+    with whole_parameters(trainer.prepared), trainer.accelerator.autocast():
         samples = sample(backend, model.policy, tokenizer, prompt_ids, params, rl.num_generations)
     scored_at = time.perf_counter()
     conversations = [r["prompt"] for r in rows for _ in range(rl.num_generations)]
@@ -191,6 +195,38 @@ def one_iteration(trainer, model: PolicyWithValue, tokenizer, backend, params, r
         "time/inference_share": (advantages_at - inferred_at) / total,
         "time/train_share": (ended - advantages_at) / total, "samples_per_s": len(samples.texts) / total,
     }
+
+
+@contextmanager
+def whole_parameters(prepared):
+    """Under FSDP2, the policy's parameters gathered (and kept gathered) while it generates: generation
+    calls the policy outside the wrapped root's forward, and token by token, where resharding after
+    every block would gather each block again for every token. Elsewhere a no-op."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        yield
+        return
+    sharded = [m for m in prepared.modules() if isinstance(m, FSDPModule)]
+    resharding = [_reshards_after_forward(m) for m in sharded]
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module, reshard in zip(sharded, resharding):
+            module.reshard()
+            module.set_reshard_after_forward(reshard, recurse=False)
+
+
+def _reshards_after_forward(module) -> bool:
+    """The module's own setting (torch keeps it on the parameter group; it has no public getter)."""
+    try:
+        group = module._get_fsdp_state()._fsdp_param_group
+        return group is None or group.post_forward_mesh_info is not None
+    except AttributeError:
+        return True
 
 
 def shape_scores(raw: torch.Tensor, stopped: torch.Tensor, rl: RLConfig, extra: dict) -> torch.Tensor:
