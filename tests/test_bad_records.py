@@ -93,6 +93,16 @@ def test_skip_loads_good_records_and_counts_every_bad_one(tmp_path):
     assert errors.examples == [f"{path}:line {2 + 2 * k}: {problem}" for k, (_, _, problem) in enumerate(BAD_LINES)]
 
 
+def test_a_streamed_dataset_counts_its_records_once_however_many_epochs(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join([GOOD_ALPACA, BAD_LINES[0][1], GOOD_OPENAI]) + b"\n")
+    dataset, errors = load([DatasetSpec(path=str(path))], tmp_path, on_error="skip", streaming=True)
+    for _ in range(3):  # three epochs: the generator runs three times
+        assert len(list(dataset)) == 2
+    assert errors.summary()["records_read"] == 3
+    assert (errors.total_loaded, errors.total_skipped) == (2, 1)
+
+
 def test_skip_counts_per_file_across_a_directory(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()

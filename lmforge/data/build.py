@@ -62,6 +62,7 @@ def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorL
               kind: str = "sft"):
     count = 0
     transform = ROW_TRANSFORMS[kind]
+    errors = errors.for_pass((kind, tuple(str(f) for f in files)))
     for path in files:
         for raw in read_file(path, errors, cfg.text_split):
             try:

@@ -28,6 +28,8 @@ class ErrorLog:
     """Preference records whose response(s) were cut to fit max_length."""
     loaded: Counter = field(default_factory=Counter)
     """file -> records read, normalised and not (yet) rejected: what training and evaluation use."""
+    reads: set = field(default_factory=set, repr=False)
+    """Inputs already read once (see for_pass)."""
 
     def report(self, error: DataError) -> None:
         if self.on_error == "raise":
@@ -35,6 +37,15 @@ class ErrorLog:
         self.skipped[error.source] += 1
         if len(self.examples) < 20:
             self.examples.append(str(error))
+
+    def for_pass(self, key) -> ErrorLog:
+        """The log a read of `key` (its files) reports to: this one on the first read, a scratch one
+        (same policy) on re-reads — a streamed dataset is read again every epoch, and its records
+        must be counted once."""
+        if key in self.reads:
+            return ErrorLog(self.on_error)
+        self.reads.add(key)
+        return self
 
     def mark_loaded(self, source: str) -> None:
         self.loaded[source] += 1
