@@ -38,8 +38,6 @@ def main(run_dir: str) -> None:
         fig = plots.stage_curves(stage["name"], stage.get("stage", ""), stage["rows"])
         if fig is not None:
             save(fig, f"demo-{stage['name']}-curves.png")
-    save(plots.timings_chart(run["stages"], run.get("prepare", {}), float(run.get("seconds") or 0.0)),
-         "demo-timings.png")
     for label, metrics in eval_columns(run):
         print(label, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     for stage in run["stages"]:
