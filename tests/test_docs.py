@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 MARKER = "<!-- runnable -->"
 FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w-]*)")
-BLOCK_TIMEOUT_S = 300
+BLOCK_TIMEOUT_S = 900  # generous: a CI machine may be shared; the blocks take seconds to a minute alone
 STAGE_PAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo")
 
 
