@@ -11,6 +11,10 @@ evaluation suite.
 
 A block whose commands (comment lines and trailing comments aside) were already run in this workspace
 is not run again: the Chinese pages give the English pages' commands with Chinese comments.
+
+The demo pipeline (the quick start's and the walkthrough's `lmforge run examples/demo.yaml`, and the
+commands that read its folder) is not marked: tests/test_demo_pipeline.py runs it on a shorter
+schedule, and a second run here would double the suite's heaviest test.
 """
 
 from __future__ import annotations
