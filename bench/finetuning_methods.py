@@ -138,9 +138,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = plt.get_cmap("tab20").colors
+    colours = [*plt.get_cmap("tab10").colors, (0.0, 0.0, 0.0)]  # eleven methods, eleven colours
     for i, row in enumerate(r for r in rows if "error" not in r):
-        style = {"color": colours[i * 2 % 20], "linestyle": "-" if i < 6 else "--", "label": row["method"]}
+        style = {"color": colours[i % len(colours)], "linestyle": "-" if i < 6 else "--", "label": row["method"]}
         train_ax.plot(*zip(*row["train_curve"], strict=True), linewidth=1, **style)
         eval_ax.plot(*zip(*row["eval_curve"], strict=True), marker="o", markersize=3, **style)
     for ax, title in ((train_ax, "training loss"), (eval_ax, "held-out loss")):
@@ -163,8 +163,12 @@ def main() -> None:
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out")
     parser.add_argument("--plot")
+    parser.add_argument("--replot", help="draw --plot from this result file instead of running")
     args = parser.parse_args()
     demo_dir = Path(args.demo_dir).resolve()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text(encoding="utf-8"))["rows"], Path(args.plot))
+        return
     if args.child:
         print(json.dumps(run_method(args.child, demo_dir, Path(args.run_dir))))
         return
