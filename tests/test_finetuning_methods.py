@@ -335,20 +335,24 @@ def test_llama_pro_expansion_starts_at_the_base_models_output(tmp_path):
 # -- every method through the SFT stage -----------------------------------------------------------------------
 @pytest.fixture
 def built_optimizers(monkeypatch):
-    """The loop builds its optimizer with build_optimizer (until lmforge/loop/trainer.py calls it itself);
-    returns the optimizers built, in order."""
+    """The optimizers the loop built, in order. Where lmforge/loop/trainer.py does not call
+    build_optimizer itself, the loop's optimizer is replaced by build_optimizer's."""
+    import inspect
+
     from lmforge.loop import trainer as loop
 
     built, original = [], loop.Trainer.__init__
+    wired = "build_optimizer" in inspect.getsource(original)
 
     def init(self, model, *args, **kwargs):
         original(self, model, *args, **kwargs)
-        optimizer = build_optimizer(model, self.cfg)
-        warmup = int(self.cfg.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loop.lr_factor(
-            s, self.total_steps, warmup, self.cfg.scheduler, self.cfg.min_lr_ratio))
-        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
-        built.append(optimizer)
+        if not wired:
+            optimizer = build_optimizer(model, self.cfg)
+            warmup = int(self.cfg.warmup_ratio * self.total_steps)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loop.lr_factor(
+                s, self.total_steps, warmup, self.cfg.scheduler, self.cfg.min_lr_ratio))
+            self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        built.append(getattr(self.optimizer, "optimizer", self.optimizer))  # inside accelerate's wrapper
 
     monkeypatch.setattr(loop.Trainer, "__init__", init)
     return built
