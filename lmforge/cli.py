@@ -296,13 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     from lmforge.config.schema import ConfigError
     from lmforge.data.errors import DataError
+    from lmforge.loop.checkpoint import CheckpointError
     from lmforge.loop.trainer import TrainingDiverged
 
     handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score,
                 "eval": cmd_eval, "report": cmd_report, **USE_COMMANDS}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as exc:
+    except (ConfigError, DataError, TrainingDiverged, CheckpointError, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # a wrapped path cannot be copied
         return 2
 

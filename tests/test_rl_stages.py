@@ -147,6 +147,40 @@ def test_rloo_runs_and_resumes_to_the_same_weights(base, world_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_mid_run_saves_and_the_resumed_run_ends_with_the_same_weights(base, world_dir, tmp_path,
+                                                                               monkeypatch):
+    """Preemption: SIGTERM during iteration 2 finishes that iteration, saves it (save_steps is 0) and
+    exits with status 143; train.resume=true then ends exactly where an uninterrupted run does."""
+    import os
+    import signal
+
+    from lmforge.loop.preemption import EXIT_STATUS, Preempted
+    from lmforge.stages import online
+
+    args = [f"model.name_or_path={base}", "rl.num_generations=4", "rl.rewards=[{kind: answer_match}]",
+            "train.max_steps=3", "train.save_steps=0", "train.lr=1e-3", "rl.eval_prompts=0", "rl.ppo_epochs=1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    STAGE_RUNNERS["grpo"](load_config(None, rl_args(world_dir, whole, *args), stage="grpo"))
+    calls, iteration = [], online.one_iteration
+
+    def preempted_in_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return iteration(*a, **k)
+
+    monkeypatch.setattr(online, "one_iteration", preempted_in_second)
+    with pytest.raises(Preempted) as stopped:
+        STAGE_RUNNERS["grpo"](load_config(None, rl_args(world_dir, cut, *args), stage="grpo"))
+    assert stopped.value.code == EXIT_STATUS and len(calls) == 2
+    assert [p.name for p in list_checkpoints(cut / "checkpoints")] == ["checkpoint-2"]
+    monkeypatch.setattr(online, "one_iteration", iteration)
+    STAGE_RUNNERS["grpo"](load_config(None, rl_args(world_dir, cut, *args, "train.resume=true"), stage="grpo"))
+    a = AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(cut).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_prompt_too_long_for_the_reply_is_a_data_error_naming_file_and_line(base, world_dir, tmp_path, capsys):
     from lmforge.cli import main
 

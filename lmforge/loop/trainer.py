@@ -37,6 +37,7 @@ from lmforge.loop.checkpoint import (
 )
 from lmforge.loop.preemption import Preempted, PreemptionGuard
 from lmforge.loop.progress import ProgressDisplay
+from lmforge.models.optimizers import build_optimizer
 
 __all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "row_lengths", "shard_size"]
 
@@ -117,13 +118,8 @@ class Trainer:
         set_seed(cfg.seed)
         self.accelerator = accelerator or make_accelerator(cfg, log, str(self.output_dir))
         self.model = model
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("no trainable parameters: check model.finetuning")
-        # Fused AdamW (one kernel for all parameters) on a GPU; the CPU keeps the reference implementation.
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           fused=torch.cuda.is_available() or None)
+        # AdamW (fused on a GPU), or what the fine-tuning method asks for (LoRA+ groups, GaLore).
+        self.optimizer = build_optimizer(model, cfg)
         if cfg.compile:
             compile_blocks(model)
         self.total_steps = self._total_steps()

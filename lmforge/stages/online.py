@@ -21,6 +21,7 @@ import torch
 
 from lmforge.config.schema import RLConfig, StageConfig
 from lmforge.data.build import error_at, load_splits
+from lmforge.loop.preemption import PreemptionGuard
 from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
 from lmforge.models.reference import Reference
@@ -114,19 +115,22 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     before = evaluate() if state.step == 0 else {}
     trainer.log({f"eval_{k}": v for k, v in before.items()})
     last: dict = {}
-    while state.extra.get("iteration", 0) < iterations:
-        prompts = _next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
-        last = one_iteration(trainer, unwrapped, tokenizer, backend, params, rewards, reference, kl_ctl, algo, rl,
-                             [train_rows[i] for i in prompts], [train_prompts[i] for i in prompts],
-                             samples_per_step)
-        state.extra = {**state.extra, "iteration": state.extra.get("iteration", 0) + 1, "kl": kl_ctl.state_dict()}
-        done = state.extra["iteration"]
-        if done % cfg.train.logging_steps == 0 or done == iterations:
-            trainer.log({"iteration": done, **last})
-        if cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < iterations:
-            trainer.log({f"eval_{k}": v for k, v in evaluate().items()})
-        if cfg.train.save_steps and done % cfg.train.save_steps == 0:
-            trainer.save_checkpoint()
+    with PreemptionGuard() as preemption:
+        while state.extra.get("iteration", 0) < iterations:
+            prompts = _next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
+            last = one_iteration(trainer, unwrapped, tokenizer, backend, params, rewards, reference, kl_ctl, algo, rl,
+                                 [train_rows[i] for i in prompts], [train_prompts[i] for i in prompts],
+                                 samples_per_step)
+            state.extra = {**state.extra, "iteration": state.extra.get("iteration", 0) + 1, "kl": kl_ctl.state_dict()}
+            done = state.extra["iteration"]
+            if done % cfg.train.logging_steps == 0 or done == iterations:
+                trainer.log({"iteration": done, **last})
+            if cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < iterations:
+                trainer.log({f"eval_{k}": v for k, v in evaluate().items()})
+            if cfg.train.save_steps and done % cfg.train.save_steps == 0:
+                trainer.save_checkpoint()
+            if preemption.stop_now(trainer.accelerator):  # SIGTERM: save at this iteration's end, exit 143
+                trainer.stop_for_preemption()
     after = evaluate()
     trainer.log({f"eval_{k}": v for k, v in after.items()})
     metrics = {**{f"train_{k}": v for k, v in last.items()}, **{f"eval_{k}": v for k, v in after.items()},
