@@ -180,6 +180,34 @@ def test_galore_plain_groups_match_torch_adamw_and_projected_updates_stay_low_ra
     assert torch.linalg.matrix_rank(change, atol=1e-5).item() == 2  # inside the rank-2 projection
 
 
+def test_galore_resumes_exactly_from_a_saved_state(tmp_path):
+    def make(weight):
+        return GaLoreAdamW([{"params": [weight], "rank": 2, "update_interval": 2, "scale": 0.5}], lr=0.05,
+                           weight_decay=0.1)
+
+    def train(weight, optimizer, steps, offset):
+        for step in range(offset, offset + steps):
+            x = torch.randn(20, 7, generator=torch.Generator().manual_seed(step))
+            (weight @ x).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    straight = torch.nn.Parameter(torch.randn(12, 20))
+    resumed = torch.nn.Parameter(straight.detach().clone())
+    optimizer = make(straight)
+    train(straight, optimizer, 5, 0)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    train(straight, optimizer, 4, 5)
+
+    first = make(resumed)
+    train(resumed, first, 5, 0)
+    again = make(resumed)  # a new process: the state comes from the file, as the loop's checkpoints do
+    again.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    train(resumed, again, 4, 5)
+    assert torch.equal(resumed, straight)
+
+
 # -- Mixture-of-Depths ----------------------------------------------------------------------------------------
 def count_processed_tokens(model):
     seen = []
