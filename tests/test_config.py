@@ -85,3 +85,10 @@ def test_sft_weight_accepted_where_it_has_a_meaning(loss):
 def test_sft_weight_refused_where_it_does_not_apply(loss):
     with pytest.raises(ConfigError, match=f"sft_weight applies to .* not {loss}"):
         load_config(None, ["stage=dpo", "model.scratch=test", f"dpo.loss={loss}", "dpo.sft_weight=1"])
+
+
+@pytest.mark.parametrize("reference", ["dpo.reference=adapter", "rl.reference=adapter"])
+def test_a_pissa_adapter_cannot_be_its_own_reference(reference):
+    with pytest.raises(ConfigError, match="PiSSA"):
+        load_config(None, ["model.scratch=tiny", "model.finetuning=lora", "lora.init=pissa", reference,
+                           "rl.rewards=[{kind: answer_match}]", "rl.num_generations=2"], stage="grpo")

@@ -376,6 +376,8 @@ class StageConfig:
                 raise ConfigError("rl.reference=adapter needs model.finetuning=lora, dora or qlora")
         if self.stage in ("rm", "dpo", *RL_STAGES) and self.data.streaming:
             raise ConfigError(f"{self.stage} reads preference data into a table; data.streaming is for pt/sft")
+        if "adapter" in (self.dpo.reference, self.rl.reference) and self.lora.init.startswith("pissa"):
+            raise ConfigError("a PiSSA adapter switched off is not the starting model: use reference auto or copy")
         if self.dpo.reference == "adapter" and self.model.finetuning not in LORA_METHODS:
             raise ConfigError("dpo.reference=adapter needs model.finetuning=lora, dora or qlora")
         if self.model.name_or_path is None and self.model.scratch is None:

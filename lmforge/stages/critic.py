@@ -36,4 +36,5 @@ def load_critic(cfg: StageConfig, dtype: torch.dtype, policy_vocab: int):
     # The critic trains the way the policy does, except that a 4-bit policy gets a plain LoRA critic.
     method = "lora" if cfg.model.finetuning == "qlora" else cfg.model.finetuning
     model_cfg = dataclasses.replace(cfg.model, finetuning=method)
-    return apply_finetuning(critic, model_cfg, cfg.lora, ("score",), "SEQ_CLS")
+    return apply_finetuning(critic, model_cfg, cfg.lora, ("score",), "SEQ_CLS", galore=cfg.galore, mod=cfg.mod,
+                            expand=cfg.expand)

@@ -103,7 +103,9 @@ def reference_kind(cfg: StageConfig) -> str | None:
     if cfg.dpo.loss in REFERENCE_FREE:
         return None
     # A continued parent adapter cannot be switched off to get the parent back: that would be its base.
-    lora = cfg.model.finetuning in ("lora", "dora", "qlora") and cfg.model.parent_adapter == "merge"
+    # A PiSSA adapter switched off leaves the residual base, not the starting model: that needs a copy.
+    lora = cfg.model.finetuning in ("lora", "dora", "qlora") and cfg.model.parent_adapter == "merge" \
+        and not cfg.lora.init.startswith("pissa")
     return cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
 
 

@@ -70,7 +70,9 @@ def reference_kind(cfg: StageConfig) -> str | None:
     if cfg.rl.reference == "none":
         return None
     # A continued parent adapter cannot be switched off to get the parent back: that would be its base.
-    lora = cfg.model.finetuning in ("lora", "dora", "qlora") and cfg.model.parent_adapter == "merge"
+    # A PiSSA adapter switched off leaves the residual base, not the starting model: that needs a copy.
+    lora = cfg.model.finetuning in ("lora", "dora", "qlora") and cfg.model.parent_adapter == "merge" \
+        and not cfg.lora.init.startswith("pissa")
     return cfg.rl.reference if cfg.rl.reference != "auto" else ("adapter" if lora else "copy")
 
 
