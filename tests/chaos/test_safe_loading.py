@@ -161,9 +161,15 @@ def test_config_that_is_not_utf8_is_a_config_error(tmp_path):
         load_config(config)
 
 
+# A subclass, not LlamaForCausalLM itself: transformers marks a remote-code class for auto-class saving,
+# and marking the real Llama class would make every later save_pretrained in the process copy code.
 PLANTED_MODULE = """from pathlib import Path
 Path({marker!r}).touch()
-from transformers import LlamaForCausalLM as PlantedModel
+from transformers import LlamaForCausalLM
+
+
+class PlantedModel(LlamaForCausalLM):
+    pass
 """
 
 
@@ -178,5 +184,6 @@ def test_remote_code_runs_only_when_the_config_asks(model_dir, tmp_path, marker)
     assert load_config(None, ["model.name_or_path=x"], stage="sft").model.trust_remote_code is False
     model, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(folder)))
     assert type(model) is LlamaForCausalLM and not marker.exists()
-    load_model_and_tokenizer(ModelConfig(name_or_path=str(folder), trust_remote_code=True))
+    remote, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(folder), trust_remote_code=True))
     assert marker.is_file()  # asked for, the folder's code ran: the flag is what decides
+    assert type(remote).__name__ == "PlantedModel" and LlamaForCausalLM._auto_class is None
