@@ -157,6 +157,8 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
         for piece in reply_stream(model, tokenizer, messages, int(max_new_tokens), float(temperature), 0.9):
             text += piece
             yield text
+        if not text.strip():  # an empty message would look like a hang: say what happened
+            yield "(no reply: the model ended its turn at once)"
 
     def export(model_path, out, dtype, gguf):
         from lmforge.models.export import export_model
