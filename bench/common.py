@@ -22,6 +22,13 @@ def machine_and_versions() -> dict:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 
+def write_result(out: str | None, workload, rows: list[dict]) -> None:
+    """The result file: machine and versions, the workload, the rows (nothing written without `out`)."""
+    if out:
+        result = {**machine_and_versions(), "workload": workload, "rows": rows}
+        Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 def run_fresh(command: list[str], label: dict) -> dict:
     """Run `command` (which prints its row as JSON on its last line) in a new process; the row, or
     `label` with the error."""

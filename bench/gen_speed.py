@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
-from common import machine_and_versions  # noqa: E402
+from common import write_result  # noqa: E402
 from sft_speed import PAD, build_model  # noqa: E402
 
 
@@ -61,9 +61,7 @@ def main() -> None:
         rows.append({"backend": name, "tokens_per_s": round(tokens / seconds),
                      "ms_per_step": round(seconds / args.new * 1000, 2), "first_call_s": round(first, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    result = {**machine_and_versions(), "workload": vars(args), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, vars(args), rows)
 
 
 if __name__ == "__main__":

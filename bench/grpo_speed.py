@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
-from common import machine_and_versions, run_fresh, run_peer_script  # noqa: E402
+from common import run_fresh, run_peer_script, write_result  # noqa: E402
 from sft_speed import MODELS, build_model  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -136,9 +136,7 @@ def main() -> None:
                                      "--warmup", str(args.warmup), "--steps", str(args.steps)],
                                     {"backend": "GRPOTrainer"}))
         print(json.dumps(rows[-1]), flush=True)
-    result = {**machine_and_versions(), "workload": vars(args), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, vars(args), rows)
 
 
 if __name__ == "__main__":

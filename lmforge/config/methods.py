@@ -7,13 +7,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lmforge.config.errors import ConfigError
+
 FINETUNING = ("full", "freeze", "lora", "dora", "qlora", "galore", "mod", "llama_pro")
 LORA_METHODS = ("lora", "dora", "qlora")
 LORA_INITS = ("default", "gaussian", "pissa")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
 
 
 @dataclass

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# The fine-tuning method groups live in methods.py (ConfigError with them, so that module stands alone).
+# ConfigError and the fine-tuning method groups live in their own modules, re-exported here.
+from lmforge.config.errors import ConfigError  # noqa: F401
 from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.config.schema import ...`)
     FINETUNING,
     LORA_METHODS,
-    ConfigError,
     ExpandConfig,
     GaloreConfig,
     LoraConfig,
