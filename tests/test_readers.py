@@ -248,3 +248,34 @@ def test_crlf_line_endings_leave_no_carriage_return(tmp_path):
     raw, _ = records(csv)
     assert rows_and_wheres(raw) == [({"instruction": "q", "output": "a"}, "line 2"),
                                     ({"instruction": "q2", "output": "a2"}, "line 3")]
+
+
+def test_cr_only_line_endings_split_records_like_any_editor(tmp_path):
+    # Old Mac files end lines with a lone \r: three records on lines 1, 2 and 4, not one record.
+    jsonl = tmp_path / "mac.jsonl"
+    jsonl.write_bytes(b'{"instruction": "q1", "output": "a1"}\r{"instruction": "q2", "output": "a2"}\r\r'
+                      b'{"instruction": "q3", "output": "a3"}\r')
+    raw, errors = records(jsonl, on_error="skip")
+    assert rows_and_wheres(raw) == [({"instruction": "q1", "output": "a1"}, "line 1"),
+                                    ({"instruction": "q2", "output": "a2"}, "line 2"),
+                                    ({"instruction": "q3", "output": "a3"}, "line 4")]
+    assert errors.total_skipped == 0
+
+    txt = tmp_path / "mac.txt"
+    txt.write_bytes(b"one\rtwo\r\rthree\r\nfour\nfive")  # mixed endings too: each one ends a line
+    raw, _ = records(txt)
+    assert rows_and_wheres(raw) == [({"text": "one"}, "line 1"), ({"text": "two"}, "line 2"),
+                                    ({"text": "three"}, "line 4"), ({"text": "four"}, "line 5"),
+                                    ({"text": "five"}, "line 6")]
+    raw, _ = records(txt, text_split="blank")
+    assert rows_and_wheres(raw) == [({"text": "one\ntwo"}, "line 1"), ({"text": "three\nfour\nfive"}, "line 4")]
+
+
+def test_line_ends_split_across_read_chunks_count_once():
+    import io
+
+    from lmforge.data.readers import _physical_lines
+
+    data = b"a\rb\r\nc\n\nd" + b"x" * 10 + b"\r\n"
+    for size in (1, 2, 3, 5, 100):
+        assert list(_physical_lines(io.BytesIO(data), size)) == [b"a", b"b", b"c", b"", b"d" + b"x" * 10]

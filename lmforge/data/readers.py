@@ -97,15 +97,41 @@ def _lone_surrogate(value) -> str | None:
 
 
 def _decoded_lines(path: Path, errors: ErrorLog) -> Iterator[tuple[int, str]]:
-    """Lines decoded one by one, so invalid UTF-8 names its line instead of failing the file."""
+    """Lines decoded one by one, so invalid UTF-8 names its line instead of failing the file.
+
+    A line ends at \\n, \\r\\n or a lone \\r (old Mac files): every editor shows those as line
+    breaks, so a record and its line number must follow them too."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(_physical_lines(handle), start=1):
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 errors.report(DataError(str(path), f"line {number}", f"invalid UTF-8 ({exc.reason} at byte {exc.start})"))
                 continue
-            yield number, text.rstrip("\r\n")
+            yield number, text
+
+
+LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _physical_lines(handle, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """The file's lines without their ends, read in chunks (a file of one huge line or of millions of
+    short ones both stream; a long line's parts are joined once, not re-copied per chunk)."""
+    parts: list[bytes] = []
+    after_cr = False  # the last chunk ended in \r: a \n opening the next one is the same line end
+    while chunk := handle.read(chunk_size):
+        if after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        after_cr = False
+        start = 0
+        for match in LINE_END.finditer(chunk):
+            parts.append(chunk[start:match.start()])
+            yield b"".join(parts)
+            parts, start = [], match.end()
+            after_cr = match.end() == len(chunk) and match.group() == b"\r"
+        parts.append(chunk[start:])
+    if any(parts):
+        yield b"".join(parts)
 
 
 def _read_txt(path: Path, errors: ErrorLog, text_split: str) -> Iterator[RawRecord]:
