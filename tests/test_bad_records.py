@@ -228,3 +228,13 @@ def test_streaming_raise_names_file_and_line(tmp_path):
     dataset, _ = load([DatasetSpec(path=str(path))], tmp_path, streaming=True)
     error = data_error_behind(lambda: list(dataset))
     assert str(error) == f"{path}:line 2: missing field 'output'"
+
+
+def test_file_with_no_good_record_under_skip_quotes_the_first_bad_one(tmp_path):
+    path = tmp_path / "all-bad.jsonl"
+    path.write_bytes(b"\n" + INVALID_JSON + b"\n" + b'{"instruction": "q"}\n' + b"[1]\n")
+    with pytest.raises(DataError) as caught:
+        load([DatasetSpec(path=str(path))], tmp_path, on_error="skip")
+    first = f"{path}:line 2: {BAD_LINES[0][2]}"
+    assert str(caught.value) == f"{path}:file: no usable records: all 3 skipped as bad; the first, {first}"
+    assert "\n" not in str(caught.value)

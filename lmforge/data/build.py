@@ -112,7 +112,7 @@ def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, c
                     raise
                 part = None  # datasets refuses to build a table of zero rows
             if part is None or len(part) == 0:
-                raise DataError(path, "file", f"no usable records ({errors.total_skipped} skipped as bad)") from None
+                raise errors.no_usable_records(path, files) from None
             if holdout > 0 and len(part) >= 20:
                 split = part.train_test_split(test_size=holdout, seed=cfg.seed)
                 part = split["train"]

@@ -30,11 +30,15 @@ class ErrorLog:
     """file -> records read, normalised and not (yet) rejected: what training and evaluation use."""
     reads: set = field(default_factory=set, repr=False)
     """Inputs already read once (see for_pass)."""
+    first_by_file: dict = field(default_factory=dict, repr=False)
+    """file -> the first bad record's message, kept even past the 20 `examples`: a file with no good
+    record fails quoting it."""
 
     def report(self, error: DataError) -> None:
         if self.on_error == "raise":
             raise error
         self.skipped[error.source] += 1
+        self.first_by_file.setdefault(error.source, str(error))
         if len(self.examples) < 20:
             self.examples.append(str(error))
 
@@ -46,6 +50,15 @@ class ErrorLog:
             return ErrorLog(self.on_error)
         self.reads.add(key)
         return self
+
+    def no_usable_records(self, path: str, files: list) -> DataError:
+        """The error for a data set that yielded nothing, quoting its first bad record (if any)."""
+        names = [str(f) for f in files]
+        bad = sum(self.skipped[n] for n in names)
+        first = next((self.first_by_file[n] for n in names if n in self.first_by_file), None)
+        if first is None:
+            return DataError(path, "file", f"no usable records ({bad} skipped as bad)")
+        return DataError(path, "file", f"no usable records: all {bad} skipped as bad; the first, {first}")
 
     def mark_loaded(self, source: str) -> None:
         self.loaded[source] += 1
