@@ -264,6 +264,37 @@ def test_mod_skipped_tokens_pass_unchanged_and_picked_ones_follow_the_router():
     assert torch.equal((out - hidden).abs().amax(-1) > 0, passed)
 
 
+def _returned_cache(output):
+    """The cache a forward returns: `cache` since transformers 5.25, `past_key_values` before."""
+    return getattr(output, "cache", None) or output.past_key_values
+
+
+def test_mod_generation_keeps_every_tokens_keys_and_decodes_as_a_full_recompute():
+    """With a KV cache each routed layer must compute and cache every prompt token (top-k there would
+    store keys for k tokens only and look ahead); decoding one token at a time from that cache then gives
+    the logits a whole-sequence pass in generation mode gives."""
+    model = tiny_llama()
+    apply_mod(model, ModConfig(capacity=0.25, layers=[1, 3]))
+    with torch.no_grad():
+        for layer in (model.model.layers[1], model.model.layers[3]):
+            layer.mod_router.weight.normal_()
+            layer.mod_threshold.fill_(0.1)
+    prompt, steps = ids(batch=2, length=12), 4
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        cache = _returned_cache(out)
+        assert [cache.get_seq_length(i) for i in range(4)] == [12, 12, 12, 12]
+        sequence = torch.cat([prompt, out.logits[:, -1:].argmax(-1)], dim=1)
+        for _ in range(steps - 1):
+            out = model(input_ids=sequence[:, -1:], past_key_values=cache, use_cache=True)
+            cache = _returned_cache(out)
+            sequence = torch.cat([sequence, out.logits[:, -1:].argmax(-1)], dim=1)
+        incremental = out.logits[:, -1]
+        whole = model(input_ids=sequence[:, :-1], use_cache=True).logits[:, -1]
+    torch.testing.assert_close(incremental, whole, atol=1e-4, rtol=0)
+    assert cache.get_seq_length(1) == 12 + steps - 1
+
+
 def test_mod_routes_packed_rows_with_their_document_mask():
     model = tiny_llama()
     input_ids = ids(batch=1, length=20)

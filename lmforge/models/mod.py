@@ -42,21 +42,25 @@ class RoutedLayer:
     mod_router: nn.Linear
     mod_threshold: torch.Tensor
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
+                position_embeddings=None, **kwargs):
         scores = self.mod_router(hidden_states).squeeze(-1).float()  # [B, T]
         weight = (2 * torch.sigmoid(scores)).to(hidden_states.dtype)
-        layer_args = {"attention_mask": attention_mask, "position_ids": position_ids,
-                      "past_key_values": past_key_values, "use_cache": use_cache,
+        # transformers renamed the layers' `past_key_values` argument to `cache` (5.25, the old name
+        # deprecated until 5.40): take whichever the caller used and pass it on under that same name.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layer_args = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": use_cache,
                       "position_embeddings": position_embeddings, **kwargs}
         if "cu_seq_lens_q" in kwargs:
             raise ConfigError("Mixture-of-Depths cannot route packed variable-length attention "
                               "(lmforge_varlen): set model.attn_implementation=sdpa")
         batch, length, width = hidden_states.shape
         k = math.ceil(self.mod_capacity * length)
-        if past_key_values is not None or k >= length:
+        # A cache means generation: every token must leave its keys in this layer's cache, so route by the
+        # learned threshold instead of top-k (which would also look at future tokens).
+        if cache is not None or k >= length:
             full = super().forward(hidden_states, **layer_args)
-            if past_key_values is not None and self.mod_capacity < 1:  # generating: a causal stand-in for top-k
+            if cache is not None and self.mod_capacity < 1:  # generating: a causal stand-in for top-k
                 weight = weight * (scores >= self.mod_threshold).to(weight.dtype)
             return hidden_states + weight.unsqueeze(-1) * (full - hidden_states)
         picked = scores.topk(k, dim=1).indices.sort(dim=1).values  # [B, k], in sequence order
