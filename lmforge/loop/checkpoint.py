@@ -10,7 +10,6 @@ before anything is loaded: a flipped byte is refused instead of resumed from.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -22,6 +21,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lmforge.loop.diskspace import (
+    SAVE_ERRORS,
+    folder_bytes,
+    free_bytes,
+    human,
+    is_disk_full,
+    nested_tensors,
+    tensor_bytes,
+)
 
 STATE_FILE = "trainer_state.json"  # its presence marks a complete checkpoint
 CHECKSUMS = "checksums.json"  # the sha256 of every other file, written last
@@ -75,7 +84,9 @@ def save_checkpoint(output_dir: str | Path, state: LoopState, model, optimizer, 
     final = root / f"checkpoint-{state.step}"
     tmp = root / f".tmp-checkpoint-{state.step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _cleaned_up_on_failure(tmp, final):
+    need = checkpoint_bytes(model, optimizer)
+    check_room(final, need, _kept(root))
+    with cleaned_up_on_failure(tmp, final, need, lambda: _kept(root)):
         tmp.mkdir()
         _write(tmp / "trainable.safetensors", lambda p: save_file(trainable_state(model), str(p)))
         _write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
@@ -92,19 +103,65 @@ def save_checkpoint(output_dir: str | Path, state: LoopState, model, optimizer, 
     return final
 
 
+def checkpoint_bytes(model, optimizer) -> int:
+    """At least what a checkpoint writes: the trainable weights and the optimizer's state tensors."""
+    weights = tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    return weights + tensor_bytes(nested_tensors(optimizer.state_dict().get("state", {})))
+
+
+def _kept(root: Path) -> str:
+    last = list_checkpoints(root)
+    return f"the last complete checkpoint, {last[-1]}, is intact" if last else "no earlier checkpoint exists"
+
+
+def check_room(final: Path, need: int, kept: str) -> None:
+    """Refuse a save that cannot fit before writing a byte of it (nothing to clean up, nothing filled)."""
+    free = free_bytes(final.parent)
+    if free < need:
+        raise CheckpointError(f"disk full while saving {final}: it needs at least {human(need)} and "
+                              f"{human(free)} is free on that disk; nothing was written and {kept}; free some "
+                              "space, then train.resume=true continues from the last checkpoint")
+
+
+def check_room_to_continue(path: Path) -> None:
+    """Before a resumed run spends any compute: the checkpoints it will write are as big as the one it
+    resumes from, so a disk without that much room fails now, with the same message, not steps later."""
+    need = folder_bytes(path)
+    free = free_bytes(path.parent)
+    if free < need:
+        raise CheckpointError(f"disk full while resuming from {path}: the next checkpoint needs about "
+                              f"{human(need)} and {human(free)} is free on that disk; nothing was written and "
+                              f"{path} is intact; free some space, then train.resume=true continues from it")
+
+
 @contextmanager
-def _cleaned_up_on_failure(tmp: Path, final: Path):
-    """A save that fails (a full disk, most often) removes its partial folder, which would otherwise
-    hold on to the space, and says so; the checkpoints already written are never touched."""
+def cleaned_up_on_failure(tmp: Path, final: Path, need: int, kept):
+    """A save that fails removes its partial folder, which would otherwise hold on to the space, and says
+    why in one line: a full disk (however torch or safetensors report it) or another write error. Any other
+    exception is re-raised as it is, after the cleanup. The saves already complete are never touched."""
     try:
         yield
-    except OSError as exc:
+    except BaseException as exc:
+        written, free_at_failure = folder_bytes(tmp), _free_or_zero(tmp.parent)
         shutil.rmtree(tmp, ignore_errors=True)
-        last = list_checkpoints(final.parent)
-        kept = f"the last complete checkpoint, {last[-1]}, is intact" if last else "no earlier checkpoint exists"
-        what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
-        raise CheckpointError(f"{what} while saving {final} (in {tmp}: {exc}); the partial folder was "
-                              f"removed and {kept}") from exc
+        if not isinstance(exc, SAVE_ERRORS) or isinstance(exc, CheckpointError):
+            raise
+        full = is_disk_full(exc, free_at_failure, need - written)
+        if not full and not isinstance(exc, OSError):
+            raise
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+        what = "disk full" if full else "write failed"
+        room = f": it needs at least {human(need)} and {human(_free_or_zero(tmp.parent))} is free" if full else ""
+        then = "free some space, then" if full else "once the cause is fixed,"
+        raise CheckpointError(f"{what} while saving {final}{room} (in {tmp}: {cause}); the partial folder was "
+                              f"removed and {kept()}; {then} train.resume=true continues") from exc
+
+
+def _free_or_zero(path: Path) -> int:
+    try:
+        return free_bytes(path)
+    except OSError:
+        return 0
 
 
 def write_checksums(folder: Path) -> None:
@@ -221,7 +278,7 @@ def save_sharded_checkpoint(accelerator, output_dir: str | Path, state: LoopStat
     accelerator.save_state(str(tmp / SHARDED))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with _cleaned_up_on_failure(tmp, final):
+        with cleaned_up_on_failure(tmp, final, 0, lambda: _kept(root)):
             _write(tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p))
             _write(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(asdict(state))))
             write_checksums(tmp)

@@ -8,7 +8,6 @@ decay, clipping, evaluation, metrics.jsonl, atomic checkpoints, exact resume, an
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from lmforge.config.schema import LogConfig, TrainConfig
 from lmforge.loop.batching import chunks, epoch_batches, row_lengths, shard_size
 from lmforge.loop.checkpoint import (
+    CheckpointError,
     LoopState,
+    check_room_to_continue,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -35,6 +36,7 @@ from lmforge.loop.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from lmforge.loop.metrics_log import LINES_KEY, MetricsLog
 from lmforge.loop.preemption import Preempted, PreemptionGuard
 from lmforge.loop.progress import ProgressDisplay
 from lmforge.models.optimizers import build_optimizer
@@ -131,7 +133,11 @@ class Trainer:
         # The checkpoint train() continues from, if any; stages skip before-training evaluation then.
         self.resume_from = resume_path(cfg.resume, cfg.resume_from, self.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self.saved_step = -1  # the step of the last checkpoint this run wrote
+        self.metrics = MetricsLog(self.metrics_path)
+        self.saved_step = -1  # the step of the checkpoint that holds the current weights (-1: none)
+        self.saved_path: Path | None = None
+        # SIGTERM handling; a stage may hold it past train() so that its own final work is covered too.
+        self.preemption = PreemptionGuard()
         self._row_lengths: list[int] | None = None
 
     def _total_steps(self) -> int:
@@ -273,25 +279,43 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def resume_if_asked(self) -> None:
         path = self.resume_from
-        if path is not None and self.sharded:
+        if path is None:
+            return
+        check_room_to_continue(path)
+        if self.sharded:
             self.state = load_sharded_checkpoint(self.accelerator, path, self.scheduler)
-        elif path is not None:
+        else:
             unwrapped = self.accelerator.unwrap_model(self.prepared)
             self.state = load_checkpoint(path, unwrapped, self.optimizer, self.scheduler)
-        if path is not None:
-            self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+        self.saved_step, self.saved_path = self.state.step, Path(path)
+        if self.accelerator.is_main_process:
+            self.metrics.rewind(self.state.step, self.state.extra.get(LINES_KEY))
+        self.accelerator.print(f"resumed from {path} at step {self.state.step}")
 
     def train(self) -> TrainResult:
-        self.resume_if_asked()
-        initial = self.evaluate() if self.state.step == 0 else {}
-        self.log(initial)
+        with self.preemption:
+            self.resume_if_asked()
+            if self.state.step == 0:  # kept in every checkpoint: a resumed run reports them too
+                self.state.extra["initial_metrics"] = self.evaluate()
+                self.log(self.state.extra["initial_metrics"])
+            initial = self.state.extra.get("initial_metrics", {})
+            last = self._train_steps()
+            self.finish_training(last)
+            last = self.state.extra.get("last_train_metrics", {})
+            final = {**{f"train_{k}": v for k, v in last.items()}, **self.evaluate(),
+                     **{f"initial_{k}": v for k, v in initial.items()}}
+            self.log({k: v for k, v in final.items() if k.startswith("eval_")})
+        return TrainResult(self.state, final)
+
+    def _train_steps(self) -> dict:
+        """The optimizer steps left; the last step's metrics ({} when none were left)."""
         self.prepared.train()
         batches = self._micro_batches()
         last: dict = {}
         display = ProgressDisplay(self.total_steps, self.state.step,
                                   enabled=self.log_cfg.progress and self.accelerator.is_main_process)
         started, window_tokens = time.perf_counter(), 0
-        with display, PreemptionGuard() as preemption:
+        with display:
             while self.state.step < self.total_steps:
                 group = [next(batches) for _ in range(self.cfg.grad_accum)]
                 last = self.step(group)
@@ -305,12 +329,29 @@ class Trainer:
                     self.log(self.evaluate())
                 if self.cfg.save_steps and self.state.step % self.cfg.save_steps == 0:
                     self.save_checkpoint()
-                if preemption.stop_now(self.accelerator):
+                if self.preemption.stop_now(self.accelerator):
                     self.stop_for_preemption()
-        final = {**{f"train_{k}": v for k, v in last.items()}, **self.evaluate(),
-                 **{f"initial_{k}": v for k, v in initial.items()}}
-        self.log({k: v for k, v in final.items() if k.startswith("eval_")})
-        return TrainResult(self.state, final)
+        return last
+
+    def finish_training(self, last: dict) -> None:
+        """After the last step, before any final evaluation: the trained weights go into a checkpoint
+        (unless this step's is already there), so that a SIGTERM or a crash in the evaluation or while
+        writing the model loses nothing; train.resume=true then skips straight to them. From here on a
+        SIGTERM stops the run at once. A final save that fails (a full disk) is reported and the run
+        goes on to write the model, which needs less room than a checkpoint."""
+        if last:
+            self.state.extra["last_train_metrics"] = last
+        if self.saved_step != self.state.step:
+            try:
+                self.save_checkpoint()
+            except CheckpointError as exc:
+                self.accelerator.print(f"warning: the final checkpoint was not written ({exc}); "
+                                       "going on to the evaluation and the model")
+                self.preemption.keep_flagging()
+                return
+        saved = self.saved_path or checkpoint_dir(self.output_dir) / f"checkpoint-{self.state.step}"
+        self.preemption.stop_at_once(f"SIGTERM after the last step: the trained weights are saved in {saved}; "
+                                     "train.resume=true evaluates and writes the model without training again")
 
     @property
     def sharded(self) -> bool:
@@ -318,12 +359,13 @@ class Trainer:
         return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def save_checkpoint(self) -> Path | None:
+        self.state.extra[LINES_KEY] = self.metrics.lines  # what a resume from it keeps of metrics.jsonl
         if self.sharded:
             saved = save_sharded_checkpoint(self.accelerator, self.output_dir, self.state, self.scheduler,
                                             self.cfg.save_total_limit)
         else:
             saved = self._save_unsharded()
-        self.saved_step = self.state.step
+        self.saved_step, self.saved_path = self.state.step, saved
         return saved
 
     def _save_unsharded(self) -> Path | None:
@@ -350,9 +392,7 @@ class Trainer:
     def log(self, metrics: dict) -> None:
         if not metrics or not self.accelerator.is_main_process:
             return
-        row = {"step": self.state.step, "epoch": self.state.epoch, **metrics}
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        self.metrics.append({"step": self.state.step, "epoch": self.state.epoch, **metrics})
         self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.state.step)
 
     def end(self) -> None:
