@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lmforge.config.constraints import check_field, range_of
 from lmforge.config.schema import ConfigError, DatasetSpec, StageConfig
 
 T = TypeVar("T")
@@ -94,11 +95,25 @@ def from_dict(cls: type[T], raw: Any, where: str) -> T:
             close = difflib.get_close_matches(str(key), sorted(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"unknown key {where}.{key}{hint}")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+        kwargs[key] = _checked(cls.__name__, key, hints[key], value, f"{where}.{key}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _checked(cls_name: str, name: str, tp: Any, value: Any, key: str) -> Any:
+    """One field's value, typed and checked against its constraints (config/constraints.py); a value of the
+    wrong type for a numeric field is refused with the range it must be in."""
+    try:
+        value = _coerce(tp, value, key)
+    except ConfigError:
+        bound = range_of(cls_name, name)
+        if bound is None or isinstance(value, (dict, list)):
+            raise
+        raise ConfigError(f"{key}={value!r}: must be {bound.describe()}") from None
+    check_field(cls_name, name, value, key)
+    return value
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -160,3 +175,16 @@ def _dataset_shorthand(text: str) -> dict:
     """`data/x.jsonl` is a path; a bare word like `alpaca_en_demo` names a dataset_info entry."""
     looks_like_path = any(c in text for c in "/\\*.") or Path(text).exists()
     return {"path": text} if looks_like_path else {"name": text}
+
+
+def schema_dataclasses() -> list[type]:
+    """Every config group reachable from StageConfig (StageConfig included): what RANGES must cover."""
+    found: list[type] = []
+    todo: list[Any] = [StageConfig]
+    while todo:
+        tp = todo.pop()
+        if dataclasses.is_dataclass(tp) and tp not in found:
+            found.append(tp)
+            todo += list(typing.get_type_hints(tp).values())
+        todo += list(typing.get_args(tp))
+    return found

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lmforge.config.constraints import check_group
 from lmforge.config.errors import ConfigError
 
 FINETUNING = ("full", "freeze", "lora", "dora", "qlora", "galore", "mod", "llama_pro")
@@ -32,12 +33,9 @@ class LoraConfig:
     residual kept in the base; Meng et al. 2024) or pissa_niter_N (PiSSA through N fast-SVD iterations)."""
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ConfigError(f"lora.r must be positive, got {self.r}")
+        check_group(self, "lora")
         if self.bits not in (4, 8):
             raise ConfigError(f"lora.bits={self.bits!r} is not one of 4, 8")
-        if self.plus_ratio < 0:
-            raise ConfigError(f"lora.plus_ratio must be 0 (off) or positive, got {self.plus_ratio}")
         if self.init not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", self.init):
             raise ConfigError(f"lora.init={self.init!r} is not one of {', '.join(LORA_INITS)}, pissa_niter_N")
 
@@ -62,10 +60,7 @@ class GaloreConfig:
     trainable parameter gets plain AdamW."""
 
     def __post_init__(self) -> None:
-        if self.rank <= 0 or self.update_interval <= 0:
-            raise ConfigError("galore.rank and galore.update_interval must be positive")
-        if self.scale <= 0:
-            raise ConfigError(f"galore.scale must be positive, got {self.scale}")
+        check_group(self, "galore")
 
 
 @dataclass
@@ -80,8 +75,7 @@ class ModConfig:
     """Routed layers: `alternate` (every other layer, starting at the second, as in the paper) or indices."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.capacity <= 1:
-            raise ConfigError(f"mod.capacity must be in (0, 1], got {self.capacity}")
+        check_group(self, "mod")
         if isinstance(self.layers, str) and self.layers != "alternate":
             raise ConfigError(f"mod.layers={self.layers!r}: use `alternate` or a list of layer indices")
 
@@ -96,5 +90,4 @@ class ExpandConfig:
     """Blocks to add; the model's layer count must be a multiple of it."""
 
     def __post_init__(self) -> None:
-        if self.num_new_blocks < 1:
-            raise ConfigError(f"expand.num_new_blocks must be at least 1, got {self.num_new_blocks}")
+        check_group(self, "expand")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.config.constraints import check_group
+
 # ConfigError and the fine-tuning method groups live in their own modules, re-exported here.
 from lmforge.config.errors import ConfigError  # noqa: F401
 from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.config.schema import ...`)
@@ -66,6 +68,7 @@ class ModelConfig:
     """Run code shipped with a model folder. Off unless you trust the folder."""
 
     def __post_init__(self) -> None:
+        check_group(self, "model")
         _check_choice("model", "dtype", self.dtype, DTYPES)
         _check_choice("model", "finetuning", self.finetuning, FINETUNING)
         _check_choice("model", "parent_adapter", self.parent_adapter, ("merge", "continue"))
@@ -93,11 +96,10 @@ class DatasetSpec:
     """Text substitutions applied to every string (e.g. {"{{name}}": "Forge"} for identity.json)."""
 
     def __post_init__(self) -> None:
+        check_group(self, "dataset")
         _check_choice("dataset", "formatting", self.formatting, FORMATS)
         if (self.path is None) == (self.name is None):
             raise ConfigError("a dataset needs exactly one of `path` or `name`")
-        if self.weight <= 0:
-            raise ConfigError(f"dataset weight must be positive, got {self.weight}")
 
 
 @dataclass
@@ -126,12 +128,9 @@ class DataConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
+        check_group(self, "data")
         _check_choice("data", "text_split", self.text_split, ("line", "blank"))
         _check_choice("data", "on_error", self.on_error, ("raise", "skip"))
-        if not 0 <= self.eval_split < 1:
-            raise ConfigError(f"data.eval_split must be in [0, 1), got {self.eval_split}")
-        if self.max_length < 8:
-            raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
 
 
 @dataclass
@@ -176,10 +175,9 @@ class TrainConfig:
     shuffled): far less padding when lengths vary, e.g. long rejected answers among short ones."""
 
     def __post_init__(self) -> None:
+        check_group(self, "train")
         _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
 
 
 @dataclass
@@ -195,6 +193,9 @@ class PTConfig:
     block_size: int = 256
     """Packed row length in tokens."""
 
+    def __post_init__(self) -> None:
+        check_group(self, "pt")
+
 
 @dataclass
 class SFTConfig:
@@ -205,6 +206,9 @@ class SFTConfig:
     """NEFTune (Jain et al. 2023): uniform noise of scale alpha/sqrt(length x width) on the input embeddings
     while training (e.g. 5); 0 turns it off."""
 
+    def __post_init__(self) -> None:
+        check_group(self, "sft")
+
 
 @dataclass
 class RMConfig:
@@ -212,6 +216,9 @@ class RMConfig:
     """Required gap between chosen and rejected rewards in the Bradley-Terry loss."""
     center_coef: float = 0.0
     """Weight of the centring term mean((r_c + r_r)^2) that keeps rewards near zero (e.g. 0.01)."""
+
+    def __post_init__(self) -> None:
+        check_group(self, "rm")
 
 
 @dataclass
@@ -241,6 +248,7 @@ class DPOConfig:
     max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
+        check_group(self, "dpo")
         _check_choice("dpo", "loss", self.loss, DPO_LOSSES)
         _check_choice("dpo", "reference", self.reference, ("auto", "copy", "adapter"))
         if self.sft_weight and self.loss not in ("sigmoid", "ipo", "hinge", "robust", "simpo"):
@@ -268,6 +276,7 @@ class RewardSpec:
     """kind=length: replies longer than this many tokens lose (length - target) / target."""
 
     def __post_init__(self) -> None:
+        check_group(self, "rl.rewards")
         _check_choice("rl.rewards", "kind", self.kind, REWARD_KINDS)
         needs = {"model": "path", "regex": "pattern", "function": "function", "length": "target_length"}
         if self.kind in needs and not getattr(self, needs[self.kind]):
@@ -332,6 +341,7 @@ class RLConfig:
     """Pre-allocated KV cache for rollouts; on a GPU the decoding step is then compiled."""
 
     def __post_init__(self) -> None:
+        check_group(self, "rl")
         _check_choice("rl", "kl_estimator", self.kl_estimator, ("k1", "k3"))
         _check_choice("rl", "reward_norm", self.reward_norm, ("none", "batch", "running"))
         _check_choice("rl", "critic", self.critic, ("separate", "shared"))
@@ -339,9 +349,6 @@ class RLConfig:
         if self.reference == "none" and (self.kl_coef or self.kl_target):
             raise ConfigError("rl.reference=none leaves no KL to penalise: set rl.kl_coef=0 and rl.kl_target=0")
         _check_choice("rl", "backend", self.backend, ("auto", "hf", "lmforge"))
-        for name in ("prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"rl.{name} must be at least 1")
 
     def reward_specs(self) -> list[RewardSpec]:
         extra = [RewardSpec(kind="model", path=self.reward_model)] if self.reward_model else []
@@ -382,3 +389,4 @@ class StageConfig:
             raise ConfigError("dpo.reference=adapter needs model.finetuning=lora, dora or qlora")
         if self.model.name_or_path is None and self.model.scratch is None:
             raise ConfigError("set model.name_or_path (a model to load) or model.scratch (a preset)")
+
