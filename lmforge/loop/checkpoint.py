@@ -116,7 +116,7 @@ def _kept(root: Path) -> str:
 
 def check_room(final: Path, need: int, kept: str) -> None:
     """Refuse a save that cannot fit before writing a byte of it (nothing to clean up, nothing filled)."""
-    free = free_bytes(final.parent)
+    free = free_bytes(final)
     if free < need:
         raise CheckpointError(f"disk full while saving {final}: it needs at least {human(need)} and "
                               f"{human(free)} is free on that disk; nothing was written and {kept}; free some "

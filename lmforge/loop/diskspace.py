@@ -77,9 +77,9 @@ def is_disk_full(exc: BaseException, free_at_failure: int, remaining: int) -> bo
     what the save still had to write (at least SLACK) means the disk stopped it."""
     if says_disk_full(exc):
         return True
-    if isinstance(exc, OSError):
-        return False
-    return isinstance(exc, SAVE_ERRORS) and free_at_failure < max(remaining, SLACK)
+    # Only the plain types torch.save and safetensors raise: a subclass (the project's own errors, say)
+    # says what it is, even on a disk that happens to be full.
+    return type(exc) in (RuntimeError, SafetensorError) and free_at_failure < max(remaining, SLACK)
 
 
 def human(n: int) -> str:

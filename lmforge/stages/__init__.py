@@ -10,7 +10,20 @@ from lmforge.config.schema import STAGES
 def _runner(name: str):
     def run(cfg):
         # Imported on use: `lmforge --help` should not pay for torch and transformers.
-        return importlib.import_module(f"lmforge.stages.{name}").run(cfg)
+        from lmforge.loop.checkpoint import CheckpointError
+        from lmforge.loop.diskspace import SAVE_ERRORS, disk_full_message
+
+        try:
+            return importlib.import_module(f"lmforge.stages.{name}").run(cfg)
+        except CheckpointError:
+            raise
+        except SAVE_ERRORS as exc:
+            # A full disk anywhere else in a run (the config, metrics.jsonl, the data cache): one line
+            # naming the folder and the space left, instead of the traceback of whichever write hit it.
+            message = disk_full_message(cfg.train.output_dir, exc)
+            if message is None:
+                raise
+            raise CheckpointError(message) from exc
 
     return run
 

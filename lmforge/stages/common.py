@@ -22,6 +22,8 @@ from lmforge.config.schema import RL_STAGES, ConfigError, StageConfig
 from lmforge.data.build import data_cache_dir
 from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids
+from lmforge.loop.checkpoint import check_room, checkpoint_dir, cleaned_up_on_failure
+from lmforge.loop.diskspace import nested_tensors, tensor_bytes
 from lmforge.losses.linear_ce import causal_lm_loss_from_hidden
 from lmforge.losses.lm import causal_lm_loss
 from lmforge.models.adapters import apply_finetuning, quantization_config
@@ -30,6 +32,10 @@ from lmforge.models.attention import register as register_varlen
 from lmforge.models.load import as_reward_model, count_parameters, load_model_and_tokenizer
 
 MANIFEST = "lmforge.json"
+INITIAL_ANSWERS = "initial_answers"
+WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json", "adapter_model.*", "adapter_config.json")
+"""Files of an earlier artifact that would be loaded beside (or instead of) a new one of another shape."""
 
 
 @dataclass
@@ -157,8 +163,9 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.eos_token_id = stop
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(run.output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(run.output_dir)
+        write_model_files(run.output_dir, artifact_bytes(model, state_dict),
+                          lambda folder: (model.save_pretrained(folder, state_dict=state_dict),
+                                          tokenizer.save_pretrained(folder)))
         total, trainable = count_parameters(model)
         manifest = {
             "stage": run.cfg.stage,
@@ -177,6 +184,49 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
     shutil.rmtree(run.cache_dir, ignore_errors=True)
     trainer.end()
     return run.output_dir
+
+
+def artifact_bytes(model, state_dict: dict | None) -> int:
+    """At least what save_pretrained writes: an adapter's own weights, else the whole (deduplicated) state."""
+    if hasattr(model, "peft_config"):
+        return tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    return tensor_bytes(nested_tensors(state_dict if state_dict is not None else model.state_dict()))
+
+
+def write_model_files(out: Path, need: int, write) -> None:
+    """The model's files written into a temporary folder beside them and moved in once all are on disk, so
+    a failure (a full disk, a SIGTERM) never leaves a half-written model that looks complete; the manifest,
+    written after this, is what marks the folder complete. A failed write removes its partial folder."""
+    for stale in out.glob(".tmp-artifact-*"):  # what a killed save left
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out / f".tmp-artifact-{os.getpid()}"
+    kept = f"the checkpoints in {checkpoint_dir(out)} are intact"
+    check_room(out, need, kept)
+    with cleaned_up_on_failure(tmp, out, need, lambda: kept):
+        tmp.mkdir()
+        write(tmp)
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is not a complete artifact until the end
+    new = {p.name for p in tmp.iterdir()}
+    for pattern in WEIGHT_FILES:
+        for old in out.glob(pattern):
+            if old.name not in new and old.is_file():
+                old.unlink()
+    for item in tmp.iterdir():
+        if (out / item.name).is_dir():
+            shutil.rmtree(out / item.name)
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+
+
+def keep_initial_answers(trainer, answer) -> None:
+    """The starting model's held-out answers (`answer()`), kept in every checkpoint: a resumed run reports
+    them without the starting model. Read them back with `initial_answers` after training."""
+    if trainer.resume_from is None:
+        trainer.state.extra[INITIAL_ANSWERS] = answer()
+
+
+def initial_answers(trainer) -> dict:
+    return trainer.state.extra.get(INITIAL_ANSWERS, {})
 
 
 def _chain_adapter(model, cfg: StageConfig) -> None:

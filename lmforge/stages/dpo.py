@@ -32,6 +32,8 @@ from lmforge.rollout.evaluate import answer_eval
 from lmforge.stages.common import (
     fusable_output_layer,
     hidden_states_as_logits,
+    initial_answers,
+    keep_initial_answers,
     load_for_training,
     save_artifact,
     start_run,
@@ -148,17 +150,17 @@ def run(cfg: StageConfig) -> dict:
         trainer.loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=None, fused=fused)
         reference = None
 
-    resuming = trainer.resume_from is not None
-    before = {} if resuming else held_out_answers(model, tokenizer, eval_pairs, cfg.dpo.eval_generate,
-                                                  cfg.dpo.max_new_tokens)
-    result = trainer.train()
-    metrics = dict(result.metrics)
-    after = held_out_answers(trainer.accelerator.unwrap_model(trainer.prepared), tokenizer, eval_pairs,
-                             cfg.dpo.eval_generate, cfg.dpo.max_new_tokens)
-    metrics.update({f"eval_{k}": v for k, v in after.items()})
-    metrics.update({f"initial_eval_{k}": v for k, v in before.items()})
-
-    save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics)
+    # SIGTERM: after the last step, the final checkpoint holds everything and the run stops at once.
+    with trainer.preemption:
+        keep_initial_answers(trainer, lambda: held_out_answers(model, tokenizer, eval_pairs, cfg.dpo.eval_generate,
+                                                               cfg.dpo.max_new_tokens))
+        result = trainer.train()
+        metrics = dict(result.metrics)
+        after = held_out_answers(trainer.accelerator.unwrap_model(trainer.prepared), tokenizer, eval_pairs,
+                                 cfg.dpo.eval_generate, cfg.dpo.max_new_tokens)
+        metrics.update({f"eval_{k}": v for k, v in after.items()})
+        metrics.update({f"initial_eval_{k}": v for k, v in initial_answers(trainer).items()})
+        save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics)
     return metrics
 
 

@@ -21,7 +21,6 @@ import torch
 
 from lmforge.config.schema import RLConfig, StageConfig
 from lmforge.data.build import error_at, load_splits
-from lmforge.loop.preemption import PreemptionGuard
 from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
 from lmforge.models.reference import Reference
@@ -107,17 +106,19 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
 
     trainer.resume_if_asked()
     state = trainer.state
-    if state.extra:
+    if "kl" in state.extra:
         kl_ctl.load_state_dict(state.extra["kl"])
     unwrapped = trainer.accelerator.unwrap_model(trainer.prepared)
     def evaluate() -> dict:
         with whole_parameters(trainer.prepared):
             return evaluate_policy(unwrapped.policy, tokenizer, backend, eval_set, rewards, reference, rl)
 
-    before = evaluate() if state.step == 0 else {}
-    trainer.log({f"eval_{k}": v for k, v in before.items()})
+    if state.step == 0:  # kept in every checkpoint: a resumed run reports them too
+        state.extra["initial_metrics"] = evaluate()
+        trainer.log({f"eval_{k}": v for k, v in state.extra["initial_metrics"].items()})
+    before = state.extra.get("initial_metrics", {})
     last: dict = {}
-    with PreemptionGuard() as preemption:
+    with trainer.preemption as preemption:
         while state.extra.get("iteration", 0) < iterations:
             prompts = _next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
             last = one_iteration(trainer, unwrapped, tokenizer, backend, params, rewards, reference, kl_ctl, algo, rl,
@@ -133,11 +134,13 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
                 trainer.save_checkpoint()
             if preemption.stop_now(trainer.accelerator):  # SIGTERM: save at this iteration's end, exit 143
                 trainer.stop_for_preemption()
-    after = evaluate()
-    trainer.log({f"eval_{k}": v for k, v in after.items()})
-    metrics = {**{f"train_{k}": v for k, v in last.items()}, **{f"eval_{k}": v for k, v in after.items()},
-               **{f"initial_eval_{k}": v for k, v in before.items()}, "iterations": iterations}
-    save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics, model=unwrapped.policy)
+        trainer.finish_training(last)  # from here a SIGTERM loses nothing: the final checkpoint is written
+        last = state.extra.get("last_train_metrics", {})
+        after = evaluate()
+        trainer.log({f"eval_{k}": v for k, v in after.items()})
+        metrics = {**{f"train_{k}": v for k, v in last.items()}, **{f"eval_{k}": v for k, v in after.items()},
+                   **{f"initial_eval_{k}": v for k, v in before.items()}, "iterations": iterations}
+        save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics, model=unwrapped.policy)
     return metrics
 
 

@@ -11,7 +11,15 @@ from lmforge.data.packing import collate
 from lmforge.loop.trainer import Trainer
 from lmforge.models.neftune import add_neftune_noise
 from lmforge.rollout.evaluate import answer_eval
-from lmforge.stages.common import lm_loss, load_for_training, save_artifact, start_run, use_fused_loss
+from lmforge.stages.common import (
+    initial_answers,
+    keep_initial_answers,
+    lm_loss,
+    load_for_training,
+    save_artifact,
+    start_run,
+    use_fused_loss,
+)
 
 
 def held_out_answers(model, tokenizer, eval_examples, limit: int, max_new_tokens: int) -> dict:
@@ -34,19 +42,21 @@ def run(cfg: StageConfig) -> dict:
     trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id),
                       partial(lm_loss, fused=use_fused_loss(cfg)),
                       cfg.train, cfg.log, eval_rows=eval_rows)
-    resuming = trainer.resume_from is not None
-    before = held_out_answers(model, tokenizer, eval_examples, cfg.sft.eval_generate, cfg.sft.max_new_tokens) \
-        if eval_examples is not None and cfg.sft.eval_generate > 0 and not resuming else {}
-    result = trainer.train()
-    if noise is not None:
-        noise.remove()  # training only: evaluation, the saved model and later stages see clean embeddings
-    metrics = dict(result.metrics)
-    if eval_examples is not None and cfg.sft.eval_generate > 0:
-        after = held_out_answers(trainer.accelerator.unwrap_model(trainer.prepared), tokenizer, eval_examples,
-                            cfg.sft.eval_generate, cfg.sft.max_new_tokens)
-        metrics.update({f"eval_{k}": v for k, v in after.items()})
-        metrics.update({f"initial_eval_{k}": v for k, v in before.items()})
-        trainer.log({k: v for k, v in metrics.items() if k.startswith(("eval_exact", "eval_stopped"))})
-
-    save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics)
+    answers = eval_examples is not None and cfg.sft.eval_generate > 0
+    # SIGTERM: after the last step, the final checkpoint holds everything and the run stops at once.
+    with trainer.preemption:
+        if answers:
+            keep_initial_answers(trainer, lambda: held_out_answers(model, tokenizer, eval_examples,
+                                                                   cfg.sft.eval_generate, cfg.sft.max_new_tokens))
+        result = trainer.train()
+        if noise is not None:
+            noise.remove()  # training only: evaluation, the saved model and later stages see clean embeddings
+        metrics = dict(result.metrics)
+        if answers:
+            after = held_out_answers(trainer.accelerator.unwrap_model(trainer.prepared), tokenizer, eval_examples,
+                                     cfg.sft.eval_generate, cfg.sft.max_new_tokens)
+            metrics.update({f"eval_{k}": v for k, v in after.items()})
+            metrics.update({f"initial_eval_{k}": v for k, v in initial_answers(trainer).items()})
+            trainer.log({k: v for k, v in metrics.items() if k.startswith(("eval_exact", "eval_stopped"))})
+        save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics)
     return metrics
