@@ -244,7 +244,7 @@ def test_template_that_rewrites_history_is_rejected(tok):
 
 
 @pytest.mark.parametrize(("max_length", "train_on_prompt", "mask_history"),
-                         [(512, False, False), (512, True, False), (512, False, True), (24, False, False)])
+                         [(512, False, False), (512, True, False), (512, False, True), (32, False, False)])
 def test_render_record_counts_match_encode_sft(tok, max_length, train_on_prompt, mask_history):
     example = {"messages": CONVERSATION, "text": "", "tools": ""}
     text, counts = render_record(tok, example, max_length, train_on_prompt, mask_history)

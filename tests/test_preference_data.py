@@ -133,15 +133,30 @@ def test_encoding_puts_labels_on_responses_only(tok):
     assert batch["labels"][0, n_prompt:n_prompt + len(encoded["chosen_ids"])].tolist() == encoded["chosen_ids"]
 
 
-def test_prompt_longer_than_limit_is_a_bad_pair(tmp_path, tok):
+def test_prompt_longer_than_limit_is_dropped_and_counted_under_skip_and_one_line_under_raise(tok):
     import datasets
+    from rich.console import Console
 
-    rows = datasets.Dataset.from_list([{**pair(prompt=[{"role": "user", "content": "word " * 200}]),
-                                        "source": "f.jsonl:line 7"}])
+    from lmforge.data.inspect import inspect_pairs
+
+    long_prompt = pair(prompt=[{"role": "user", "content": "word " * 200}])
+    rows = datasets.Dataset.from_list([{**long_prompt, "source": "f.jsonl:line 7"},
+                                       {**pair(), "source": "f.jsonl:line 8"}])
     errors = ErrorLog("skip")
+    errors.loaded["f.jsonl"] = 2
     out = tokenize_preference(rows, tok, DataConfig(max_length=32), errors, "pair")
-    assert len(out) == 0 and errors.total_skipped == 1
-    assert errors.examples[0].startswith("f.jsonl:line 7: the prompt has")
+    assert len(out) == 1 and errors.total_skipped == 0
+    summary = errors.summary()
+    assert (summary["dropped_too_long"], summary["loaded_records"], summary["records_read"]) == (1, 1, 2)
+    assert summary["truncation"] == {"prompt_cut": 0, "reply_cut": 0, "turns_dropped": 0, "dropped_no_room": 1}
+    with pytest.raises(DataError) as caught:
+        tokenize_preference(rows, tok, DataConfig(max_length=32), ErrorLog("raise"), "pair")
+    message = str(caught.value)
+    assert message.startswith("f.jsonl:line 7: the prompt has ") and "max_length=32" in message
+    assert "\n" not in message and "data.on_error: skip" in message
+    console = Console(record=True, width=200)
+    inspect_pairs(tok, [{**long_prompt, "source": "f.jsonl:line 7"}], 5, 32, console)  # no traceback
+    assert "(dropped: the prompt has " in console.export_text()
 
 
 def test_alpaca_history_becomes_earlier_turns():

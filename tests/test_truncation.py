@@ -1,5 +1,6 @@
-"""Truncation to max_length: the prompt keeps its head, the reply its head; samples left with nothing
-to learn are dropped and counted (`lmforge.data.tokenize`)."""
+"""Truncation to max_length (policy: `lmforge.data.truncate`): the template's structure is kept, the
+user's text loses its middle, the reply its tail but never its end-of-turn token; every cut or drop
+is counted by kind."""
 
 from __future__ import annotations
 
@@ -11,39 +12,80 @@ from test_masking import LONG_PROMPT, LONG_REPLY, ids, single_turn
 from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.build import load_examples, tokenize_sft
 from lmforge.data.errors import ErrorLog
-from lmforge.data.tokenize import IGNORE, encode_sft, truncate_pieces
+from lmforge.data.tokenize import IGNORE, encode_sft
+from lmforge.data.truncate import Piece, truncate_pieces
+
+NO_CUTS = {"prompt_cut": 0, "reply_cut": 0, "turns_dropped": 0, "dropped_no_room": 0}
 
 
-def prompt_and_reply_ids(tokenizer, prompt: str, reply: str) -> tuple[list[int], list[int]]:
-    prompt_ids = ids(tokenizer, f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
-    return prompt_ids, ids(tokenizer, reply) + ids(tokenizer, "<|im_end|>")
+def parts(tok, prompt: str, reply: str) -> dict[str, list[int]]:
+    return {"open": ids(tok, "<|im_start|>user\n"), "text": ids(tok, prompt),
+            "header": ids(tok, "<|im_end|>\n<|im_start|>assistant\n"), "reply": ids(tok, reply),
+            "end": ids(tok, "<|im_end|>")}
 
 
-def test_long_prompt_keeps_its_head_and_the_whole_short_reply(tok):
-    prompt, reply = prompt_and_reply_ids(tok, LONG_PROMPT, "a small step")
-    assert len(prompt) > 40 and len(reply) < 16
-    encoded = encode_sft(tok, single_turn(LONG_PROMPT, "a small step"), max_length=32)
-    keep = 32 - len(reply)
-    assert len(encoded["input_ids"]) == 32
-    assert encoded["input_ids"] == prompt[:keep] + reply
-    assert encoded["labels"] == [IGNORE] * keep + reply
+def middle_cut(text: list[int], keep: int) -> list[int]:
+    head = (keep + 1) // 2
+    return text[:head] + text[len(text) - (keep - head):]
 
 
-def test_long_prompt_and_long_reply_share_the_room_half_and_half(tok):
-    prompt, reply = prompt_and_reply_ids(tok, LONG_PROMPT, LONG_REPLY)
-    assert len(prompt) > 32 and len(reply) > 32
-    encoded = encode_sft(tok, single_turn(LONG_PROMPT, LONG_REPLY), max_length=33)
-    # The reply gets at least half (the odd token goes to it): 16 prompt + 17 reply.
-    assert encoded["input_ids"] == prompt[:16] + reply[:17]
-    assert encoded["labels"] == [IGNORE] * 16 + reply[:17]
+def test_long_prompt_loses_its_middle_and_keeps_the_assistant_header_before_the_reply(tok):
+    p = parts(tok, LONG_PROMPT, "a small step")
+    fixed = len(p["open"]) + len(p["header"]) + len(p["reply"]) + len(p["end"])
+    assert len(p["text"]) > 40 and fixed < 32
+    cuts = {}
+    from collections import Counter
+    cuts = Counter()
+    encoded = encode_sft(tok, single_turn(LONG_PROMPT, "a small step"), max_length=32, cuts=cuts)
+    keep = 32 - fixed
+    expected = p["open"] + middle_cut(p["text"], keep) + p["header"] + p["reply"] + p["end"]
+    assert encoded["input_ids"] == expected and len(expected) == 32
+    reply_at = 32 - len(p["reply"]) - len(p["end"])
+    assert encoded["input_ids"][reply_at - len(p["header"]):reply_at] == p["header"]  # the header survives
+    assert encoded["labels"] == [IGNORE] * reply_at + p["reply"] + p["end"]
+    assert dict(cuts) == {"prompt_cut": 1}
 
 
-def test_short_prompt_keeps_all_of_it_and_the_reply_head(tok):
-    prompt, reply = prompt_and_reply_ids(tok, "hello", LONG_REPLY)
-    assert len(prompt) < 40 // 2 and len(reply) > 40
-    encoded = encode_sft(tok, single_turn("hello", LONG_REPLY), max_length=40)
-    assert encoded["input_ids"] == prompt + reply[: 40 - len(prompt)]
-    assert encoded["labels"] == [IGNORE] * len(prompt) + reply[: 40 - len(prompt)]
+def test_long_reply_is_cut_but_keeps_its_end_of_turn_token(tok):
+    from collections import Counter
+
+    p = parts(tok, "hello", LONG_REPLY)
+    prompt = p["open"] + p["text"] + p["header"]
+    cuts = Counter()
+    encoded = encode_sft(tok, single_turn("hello", LONG_REPLY), max_length=40, cuts=cuts)
+    room = 40 - len(prompt) - len(p["end"])
+    assert encoded["input_ids"] == prompt + p["reply"][:room] + p["end"]
+    assert encoded["labels"] == [IGNORE] * len(prompt) + p["reply"][:room] + p["end"]
+    assert encoded["input_ids"][-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert dict(cuts) == {"reply_cut": 1}
+
+
+def test_long_prompt_and_long_reply_share_the_room_left_by_the_structure(tok):
+    from collections import Counter
+
+    p = parts(tok, LONG_PROMPT, LONG_REPLY)
+    fixed = len(p["open"]) + len(p["header"]) + len(p["end"])
+    cuts = Counter()
+    encoded = encode_sft(tok, single_turn(LONG_PROMPT, LONG_REPLY), max_length=fixed + 21, cuts=cuts)
+    # 21 tokens for content: the reply gets 11 (at least half, the odd one to it), the user text 10.
+    expected = p["open"] + middle_cut(p["text"], 10) + p["header"] + p["reply"][:11] + p["end"]
+    assert encoded["input_ids"] == expected
+    assert sum(label != IGNORE for label in encoded["labels"]) == 12
+    assert dict(cuts) == {"prompt_cut": 1, "reply_cut": 1}
+
+
+def test_no_room_for_the_structure_and_one_reply_token_drops_the_sample(tok):
+    from collections import Counter
+
+    p = parts(tok, LONG_PROMPT, "a small step")
+    fixed = len(p["open"]) + len(p["header"]) + len(p["end"])
+    cuts = Counter()
+    assert encode_sft(tok, single_turn(LONG_PROMPT, "a small step"), max_length=fixed, cuts=cuts) is None
+    assert dict(cuts) == {"dropped_no_room": 1}
+    cuts.clear()
+    one = encode_sft(tok, single_turn(LONG_PROMPT, "a small step"), max_length=fixed + 1, cuts=cuts)
+    assert one["input_ids"] == p["open"] + p["header"] + p["reply"][:1] + p["end"]
+    assert dict(cuts) == {"prompt_cut": 1, "reply_cut": 1}
 
 
 def test_sequence_that_fits_is_untouched_and_one_less_drops_the_trailing_newline(tok):
@@ -57,27 +99,36 @@ def test_sequence_that_fits_is_untouched_and_one_less_drops_the_trailing_newline
 
 
 def test_truncate_pieces_policy_on_synthetic_pieces():
-    prompt, reply, newline = list(range(100, 110)), list(range(200, 210)), [300]
-    pieces = [(prompt, False), (reply, True), (newline, False)]
-    assert truncate_pieces(pieces, 21) == pieces
-    assert truncate_pieces(pieces, 20) == [(prompt, False), (reply, True)]
-    assert truncate_pieces(pieces, 8) == [(prompt[:4], False), (reply[:4], True)]
-    assert truncate_pieces(pieces, 9) == [(prompt[:4], False), (reply[:5], True)]
-    short_reply = [(prompt, False), ([200, 201], True)]
-    assert truncate_pieces(short_reply, 8) == [(prompt[:6], False), ([200, 201], True)]
-    # A second turn that does not fit shares only what the first left over.
-    two_turns = [(prompt[:3], False), (reply[:3], True), (newline, False), (prompt, False), (reply, True)]
-    assert truncate_pieces(two_turns, 11) == [(prompt[:3], False), (reply[:3], True), (newline, False),
-                                               (prompt[:2], False), (reply[:2], True)]
+    def piece(kind, start, n, loss=False):
+        return Piece(list(range(start, start + n)), kind, loss)
+
+    system = [piece("frame", 0, 2), piece("system", 10, 6), piece("frame", 20, 2)]
+    first = [piece("text", 30, 8), piece("frame", 40, 2), piece("reply", 50, 4), piece("end", 60, 1)]
+    second = [piece("frame", 70, 2), piece("text", 80, 8), piece("header", 90, 3), piece("reply", 100, 10, True),
+              piece("end", 120, 1, True)]
+    pieces = system + first + second  # mask_history: only the last reply carries loss
+    assert truncate_pieces(pieces, 60) == (pieces, set())
+    kept, cuts = truncate_pieces(pieces, 40)
+    # Kept whole: 2+2+2+1+2+3+1 = 13 tokens of structure; 27 for content: the reply all 10, the
+    # context 17 of its 26: the oldest text (8) goes, then the middle token of the loss-free first
+    # reply; the newest text and the system prompt stay whole.
+    assert cuts == {"prompt_cut"}
+    assert [p.ids for p in kept if p.kind in ("text", "reply", "system")] == [
+        list(range(10, 16)), [50, 51, 53], list(range(80, 88)), list(range(100, 110))]
+    assert sum(len(p.ids) for p in kept) == 40 and kept[-1].ids == [120]
 
 
-def test_reply_with_no_room_left_is_dropped(tok):
-    # With mask_history only the last reply carries loss; a long first exchange leaves it no room.
-    messages = single_turn(LONG_PROMPT, LONG_REPLY) + single_turn("again", "a small step")
-    assert encode_sft(tok, messages, max_length=32, mask_history=True) is None
-    kept = encode_sft(tok, messages, max_length=32)  # without mask_history the first reply still learns
-    assert kept is not None and len(kept["input_ids"]) == 32
-    assert sum(label != IGNORE for label in kept["labels"]) == 16
+def test_reply_with_no_room_left_is_dropped_and_later_turns_are_counted(tok):
+    from collections import Counter
+
+    messages = single_turn("hello", "hi there") + single_turn(LONG_PROMPT, LONG_REPLY)
+    first = encode_sft(tok, single_turn("hello", "hi there"), max_length=512)
+    cuts = Counter()
+    kept = encode_sft(tok, messages, max_length=len(first["input_ids"]) + 3, cuts=cuts)
+    # The second turn's structure alone does not fit in 3 tokens: it goes (with the newline the
+    # template prints before it), the first turn stays whole.
+    assert kept == {"input_ids": first["input_ids"][:-1], "labels": first["labels"][:-1]}
+    assert dict(cuts) == {"turns_dropped": 1}
 
 
 def test_tokenize_sft_counts_dropped_samples(tok, tmp_path):
@@ -99,3 +150,22 @@ def test_tokenize_sft_counts_dropped_samples(tok, tmp_path):
     assert tokens[0]["labels"] == expected["labels"]
 
 
+
+
+def test_streamed_counts_and_loaded_records_stay_the_same_every_epoch(tok, tmp_path):
+    dialogues = [single_turn(LONG_PROMPT, "a small step"),  # prompt cut
+                 single_turn("hello", LONG_REPLY),  # reply cut
+                 single_turn(LONG_PROMPT, LONG_REPLY) + single_turn("again", "a small step"),  # dropped (mask_history)
+                 single_turn("hello", "hi there")]  # untouched
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in dialogues) + "\n", encoding="utf-8")
+    for streaming in (False, True):
+        cfg = DataConfig(max_length=32, mask_history=True, streaming=streaming)
+        errors = ErrorLog(cfg.on_error)
+        examples, _ = load_examples([DatasetSpec(path=str(path))], cfg, errors, tempfile.mkdtemp(dir=tmp_path))
+        tokens = tokenize_sft(examples, tok, cfg, errors, pack=False)
+        for _ in range(3 if streaming else 1):  # every epoch reads and tokenizes a stream again
+            assert len(list(tokens)) == 3
+            summary = errors.summary()
+            assert summary["truncation"] == {**NO_CUTS, "prompt_cut": 1, "reply_cut": 1, "dropped_no_room": 1}
+            assert (summary["records_read"], summary["loaded_records"], summary["dropped_too_long"]) == (4, 3, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.errors import DataError, ErrorLog
 from lmforge.data.formats import RowFormat, to_example
 from lmforge.data.packing import pack_samples, pack_stream
-from lmforge.data.preference import encode_kto, encode_pair, to_kto, to_pair
+from lmforge.data.preference import PromptTooLong, encode_kto, encode_pair, to_kto, to_pair
 from lmforge.data.prompts import to_prompt
 from lmforge.data.readers import read_file, resolve_files
 from lmforge.data.registry import resolve_spec
@@ -161,9 +162,10 @@ def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> di
         if not messages:
             errors.reject_loaded(error_at(source, "a plain-text record in SFT data (no dialogue)"))
             continue
-        encoded = encode_sft(tokenizer, messages, cfg.max_length, cfg.train_on_prompt, cfg.mask_history)
+        cuts = Counter()
+        encoded = encode_sft(tokenizer, messages, cfg.max_length, cfg.train_on_prompt, cfg.mask_history, cuts)
+        errors.count_cuts(source, cuts)
         if encoded is None:
-            errors.drop_too_long(error_at(source, "").source)
             continue
         out["input_ids"].append(encoded["input_ids"])
         out["labels"].append(encoded["labels"])
@@ -211,11 +213,19 @@ def _preference_tokens(batch: dict, tokenizer, max_length: int, errors: ErrorLog
         try:
             encoded = encode_pair(tokenizer, record, max_length) if kind == "pair" else \
                 encode_kto(tokenizer, record, max_length)
+        except PromptTooLong as exc:
+            if errors.on_error == "raise":
+                raise error_at(source, f"{exc}; raise data.max_length, or set data.on_error: skip to drop "
+                                       "such records") from None
+            errors.count_cuts(source, {"dropped_no_room"})
+            continue
         except ValueError as exc:
             errors.reject_loaded(error_at(source, str(exc)))
             continue
         # Cut responses still train, but never silently: they are counted in the run summary.
-        errors.truncated += int(encoded["truncated"])
+        if encoded["truncated"] and source not in errors.settled:
+            errors.truncated += 1
+            errors.count_cuts(source, {"reply_cut"})
         for c in columns:
             out[c].append(encoded[c])
     return out

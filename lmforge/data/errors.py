@@ -14,6 +14,10 @@ class DataError(ValueError):
         super().__init__(f"{source}:{where}: {problem}")
 
 
+CUT_KINDS = ("prompt_cut", "reply_cut", "turns_dropped", "dropped_no_room")
+"""What truncation to max_length did to a sample (lmforge.data.truncate states the policy)."""
+
+
 @dataclass
 class ErrorLog:
     """Collects bad records: raises at once under `raise`, counts them under `skip`."""
@@ -30,6 +34,11 @@ class ErrorLog:
     """file -> records read, normalised and not (yet) rejected: what training and evaluation use."""
     reads: set = field(default_factory=set, repr=False)
     """Inputs already read once (see for_pass)."""
+    cuts: Counter = field(default_factory=Counter)
+    """kind (CUT_KINDS) -> samples cut or dropped that way, each record counted once."""
+    settled: set = field(default_factory=set, repr=False)
+    """`file:line` of records already counted at tokenization: a streamed data set is tokenized again
+    every epoch (and a weighted mix repeats records), and each record must count once."""
     first_by_file: dict = field(default_factory=dict, repr=False)
     """file -> the first bad record's message, kept even past the 20 `examples`: a file with no good
     record fails quoting it."""
@@ -63,15 +72,28 @@ class ErrorLog:
     def mark_loaded(self, source: str) -> None:
         self.loaded[source] += 1
 
+    def first_time(self, record: str) -> bool:
+        """True the first time a record (`file:line N`) has something counted at tokenization."""
+        if record in self.settled:
+            return False
+        self.settled.add(record)
+        return True
+
     def reject_loaded(self, error: DataError) -> None:
         """A record already counted as loaded proved unusable later (at tokenization): it moves from
         loaded to skipped, so records read == loaded + skipped + dropped stays true."""
-        self.report(error)
-        self.loaded[error.source] -= 1
+        if self.on_error == "raise" or self.first_time(f"{error.source}:{error.where}"):
+            self.report(error)
+            self.loaded[error.source] -= 1
 
-    def drop_too_long(self, source: str) -> None:
-        self.dropped_too_long += 1
-        self.loaded[source] -= 1
+    def count_cuts(self, record: str, kinds) -> None:
+        """The cuts truncation made to one record (`file:line N`); a dropped one leaves `loaded`."""
+        if not kinds or not self.first_time(record):
+            return
+        self.cuts.update(kinds)
+        if "dropped_no_room" in kinds:
+            self.dropped_too_long += 1
+            self.loaded[record.rsplit(":", 1)[0]] -= 1
 
     @property
     def total_skipped(self) -> int:
@@ -89,5 +111,6 @@ class ErrorLog:
             "skipped_by_file": dict(self.skipped),
             "dropped_too_long": self.dropped_too_long,
             "truncated_responses": self.truncated,
+            "truncation": {kind: self.cuts[kind] for kind in CUT_KINDS},
             "examples": self.examples,
         }

@@ -8,7 +8,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
-from lmforge.data.preference import encode_pair, pair_rows
+from lmforge.data.preference import PromptTooLong, encode_pair, pair_rows
 from lmforge.data.tokenize import IGNORE, encode_sft, encode_text, messages_as_text
 
 
@@ -58,7 +58,12 @@ def inspect_pairs(tokenizer, pairs, limit: int, max_length: int, console: Consol
     for index, pair in enumerate(pairs):
         if index >= limit:
             break
-        encoded = encode_pair(tokenizer, pair, max_length)
+        try:
+            encoded = encode_pair(tokenizer, pair, max_length)
+        except PromptTooLong as exc:
+            console.rule(f"[bold]{pair.get('source', f'record {index}')}[/]")
+            console.print(Text(f"(dropped: {exc})", style="red"))
+            continue
         for name, (ids, labels) in zip(("chosen", "rejected"), pair_rows(encoded)):
             console.rule(f"[bold]{pair.get('source', f'record {index}')}[/]  {name}: {len(ids)} tokens")
             console.print(styled(tokenizer, ids, labels))

@@ -164,13 +164,18 @@ def encode_response(tokenizer, prompt: list[dict], response: str) -> tuple[list[
     return prompt_ids, tokenizer.encode(segments[reply_at].text, add_special_tokens=False)
 
 
+class PromptTooLong(ValueError):
+    """A preference record whose prompt alone leaves no room for a response under max_length: dropped
+    and counted under on_error: skip, like an SFT sample with no room."""
+
+
 def encode_pair(tokenizer, pair: dict, max_length: int) -> dict:
     """Token ids of prompt+chosen and prompt+rejected; responses cut to fit, prompt never cut."""
     prompt_ids, chosen = encode_response(tokenizer, pair["prompt"], pair["chosen"])
     _, rejected = encode_response(tokenizer, pair["prompt"], pair["rejected"])
     room = max_length - len(prompt_ids)
     if room < 1:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, no room left under max_length={max_length}")
+        raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens, no room left under max_length={max_length}")
     if chosen[:room] == rejected[:room]:
         raise ValueError(f"chosen and rejected are identical once cut to max_length={max_length}")
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room],
@@ -181,7 +186,7 @@ def encode_kto(tokenizer, record: dict, max_length: int) -> dict:
     prompt_ids, completion = encode_response(tokenizer, record["prompt"], record["completion"])
     room = max_length - len(prompt_ids)
     if room < 1:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, no room left under max_length={max_length}")
+        raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens, no room left under max_length={max_length}")
     return {"prompt_ids": prompt_ids, "completion_ids": completion[:room], "label": record["label"],
             "truncated": len(completion) > room}
 

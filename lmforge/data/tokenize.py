@@ -1,17 +1,20 @@
-"""Messages → token ids + labels, with the truncation policy stated once.
+"""Messages → token ids + labels.
 
 Labels are -100 on every token that carries no loss. By default only assistant replies
 (each with its end-of-turn token) carry loss; `train_on_prompt` puts loss on everything and
 `mask_history` keeps it only on the last reply.
 
-Truncation (max_length): segments are kept in order; when a prompt/reply pair no longer fits,
-the prompt keeps its head and the reply its head, sharing what is left (the reply gets at least
-half). A sample left with no loss-carrying token is dropped and counted — never silently.
+Truncation to max_length follows the policy stated in `lmforge.data.truncate`: the template's
+structure (role markers, the assistant header, the reply's end-of-turn token) is never cut; the
+user's text and the reply's content are; every cut or dropped sample is counted by kind.
 """
 
 from __future__ import annotations
 
-from lmforge.data.templates import Segment, render_segments
+from collections import Counter
+
+from lmforge.data.templates import Segment
+from lmforge.data.truncate import encode_parts, render_parts, truncate_pieces
 
 IGNORE = -100
 
@@ -23,49 +26,27 @@ def encode_segments(tokenizer, segments: list[Segment]) -> list[tuple[list[int],
 
 
 def encode_sft(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool = False,
-               mask_history: bool = False) -> dict | None:
-    """Token ids and labels for one dialogue, or None when truncation left nothing to learn."""
-    pieces = encode_segments(tokenizer, render_segments(tokenizer, messages))
-    if mask_history:
-        last = max(i for i, (_, is_reply) in enumerate(pieces) if is_reply)
-        pieces = [(ids, is_reply and i == last) for i, (ids, is_reply) in enumerate(pieces)]
-    pieces = truncate_pieces(pieces, max_length)
+               mask_history: bool = False, cuts: Counter | None = None) -> dict | None:
+    """Token ids and labels for one dialogue, or None when truncation left nothing to learn.
+
+    `cuts`, when given, gains one count per kind of cut this sample went through."""
+    parts = render_parts(tokenizer, messages)
+    is_reply = [any(kind == "reply" or kind == "end" for _, kind in segment) and
+                all(kind in ("reply", "end") for _, kind in segment) for segment in parts]
+    if mask_history and any(is_reply):
+        last = max(i for i, reply in enumerate(is_reply) if reply)
+        is_reply = [reply and i == last for i, reply in enumerate(is_reply)]
+    pieces, kinds = truncate_pieces(encode_parts(tokenizer, parts, is_reply), max_length)
+    if cuts is not None:
+        cuts.update(kinds)
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, is_reply in pieces:
-        input_ids += ids
-        labels += ids if (is_reply or train_on_prompt) else [IGNORE] * len(ids)
-    if not any(is_reply and ids for ids, is_reply in pieces):
+    for piece in pieces:
+        input_ids += piece.ids
+        labels += piece.ids if (piece.loss or train_on_prompt) else [IGNORE] * len(piece.ids)
+    if not any(piece.loss for piece in pieces):
         return None
     return {"input_ids": input_ids, "labels": labels}
-
-
-def truncate_pieces(pieces: list[tuple[list[int], bool]], max_length: int) -> list[tuple[list[int], bool]]:
-    total = sum(len(ids) for ids, _ in pieces)
-    if total <= max_length:
-        return pieces
-    kept: list[tuple[list[int], bool]] = []
-    room = max_length
-    i = 0
-    while i < len(pieces) and room > 0:
-        ids, is_reply = pieces[i]
-        if is_reply or i + 1 >= len(pieces) or not pieces[i + 1][1]:
-            kept.append((ids[:room], is_reply))
-            room -= len(kept[-1][0])
-            i += 1
-            continue
-        # A prompt followed by its reply: share the room, keeping each one's head.
-        reply = pieces[i + 1][0]
-        if len(ids) + len(reply) <= room:
-            kept += [pieces[i], pieces[i + 1]]
-            room -= len(ids) + len(reply)
-        else:
-            prompt_room = min(len(ids), max(room - len(reply), room // 2))
-            reply_room = room - prompt_room
-            kept += [(ids[:prompt_room], False), (reply[:reply_room], True)]
-            room = 0
-        i += 2
-    return [(ids, is_reply) for ids, is_reply in kept if ids]
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
