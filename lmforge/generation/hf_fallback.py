@@ -1,0 +1,40 @@
+"""The fallback backend: any transformers causal LM, through its own forward and one DynamicCache per row.
+
+It runs each row on its own (correct for every architecture the library supports, slower than the own
+decoder), behind the same interface: prefill a row, decode rows 0..B-1, copy a shared prefix, swap rows.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class HFBackend:
+    def __init__(self, model, rows: int, max_len: int):
+        self.model = model
+        self.caches: list = [None] * rows
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
+        tokens = torch.tensor([token_ids], device=self.device)
+        positions = torch.arange(start, start + len(token_ids), device=self.device)
+        out = self.model(input_ids=tokens, past_key_values=self.caches[row], use_cache=True,
+                         cache_position=positions, logits_to_keep=1)
+        self.caches[row] = out.past_key_values
+        return out.logits[0, -1].float()
+
+    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        return torch.stack([self.prefill(row, [token], length)
+                            for row, (token, length) in enumerate(zip(tokens, lengths))])
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        self.caches[target] = copy.deepcopy(self.caches[source])
+
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        self.caches[a], self.caches[b] = self.caches[b], self.caches[a]
+
+    def clear_row(self, row: int) -> None:
+        self.caches[row] = None

@@ -1,0 +1,122 @@
+"""The engine's own forward pass for Llama-family models (Llama, Qwen2/2.5, Qwen3, Mistral).
+
+It runs the model's own modules layer by layer — embedding, norms, projections, MLP, output layer — so a
+peft LoRA wrapper's layers still apply and updated weights are read live; only the attention is its own:
+keys/values go into the pre-allocated `KVCache`, and each row attends over its used length only (a slice
+of the cache up to the longest live row, the rest masked). Query heads of a group share their key/value
+head by a reshape, never a copy of the cache. Rotary positions are the tokens' real positions.
+
+One forward serves both prefill (one row, a chunk of t tokens) and decode (B rows, one token each):
+the token at position p sees cache positions 0..p.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.generation.cache import KVCache
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+
+class UnsupportedModel(ValueError):
+    """The own decoder cannot run this model exactly; the engine then uses the HF fallback."""
+
+
+def base_model(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_supported(model, max_len: int) -> None:
+    config = base_model(model).config
+    if config.model_type not in SUPPORTED:
+        raise UnsupportedModel(f"the own decoder runs {', '.join(SUPPORTED)} models, not {config.model_type!r}")
+    window = getattr(config, "sliding_window", None)
+    windowed = getattr(config, "use_sliding_window", config.model_type == "mistral")
+    # A window at least as long as the cache never cuts anything off: full attention is then exact.
+    if window and windowed and window < max_len:
+        raise UnsupportedModel(f"sliding-window attention (window {window} < max_len {max_len}) is not in "
+                               "the own decoder")
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q [B, H, T, D] over k, v [B, KVH, S, D]; visible bool [B, T, S]."""
+    b, heads, t, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    grouped = q.reshape(b, kv_heads, group * t, d)  # query head h = kv head h // group: a view, no copy
+    mask = visible[:, None, None].expand(b, 1, group, t, visible.shape[-1]).reshape(b, 1, group * t, -1)
+    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).reshape(b, heads, t, d)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, heads, T, D] with cos/sin [B, T, D] (the half-split layout)."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class LlamaFamilyBackend:
+    def __init__(self, model, rows: int, max_len: int):
+        check_supported(model, max_len)
+        base = base_model(model)
+        self.backbone, self.head = base.model, base.get_output_embeddings()
+        self.layers = list(self.backbone.layers)
+        attention = self.layers[0].self_attn
+        self.head_dim, self.scale = attention.head_dim, attention.scaling
+        weight = self.backbone.embed_tokens.weight
+        self.vocab_size = self.head.weight.shape[0]
+        self.cache = KVCache(len(self.layers), rows, base.config.num_key_value_heads, max_len, self.head_dim,
+                             weight.dtype, weight.device)
+        self.device = weight.device
+
+    def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
+        """Feed tokens at positions start.. of `row`; the float logits [V] after the last one."""
+        tokens = torch.tensor([token_ids], device=self.device)
+        positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
+        rows = torch.tensor([row], device=self.device)
+        return self._forward(tokens, positions, rows, slice(row, row + 1), start + len(token_ids))[0]
+
+    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        """One token for each of rows 0..B-1, at position lengths[b]; float logits [B, V]."""
+        count = len(tokens)
+        positions = torch.tensor(lengths, device=self.device)[:, None]
+        rows = torch.arange(count, device=self.device)
+        return self._forward(torch.tensor(tokens, device=self.device)[:, None], positions, rows, slice(0, count),
+                             max(lengths) + 1)
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        self.cache.copy_row(source, target, length)
+
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        self.cache.swap_rows(a, b, length)
+
+    def clear_row(self, row: int) -> None:
+        """Nothing to free: a row's stale positions are never visible (masked by length)."""
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_span: slice,
+                 span: int) -> torch.Tensor:
+        hidden = self.backbone.embed_tokens(tokens)
+        cos, sin = self.backbone.rotary_emb(hidden, positions)
+        visible = torch.arange(span, device=self.device)[None, None] <= positions[..., None]
+        b, t, _ = hidden.shape
+        for index, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attention.q_proj(x).view(b, t, -1, self.head_dim)
+            k = attention.k_proj(x).view(b, t, -1, self.head_dim)
+            if hasattr(attention, "q_norm"):  # Qwen3 normalises each head's query and key
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q = rotate(q.transpose(1, 2), cos, sin)
+            k = rotate(k.transpose(1, 2), cos, sin)
+            v = attention.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            self.cache.write(index, rows, positions, k, v)
+            keys = self.cache.keys[index][row_span, :, :span]
+            values = self.cache.values[index][row_span, :, :span]
+            mixed = grouped_attention(q.to(keys.dtype), keys, values, visible, self.scale)
+            hidden = hidden + attention.o_proj(mixed.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.head(self.backbone.norm(hidden[:, -1])).float()
