@@ -96,13 +96,15 @@ def _lone_surrogate(value) -> str | None:
     return None
 
 
-def _decoded_lines(path: Path, errors: ErrorLog) -> Iterator[tuple[int, str]]:
+def _decoded_lines(path: Path, errors: ErrorLog, lone_cr: bool = True) -> Iterator[tuple[int, str]]:
     """Lines decoded one by one, so invalid UTF-8 names its line instead of failing the file.
 
     A line ends at \\n, \\r\\n or a lone \\r (old Mac files): every editor shows those as line
-    breaks, so a record and its line number must follow them too."""
+    breaks, so a record and its line number must follow them too. CSV passes `lone_cr=False`: a \\r
+    there is the csv module's to judge (inside quotes it is data, outside a malformed row)."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(_physical_lines(handle), start=1):
+        lines = _physical_lines(handle) if lone_cr else (raw.rstrip(b"\r\n") for raw in handle)
+        for number, raw in enumerate(lines, start=1):
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
@@ -235,7 +237,7 @@ def _read_csv(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
     physical: list[int] = []  # the file line of each line handed to the csv module
 
     def lines() -> Iterator[str]:
-        for number, text in _decoded_lines(path, errors):
+        for number, text in _decoded_lines(path, errors, lone_cr=False):
             physical.append(number)
             yield text + "\n"  # the csv module needs line ends to join quoted multi-line fields
 
