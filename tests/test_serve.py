@@ -189,3 +189,61 @@ def test_per_row_sampling_keeps_each_rows_own_nucleus_and_greedy():
     assert torch.isfinite(out[0]).tolist() == [True, True, False, False]  # 0.5 + 0.3 reaches 0.7
     assert torch.isfinite(out[1]).tolist() == [True, False, False, False]  # greedy: the arg-max alone
     assert torch.allclose(out[2], logits[2])  # temperature 1, top_p 1: untouched
+
+
+class _Bytes:
+    """A tokenizer whose tokens are bytes (decoded as UTF-8, a partial character as U+FFFD, as byte-level
+    BPE does), counting the ids it is asked to decode."""
+
+    def __init__(self):
+        self.decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded += len(ids)
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _decode_all(text: bytes, stops: list[str], stop_ids=frozenset({0})):
+    tokenizer, pieces, ends = _Bytes(), [], []
+    decoder = RowDecoder(tokenizer, Row([], len(text), stop_texts=stops, on_text=pieces.append,
+                                        on_done=lambda r, n: ends.append((r, n))), stop_ids=set(stop_ids))
+    began = time.perf_counter()
+    for byte in text:
+        decoder.push(byte)
+    return time.perf_counter() - began, tokenizer.decoded, decoder, pieces, ends
+
+
+def test_stop_matching_and_decoding_cost_linear_work_per_token():
+    """The issue's stall: the whole reply was decoded again and every stop string's prefixes compared with
+    its end at every token (quadratic). Now each token decodes a window of a few tokens and each new
+    character moves each stop string's matcher amortised once."""
+    from lmforge.serve.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    # Worst case for naive matching: the reply is all "a" and every stop string nearly matches it throughout.
+    stops = ["a" * (MAX_STOP_CHARS - 1) + c for c in "bcdefgh"[:MAX_STOP_STRINGS]]
+    text = b"a" * 4000
+    plain = min(_decode_all(text, [])[0] for _ in range(3))
+    seconds, decoded, decoder, pieces, ends = min(_decode_all(text, stops) for _ in range(3))
+    assert "".join(pieces) == text.decode() and ends == [("length", len(text))]  # no false match
+    assert decoded <= 3 * len(text)  # a window of at most two tokens, decoded twice
+    assert decoder.matcher.steps <= 2 * len(text) * len(stops)  # KMP's amortised bound
+    assert seconds < 10 * plain + 0.05, (seconds, plain)
+    # 200,000-character stop strings (the issue's case) are refused by the API; the decoder alone stays linear.
+    huge = ["a" * 199_999 + c for c in "bcde"]
+    assert _decode_all(b"a" * 2000, huge)[2].matcher.steps <= 2 * 2000 * 4
+
+
+def test_decoder_cuts_at_the_earliest_stop_and_waits_for_whole_characters():
+    from lmforge.rollout.stream import WAIT_TOKENS, StopMatcher
+
+    _, _, _, pieces, ends = _decode_all(b"xabcdy", ["bc", "abcd"])
+    assert "".join(pieces) == "xa" and ends == [("stop", 4)]  # "bc" was complete first: nothing after it
+    assert StopMatcher(["bc", "abcd"]).feed("xabcdy") == 1  # both in one new piece: the earlier start wins
+    _, _, _, pieces, ends = _decode_all("é€x".encode(), [])
+    assert pieces == ["é", "€", "x"]  # never half a character
+    _, _, _, pieces, ends = _decode_all("ab€".encode()[:-1] + b"\x00", [])
+    assert "".join(pieces) == "ab" and ends == [("stop", 5)]  # a cut character at the end is dropped
+    # Bytes that never form a character: the decoder stops waiting (linear work), emitting U+FFFD.
+    _, decoded, _, pieces, ends = _decode_all(b"\xff" * 500 + b"ok", ["o"])
+    assert "".join(pieces) == "\ufffd" * 500 and ends == [("stop", 501)]
+    assert decoded <= 502 * 4 * WAIT_TOKENS  # windows of at most twice WAIT_TOKENS, decoded twice

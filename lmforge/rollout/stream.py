@@ -36,16 +36,88 @@ class Row:
     """Set from outside (the client went away): the row stops at the next step."""
 
 
+WAIT_TOKENS = 8
+"""Tokens a row's decoder waits for the rest of a character (a UTF-8 character is at most 4 bytes, so at
+most 4 byte tokens): past this, bytes that never form one are text (U+FFFD), and the window stays small."""
+
+
+class StopMatcher:
+    """Finds stop strings in text that arrives piece by piece. Each stop string has a Knuth-Morris-Pratt
+    automaton whose state is the length of the longest end of the text so far that begins that stop string,
+    so each new character costs amortised O(1) per stop string, however long the reply or the strings, and
+    the text to hold back (what may still become a stop string) is the largest state."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.fallback = [_failure(s) for s in stops]
+        self.states = [0] * len(stops)
+        self.seen = 0
+        """Characters fed so far."""
+        self.steps = 0
+        """Automaton moves made (forward and fall-back): the matching work, at most twice the characters fed
+        per stop string."""
+
+    def feed(self, piece: str) -> int | None:
+        """Advance over `piece`; the offset (in all the text fed) where the earliest-starting stop string
+        that ends inside `piece` begins, or None."""
+        earliest = None
+        for k, (stop, fallback) in enumerate(zip(self.stops, self.fallback)):
+            state, steps = self.states[k], 0
+            for i, char in enumerate(piece):
+                while state and stop[state] != char:
+                    state = fallback[state - 1]
+                    steps += 1
+                if stop[state] == char:
+                    state += 1
+                steps += 1
+                if state == len(stop):
+                    begin = self.seen + i + 1 - len(stop)
+                    earliest = begin if earliest is None else min(earliest, begin)
+                    state = fallback[state - 1]
+            self.states[k] = state
+            self.steps += steps
+        self.seen += len(piece)
+        return earliest
+
+    @property
+    def held(self) -> int:
+        """Characters at the end of the text that may be the start of a stop string."""
+        return max(self.states, default=0)
+
+
+def _failure(stop: str) -> list[int]:
+    """KMP's table: for each prefix of `stop`, the length of its longest proper border."""
+    table, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
 class RowDecoder:
     """Turns one row's tokens into text pieces: never emits half a multi-byte character, holds back
-    text that may be the start of a stop string, and cuts the reply at the first stop string."""
+    text that may be the start of a stop string, and cuts the reply at the first stop string.
+
+    Work per token is bounded, not grown with the reply: only a window of the last few tokens is decoded
+    (the text of the new ones is what decoding the window adds to decoding its first tokens, which keeps
+    word-joining spaces right), and stop strings are matched by StopMatcher over the new characters only."""
 
     def __init__(self, tokenizer, row: Row, stop_ids: set[int]):
         self.tokenizer, self.row, self.stop_ids = tokenizer, row, stop_ids
         self.tokens: list[int] = []
         self.generated = 0
         """Tokens the model produced for this row, a final stop token included."""
+        self.window = 0
+        """First token of the decoding window: context for the tokens from `read` on."""
+        self.read = 0
+        """Tokens whose text has been taken."""
+        self.pending = ""
+        """Text taken but not emitted yet (it may start a stop string)."""
         self.emitted = 0
+        self.matcher = StopMatcher(row.stop_texts)
         self.finish_reason: str | None = None
 
     def push(self, token: int) -> None:
@@ -53,34 +125,57 @@ class RowDecoder:
             return
         self.generated += 1
         if token in self.stop_ids:
-            self._finish("stop", self._text())
+            self.end("stop")
             return
         self.tokens.append(token)
-        text = self._text()
-        found = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.row.stop_texts) if i >= 0]
-        if found:
-            self._finish("stop", text[:min(found)])
-        elif self.generated >= self.row.max_new_tokens:
-            self._finish("length", text.rstrip("\ufffd"))
+        if self._take(self._new_text(final=False)):
+            return
+        if self.generated >= self.row.max_new_tokens:
+            self.end("length")
         else:
-            safe = text.rstrip("\ufffd")
-            held = max((k for s in self.row.stop_texts for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
-            self._emit(safe[:len(safe) - held])
+            self._emit(len(self.pending) - self.matcher.held)
 
     def cancel(self) -> None:
         if self.finish_reason is None:
             self.finish_reason = "cancelled"
 
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def end(self, reason: str) -> None:
+        """End the reply: the text held back goes out, and the text of the last tokens unless it is a cut
+        character, or is cut at a stop string completed by them."""
+        if not self._take(self._new_text(final=True)):
+            self._finish(reason, len(self.pending))
 
-    def _emit(self, upto: str) -> None:
-        if len(upto) > self.emitted:
-            self.row.on_text(upto[self.emitted:])
-            self.emitted = len(upto)
+    def _new_text(self, final: bool) -> str:
+        if self.read == len(self.tokens):
+            return ""
+        before = self.tokenizer.decode(self.tokens[self.window:self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.tokens[self.window:], skip_special_tokens=True)
+        if final:
+            text = text.rstrip("\ufffd")
+        elif text.endswith("\ufffd") and len(self.tokens) - self.read < WAIT_TOKENS:
+            return ""  # half a character: wait for the rest of its bytes
+        self.window, self.read = self.read, len(self.tokens)
+        return text[len(before):]
 
-    def _finish(self, reason: str, text: str) -> None:
-        self._emit(text)
+    def _take(self, piece: str) -> bool:
+        """Add new text; True when it completed a stop string (the row is then finished)."""
+        if not piece:
+            return False
+        begin = self.matcher.feed(piece)
+        self.pending += piece
+        if begin is None:
+            return False
+        self._finish("stop", begin - self.emitted)
+        return True
+
+    def _emit(self, count: int) -> None:
+        if count > 0:
+            self.row.on_text(self.pending[:count])
+            self.pending = self.pending[count:]
+            self.emitted += count
+
+    def _finish(self, reason: str, count: int) -> None:
+        self._emit(count)
         self.finish_reason = reason
         self.row.on_done(reason, self.generated)
 
@@ -132,8 +227,9 @@ class _RowsFinished(StoppingCriteria):
 
 
 @torch.no_grad()
-def generate_rows(model, tokenizer, rows: list[Row], stop_ids: list[int]) -> None:
-    """Decode all rows together; every row gets its pieces and exactly one on_done."""
+def generate_rows(model, tokenizer, rows: list[Row], stop_ids: list[int]) -> list[tuple[str, int]]:
+    """Decode all rows together; every row gets its pieces and exactly one on_done. Returns each row's
+    finish reason and tokens generated."""
     decoders = [RowDecoder(tokenizer, row, set(stop_ids)) for row in rows]
     device = next(model.parameters()).device
     ids, mask = left_pad([r.prompt_ids for r in rows], tokenizer.pad_token_id)
@@ -145,6 +241,7 @@ def generate_rows(model, tokenizer, rows: list[Row], stop_ids: list[int]) -> Non
                    pad_token_id=tokenizer.pad_token_id, use_cache=True)
     for decoder in decoders:  # rows cut by the batch's step limit, or cancelled ones, still get an end
         if decoder.finish_reason is None:
-            decoder._finish("length", decoder._text().rstrip("\ufffd"))
+            decoder.end("length")
         elif decoder.finish_reason == "cancelled":
             decoder.row.on_done("cancelled", decoder.generated)
+    return [(decoder.finish_reason, decoder.generated) for decoder in decoders]

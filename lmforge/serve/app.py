@@ -8,11 +8,12 @@ import asyncio
 import copy
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lmforge.data.templates import render_prompt
@@ -73,6 +74,9 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
     longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
     max_prompt_chars = 2 * context * (longest_token + 1)
     prompt_tokenizer = copy.deepcopy(tokenizer)  # the batcher's thread decodes with the original
+    # Rendering and tokenizing a prompt (up to a second for a megabyte) run on one thread of their own, so the
+    # event loop goes on serving other clients meanwhile; one thread, as a tokenizer is not shared safely.
+    prompt_thread = ThreadPoolExecutor(1, thread_name_prefix="lmforge-prompt")
 
     # Added last, so it runs first: nothing is parsed for a client without the key or with too big a body.
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
@@ -83,9 +87,9 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, error: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in error.errors()[:5])
-        return _error(400, f"invalid request: {problems}")
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in error.errors()[:5]]
+        problems = "; ".join(f"{where}: {e['msg']}" for where, e in zip(fields, error.errors()))
+        return _error(400, f"invalid request: {problems}", fields[0] if fields else None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, error: HTTPException):
@@ -97,7 +101,8 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "batches": batcher.batches, "rows_decoded": batcher.rows_decoded}
+        return {"status": "ok", "model": name, "batches": batcher.batches, "rows_decoded": batcher.rows_decoded,
+                "rows_cancelled": batcher.rows_cancelled, "tokens_generated": batcher.tokens_generated}
 
     @app.get("/v1/models")
     async def models():
@@ -105,25 +110,31 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
                                             "owned_by": "lmforge"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: protocol.ChatRequest):
+    async def chat(body: protocol.ChatRequest, request: Request):
         _check_model(body.model, name)
-        try:
-            prompt = render_prompt(prompt_tokenizer, [m.as_template_message() for m in body.messages])
-        except Exception as error:  # the template's own rules (roles must alternate, ...)
-            raise ApiError(400, f"the chat template refused these messages: {error}", "messages") from None
-        return await _answer(body, prompt, chat=True)
+        messages = [m.as_template_message() for m in body.messages]
+        return await _answer(body, request, partial(_chat_prompt_ids, messages), chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: protocol.CompletionRequest):
+    async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, name)
-        return await _answer(body, body.prompt, chat=False)
+        return await _answer(body, request, partial(_prompt_ids, body.prompt, "prompt"), chat=False)
 
-    async def _answer(body, prompt: str, chat: bool):
+    def _chat_prompt_ids(messages: list[dict]) -> list[int]:
+        try:
+            prompt = render_prompt(prompt_tokenizer, messages)
+        except Exception as error:  # the template's own rules (roles must alternate, ...)
+            raise ApiError(400, f"the chat template refused these messages: {error}", "messages") from None
+        return _prompt_ids(prompt, "messages")
+
+    def _prompt_ids(prompt: str, field: str) -> list[int]:
         if len(prompt) > max_prompt_chars:
             raise ApiError(400, f"the prompt has {len(prompt)} characters, more than the model's context of "
-                           f"{context} tokens can hold", "messages" if chat else "prompt",
-                           kind="context_length_exceeded")
-        prompt_ids = prompt_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                           f"{context} tokens can hold", field, kind="context_length_exceeded")
+        return prompt_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    async def _answer(body, request: Request, make_prompt_ids, chat: bool):
+        prompt_ids = await asyncio.get_running_loop().run_in_executor(prompt_thread, make_prompt_ids)
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", "prompt")
         limit = _token_limit(len(prompt_ids), body.token_limit, context, default_max_tokens)
@@ -136,16 +147,17 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
         if body.stream:
             return StreamingResponse(_stream(collector, rid, len(prompt_ids), chat, body.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, reasons, tokens = [""] * body.n, [""] * body.n, 0
-        try:
-            async for index, kind, value in collector.events_until_done():
-                if kind == "text":
-                    texts[index] += value
-                else:
-                    reasons[index], used = value
-                    tokens += used
+        collecting = asyncio.ensure_future(_collect(collector))
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:  # a client that leaves before its answer frees its rows, as a streaming one does
+            await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            gone.cancel()
+            collecting.cancel()
             collector.cancel()
+        if not collecting.done() or collecting.cancelled():
+            return Response(status_code=499)  # nobody reads it; uvicorn drops it on a closed connection
+        texts, reasons, tokens = collecting.result()
         failed = next((r for r in reasons if r.startswith("error")), None)
         if failed:
             return _error(500, f"generation failed ({failed})", kind="server_error")
@@ -180,6 +192,24 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
             collector.cancel()
 
     return app
+
+
+async def _collect(collector: Collector) -> tuple[list[str], list[str], int]:
+    texts, reasons, tokens = [""] * collector.n, [""] * collector.n, 0
+    async for index, kind, value in collector.events_until_done():
+        if kind == "text":
+            texts[index] += value
+        else:
+            reasons[index], used = value
+            tokens += used
+    return texts, reasons, tokens
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has closed its connection: the server tells the app so on receive() (the
+    body has been read whole by then, so receive() has nothing else to give)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)  # not expected after a whole body; never spin if it happens
 
 
 def _check_model(asked: str, served: str) -> None:

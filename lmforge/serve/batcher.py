@@ -35,6 +35,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="lmforge-batcher", daemon=True)
         self.batches = 0
         self.rows_decoded = 0
+        self.rows_cancelled = 0
+        """Rows whose client left before they ended, while waiting or while decoding."""
+        self.tokens_generated = 0
 
     def start(self) -> Batcher:
         self._thread.start()
@@ -75,15 +78,19 @@ class Batcher:
             for row in (r for job in jobs for r in job.rows):
                 if row.cancelled:  # the client left while it waited
                     row.on_done("cancelled", 0)
+                    self.rows_cancelled += 1
                 else:
                     rows.append(row)
             if not rows:
                 continue
             try:
-                generate_rows(self.model, self.tokenizer, rows, self.stop_ids)
+                ends = generate_rows(self.model, self.tokenizer, rows, self.stop_ids)
             except Exception as error:  # one failing batch must not kill the server
                 log.exception("generation failed")
                 for row in rows:
                     row.on_done(f"error: {type(error).__name__}: {error}", 0)
+            else:
+                self.rows_cancelled += sum(reason == "cancelled" for reason, _ in ends)
+                self.tokens_generated += sum(tokens for _, tokens in ends)
             self.batches += 1
             self.rows_decoded += len(rows)

@@ -2,12 +2,14 @@
 before reading anything else, then reads the body whole but never past the size limit (a chunked upload
 has no Content-Length to check, so bytes are counted as they arrive), and an h11 connection that must
 deliver each request complete within a deadline (a slow-loris client sending its headers a byte at a
-time would otherwise hold its socket forever: uvicorn's keep-alive timeout only runs between requests)."""
+time would otherwise hold its socket forever: uvicorn's keep-alive timeout only runs between requests),
+which also answers past the connection limit with a 503 in the API's error shape."""
 
 from __future__ import annotations
 
 import json
 import secrets
+from functools import partial
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -65,12 +67,13 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-async def refuse(send, status: int, message: str, kind: str = "invalid_request_error") -> None:
+async def refuse(send, status: int, message: str, kind: str = "invalid_request_error",
+                 extra_headers: tuple = ()) -> None:
     """An error in OpenAI's shape, and the connection closed after it: the body may be partly unread."""
     payload = json.dumps(error_body(message, kind)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *extra_headers]})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -81,6 +84,22 @@ class DeadlineH11Protocol(H11Protocol):
 
     request_timeout = 20.0
     _deadline = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn's own --limit-concurrency answers a plain-text 503; the same limit is kept here instead, so
+        # the answer has the API's JSON error shape like every other error.
+        self.connection_limit, self.limit_concurrency = self.limit_concurrency, None
+        if self.connection_limit is not None:
+            self.app = partial(self._within_limit, self.app)
+
+    async def _within_limit(self, app, scope, receive, send) -> None:
+        # Both counts include this connection and this request's task: over the limit means one too many.
+        if scope["type"] == "http" and max(len(self.connections), len(self.tasks)) > self.connection_limit:
+            await refuse(send, 503, f"server busy (more than {self.connection_limit} connections); retry later",
+                         "server_busy", ((b"retry-after", b"1"),))
+            return
+        await app(scope, receive, send)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

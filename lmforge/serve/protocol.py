@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 500
+"""Longest stop string (characters): far above real use (end markers, a few words), and it bounds the reply
+text the decoder holds back while it may be the start of a stop string."""
 
 
 class TextPart(BaseModel):
@@ -71,6 +74,8 @@ class _Sampling(BaseModel):
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
+        if (longest := max((len(s) for s in stops), default=0)) > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has {longest} characters; at most {MAX_STOP_CHARS} are allowed")
         return stops
 
     @property
