@@ -10,11 +10,13 @@ before anything is loaded: a flipped byte is refused instead of resumed from.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import random
 import shutil
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.loop.diskspace import (
     SAVE_ERRORS,
+    error_chain,
     folder_bytes,
     free_bytes,
     human,
@@ -143,10 +146,14 @@ def cleaned_up_on_failure(tmp: Path, final: Path, need: int, kept):
         yield
     except BaseException as exc:
         written, free_at_failure = folder_bytes(tmp), _free_or_zero(tmp.parent)
+        full = isinstance(exc, SAVE_ERRORS) and is_disk_full(exc, free_at_failure, need - written)
+        if full:
+            # torch.save's writer, still open in the traceback's frames, holds the deleted file's space
+            # until it is collected: the disk would stay full for as long as the error is kept.
+            _release(exc)
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, SAVE_ERRORS) or isinstance(exc, CheckpointError):
             raise
-        full = is_disk_full(exc, free_at_failure, need - written)
         if not full and not isinstance(exc, OSError):
             raise
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
@@ -155,6 +162,13 @@ def cleaned_up_on_failure(tmp: Path, final: Path, need: int, kept):
         then = "free some space, then" if full else "once the cause is fixed,"
         raise CheckpointError(f"{what} while saving {final}{room} (in {tmp}: {cause}); the partial folder was "
                               f"removed and {kept()}; {then} train.resume=true continues") from exc
+
+
+def _release(exc: BaseException) -> None:
+    """Drop the locals of every frame in the error's chain (torch's writer is in the one it replaced)."""
+    for error in error_chain(exc):
+        traceback.clear_frames(error.__traceback__)
+    gc.collect()
 
 
 def _free_or_zero(path: Path) -> int:

@@ -9,7 +9,6 @@ failure does: a write that failed with room to spare was not stopped by the disk
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from pathlib import Path
 
@@ -97,19 +96,20 @@ def disk_full_message(where: str | Path, exc: BaseException) -> str | None:
         free = free_bytes(where)
     except OSError:
         return None
-    if not is_disk_full(exc, free, 0):
+    # Libraries wrap the OSError (datasets: DatasetGenerationError "from" it): the chain is searched.
+    named = next((e for e in error_chain(exc) if says_disk_full(e)), None)
+    if named is None and not is_disk_full(exc, free, 0):
         return None
-    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+    named = named or exc
+    cause = named.strerror if isinstance(named, OSError) and named.strerror else str(named).splitlines()[0][:200]
     return (f"disk full under {where}: {human(free)} free ({cause}); free some space, then run again "
             "with train.resume=true (the checkpoints there are intact)")
 
 
-def tidy(path: Path) -> None:
-    """Remove a partial file or folder; a failure to remove it must not hide the error being reported."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+def error_chain(exc: BaseException | None):
+    """The error, then what caused it (or what it replaced), and so on."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
