@@ -20,9 +20,8 @@ class HFBackend:
 
     def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
         tokens = torch.tensor([token_ids], device=self.device)
-        positions = torch.arange(start, start + len(token_ids), device=self.device)
-        out = self.model(input_ids=tokens, past_key_values=self.caches[row], use_cache=True,
-                         cache_position=positions, logits_to_keep=1)
+        # Positions follow from the row's cache length, which is `start` (rows are never padded).
+        out = self.model(input_ids=tokens, past_key_values=self.caches[row], use_cache=True, logits_to_keep=1)
         self.caches[row] = out.past_key_values
         return out.logits[0, -1].float()
 
