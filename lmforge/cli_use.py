@@ -50,9 +50,15 @@ def add_use_commands(sub) -> None:
     web = sub.add_parser("webui", help="a local web app to train, watch runs, chat and export")
     web.add_argument("--root", default=".", help="the folder whose files the app may read and write")
     web.add_argument("--runs", default="runs", help="where runs are listed (under --root)")
-    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default: this machine only; any other needs --auth)")
     web.add_argument("--port", type=int, default=7860)
-    web.add_argument("--auth", help="USER:PASSWORD to require a login")
+    web.add_argument("--auth", help="USER:PASSWORD to require a login (default: $LMFORGE_WEBUI_AUTH if set)")
+    web.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="a Host name to answer besides loopback and --host (e.g. behind a proxy); repeatable")
+    web.add_argument("--allow-remote-code", action="store_true",
+                     help="let configs run from the UI set model.trust_remote_code and use function rewards "
+                          "(code from files under --root runs); off by default")
 
 
 def cmd_export(args) -> int:
@@ -108,7 +114,8 @@ def cmd_webui(args) -> int:
 
         raise ConfigError(f"the web UI needs Gradio: pip install 'lmforge[webui]' ({error})") from None
 
-    launch(args.root, args.runs, host=args.host, port=args.port, auth=args.auth)
+    launch(args.root, args.runs, host=args.host, port=args.port, auth=args.auth, allow_code=args.allow_remote_code,
+           allowed_hosts=args.allowed_host)
     return 0
 
 

@@ -4,17 +4,28 @@ own code; a training run is `lmforge train` in a subprocess, identical to one st
 
 from __future__ import annotations
 
+import html
 import os
 from dataclasses import fields
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from starlette.middleware import Middleware
 
 from lmforge.config.schema import STAGES, ConfigError
 from lmforge.models.load import SHORT_NAMES
+from lmforge.webui.confine import (
+    Rules,
+    check_pipeline_text,
+    check_stage,
+    check_stage_text,
+    inside,
+    owned_output,
+)
 from lmforge.webui.forms import (
     DPO_LOSSES,
+    MAX_CONFIG_BYTES,
     METHODS,
     TrainForm,
     checked_path,
@@ -23,23 +34,36 @@ from lmforge.webui.forms import (
     from_yaml,
     preview_html,
     to_yaml,
+    validate,
 )
-from lmforge.webui.runs import Launcher, curves, list_runs, pipeline_stages, report_for
+from lmforge.webui.hosts import HostGuard, allowed_names, check_exposure, login
+from lmforge.webui.runs import UI_CONFIG, Launcher, curves, list_runs, pipeline_stages, report_for
+from lmforge.webui.saving import save_pipeline as save_checked
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
 
 
-def build_app(root: Path, runs_root: Path) -> gr.Blocks:
+def build_app(root: Path, runs_root: Path, allow_code: bool = False) -> gr.Blocks:
+    """The app for the files under `root`; `allow_code` lets configs run code shipped with models (and reward
+    functions), which only `lmforge webui --allow-remote-code` turns on."""
     root, launcher = root.resolve(), Launcher()
+    rules = Rules(root, allow_code)
     runs_root = (root / runs_root).resolve() if not runs_root.is_absolute() else runs_root
     models: dict[str, tuple] = {}
 
     def read_form(*values) -> TrainForm:
         return TrainForm(**dict(zip(FORM_FIELDS, values)))
 
+    def checked_form(*values) -> dict:
+        """The form's config, read through the schema and the run checks (the data behind dataset_info.json
+        entries included)."""
+        config = form_to_config(read_form(*values), root)
+        check_stage(validate(config), rules, "the form")
+        return config
+
     def make_yaml(*values):
         try:
-            return to_yaml(form_to_config(read_form(*values), root)), ""
+            return to_yaml(checked_form(*values)), ""
         except ConfigError as error:
             return gr.update(), f"⚠ {error}"
 
@@ -52,13 +76,13 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
 
     def preview(*values):
         try:
-            return preview_html(form_to_config(read_form(*values), root), root)
-        except (ConfigError, FileNotFoundError, ValueError) as error:
-            return f"<p>⚠ {error}</p>"
+            return preview_html(checked_form(*values), root)
+        except (ConfigError, FileNotFoundError, ValueError, OSError) as error:
+            return f"<p>⚠ {html.escape(one_line(error))}</p>"
 
     def start(*values):
         try:
-            config = form_to_config(read_form(*values), root)
+            config = checked_form(*values)
         except ConfigError as error:
             return f"⚠ {error}"
         out = launcher.start(config["stage"], to_yaml(config), root / config["train"]["output_dir"], root)
@@ -83,15 +107,22 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
             return f"⚠ {error}"
 
     def resume_run(name):
+        """Resume what the run's webui-config.yaml says now, checked as it is read: the file may have changed
+        since the run started here."""
         try:
-            run = runs_root / checked_path(name, runs_root)
-        except ConfigError as error:
+            run = (runs_root / checked_path(name, runs_root)).resolve()
+            inside(str(run), rules, "run")
+            config = run / UI_CONFIG
+            if not config.is_file():
+                return "only runs started here can be resumed here (use `lmforge train ... train.resume=true`)"
+            text = read_config(config)
+            cfg = check_stage_text(text, rules, f"{run.relative_to(root)}/{UI_CONFIG}")
+            if (root / cfg.train.output_dir).resolve() != run:
+                raise ConfigError(f"{run.relative_to(root)}/{UI_CONFIG}: train.output_dir is {cfg.train.output_dir}, "
+                                  "not this run's folder; start it from the Train tab instead")
+            launcher.start(cfg.stage, text, run, root, resume=True)
+        except (ConfigError, RuntimeError) as error:
             return f"⚠ {error}"
-        config = run / "webui-config.yaml"
-        if not config.is_file():
-            return "only runs started here can be resumed here (use `lmforge train ... train.resume=true`)"
-        stage = from_yaml(config.read_text(encoding="utf-8"))["stage"]
-        launcher.start(stage, config.read_text(encoding="utf-8"), run, root, resume=True)
         return "resumed"
 
     def open_report(name):
@@ -103,27 +134,25 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
 
     def read_pipeline(path):
         try:
-            return (root / checked_path(path, root)).read_text(encoding="utf-8"), ""
-        except (ConfigError, OSError, UnicodeDecodeError) as error:  # a folder or a binary file is not YAML
+            return read_config(root / checked_path(path, root)), ""
+        except ConfigError as error:
             return gr.update(), f"⚠ {error}"
 
     def save_pipeline(path, text):
         try:
-            target = root / checked_path(path, root, must_exist=False)
-            from_yaml(text)  # refuse to save what does not parse
-        except ConfigError as error:
-            return f"⚠ {error}"
-        try:
-            target.write_text(text, encoding="utf-8")
-        except OSError as error:  # a folder of that name, or no folder to hold it
-            return f"⚠ {error}"
-        return f"saved {target.relative_to(root)}"
+            return f"saved {save_checked(path, text, rules)}"
+        except (ConfigError, OSError) as error:  # OSError: a full disk, a folder that went away
+            return f"⚠ {one_line(error)}"
 
     def run_pipeline(path):
+        """Run the pipeline file as it is now: read once, checked, and that text run (never the file again)."""
         try:
-            key = launcher.start_pipeline(root / checked_path(path, root), root)
-        except (ConfigError, RuntimeError) as error:
-            return f"⚠ {error}"
+            pipeline_file = root / checked_path(path, root)
+            text = read_config(pipeline_file)
+            check_pipeline_text(text, rules, str(pipeline_file.relative_to(root)))
+            key = launcher.start_pipeline(pipeline_file, root, text)
+        except (ConfigError, RuntimeError, OSError) as error:
+            return f"⚠ {one_line(error)}"
         return f"running {key.relative_to(root)} (log beside it)"
 
     def pipeline_table(path):
@@ -165,7 +194,7 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
 
         try:
             target = export_model(str(root / checked_path(model_path, root)),
-                                  root / checked_path(out, root, must_exist=False),
+                                  owned_output(out, rules, "new folder"),
                                   dtype=None if dtype == "as loaded" else dtype, gguf=gguf)
         except ConfigError as error:
             return f"⚠ {error}"
@@ -257,12 +286,30 @@ def build_app(root: Path, runs_root: Path) -> gr.Blocks:
     return app
 
 
+def read_config(path: Path) -> str:
+    """A config file's text, bounded (a config is small; a large file is not one), errors in one line."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path.name}: over {MAX_CONFIG_BYTES // 1024} KiB; not a config")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:  # a folder, a binary file, a file gone
+        raise ConfigError(f"{path.name}: not readable as a text config ({one_line(error)})") from None
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def launch(root: str = ".", runs: str = "runs", host: str = "127.0.0.1", port: int = 7860,
-           auth: str | None = None) -> None:
+           auth: str | None = None, allow_code: bool = False, allowed_hosts: list[str] | None = None) -> None:
+    """Serve the app; refuses a non-loopback address without a login, answers only the Host names allowed."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
-    credentials = tuple(auth.split(":", 1)) if auth else None
+    credentials = login(auth)
+    check_exposure(host, credentials)
+    guard = Middleware(HostGuard, allowed=allowed_names(host, allowed_hosts))
     # allowed_paths: the served folder's files (reports) may be downloaded, nothing else.
-    build_app(Path(root), Path(runs)).queue().launch(server_name=host, server_port=port, share=False,
-                                                     auth=credentials, allowed_paths=[str(Path(root).resolve())])
+    build_app(Path(root), Path(runs), allow_code).queue().launch(
+        server_name=host, server_port=port, share=False, auth=credentials, allowed_paths=[str(Path(root).resolve())],
+        app_kwargs={"middleware": [guard]})
 
 

@@ -117,13 +117,30 @@ def to_yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
-def from_yaml(text: str) -> dict:
+MAX_CONFIG_BYTES = 256 * 1024
+"""A config longer than this is not something a person typed: refused unread."""
+
+
+def from_yaml(text: str, where: str = "the YAML") -> dict:
+    """A config's text as a mapping: bounded, without YAML aliases (a few bytes of anchors expand to
+    gigabytes), every problem in one line naming the line."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: expected YAML text")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: over {MAX_CONFIG_BYTES // 1024} KiB; a config is shorter than that")
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"{where}: line {event.start_mark.line + 1} uses a YAML alias (*name); the web UI "
+                                  "takes configs without anchors and aliases: write the values out")
         config = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"the YAML does not parse: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{where}: the YAML does not parse{line}: {problem}") from None
     if not isinstance(config, dict):
-        raise ConfigError("the YAML must be a mapping of config groups (stage, model, data, train, ...)")
+        raise ConfigError(f"{where}: the YAML must be a mapping of config groups (stage, model, data, train, ...)")
     return config
 
 
@@ -198,6 +215,8 @@ def _rooted(config: dict, root: Path) -> dict:
     config = yaml.safe_load(yaml.safe_dump(config))
     data = config.get("data", {})
     data["train"] = [fix(v) for v in data["train"]] if isinstance(data.get("train"), list) else fix(data.get("train"))
+    if data.get("dataset_dir"):  # named entries are read from there
+        data["dataset_dir"] = fix(data["dataset_dir"])
     for key in ("name_or_path", "tokenizer"):
         if key in config.get("model", {}):
             config["model"][key] = fix(config["model"][key])

@@ -3,11 +3,14 @@ the training processes the UI started (the same `lmforge train` command as in a 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,20 +37,30 @@ class RunInfo:
 
 
 class Launcher:
-    """Starts `python -m lmforge.cli train STAGE CONFIG` in a subprocess per run; tracks, stops, resumes."""
+    """Starts `python -m lmforge.cli train STAGE CONFIG` in a subprocess per run; tracks, stops, resumes.
+    Each process runs a private copy of the config text it was given (the text the UI checked), not a file
+    under the served folder, which could change between the check and the start."""
 
     def __init__(self):
         self.processes: dict[Path, subprocess.Popen] = {}
         self.stopped: set[Path] = set()
+        self.private = Path(tempfile.mkdtemp(prefix="lmforge-webui-"))  # mode 0700: this user's alone
+        atexit.register(shutil.rmtree, self.private, ignore_errors=True)
+
+    def _snapshot(self, text: str, name: str) -> Path:
+        folder = Path(tempfile.mkdtemp(dir=self.private))
+        path = folder / name
+        path.write_text(text, encoding="utf-8")
+        return path
 
     def start(self, stage: str, config_yaml: str, output_dir: Path, cwd: Path, resume: bool = False) -> Path:
         output_dir = output_dir.resolve()
         if output_dir in self.processes and self.processes[output_dir].poll() is None:
             raise RuntimeError(f"{output_dir} is already training")
         output_dir.mkdir(parents=True, exist_ok=True)
-        config_file = output_dir / UI_CONFIG
-        config_file.write_text(config_yaml, encoding="utf-8")
-        command = [sys.executable, "-m", "lmforge.cli", "train", stage, str(config_file), "log.progress=false"]
+        (output_dir / UI_CONFIG).write_text(config_yaml, encoding="utf-8")  # the record Resume reads (and checks)
+        command = [sys.executable, "-m", "lmforge.cli", "train", stage, str(self._snapshot(config_yaml, UI_CONFIG)),
+                   "log.progress=false"]
         if resume:
             command.append("train.resume=true")
         log = (output_dir / LOG).open("a", encoding="utf-8")
@@ -56,13 +69,15 @@ class Launcher:
         self.stopped.discard(output_dir)
         return output_dir
 
-    def start_pipeline(self, pipeline_file: Path, cwd: Path) -> Path:
-        """`lmforge run PIPELINE` in a subprocess; tracked under the pipeline file's path."""
+    def start_pipeline(self, pipeline_file: Path, cwd: Path, text: str) -> Path:
+        """`lmforge run` on a private copy of `text` (the checked content of `pipeline_file`); tracked under
+        the pipeline file's path, logged beside it."""
         key = pipeline_file.resolve()
         if key in self.processes and self.processes[key].poll() is None:
             raise RuntimeError(f"{pipeline_file} is already running")
+        copy = self._snapshot(text, key.name)
         log = key.with_name(key.stem + ".webui-run.log").open("a", encoding="utf-8")
-        self.processes[key] = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "run", str(key)], cwd=cwd,
+        self.processes[key] = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "run", str(copy)], cwd=cwd,
                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return key
 
