@@ -7,6 +7,7 @@ decoder), behind the same interface: prefill a row, decode rows 0..B-1, copy a s
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
@@ -17,12 +18,16 @@ class HFBackend:
         self.caches: list = [None] * rows
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name is deprecated).
+        forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+        self.cache_argument = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
     def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
         tokens = torch.tensor([token_ids], device=self.device)
         # Positions follow from the row's cache length, which is `start` (rows are never padded).
-        out = self.model(input_ids=tokens, past_key_values=self.caches[row], use_cache=True, logits_to_keep=1)
-        self.caches[row] = out.past_key_values
+        out = self.model(input_ids=tokens, use_cache=True, logits_to_keep=1,
+                         **{self.cache_argument: self.caches[row]})
+        self.caches[row] = out[self.cache_argument]
         return out.logits[0, -1].float()
 
     def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
