@@ -3,7 +3,8 @@ before reading anything else, then reads the body whole but never past the size 
 has no Content-Length to check, so bytes are counted as they arrive), and an h11 connection that must
 deliver each request complete within a deadline (a slow-loris client sending its headers a byte at a
 time would otherwise hold its socket forever: uvicorn's keep-alive timeout only runs between requests),
-which also answers past the connection limit with a 503 in the API's error shape."""
+which also answers past the connection limit with a 503 in the API's error shape, and drops a client that
+stops reading its reply."""
 
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class DeadlineH11Protocol(H11Protocol):
 
     request_timeout = 20.0
     _deadline = None
+    _write_deadline = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -111,7 +113,30 @@ class DeadlineH11Protocol(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        self._disarm_write()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The reply is waiting for a client that does not read it: such a client has `request_timeout`
+        seconds to take some, else the connection is dropped (which cancels its rows), so it cannot hold a
+        connection slot and its reply's memory forever."""
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.request_timeout, self._drop_if_still_paused)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._disarm_write()
+
+    def _disarm_write(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _drop_if_still_paused(self) -> None:
+        self._write_deadline = None
+        if self.flow.write_paused:
+            self.transport.abort()  # close() would wait to flush what the client does not read
 
     def _arm(self) -> None:
         self._disarm()

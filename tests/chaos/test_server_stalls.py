@@ -5,6 +5,7 @@ cost per token is measured on the decoder itself (tests/test_serve.py), not thro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -95,3 +96,59 @@ def test_past_the_connection_limit_the_503_has_the_error_shape(server):
             s.close()
     time.sleep(0.3)
     assert post_json(server.port, CHAT, chat(max_tokens=2), key=KEY)[0] == 200  # and served again once freed
+
+
+class _Transport:
+    """The part of an asyncio transport that uvicorn's h11 protocol uses, recording how it was closed."""
+
+    def __init__(self):
+        self.aborted = self.closing = False
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name in ("sockname", "peername") else default
+
+    def is_closing(self):
+        return self.closing or self.aborted
+
+    def abort(self):
+        self.aborted = True
+
+    def close(self):
+        self.closing = True
+
+    def write(self, data):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+@pytest.mark.parametrize("reads_again", [False, True], ids=["never reads", "reads in time"])
+def test_a_client_that_stops_reading_its_reply_is_dropped(reads_again):
+    """A client that read nothing of a long reply held its connection slot, and the reply's text in the
+    server's memory, for as long as it liked; now it has the request deadline to take some. (Through real
+    sockets the kernel's buffers take the first megabytes, more than the tiny model writes, so the
+    connection's own flow-control calls are driven here.)"""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from lmforge.serve.guard import protocol_with_deadline
+
+    async def run() -> _Transport:
+        config = uvicorn.Config(app=lambda scope, receive, send: None, log_level="warning")
+        connection = protocol_with_deadline(0.2)(config=config, server_state=ServerState(), app_state={})
+        transport = _Transport()
+        connection.connection_made(transport)
+        connection.pause_writing()  # what asyncio calls when the reply waits in the buffer over 64 KiB
+        await asyncio.sleep(0.1)
+        if reads_again:
+            connection.resume_writing()
+        await asyncio.sleep(0.3)
+        connection.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(run())
+    assert transport.aborted is (not reads_again)
