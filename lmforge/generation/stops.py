@@ -17,7 +17,9 @@ class StopCheck:
     release_to: int
     """Offset (in all the text fed so far) up to which text may be released; on a match, where it begins."""
     matched: str | None = None
-    """The stop string found (the earliest-starting one if several end in the same piece), or None."""
+    """The stop string found, or None. Where several end in one piece, the first to be complete wins (the
+    earlier start on a tie): the same one a character-by-character feed would find, however the text was cut
+    into pieces."""
 
 
 class StopMatcher:
@@ -30,19 +32,19 @@ class StopMatcher:
 
     def feed(self, piece: str, final: bool = False) -> StopCheck:
         """Advance over `piece`. `final` (no more text will come) releases what was held back."""
-        earliest: tuple[int, str] | None = None
+        first: tuple[int, int, str] | None = None
         for k, stop in enumerate(self.stops):
-            found = self._advance(k, piece)
-            if found is not None and (earliest is None or found < earliest[0]):
-                earliest = (found, stop)
+            end = self._advance(k, piece)
+            if end is not None and (first is None or (end, end - len(stop)) < first[:2]):
+                first = (end, end - len(stop), stop)
         self.fed += len(piece)
-        if earliest is not None:
-            return StopCheck(earliest[0], earliest[1])
+        if first is not None:
+            return StopCheck(first[1], first[2])
         held = 0 if final else max(self.states, default=0)
         return StopCheck(self.fed - held)
 
     def _advance(self, k: int, piece: str) -> int | None:
-        """Run stop string k's automaton over `piece`; the offset where its first completed match begins."""
+        """Run stop string k's automaton over `piece`; the offset where its first completed match ends."""
         stop, border, state = self.stops[k], self.borders[k], self.states[k]
         found = None
         for i, char in enumerate(piece):
@@ -50,9 +52,9 @@ class StopMatcher:
                 state = border[state - 1]
             if stop[state] == char:
                 state += 1
-            if state == len(stop):
-                found = self.fed + i + 1 - len(stop)
-                break
+            if state == len(stop):  # a match; fall back so the automaton can go on over more text
+                found = self.fed + i + 1 if found is None else found
+                state = border[state - 1]
         self.states[k] = state
         return found
 
