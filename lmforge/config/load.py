@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from lmforge.config.constraints import check_field, range_of
+from lmforge.config.safe_yaml import YAMLBombError, safe_load
 from lmforge.config.schema import ConfigError, DatasetSpec, StageConfig
 
 T = TypeVar("T")
@@ -35,7 +36,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -59,13 +60,15 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a group")
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: {_yaml_problem(exc)}") from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """The YAML error in a line; a Python-object tag gets the reason it is refused."""
+    if isinstance(exc, YAMLBombError):
+        return str(exc)
     if isinstance(exc, yaml.constructor.ConstructorError) and "python/" in str(exc.problem):
         mark = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
         return (f"invalid YAML{mark}: {exc.problem}; lmforge reads YAML with the safe loader, so tags that build "

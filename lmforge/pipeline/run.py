@@ -157,7 +157,7 @@ def _same_config_started(cfg: StageConfig) -> bool:
     started = Path(cfg.train.output_dir) / "config.yaml"
     if not started.is_file():
         return False
-    return _comparable(yaml.safe_load(started.read_text(encoding="utf-8"))) == _comparable(to_dict(cfg))
+    return _comparable(read_yaml(started)) == _comparable(to_dict(cfg))
 
 
 def _set_aside(folder: Path) -> Path:
