@@ -28,6 +28,7 @@ from lmforge.generation.sampling import choose_tokens, counter_uniform, penalise
 from lmforge.generation.sequence import DECODING, DONE, PARKED, PREFILL, SIBLING, Handle, Sequence, TokenEvent
 
 BACKENDS = ("auto", "own", "hf")
+DEFAULT_MAX_LEN = 2048
 
 
 def make_backend(model, rows: int, max_len: int, kind: str = "auto"):
@@ -45,13 +46,20 @@ def make_backend(model, rows: int, max_len: int, kind: str = "auto"):
 
 
 class Engine:
-    def __init__(self, model, slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
+    def __init__(self, model, slots: int = 16, max_len: int | None = None, prefill_chunk: int = 512,
                  eos_ids: Iterable[int] | None = None, tokenizer=None, backend: str = "auto"):
+        positions = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions")
+                          if isinstance(getattr(model.config, k, None), int)), None)
+        if max_len is None:  # the model's positions, at most DEFAULT_MAX_LEN (the cache is allocated up front)
+            max_len = min(DEFAULT_MAX_LEN, positions or DEFAULT_MAX_LEN)
         for name, value in (("slots", slots), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"generation engine {name}: must be a positive integer, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
+        if positions is not None and max_len > positions:
+            raise ValueError(f"generation engine max_len={max_len} is past the model's {positions} positions: "
+                             f"lower it to at most {positions}")
         if eos_ids is None:
             eos = getattr(model.config, "eos_token_id", None)
             eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
@@ -64,6 +72,7 @@ class Engine:
         self.prefilling: list[Sequence] = []
         self._inbox: list[tuple] = []
         self._lock = threading.Lock()
+        self._posted = threading.Event()
 
     # -- the caller's side (any thread) ---------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
@@ -125,8 +134,17 @@ class Engine:
 
     @property
     def idle(self) -> bool:
+        """Nothing to step: no posted call, waiting request, prefill or decoding row (sessions may be kept)."""
         with self._lock:
             return not (self._inbox or self.waiting or self.prefilling or self.decoding)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block a serving loop's thread until a call is posted (True) or `timeout` passes (False)."""
+        if not self.idle:
+            return True
+        posted = self._posted.wait(timeout)
+        self._posted.clear()
+        return posted
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run every request to its end; results in the order given."""
@@ -171,6 +189,7 @@ class Engine:
     def _post(self, *op) -> None:
         with self._lock:
             self._inbox.append(op)
+        self._posted.set()
 
     # -- scheduling -----------------------------------------------------------------------------------
     def _apply_inbox(self, events: list[TokenEvent]) -> None:
@@ -198,6 +217,7 @@ class Engine:
         handle.check_done()
 
     def _release(self, handle: Handle) -> None:
+        handle.released = True  # a sample still running is freed when it ends instead of kept
         for sequence in handle.sequences:
             if sequence.phase == PARKED and sequence.handle is handle:
                 self._free_row(sequence)
@@ -255,7 +275,7 @@ class Engine:
             if sequence.out.finish_reason is None:
                 self._join(sequence)
             else:
-                self._leave(sequence, keep=sequence.request.session)
+                self._leave(sequence, keep=self._keeps(sequence))
 
     def _decode(self, events: list[TokenEvent]) -> None:
         live = self.rows[:self.decoding]
@@ -265,7 +285,7 @@ class Engine:
         self._draw(live, logits, events)
         for sequence in live:
             if sequence.out.finish_reason is not None:
-                self._leave(sequence, keep=sequence.request.session)
+                self._leave(sequence, keep=self._keeps(sequence))
 
     # -- drawing tokens -------------------------------------------------------------------------------
     def _draw(self, sequences: list[Sequence], logits: torch.Tensor, events: list[TokenEvent]) -> None:
@@ -307,6 +327,10 @@ class Engine:
             if reply:
                 in_reply[i, torch.tensor(reply, device=device)] = True
         return in_context, in_reply
+
+    @staticmethod
+    def _keeps(sequence: Sequence) -> bool:
+        return sequence.request.session and not sequence.handle.released
 
     # -- rows -----------------------------------------------------------------------------------------
     def _join(self, sequence: Sequence) -> None:
