@@ -7,8 +7,13 @@ Arrow file on disk (memory stays flat for large corpora), or, with `data.streami
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
+import json
+import os
+import shutil
+import socket
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
@@ -198,9 +203,49 @@ def tokenize_pt(dataset, tokenizer, block_size: int, streaming: bool, cache_dir:
         return datasets.Dataset.from_generator(rows, cache_dir=cache_dir)
 
 
+CACHE_PREFIX = ".data-cache-"
+OWNER_FILE = "owner.json"
+
+
 def data_cache_dir(output_dir: str) -> str:
+    """A fresh folder for this run's Arrow tables, inside the run folder.
+
+    The folder records its owner (host and pid): it is removed when the process exits however the
+    stage ended (a successful save removes it sooner), and a folder whose owner is gone (a killed
+    run) is removed by the next run that starts in the same output folder."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".data-cache-", dir=output_dir)
+    remove_stale_caches(output_dir)
+    path = tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-", dir=output_dir)
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    (Path(path) / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def remove_stale_caches(output_dir: str) -> list[str]:
+    """Remove the cache folders under `output_dir` whose owning process is gone; returns them.
+    Folders of another host, or of a live process, or without an owner record are left alone."""
+    removed = []
+    for folder in Path(output_dir).glob(f"{CACHE_PREFIX}*"):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+            pid, host = int(owner["pid"]), owner["host"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if host == socket.gethostname() and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a pid we cannot check: not ours to remove
+    return True
 
 
 def _preference_tokens(batch: dict, tokenizer, max_length: int, errors: ErrorLog, kind: str) -> dict:
