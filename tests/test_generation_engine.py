@@ -32,14 +32,15 @@ ARCHITECTURES = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96, n_positions=256,
                                                eos_token_id=2, bos_token_id=1)),
 }
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 GREEDY = Sampling(temperature=0.0)
 SAMPLED = Sampling(temperature=0.9, top_p=0.95, top_k=40, min_p=0.01, repetition_penalty=1.2,
                    presence_penalty=0.3, seed=7)
 
 
-def model_of(arch: str = "llama"):
+def model_of(arch: str = "llama", device: str = "cpu"):
     torch.manual_seed(0)
-    return ARCHITECTURES[arch]().eval()
+    return ARCHITECTURES[arch]().to(device).eval()
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -48,7 +49,7 @@ def prompts(seed: int = 0) -> list[list[int]]:
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: list[int]) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                          pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
@@ -58,9 +59,10 @@ def tokens_alone(model, request: Request, **engine) -> list[list[int]]:
     return [s.token_ids for s in result.samples]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_greedy_equals_transformers_generate(arch):
-    model = model_of(arch)
+def test_greedy_equals_transformers_generate(arch, device):
+    model = model_of(arch, device)
     engine = Engine(model, slots=3, max_len=128, prefill_chunk=16, eos_ids=[2])
     expected_backend = HFBackend if arch == "gpt2" else LlamaFamilyBackend
     assert isinstance(engine.backend, expected_backend)
@@ -81,10 +83,11 @@ def test_hf_fallback_can_be_asked_for_on_a_supported_model():
         hf_greedy(model, prompts()[1], 20, [2])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_request_joining_mid_flight_gets_the_tokens_it_gets_alone(arch, sampling):
-    model = model_of(arch)
+def test_a_request_joining_mid_flight_gets_the_tokens_it_gets_alone(arch, sampling, device):
+    model = model_of(arch, device)
     late = Request(prompts()[3], sampling, max_new_tokens=25)
     early = [Request(p, sampling, max_new_tokens=40) for p in prompts()[:3]]
     engine = Engine(model, slots=4, max_len=128, prefill_chunk=8, eos_ids=[])
@@ -124,9 +127,10 @@ def test_chunked_prefill_equals_unchunked():
     assert torch.allclose(torch.tensor(chunked.logprobs), torch.tensor(whole.logprobs), atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
-def test_a_continued_session_equals_the_long_prompt_decoded_from_scratch(arch):
-    model = model_of(arch)
+def test_a_continued_session_equals_the_long_prompt_decoded_from_scratch(arch, device):
+    model = model_of(arch, device)
     engine = Engine(model, slots=2, max_len=128, eos_ids=[])
     first = engine.submit(Request(prompts()[0], GREEDY, max_new_tokens=6, session=True))
     while not first.done:
@@ -170,16 +174,17 @@ def test_continuing_a_released_or_plain_request_is_refused():
         engine.continue_session(kept, [5] * 60)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
-def test_logprobs_equal_a_teacher_forced_forward_pass(arch):
-    model = model_of(arch)
+def test_logprobs_equal_a_teacher_forced_forward_pass(arch, device):
+    model = model_of(arch, device)
     request = Request(prompts()[1], Sampling(temperature=0.7, top_k=20, seed=3), max_new_tokens=16, logprobs=True,
                       top_logprobs=3, n=2)
     result = Engine(model, slots=2, max_len=64, eos_ids=[]).generate([request])[0]
     for sample in result.samples:
-        ids = torch.tensor([prompts()[1] + sample.token_ids])
+        ids = torch.tensor([prompts()[1] + sample.token_ids], device=device)
         with torch.no_grad():
-            forced = torch.log_softmax(model(ids).logits[0].float(), -1)
+            forced = torch.log_softmax(model(ids).logits[0].float(), -1).cpu()
         start = len(prompts()[1]) - 1
         expected = forced[start:start + 16].gather(-1, torch.tensor(sample.token_ids)[:, None]).squeeze(-1)
         assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
@@ -223,10 +228,11 @@ def test_a_waiting_request_can_be_cancelled_and_never_takes_a_row():
     assert running.result().samples[0].finish_reason == "length"
 
 
-def test_lora_layers_apply_in_the_own_decoder():
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_layers_apply_in_the_own_decoder(device):
     from peft import LoraConfig, get_peft_model
 
-    base = model_of("llama")
+    base = model_of("llama", device)
     plain = [hf_greedy(base, p, 20, []) for p in prompts()[:3]]
     torch.manual_seed(1)
     # init_lora_weights=False: random A and B, so the adapter changes the output from the first step.
@@ -256,3 +262,22 @@ def test_stop_token_ends_the_sample_and_is_kept_in_its_ids():
     sample = Engine(model, slots=1, max_len=64, eos_ids=[]).generate(
         [Request(prompts()[1], GREEDY, max_new_tokens=20, stop_token_ids=[stop])])[0].samples[0]
     assert sample.token_ids == free[:cut] and sample.finish_reason == "stop"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_decoding_steps_equal_eager_ones_and_follow_reloaded_weights():
+    model = model_of("qwen2", "cuda")
+    requests = [Request(p, SAMPLED, max_new_tokens=30, logprobs=True) for p in prompts()]
+    eager = Engine(model, slots=3, max_len=128, eos_ids=[2], cuda_graphs=False)
+    graphed = Engine(model, slots=3, max_len=128, eos_ids=[2])
+    assert eager.backend.graphs is None and graphed.backend.graphs is not None
+    expected, got = eager.generate(requests), graphed.generate(requests)
+    assert [s.token_ids for r in got for s in r.samples] == [s.token_ids for r in expected for s in r.samples]
+    for a, b in zip(got, expected):
+        assert torch.allclose(torch.tensor(a.samples[0].logprobs), torch.tensor(b.samples[0].logprobs), atol=1e-4)
+    assert len(graphed.backend.graphs.graphs) >= 2  # several batch buckets were used
+    # New parameter storage (a reload): the graphs are captured again and decode the new weights.
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(-model.lm_head.weight.detach().clone())
+    assert [r.samples[0].token_ids for r in graphed.generate(requests)] == \
+        [r.samples[0].token_ids for r in eager.generate(requests)]

@@ -5,6 +5,9 @@ a sequence's tokens sit at positions 0..length-1 (no padding anywhere), so its r
 real ones. The engine keeps the decoding rows packed at rows 0..B-1, so one decoding step reads plain
 slices of the cache (`keys[:B, :, :span]`), never a gathered copy; moving a sequence between rows (when
 one joins or leaves) copies that row once.
+
+Position max_len - 1 of every row is never a token's (a request needs prompt + max_new_tokens <= max_len,
+and the last token drawn is never fed): the padding rows of a captured decoding step write there.
 """
 
 from __future__ import annotations

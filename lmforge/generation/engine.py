@@ -31,14 +31,14 @@ BACKENDS = ("auto", "own", "hf")
 DEFAULT_MAX_LEN = 2048
 
 
-def make_backend(model, rows: int, max_len: int, kind: str = "auto"):
+def make_backend(model, rows: int, max_len: int, kind: str = "auto", cuda_graphs: bool = True):
     """The own decoder where it runs the model exactly, else (under "auto") the HF fallback."""
     if kind not in BACKENDS:
         raise ValueError(f"generation backend {kind!r}: choose one of {', '.join(BACKENDS)}")
     if kind == "hf":
         return HFBackend(model, rows, max_len)
     try:
-        return LlamaFamilyBackend(model, rows, max_len)
+        return LlamaFamilyBackend(model, rows, max_len, cuda_graphs)
     except UnsupportedModel:
         if kind == "own":
             raise
@@ -47,7 +47,8 @@ def make_backend(model, rows: int, max_len: int, kind: str = "auto"):
 
 class Engine:
     def __init__(self, model, slots: int = 16, max_len: int | None = None, prefill_chunk: int = 512,
-                 eos_ids: Iterable[int] | None = None, tokenizer=None, backend: str = "auto"):
+                 eos_ids: Iterable[int] | None = None, tokenizer=None, backend: str = "auto",
+                 cuda_graphs: bool = True):
         positions = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions")
                           if isinstance(getattr(model.config, k, None), int)), None)
         if max_len is None:  # the model's positions, at most DEFAULT_MAX_LEN (the cache is allocated up front)
@@ -64,7 +65,7 @@ class Engine:
             eos = getattr(model.config, "eos_token_id", None)
             eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
         self.eos_ids = set(eos_ids)
-        self.backend = make_backend(model, slots, max_len, backend)
+        self.backend = make_backend(model, slots, max_len, backend, cuda_graphs)
         self.rows: list[Sequence | None] = [None] * slots
         self.decoding = 0
         """Rows 0..decoding-1 are the decoding sequences."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.generation.cache import KVCache
+from lmforge.generation.graphs import DecodeGraphs
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -59,9 +60,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def graphs_can_run(model, device: torch.device) -> bool:
+    """CUDA graphs need a GPU and a step without host syncs: dynamic rotary scaling reads the longest
+    position on the host, so those models decode eagerly."""
+    config = base_model(model).config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return device.type == "cuda" and "dynamic" not in str(rope)
+
+
 class LlamaFamilyBackend:
-    def __init__(self, model, rows: int, max_len: int):
+    def __init__(self, model, rows: int, max_len: int, cuda_graphs: bool = True):
         check_supported(model, max_len)
+        self.model = model
         base = base_model(model)
         self.backbone, self.head = base.model, base.get_output_embeddings()
         self.layers = list(self.backbone.layers)
@@ -72,20 +82,27 @@ class LlamaFamilyBackend:
         self.cache = KVCache(len(self.layers), rows, base.config.num_key_value_heads, max_len, self.head_dim,
                              weight.dtype, weight.device)
         self.device = weight.device
+        self.graphs = DecodeGraphs(self, rows, max_len) if cuda_graphs and graphs_can_run(model, self.device) \
+            else None
+
+    def parameters(self):
+        return self.model.parameters()
 
     def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
         """Feed tokens at positions start.. of `row`; the float logits [V] after the last one."""
         tokens = torch.tensor([token_ids], device=self.device)
         positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
         rows = torch.tensor([row], device=self.device)
-        return self._forward(tokens, positions, rows, slice(row, row + 1), start + len(token_ids))[0]
+        return self.forward(tokens, positions, rows, slice(row, row + 1), start + len(token_ids))[0]
 
     def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """One token for each of rows 0..B-1, at position lengths[b]; float logits [B, V]."""
+        if self.graphs is not None:
+            return self.graphs.run(tokens, lengths)
         count = len(tokens)
         positions = torch.tensor(lengths, device=self.device)[:, None]
         rows = torch.arange(count, device=self.device)
-        return self._forward(torch.tensor(tokens, device=self.device)[:, None], positions, rows, slice(0, count),
+        return self.forward(torch.tensor(tokens, device=self.device)[:, None], positions, rows, slice(0, count),
                              max(lengths) + 1)
 
     def copy_row(self, source: int, target: int, length: int) -> None:
@@ -97,7 +114,7 @@ class LlamaFamilyBackend:
     def clear_row(self, row: int) -> None:
         """Nothing to free: a row's stale positions are never visible (masked by length)."""
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_span: slice,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_span: slice,
                  span: int) -> torch.Tensor:
         hidden = self.backbone.embed_tokens(tokens)
         cos, sin = self.backbone.rotary_emb(hidden, positions)
