@@ -281,3 +281,16 @@ def test_captured_decoding_steps_equal_eager_ones_and_follow_reloaded_weights():
         model.lm_head.weight = torch.nn.Parameter(-model.lm_head.weight.detach().clone())
     assert [r.samples[0].token_ids for r in graphed.generate(requests)] == \
         [r.samples[0].token_ids for r in eager.generate(requests)]
+
+
+def test_greedy_with_a_repetition_penalty_equals_transformers_generate():
+    model = model_of("llama")
+    engine = Engine(model, slots=2, max_len=96, eos_ids=[])
+    sampling = Sampling(temperature=0.0, repetition_penalty=1.5)
+    results = engine.generate([Request(p, sampling, max_new_tokens=40) for p in prompts()[:3]])
+    for prompt, result in zip(prompts()[:3], results):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, repetition_penalty=1.5,
+                             eos_token_id=[], pad_token_id=0)
+        assert result.samples[0].token_ids == out[0, len(prompt):].tolist()
+    assert results[0].samples[0].token_ids != tokens_alone(model, Request(prompts()[0], GREEDY, max_new_tokens=40),
+                                                           eos_ids=[])[0]

@@ -23,7 +23,7 @@ import torch
 
 from lmforge.generation.hf_fallback import HFBackend
 from lmforge.generation.llama import LlamaFamilyBackend, UnsupportedModel
-from lmforge.generation.request import Request, RequestError, Result
+from lmforge.generation.request import Request, RequestError, Result, check_token_ids
 from lmforge.generation.sampling import choose_tokens, counter_uniform, penalise, token_logprobs
 from lmforge.generation.sequence import DECODING, DONE, PARKED, PREFILL, SIBLING, Handle, Sequence, TokenEvent
 
@@ -102,13 +102,15 @@ class Engine:
         if not 0 <= sample < len(handle.sequences) or handle.samples[sample].finish_reason in (None, "cancelled"):
             raise RequestError(f"continue_session: sample {sample} is not a finished, kept session")
         sequence = handle.sequences[sample]
+        extra_ids = check_token_ids("extra_ids", extra_ids)
         continuation = dataclasses.replace(request, prompt_ids=[sequence.last, *extra_ids], n=1,
-                                           max_new_tokens=max_new_tokens or request.max_new_tokens)
+                                           max_new_tokens=request.max_new_tokens if max_new_tokens is None
+                                           else max_new_tokens)
         needed = sequence.cached + len(continuation.prompt_ids) + continuation.max_new_tokens
         if needed > self.max_len:
             raise RequestError(f"continue_session: the session would need {needed} positions, over the engine's "
                                f"max_len={self.max_len}; release it and start a shorter one")
-        self._check_ids(continuation.prompt_ids, "extra_ids")
+        self._check_ids(extra_ids, "extra_ids")
         new = Handle(continuation, sequence.seed)
         self._post("continue", new, handle, sample)
         return new
@@ -132,6 +134,27 @@ class Engine:
             if was_training:
                 self.model.train()
         return events
+
+    def reset(self) -> list[Handle]:
+        """Drop every request (after a failed step, say): unfinished samples end "cancelled", kept sessions
+        are released, every row is freed. Returns the handles that were still running, for the caller to
+        tell their clients."""
+        with self._lock:
+            ops, self._inbox = self._inbox, []
+        handles = {id(h): h for h in [*self.waiting, *(s.handle for s in self.rows + self.prefilling if s)]}
+        handles.update((id(op[1]), op[1]) for op in ops if op[0] in ("submit", "continue"))
+        running = [h for h in handles.values() if not h.done]
+        for handle in handles.values():
+            for sample in handle.samples:
+                sample.finish_reason = sample.finish_reason or "cancelled"
+            handle.released = True
+            handle.finished.set()
+        for row in range(self.slots):
+            self.backend.clear_row(row)
+        self.rows, self.decoding = [None] * self.slots, 0
+        self.waiting.clear()
+        self.prefilling.clear()
+        return running
 
     @property
     def idle(self) -> bool:
@@ -318,16 +341,23 @@ class Engine:
             events.append(sequence.accept(token, logprobs[i], ranked))
             sequence.handle.check_done()
 
-    def _seen_masks(self, sequences: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, V] bool: tokens in each sequence's prompt and reply; tokens in its reply alone."""
-        in_context = torch.zeros(len(sequences), vocab, dtype=torch.bool, device=device)
-        in_reply = torch.zeros_like(in_context)
-        for i, sequence in enumerate(sequences):
-            in_context[i, torch.tensor(sequence.history, device=device)] = True
-            reply = sequence.history[sequence.reply_start:]
-            if reply:
-                in_reply[i, torch.tensor(reply, device=device)] = True
-        return in_context, in_reply
+    @staticmethod
+    def _seen_masks(sequences: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, V] bool: tokens in each sequence's prompt and reply; tokens in its reply alone. Each sequence
+        keeps its own two masks and marks only the tokens added since the last step (not its whole history)."""
+        for sequence in sequences:
+            if sequence.seen is None:
+                sequence.seen = (torch.zeros(vocab, dtype=torch.bool, device=device),
+                                 torch.zeros(vocab, dtype=torch.bool, device=device), 0)
+            in_context, in_reply, marked = sequence.seen
+            new = sequence.history[marked:]
+            if new:
+                in_context[torch.tensor(new, device=device)] = True
+                reply_new = sequence.history[max(marked, sequence.reply_start):]
+                if reply_new:
+                    in_reply[torch.tensor(reply_new, device=device)] = True
+            sequence.seen = (in_context, in_reply, len(sequence.history))
+        return (torch.stack([s.seen[0] for s in sequences]), torch.stack([s.seen[1] for s in sequences]))
 
     @staticmethod
     def _keeps(sequence: Sequence) -> bool:

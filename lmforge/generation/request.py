@@ -91,8 +91,8 @@ class Request:
             raise RequestError(f"request.prompt_ids: must be a list of token ids, got {type(self.prompt_ids).__name__}")
         if len(self.prompt_ids) == 0:
             raise RequestError("request.prompt_ids: empty prompt; give at least one token id")
-        object.__setattr__(self, "prompt_ids", _token_ids("prompt_ids", self.prompt_ids))
-        object.__setattr__(self, "stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
+        object.__setattr__(self, "prompt_ids", check_token_ids("prompt_ids", self.prompt_ids))
+        object.__setattr__(self, "stop_token_ids", check_token_ids("stop_token_ids", self.stop_token_ids))
         if not isinstance(self.sampling, Sampling):
             raise RequestError(f"request.sampling: must be a Sampling, got {type(self.sampling).__name__}")
         _check_int("max_new_tokens", self.max_new_tokens, low=1)
@@ -155,7 +155,8 @@ def _check_int(name: str, value, low: int | None = None, high: int | None = None
         raise RequestError(f"request.{name}: must be {bound}, got {value}")
 
 
-def _token_ids(name: str, values) -> list[int]:
+def check_token_ids(name: str, values) -> list[int]:
+    """`values` as a list of ints, or a RequestError naming `name` and the bad entry."""
     if isinstance(values, (str, bytes)):
         raise RequestError(f"request.{name}: must be a list of token ids, got a string")
     ids = []

@@ -47,6 +47,8 @@ class Sequence:
         self.history: list[int] = []
         """Prompt and every token since (kept for repetition/presence penalties)."""
         self.reply_start = 0
+        self.seen: tuple | None = None
+        """Penalty masks (in context, in reply, history length marked), made when a penalty first needs them."""
         self.tokenizer = tokenizer
         self.start_segment(handle, handle.request.prompt_ids)
 
@@ -56,6 +58,8 @@ class Sequence:
         self.feed = list(feed)
         self.history += feed
         self.reply_start = len(self.history)
+        if self.seen is not None:  # a new reply: presence counts its own tokens only
+            self.seen[1].zero_()
         request = handle.request
         self.out = Sample(logprobs=[] if request.logprobs else None,
                           top_logprobs=[] if request.top_logprobs else None)

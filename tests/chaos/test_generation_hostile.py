@@ -181,3 +181,38 @@ def test_a_closed_stream_cancels_its_request_and_frees_the_row(model):
     stream.close()
     assert first.handle.done and first.handle.result().samples[0].finish_reason == "cancelled"
     assert engine.rows == [None] and engine.idle
+
+
+def test_bad_continuations_are_refused_naming_the_field(model):
+    engine = Engine(model, slots=1, max_len=64, eos_ids=[])
+    session = engine.submit(Request([5, 6], GREEDY, max_new_tokens=3, session=True))
+    with pytest.raises(RequestError, match="sample 0 is not a finished"):
+        engine.continue_session(session, [7])  # still running
+    while not session.done:
+        engine.step()
+    for extra, max_new, message in (([7, -1], None, r"^request\.extra_ids\[1\]"), ("text", None, "extra_ids"),
+                                    ([7], 0, r"^request\.max_new_tokens"), ([96], None, "extra_ids: token id 96"),
+                                    ([7], None, "sample 3")):
+        with pytest.raises(RequestError, match=message):
+            engine.continue_session(session, extra, max_new, sample=3 if message == "sample 3" else 0)
+    assert engine.rows[0] is not None  # the session is still kept, and continues fine
+    more = engine.continue_session(session, [], max_new_tokens=2)
+    while not more.done:
+        engine.step()
+    assert len(more.result().samples[0].token_ids) == 2
+
+
+def test_reset_ends_everything_and_frees_every_row(model):
+    engine = Engine(model, slots=2, max_len=64, eos_ids=[])
+    kept = engine.submit(Request([5], GREEDY, max_new_tokens=2, session=True))
+    while not kept.done:
+        engine.step()
+    running = engine.submit(Request([5, 6], GREEDY, max_new_tokens=30))
+    engine.step()
+    waiting = engine.submit(Request([5, 6], GREEDY, max_new_tokens=30, n=2))
+    posted = engine.submit(Request([7], GREEDY, max_new_tokens=30))
+    engine.step()
+    assert set(engine.reset()) == {running, waiting, posted}
+    assert all(h.done for h in (kept, running, waiting, posted)) and engine.idle and engine.rows == [None, None]
+    assert [s.finish_reason for s in waiting.result().samples] == ["cancelled", "cancelled"]
+    assert len(engine.generate([Request([5, 6], GREEDY, max_new_tokens=4)])[0].samples[0].token_ids) == 4
