@@ -107,6 +107,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_webui(args) -> int:
+    from lmforge.webui.hosts import check_exposure, login
+
+    check_exposure(args.host, login(args.auth))  # before Gradio loads: a refused start fails fast
     try:
         from lmforge.webui.app import launch
     except ImportError as error:

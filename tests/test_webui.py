@@ -165,3 +165,120 @@ def test_curves_and_report_of_a_pipeline_stage(tmp_path):
     assert report_for(stage) is None
     (tmp_path / "pipeline" / "report.html").write_text("<html></html>")
     assert report_for(stage) == tmp_path / "pipeline" / "report.html"
+
+
+# The web UI against a visitor who wants to run code (issue 19, point 1): the rules, without a server.
+# tests/chaos/test_webui_hostile.py sends the same cases over HTTP to a running app.
+
+PIPELINE = "run_dir: runs/p\nstages:\n  - name: sft\n    stage: sft\n    config:\n      model: {scratch: test, tokenizer: tok}\n" \
+           "      data: {train: data/ok.jsonl}\n"
+
+
+@pytest.fixture
+def served(tmp_path) -> tuple[Path, Path]:
+    """tmp/root is served; tmp/outside holds a secret that a dataset_info.json entry points at."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in ("model", "data", "info", "tok", "runs/r1", "pipelines"):
+        (root / folder).mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text('{"text": "secret"}\n')
+    (root / "model" / "config.json").write_text("{}")
+    (root / "model" / "model.safetensors").write_bytes(b"weights")
+    (root / "data" / "ok.jsonl").write_text('{"text": "hello"}\n')
+    (root / "info" / "dataset_info.json").write_text(json.dumps({"escape": {"file_name": "../../outside/secret.jsonl"},
+                                                                "ok": {"file_name": "../data/ok.jsonl"}}))
+    (root / "runs" / "r1" / "webui-config.yaml").write_text("stage: sft\n")
+    (root / "notes.yaml").write_text("todo: [write, tests]\n")
+    return root.resolve(), outside
+
+
+def test_save_writes_only_checked_pipelines_to_names_it_controls(served):
+    from lmforge.webui.confine import Rules
+    from lmforge.webui.saving import save_pipeline
+
+    root, outside = served
+    rules = Rules(root)
+    refusals = {"modeling_x.py": "not a .yaml", "model/config.json": "not a .yaml", "model/x.yaml": "model's or a run's",
+                "runs/r1/webui-config.yaml": "lmforge writes", "runs/r1/x.yaml": "model's or a run's",
+                "notes.yaml": "not a pipeline", ".hidden.yaml": "hidden", "no/such/x.yaml": "no folder",
+                "../x.yaml": "outside", "data/ok.jsonl": "not a .yaml", "": "type a file name"}
+    for name, reason in refusals.items():
+        with pytest.raises(ConfigError, match=reason):
+            save_pipeline(name, PIPELINE, rules)
+    assert (root / "notes.yaml").read_text() == "todo: [write, tests]\n"
+    assert save_pipeline("pipelines/mine.yaml", PIPELINE, rules) == Path("pipelines/mine.yaml")
+    changed = PIPELINE.replace("runs/p", "runs/q")
+    assert save_pipeline("pipelines/mine.yaml", changed, rules) == Path("pipelines/mine.yaml")  # its own: replaced
+    assert (root / "pipelines" / "mine.yaml").read_text() == changed
+    for text, reason in [(PIPELINE.replace("tokenizer: tok}", "tokenizer: tok, trust_remote_code: true}"),
+                          "trust_remote_code"), (PIPELINE.replace("runs/p", "../p"), "run_dir"),
+                         ("a: &x [1]\nb: *x\n", "alias"), ("stages: [\n", "does not parse at line 2"),
+                         ("x" * (300 << 10), "KiB")]:
+        with pytest.raises(ConfigError, match=reason):
+            save_pipeline("pipelines/mine.yaml", text, rules)
+    assert (root / "pipelines" / "mine.yaml").read_text() == changed
+    assert sorted(p.name for p in (root / "pipelines").iterdir()) == ["mine.yaml"]  # no scratch file left
+
+
+STAGE = {"stage": "sft", "model": {"scratch": "test", "tokenizer": "tok"}, "data": {"train": "data/ok.jsonl"},
+         "train": {"output_dir": "runs/new"}}
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"model": {"name_or_path": "../outside"}}, "model.name_or_path"),
+    ({"model": {"name_or_path": "model", "gguf_file": "../../outside/x.gguf"}}, "model.gguf_file"),
+    ({"model": {"scratch": "test", "tokenizer": "/etc"}}, "model.tokenizer"),
+    ({"model": {"name_or_path": "model", "trust_remote_code": True}}, "trust_remote_code"),
+    ({"model": {"name_or_path": "model", "attn_implementation": "kernels-community/flash-attn"}}, "attn_implementation"),
+    ({"model": {"name_or_path": "model", "template": "../../../x"}}, "model.template"),
+    ({"data": {"train": "../outside/secret.jsonl"}}, "data.train"),
+    ({"data": {"train": "data/../../outside/*.jsonl"}}, "data.train"),
+    ({"data": {"train": "data/ok.jsonl", "eval": "../outside/secret.jsonl"}}, "data.eval"),
+    ({"data": {"train": {"name": "escape"}, "dataset_dir": "info"}}, "file_name of 'escape'"),
+    ({"data": {"train": {"name": "ok"}, "dataset_dir": "../outside"}}, "data.dataset_dir"),
+    ({"train": {"output_dir": "../escaped"}}, "train.output_dir"),
+    ({"train": {"output_dir": "."}}, "train.output_dir: the served folder"),
+    ({"train": {"output_dir": "model"}}, "holds a model that no lmforge run wrote"),
+    ({"train": {"output_dir": "runs/x", "resume_from": "/tmp"}}, "train.resume_from"),
+    ({"stage": "ppo", "rl": {"reward_model": "../outside"}}, "rl.reward_model"),
+    ({"stage": "ppo", "rl": {"reward_model": "model", "critic_path": "/"}}, "rl.critic_path"),
+    ({"stage": "grpo", "rl": {"num_generations": 2, "rewards": [{"kind": "model", "path": "../x"}]}}, "path"),
+    ({"stage": "grpo", "rl": {"num_generations": 2, "rewards": [{"kind": "function", "function": "os:system"}]}},
+     "function reward"),
+])
+def test_a_run_from_the_ui_stays_under_root_and_runs_no_code(served, change, key):
+    from lmforge.config.load import from_dict
+    from lmforge.config.schema import StageConfig
+    from lmforge.webui.confine import Rules, check_stage
+
+    root, _ = served
+    raw = {**STAGE, **change}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
+        check_stage(from_dict(StageConfig, json.loads(json.dumps(raw)), where="x"), Rules(root), "x")
+
+
+def test_remote_code_only_with_the_flag_and_the_plain_config_passes(served):
+    from lmforge.config.load import from_dict
+    from lmforge.config.schema import StageConfig
+    from lmforge.webui.confine import Rules, check_stage
+
+    root, _ = served
+    plain = from_dict(StageConfig, {**STAGE, "data": {"train": {"name": "ok"}, "dataset_dir": "info"}}, where="x")
+    assert check_stage(plain, Rules(root), "x") is plain
+    remote = from_dict(StageConfig, {**STAGE, "model": {"name_or_path": "model", "trust_remote_code": True}}, where="x")
+    with pytest.raises(ConfigError, match="--allow-remote-code"):
+        check_stage(remote, Rules(root), "x")
+    assert check_stage(remote, Rules(root, allow_code=True), "x") is remote
+
+
+def test_host_names_the_web_ui_answers():
+    from lmforge.webui.hosts import allowed_names, host_name
+
+    assert [host_name(h) for h in (b"localhost:7860", b"[::1]:7860", b"LOCALHOST", b"evil.example:80", b"a b",
+                                   b"x:y", b"127.0.0.1:123456", b"")] == \
+        ["localhost", "::1", "localhost", "evil.example", None, None, None, None]
+    assert allowed_names("127.0.0.1") == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_names("0.0.0.0", ["lab.example.org"]) == {"localhost", "127.0.0.1", "::1", "lab.example.org"}
+    assert "10.1.2.3" in allowed_names("10.1.2.3")
+    with pytest.raises(ConfigError, match="allowed-host"):
+        allowed_names("0.0.0.0", ["http://evil/"])

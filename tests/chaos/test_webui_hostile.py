@@ -84,7 +84,8 @@ def snapshot(*folders: Path) -> dict[str, str]:
     found = {}
     for folder in folders:
         for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
+            app_log = path.name.startswith("webui-") and path.suffix == ".log"
+            if path.is_file() and not path.is_symlink() and not app_log:
                 found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
 
@@ -288,15 +289,31 @@ def test_foreign_host_header_is_refused(webui):
 
 
 def test_non_loopback_without_login_is_refused(tree):
+    from lmforge.config.schema import ConfigError
+    from lmforge.webui.hosts import check_exposure, login
+
     base, root, outside = tree
-    for args in (["--host", "0.0.0.0"], ["--host", "::"], ["--host", "192.0.2.7"], ["--auth", "nocolon"],
-                 ["--auth", ":empty-user"]):
-        done = subprocess.run([sys.executable, "-m", "lmforge.cli", "webui", "--root", str(root), "--port",
-                               str(free_port()), *args], capture_output=True, text=True, timeout=120, cwd=base)
+    # The command itself, once: a one-line error and exit status 2 before anything listens.
+    done = subprocess.run([sys.executable, "-m", "lmforge.cli", "webui", "--root", str(root), "--port",
+                           str(free_port()), "--host", "0.0.0.0"], capture_output=True, text=True, timeout=300,
+                          cwd=base, env={k: v for k, v in os.environ.items() if k != "LMFORGE_WEBUI_AUTH"})
+    output = done.stdout + done.stderr
+    TALLY["tried"] += 1
+    TALLY["refused"] += done.returncode == 2 and "Traceback" not in output and "--auth" in output
+    assert done.returncode == 2 and "Traceback" not in output and "--auth" in output, output[-1500:]
+    for host in ("0.0.0.0", "::", "192.0.2.7", "example.com", "127.0.0.1.nip.io"):
         TALLY["tried"] += 1
-        output = done.stdout + done.stderr
-        TALLY["refused"] += done.returncode == 2 and "Traceback" not in output
-        assert done.returncode == 2 and "Traceback" not in output and "error:" in output, (args, output[-1500:])
+        with pytest.raises(ConfigError, match="--auth"):
+            check_exposure(host, None)
+        TALLY["refused"] += 1
+    for auth in ("nocolon", ":empty-user", "user:", ""):
+        TALLY["tried"] += 1
+        with pytest.raises(ConfigError, match="USER:PASSWORD"):
+            check_exposure("0.0.0.0", login(auth or ":"))
+        TALLY["refused"] += 1
+    check_exposure("0.0.0.0", login("alice:correct-horse"))  # with a login it may listen
+    check_exposure("127.0.0.1", None)
+    check_exposure("::1", None)
 
 
 def test_tally():
