@@ -228,3 +228,99 @@ def test_group_by_length_batches_similar_lengths_and_keeps_every_row_once():
     assert padded < shuffled / 2.5  # far less padding than random batches
     assert grouped == epoch_batches(400, 8, seed=0, epoch=0, lengths=lengths)  # a resume sees the same order
     assert grouped != epoch_batches(400, 8, seed=0, epoch=1, lengths=lengths)
+
+
+# -- what a resume keeps ------------------------------------------------------------------------------------
+class Crash(Exception):
+    """A run dying between two checkpoints (as SIGKILL would, with the steps after the save logged)."""
+
+
+def tagged_run(out: Path, tag: int, crash_at: int | None = None, **train) -> Trainer:
+    """A trainer whose every logged step carries `tag` (which run wrote the line), dying at `crash_at`."""
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise Crash()
+        loss_sum, n, _ = lm_loss(model, batch)
+        return loss_sum, n, {"run": torch.tensor(float(tag))}
+
+    cfg = TrainConfig(output_dir=str(out), batch_size=4, max_steps=8, save_steps=3, logging_steps=1, eval_steps=2,
+                      lr=1e-2, **train)
+    rows = random_rows(40)
+    return Trainer(tiny_model(), rows, partial(collate, pad_id=0), loss, cfg, NO_LOG, eval_rows=rows[:8])
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_after_a_resume_have_each_step_once_written_by_the_resumed_run(tmp_path):
+    with pytest.raises(Crash):
+        tagged_run(tmp_path, tag=1, crash_at=8).train()  # checkpoint-6 saved, step 7 logged, died in step 8
+    assert [r["step"] for r in metric_rows(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6, 7]
+    tagged_run(tmp_path, tag=2, resume=True).train()
+    straight = tmp_path / "straight"
+    tagged_run(straight, tag=2).train()
+
+    rows, reference = metric_rows(tmp_path), metric_rows(straight)
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == list(range(1, 9))  # every step once
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4, 6, 8, 8]  # before, every 2, final
+    assert [r["run"] for r in rows if "loss" in r] == [1] * 6 + [2] * 2  # steps 7-8: the resumed run's
+    same = lambda row: {k: v for k, v in row.items() if k not in ("run", "eval_run", "tokens_per_s")}  # noqa: E731
+    for got, want in zip(rows, reference):  # and the same numbers as a run never interrupted
+        assert same(got) == same(want)
+    assert len(rows) == len(reference)
+
+
+def test_a_resume_from_a_checkpoint_without_the_line_count_keeps_the_steps_up_to_it(tmp_path):
+    with pytest.raises(Crash):
+        tagged_run(tmp_path, tag=1, crash_at=8).train()
+    state_file = tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["extra"]["metrics_lines"]  # as written before the count was kept
+    state_file.write_text(json.dumps(state))
+    (state_file.parent / "checksums.json").unlink()
+    tagged_run(tmp_path, tag=2, resume=True).train()
+    assert [r["step"] for r in metric_rows(tmp_path) if "loss" in r] == list(range(1, 9))
+
+
+def test_sigterm_in_the_final_evaluation_stops_at_once_and_the_resume_trains_nothing(tmp_path):
+    from lmforge.loop.preemption import EXIT_STATUS, Preempted
+
+    steps = {"n": 0}
+
+    def loss(model, batch):
+        if model.training:
+            steps["n"] += 1
+        elif steps["n"] == 6 and not steps.get("signalled"):  # the final evaluation (no eval in between)
+            steps["signalled"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lm_loss(model, batch)
+
+    rows = random_rows(40)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, max_steps=6, save_steps=4, lr=1e-2)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as stop:
+        Trainer(tiny_model(), rows, partial(collate, pad_id=0), loss, cfg, NO_LOG, eval_rows=rows[:16]).train()
+    final = tmp_path / "run" / "checkpoints" / "checkpoint-6"
+    assert stop.value.code == EXIT_STATUS
+    assert str(stop.value) == (f"SIGTERM after the last step: the trained weights are saved in {final}; "
+                               "train.resume=true evaluates and writes the model without training again")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-4", "checkpoint-6"]
+
+    steps["n"] = 100  # the resume must run no training step at all
+    cfg.resume = True
+    resumed = Trainer(tiny_model(), rows, partial(collate, pad_id=0), loss, cfg, NO_LOG, eval_rows=rows[:16])
+    result = resumed.train()
+    assert steps["n"] == 100
+    straight_cfg = TrainConfig(output_dir=str(tmp_path / "straight"), batch_size=4, max_steps=6, save_steps=4,
+                               lr=1e-2)
+    straight = Trainer(tiny_model(), rows, partial(collate, pad_id=0), lm_loss, straight_cfg, NO_LOG,
+                       eval_rows=rows[:16]).train()
+    assert {k: v for k, v in result.metrics.items() if "tokens_per_s" not in k} == \
+        {k: v for k, v in straight.metrics.items() if "tokens_per_s" not in k}
