@@ -4,6 +4,8 @@ recorded on the model (`models.optimizers.OptimizerPlan`) for the loop to build 
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -34,15 +36,27 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ConfigError("finetuning=freeze needs a model with decoder layers it can find")
 
 
+def derived_seed(seed: int, purpose: str) -> int:
+    """A seed for one use of the run's seed (`train.seed`): stable across processes and platforms, and
+    independent of the other uses, so the adapter's first draws are not the scratch model's first draws."""
+    return int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:8], "little") % 2**63
+
+
 def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...] = (),
                      task_type: str = "CAUSAL_LM", galore: GaloreConfig | None = None, mod: ModConfig | None = None,
-                     expand: ExpandConfig | None = None):
+                     expand: ExpandConfig | None = None, seed: int | None = None):
     """Set which parameters train; returns the (possibly peft-wrapped) model.
 
     `extra_trainable` names modules that always train (a reward head). The method groups default to
-    their defaults when a caller does not pass them.
+    their defaults when a caller does not pass them. `seed` (the run's train.seed) fixes every random
+    initialisation a method makes — LoRA/DoRA A matrices, gaussian and PiSSA's randomised SVD, a reward
+    head kept to train, Mixture-of-Depths routers — so one config gives one artifact; None leaves the
+    generators as they are.
     """
     from lmforge.models.optimizers import OptimizerPlan, attach_plan  # optimizers imports the config only
+
+    if seed is not None:
+        torch.manual_seed(derived_seed(seed, f"finetuning:{cfg.finetuning}"))  # every device's generator
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

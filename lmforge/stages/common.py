@@ -81,7 +81,7 @@ def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: 
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     extra = ("score",) if reward_head else ()
     model = apply_finetuning(model, cfg.model, cfg.lora, extra, "SEQ_CLS" if reward_head else "CAUSAL_LM",
-                             galore=cfg.galore, mod=cfg.mod, expand=cfg.expand)
+                             galore=cfg.galore, mod=cfg.mod, expand=cfg.expand, seed=cfg.train.seed)
     return model, tokenizer, path or f"scratch:{cfg.model.scratch}", reference
 
 

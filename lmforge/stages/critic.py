@@ -37,4 +37,4 @@ def load_critic(cfg: StageConfig, dtype: torch.dtype, policy_vocab: int):
     method = "lora" if cfg.model.finetuning == "qlora" else cfg.model.finetuning
     model_cfg = dataclasses.replace(cfg.model, finetuning=method)
     return apply_finetuning(critic, model_cfg, cfg.lora, ("score",), "SEQ_CLS", galore=cfg.galore, mod=cfg.mod,
-                            expand=cfg.expand)
+                            expand=cfg.expand, seed=cfg.train.seed)
