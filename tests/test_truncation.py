@@ -169,3 +169,18 @@ def test_streamed_counts_and_loaded_records_stay_the_same_every_epoch(tok, tmp_p
             summary = errors.summary()
             assert summary["truncation"] == {**NO_CUTS, "prompt_cut": 1, "reply_cut": 1, "dropped_no_room": 1}
             assert (summary["records_read"], summary["loaded_records"], summary["dropped_too_long"]) == (4, 3, 1)
+
+
+def test_a_huge_system_prompt_is_cut_before_the_question_the_reply_answers(tok):
+    from collections import Counter
+
+    system = " ".join(["every weight with a small step"] * 20)
+    messages = [{"role": "system", "content": system}, *single_turn("hello there", "hi")]
+    cuts = Counter()
+    encoded = encode_sft(tok, messages, max_length=40, cuts=cuts)
+    question = ids(tok, "hello there")
+    reply_at = len(encoded["input_ids"]) - len(ids(tok, "hi")) - len(ids(tok, "<|im_end|>"))
+    header = ids(tok, "<|im_end|>\n<|im_start|>assistant\n")
+    # The question survives whole right before the header; the system prompt lost its middle.
+    assert encoded["input_ids"][reply_at - len(header) - len(question):reply_at] == question + header
+    assert len(encoded["input_ids"]) == 40 and dict(cuts) == {"prompt_cut": 1}

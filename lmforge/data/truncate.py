@@ -13,10 +13,10 @@ fit; the first turn that does not fit is cut to fit and the turns after it are d
 1. its frames, its header and the reply's end-of-turn token are always kept whole;
 2. the reply keeps its head, and gets at least half of the room left once those are kept (all it
    needs if less), so it still ends in its end-of-turn token;
-3. the context (everything between the previous reply and the header) fits in the rest: the oldest
-   message's text is cut first and the system prompt last; a message that must shrink loses its
-   middle (its first and last tokens stay), so an instruction and the question nearest the reply
-   both survive;
+3. the context (everything between the previous reply and the header) fits in the rest: older
+   messages' text is cut first (oldest first), then the system prompt's, and the text of the message
+   the reply answers last; a message that must shrink loses its middle (its first and last tokens
+   stay), so an instruction and the question nearest the reply both survive;
 4. when there is no room for the kept structure plus one reply token, the turn is dropped; a sample
    left with no reply that carries loss is dropped.
 
@@ -181,8 +181,10 @@ def _fit_turn(turn: list[Piece], room: int, cuts: set[str]) -> list[Piece] | Non
         cuts.add("reply_cut")
     if excess > 0:
         cuts.add("prompt_cut")
-        # Oldest text first, the system prompt last; a message that shrinks loses its middle.
-        for i in sorted(context, key=lambda i: (turn[i].kind == "system", i)):
+        # Older messages first (oldest first), then the system prompt, and the message the reply
+        # answers last; a message that shrinks loses its middle.
+        answered = max((i for i in context if turn[i].kind == "text"), default=None)
+        for i in sorted(context, key=lambda i: (i == answered, turn[i].kind == "system", i)):
             take = min(excess, len(out[i].ids))
             keep = len(out[i].ids) - take
             head = (keep + 1) // 2
