@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from lmforge.config.constraints import check_field, range_of
-from lmforge.config.safe_yaml import YAMLBombError, safe_load
+from lmforge.config.safe_yaml import RefusedYAMLError, safe_load
 from lmforge.config.schema import ConfigError, DatasetSpec, StageConfig
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """The YAML error in a line; a Python-object tag gets the reason it is refused."""
-    if isinstance(exc, YAMLBombError):
+    if isinstance(exc, RefusedYAMLError):
         return str(exc)
     if isinstance(exc, yaml.constructor.ConstructorError) and "python/" in str(exc.problem):
         mark = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""

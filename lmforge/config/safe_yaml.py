@@ -24,8 +24,9 @@ MAX_BYTES = 16 * 2**20
 """A config or pipeline file larger than this is not a config."""
 
 
-class YAMLBombError(yaml.YAMLError):
-    """A document that expands beyond the bounds (aliases, recursion, depth); its text is the reason."""
+class RefusedYAMLError(yaml.YAMLError):
+    """A document refused although it parses: beyond the bounds (aliases, recursion, depth, size) or with a
+    key given twice; its text is the reason."""
 
 
 class BoundedLoader(yaml.SafeLoader):
@@ -40,11 +41,23 @@ class BoundedLoader(yaml.SafeLoader):
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
-                raise YAMLBombError(f"nested deeper than {MAX_DEPTH} levels (line {self.peek_event().start_mark.line + 1}); "
+                raise RefusedYAMLError(f"nested deeper than {MAX_DEPTH} levels (line {self.peek_event().start_mark.line + 1}); "
                                     "a config nests a few")
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys without a word; which one the author meant is a guess.
+        seen: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                if key in seen:
+                    raise RefusedYAMLError(f"the key {key_node.value!r} is given twice (lines {seen[key]} and {line}); "
+                                           "keep one")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
     def compose_document(self):
         node = super().compose_document()
@@ -53,13 +66,13 @@ class BoundedLoader(yaml.SafeLoader):
 
 
 def safe_load(text: str) -> Any:
-    """yaml.safe_load with the bounds; YAMLBombError (a yaml.YAMLError) says which one was passed."""
+    """yaml.safe_load with the bounds; RefusedYAMLError (a yaml.YAMLError) says which one was passed."""
     if len(text) > MAX_BYTES:
-        raise YAMLBombError(f"{len(text)} characters is larger than a config can be ({MAX_BYTES // 2**20} MiB)")
+        raise RefusedYAMLError(f"{len(text)} characters is larger than a config can be ({MAX_BYTES // 2**20} MiB)")
     try:
         return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (BoundedLoader is a SafeLoader)
     except RecursionError:
-        raise YAMLBombError(f"nested deeper than {MAX_DEPTH} levels; a config nests a few") from None
+        raise RefusedYAMLError(f"nested deeper than {MAX_DEPTH} levels; a config nests a few") from None
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -86,10 +99,10 @@ def check_expansion(root: yaml.Node | None) -> None:
             kids = [measured[id(kid)] for kid in _children(node)]
             values, depth = 1 + sum(k[0] for k in kids), 1 + max((k[1] for k in kids), default=0)
             if values > MAX_VALUES:
-                raise YAMLBombError(f"anchors and aliases expand to more than {MAX_VALUES} values "
+                raise RefusedYAMLError(f"anchors and aliases expand to more than {MAX_VALUES} values "
                                     f"(line {node.start_mark.line + 1}); write the repeated part out or use fewer aliases")
             if depth > MAX_DEPTH:
-                raise YAMLBombError(f"nested deeper than {MAX_DEPTH} levels; a config nests a few")
+                raise RefusedYAMLError(f"nested deeper than {MAX_DEPTH} levels; a config nests a few")
             measured[key] = (values, depth)
             continue
         if key in measured:
@@ -98,7 +111,7 @@ def check_expansion(root: yaml.Node | None) -> None:
         stack.append((node, True))
         for kid in _children(node):
             if id(kid) in open_nodes:
-                raise YAMLBombError(f"an alias refers to the collection anchored at line {kid.start_mark.line + 1}, "
+                raise RefusedYAMLError(f"an alias refers to the collection anchored at line {kid.start_mark.line + 1}, "
                                     "which contains it; such a value never ends")
             if id(kid) not in measured:
                 stack.append((kid, False))

@@ -133,6 +133,9 @@ def test_the_cli_refuses_a_bomb_in_one_line(tmp_path):
     ("a: &a {b: *a}\n", "contains it"),
     ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper"),
     ("a: " + "[" * 150 + "]" * 150 + "\n", "nested deeper"),
+    ("".join(f"a{i}: &a{i} [*a{i - 1}]\n" if i else "a0: &a0 [x]\n" for i in range(150)), "nested deeper"),
+    ("stage: sft\ntrain: {lr: 1.0e-3}\nmodel: {scratch: test}\ntrain: {lr: 1.0}\n", "given twice (lines 2 and 4)"),
+    ("model: {scratch: test, scratch: tiny}\n", "given twice (lines 1 and 1)"),
     ("base: &b {" + ", ".join(f"k{i}: {i}" for i in range(400)) + "}\n"
      + "\n".join(f"m{i}: {{<<: *b}}" for i in range(400)) + "\n", "expand to more than"),
 ])
