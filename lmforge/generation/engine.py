@@ -326,9 +326,13 @@ class Engine:
                               column([s.presence_penalty for s in settings]))
         uniforms = counter_uniform(column([s.seed for s in sequences], torch.long),
                                    column([s.steps for s in sequences], torch.long))
+        # Which filters run is known here on the host: no device sync to find out.
         tokens = choose_tokens(scores, column([s.temperature for s in settings]),
                                column([s.top_k for s in settings], torch.long), column([s.top_p for s in settings]),
-                               column([s.min_p for s in settings]), uniforms)
+                               column([s.min_p for s in settings]), uniforms,
+                               all_greedy=all(s.greedy for s in settings),
+                               truncating=any(s.top_k > 0 or s.top_p < 1 for s in settings),
+                               flooring=any(s.min_p > 0 for s in settings))
         top = max(s.request.top_logprobs for s in sequences)
         logprobs, top_ids, top_values = [None] * len(sequences), None, None
         if top or any(s.request.logprobs for s in sequences):

@@ -50,11 +50,17 @@ def penalise(logits: torch.Tensor, in_context: torch.Tensor, in_reply: torch.Ten
     return logits - presence[:, None].to(logits.dtype) * in_reply
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  truncating: bool | None = None, flooring: bool | None = None) -> torch.Tensor:
     """Set to -inf what top-k, then top-p, then min-p drop (each row its own settings; 0/1/0 keep all).
-    The most likely token always stays."""
+    The most likely token always stays. `truncating` (any row's top-k or top-p on) and `flooring` (any
+    row's min-p on) may be given by a caller that knows them on the host, sparing a device sync each."""
     vocab = logits.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if truncating is None:
+        truncating = bool((top_k > 0).any()) or bool((top_p < 1).any())
+    if flooring is None:
+        flooring = bool((min_p > 0).any())
+    if truncating:
         ordered, order = logits.sort(-1, descending=True)
         keep_count = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
         drop = torch.arange(vocab, device=logits.device)[None] >= keep_count[:, None]
@@ -64,7 +70,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         beyond_mass = (probs.cumsum(-1) - probs) > top_p[:, None]
         drop |= beyond_mass & (top_p < 1)[:, None]
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    if bool((min_p > 0).any()):
+    if flooring:
         probs = torch.softmax(logits, -1)
         floor = min_p[:, None] * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
@@ -81,15 +87,17 @@ def draw_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+                  min_p: torch.Tensor, uniforms: torch.Tensor, all_greedy: bool | None = None,
+                  truncating: bool | None = None, flooring: bool | None = None) -> torch.Tensor:
     """The next token of each row: arg-max where temperature is 0, else a draw at `uniforms` from
-    softmax(logits / temperature) after top-k/top-p/min-p. logits [B, V] float (already penalised)."""
+    softmax(logits / temperature) after top-k/top-p/min-p. logits [B, V] float (already penalised).
+    The optional flags are what the tensors say, passed from the host to spare device syncs."""
     greedy = temperature == 0
     best = logits.argmax(-1)
-    if bool(greedy.all()):
+    if bool(greedy.all()) if all_greedy is None else all_greedy:
         return best
     scale = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits.dtype)
-    filtered = filter_logits(logits / scale[:, None], top_k, top_p, min_p)
+    filtered = filter_logits(logits / scale[:, None], top_k, top_p, min_p, truncating, flooring)
     drawn = draw_from(torch.softmax(filtered, -1), uniforms)
     return torch.where(greedy, best, drawn)
 
