@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 
-from test_masking import LONG_PROMPT, LONG_REPLY, ids, single_turn
+from test_masking import LLAMA3_STYLE, LONG_PROMPT, LONG_REPLY, ids, single_turn
 
 from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.build import load_examples, tokenize_sft
@@ -184,3 +184,23 @@ def test_a_huge_system_prompt_is_cut_before_the_question_the_reply_answers(tok):
     # The question survives whole right before the header; the system prompt lost its middle.
     assert encoded["input_ids"][reply_at - len(header) - len(question):reply_at] == question + header
     assert len(encoded["input_ids"]) == 40 and dict(cuts) == {"prompt_cut": 1}
+
+
+def test_a_trimming_llama3_style_template_keeps_its_header_and_eot_when_cut(tok):
+    from collections import Counter
+
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.chat_template = LLAMA3_STYLE
+    messages = [{"role": "system", "content": "You are Forge."}, *single_turn("  " + LONG_PROMPT + "  ", LONG_REPLY)]
+    cuts = Counter()
+    # 60 tokens: 31 of structure, 15 for the reply, 14 for the context: the system prompt (6) whole,
+    # the user's text (8 of 61) loses its middle.
+    encoded = encode_sft(tok, messages, max_length=60, cuts=cuts)
+    header = ids(tok, "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    first_loss = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE)
+    assert encoded["input_ids"][first_loss - len(header):first_loss] == header
+    assert encoded["input_ids"][-1] == encoded["labels"][-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+    system = ids(tok, "<|start_header_id|>system<|end_header_id|>\n\nYou are Forge.<|eot_id|>"
+                      "<|start_header_id|>user<|end_header_id|>\n\n")
+    assert encoded["input_ids"][:len(system)] == system  # the system turn and the user's opener stay whole
+    assert len(encoded["input_ids"]) == 60 and dict(cuts) == {"prompt_cut": 1, "reply_cut": 1}

@@ -14,9 +14,9 @@ fit; the first turn that does not fit is cut to fit and the turns after it are d
 2. the reply keeps its head, and gets at least half of the room left once those are kept (all it
    needs if less), so it still ends in its end-of-turn token;
 3. the context (everything between the previous reply and the header) fits in the rest: older
-   messages' text is cut first (oldest first), then the system prompt's, and the text of the message
-   the reply answers last; a message that must shrink loses its middle (its first and last tokens
-   stay), so an instruction and the question nearest the reply both survive;
+   messages' text is cut first (oldest first); then the system prompt and the message the reply
+   answers share what is left, that message getting at least half; a message that must shrink loses
+   its middle (its first and last tokens stay), so an instruction and its question both survive;
 4. when there is no room for the kept structure plus one reply token, the turn is dropped; a sample
    left with no reply that carries loss is dropped.
 
@@ -181,15 +181,34 @@ def _fit_turn(turn: list[Piece], room: int, cuts: set[str]) -> list[Piece] | Non
         cuts.add("reply_cut")
     if excess > 0:
         cuts.add("prompt_cut")
-        # Older messages first (oldest first), then the system prompt, and the message the reply
-        # answers last; a message that shrinks loses its middle.
-        answered = max((i for i in context if turn[i].kind == "text"), default=None)
-        for i in sorted(context, key=lambda i: (i == answered, turn[i].kind == "system", i)):
-            take = min(excess, len(out[i].ids))
-            keep = len(out[i].ids) - take
-            head = (keep + 1) // 2
-            out[i].ids = out[i].ids[:head] + out[i].ids[len(out[i].ids) - (keep - head):]
-            excess -= take
-            if excess <= 0:
-                break
+        _cut_context(out, context, excess)
     return out
+
+
+def _cut_context(out: list[Piece], context: list[int], excess: int) -> None:
+    """Remove `excess` tokens from the context pieces: older messages first (oldest first); then the
+    system prompt and the message the reply answers share what is left, the answered message getting
+    at least half of it. A message that shrinks loses its middle."""
+    answered = max((i for i in context if out[i].kind == "text"), default=None)
+    last = [i for i in context if i == answered or out[i].kind == "system"]
+    for i in [i for i in context if i not in last]:
+        take = min(excess, len(out[i].ids))
+        _middle_cut(out[i], len(out[i].ids) - take)
+        excess -= take
+    if excess <= 0:
+        return
+    room = sum(len(out[i].ids) for i in last) - excess
+    if answered is not None:
+        others = sum(len(out[i].ids) for i in last if i != answered)
+        answer_room = min(len(out[answered].ids), max(room - others, (room + 1) // 2))
+        _middle_cut(out[answered], answer_room)
+        room -= answer_room
+    for i in last:  # the system prompt(s), in order
+        if i != answered:
+            _middle_cut(out[i], min(len(out[i].ids), room))
+            room -= len(out[i].ids)
+
+
+def _middle_cut(piece: Piece, keep: int) -> None:
+    head = (keep + 1) // 2
+    piece.ids = piece.ids[:head] + piece.ids[len(piece.ids) - (keep - head):]
