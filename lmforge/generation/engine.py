@@ -21,10 +21,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from lmforge.generation.draw import draw_tokens
 from lmforge.generation.hf_fallback import HFBackend
 from lmforge.generation.llama import LlamaFamilyBackend, UnsupportedModel
 from lmforge.generation.request import Request, RequestError, Result, check_token_ids
-from lmforge.generation.sampling import choose_tokens, counter_uniform, penalise, token_logprobs
 from lmforge.generation.sequence import DECODING, DONE, PARKED, PREFILL, SIBLING, Handle, Sequence, TokenEvent
 
 BACKENDS = ("auto", "own", "hf")
@@ -294,7 +294,7 @@ class Engine:
         for sibling in group[1:]:  # the shared prompt: computed once, copied
             self.backend.copy_row(leader.row, sibling.row, leader.cached)
             sibling.cached = leader.cached
-        self._draw(group, logits[None].expand(len(group), -1), events)
+        draw_tokens(group, logits[None].expand(len(group), -1), events)
         for sequence in group:
             if sequence.out.finish_reason is None:
                 self._join(sequence)
@@ -306,66 +306,10 @@ class Engine:
         logits = self.backend.decode([s.last for s in live], [s.cached for s in live])
         for sequence in live:
             sequence.cached += 1
-        self._draw(live, logits, events)
+        draw_tokens(live, logits, events)
         for sequence in live:
             if sequence.out.finish_reason is not None:
                 self._leave(sequence, keep=self._keeps(sequence))
-
-    # -- drawing tokens -------------------------------------------------------------------------------
-    def _draw(self, sequences: list[Sequence], logits: torch.Tensor, events: list[TokenEvent]) -> None:
-        settings = [s.request.sampling for s in sequences]
-        device = logits.device
-
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        scores = logits
-        if any(s.penalised for s in settings):
-            scores = penalise(logits, *self._seen_masks(sequences, logits.shape[-1], device),
-                              column([s.repetition_penalty for s in settings]),
-                              column([s.presence_penalty for s in settings]))
-        uniforms = counter_uniform(column([s.seed for s in sequences], torch.long),
-                                   column([s.steps for s in sequences], torch.long))
-        # Which filters run is known here on the host: no device sync to find out.
-        tokens = choose_tokens(scores, column([s.temperature for s in settings]),
-                               column([s.top_k for s in settings], torch.long), column([s.top_p for s in settings]),
-                               column([s.min_p for s in settings]), uniforms,
-                               all_greedy=all(s.greedy for s in settings),
-                               truncating=any(s.top_k > 0 or s.top_p < 1 for s in settings),
-                               flooring=any(s.min_p > 0 for s in settings))
-        top = max(s.request.top_logprobs for s in sequences)
-        logprobs, top_ids, top_values = [None] * len(sequences), None, None
-        if top or any(s.request.logprobs for s in sequences):
-            chosen, top_ids, top_values = token_logprobs(logits, tokens, top)
-            logprobs = chosen.tolist()
-            top_ids, top_values = (top_ids.tolist(), top_values.tolist()) if top else (None, None)
-        for i, (sequence, token) in enumerate(zip(sequences, tokens.tolist())):
-            wanted = sequence.request.top_logprobs
-            ranked = list(zip(top_ids[i][:wanted], top_values[i][:wanted])) if wanted else None
-            events.append(sequence.accept(token, logprobs[i], ranked))
-            sequence.handle.check_done()
-
-    @staticmethod
-    def _seen_masks(sequences: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, V] bool: tokens in each sequence's prompt and reply; tokens in its reply alone. Each sequence
-        keeps its own two masks and marks only the tokens added since the last step (not its whole history)."""
-        for sequence in sequences:
-            if sequence.seen is None:
-                sequence.seen = (torch.zeros(vocab, dtype=torch.bool, device=device),
-                                 torch.zeros(vocab, dtype=torch.bool, device=device), 0)
-            in_context, in_reply, marked = sequence.seen
-            new = sequence.history[marked:]
-            if new:
-                in_context[torch.tensor(new, device=device)] = True
-                reply_new = sequence.history[max(marked, sequence.reply_start):]
-                if reply_new:
-                    in_reply[torch.tensor(reply_new, device=device)] = True
-            sequence.seen = (in_context, in_reply, len(sequence.history))
-        return (torch.stack([s.seen[0] for s in sequences]), torch.stack([s.seen[1] for s in sequences]))
-
-    @staticmethod
-    def _keeps(sequence: Sequence) -> bool:
-        return sequence.request.session and not sequence.handle.released
 
     # -- rows -----------------------------------------------------------------------------------------
     def _join(self, sequence: Sequence) -> None:

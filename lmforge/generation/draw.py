@@ -1,0 +1,64 @@
+"""Drawing the next token of many sequences at once, each with its own request's settings."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.generation.sampling import choose_tokens, counter_uniform, penalise, token_logprobs
+from lmforge.generation.sequence import Sequence, TokenEvent
+
+
+def draw_tokens(sequences: list[Sequence], logits: torch.Tensor, events: list[TokenEvent]) -> None:
+    """Draw each sequence's next token from its row of `logits` [B, V], record it, and add its event."""
+    settings = [s.request.sampling for s in sequences]
+    device = logits.device
+
+    def column(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    scores = logits
+    if any(s.penalised for s in settings):
+        scores = penalise(logits, *seen_masks(sequences, logits.shape[-1], device),
+                          column([s.repetition_penalty for s in settings]),
+                          column([s.presence_penalty for s in settings]))
+    uniforms = counter_uniform(column([s.seed for s in sequences], torch.long),
+                               column([s.steps for s in sequences], torch.long))
+    # Which filters run is known here on the host: no device sync to find out.
+    tokens = choose_tokens(scores, column([s.temperature for s in settings]),
+                           column([s.top_k for s in settings], torch.long), column([s.top_p for s in settings]),
+                           column([s.min_p for s in settings]), uniforms,
+                           all_greedy=all(s.greedy for s in settings),
+                           truncating=any(s.top_k > 0 or s.top_p < 1 for s in settings),
+                           flooring=any(s.min_p > 0 for s in settings))
+    top = max(s.request.top_logprobs for s in sequences)
+    logprobs, top_ids, top_values = [None] * len(sequences), None, None
+    if top or any(s.request.logprobs for s in sequences):
+        chosen, top_ids, top_values = token_logprobs(logits, tokens, top)
+        logprobs = chosen.tolist()
+        top_ids, top_values = (top_ids.tolist(), top_values.tolist()) if top else (None, None)
+    for i, (sequence, token) in enumerate(zip(sequences, tokens.tolist())):
+        wanted = sequence.request.top_logprobs
+        ranked = list(zip(top_ids[i][:wanted], top_values[i][:wanted])) if wanted else None
+        events.append(sequence.accept(token, logprobs[i], ranked))
+        sequence.handle.check_done()
+
+def seen_masks(sequences: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, V] bool: tokens in each sequence's prompt and reply; tokens in its reply alone. Each sequence
+    keeps its own two masks and marks only the tokens added since the last step (not its whole history)."""
+    for sequence in sequences:
+        if sequence.seen is None:
+            sequence.seen = (torch.zeros(vocab, dtype=torch.bool, device=device),
+                             torch.zeros(vocab, dtype=torch.bool, device=device), 0)
+        in_context, in_reply, marked = sequence.seen
+        new = sequence.history[marked:]
+        if new:
+            in_context[torch.tensor(new, device=device)] = True
+            reply_new = sequence.history[max(marked, sequence.reply_start):]
+            if reply_new:
+                in_reply[torch.tensor(reply_new, device=device)] = True
+        sequence.seen = (in_context, in_reply, len(sequence.history))
+    return (torch.stack([s.seen[0] for s in sequences]), torch.stack([s.seen[1] for s in sequences]))
+
+@staticmethod
+def _keeps(sequence: Sequence) -> bool:
+    return sequence.request.session and not sequence.handle.released
