@@ -26,7 +26,11 @@ MAX_BYTES = 16 * 2**20
 
 class RefusedYAMLError(yaml.YAMLError):
     """A document refused although it parses: beyond the bounds (aliases, recursion, depth, size) or with a
-    key given twice; its text is the reason."""
+    key given twice; its text is the reason (also as `problem`, where YAML errors keep theirs)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, None
 
 
 class BoundedLoader(yaml.SafeLoader):

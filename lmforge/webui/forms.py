@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from lmforge.config.load import from_dict
+from lmforge.config.safe_yaml import safe_load
 from lmforge.config.schema import STAGES, ConfigError, StageConfig
 
 METHODS = ["full", "freeze", "lora", "dora", "qlora"]
@@ -133,7 +134,7 @@ def from_yaml(text: str, where: str = "the YAML") -> dict:
             if isinstance(event, yaml.AliasEvent):
                 raise ConfigError(f"{where}: line {event.start_mark.line + 1} uses a YAML alias (*name); the web UI "
                                   "takes configs without anchors and aliases: write the values out")
-        config = yaml.safe_load(text) or {}
+        config = safe_load(text) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""

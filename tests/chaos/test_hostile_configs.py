@@ -168,6 +168,15 @@ def test_the_web_ui_refuses_pasted_laughs():
     assert time.perf_counter() - started < 1.0
 
 
+@pytest.mark.parametrize("text,reason", [("a: " + "[" * 5000 + "]" * 5000, "nested deeper"),
+                                         ("stage: sft\nstage: dpo\n", "given twice")])
+def test_the_web_ui_refuses_deep_or_doubled_yaml_in_one_line(text, reason):
+    from lmforge.webui.forms import from_yaml
+
+    with pytest.raises(ConfigError, match=reason):
+        from_yaml(text)
+
+
 def test_ordinary_anchors_and_merge_keys_still_load(tmp_path):
     from lmforge.pipeline.run import load_pipeline
 
