@@ -238,3 +238,14 @@ def test_file_with_no_good_record_under_skip_quotes_the_first_bad_one(tmp_path):
     first = f"{path}:line 2: {BAD_LINES[0][2]}"
     assert str(caught.value) == f"{path}:file: no usable records: all 3 skipped as bad; the first, {first}"
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"instruction": "q", "output": 5}\n'], ids=["empty", "all-bad"])
+def test_a_streamed_file_without_usable_records_is_the_same_one_line_error(tmp_path, content):
+    path = tmp_path / "nothing.jsonl"
+    path.write_bytes(content)
+    dataset, _ = load([DatasetSpec(path=str(path))], tmp_path, on_error="skip", streaming=True)
+    error = data_error_behind(lambda: list(dataset))  # before: an empty stream, trained on silently
+    assert str(error).startswith(f"{path}:file: no usable records")
+    if content:
+        assert str(error).endswith(f"the first, {path}:line 1: field 'output' must be a string, got int")

@@ -65,7 +65,7 @@ def _data_errors_surface():
 
 
 def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorLog, limit: int | None,
-              kind: str = "sft"):
+              kind: str = "sft", spec_path: str = ""):
     count = 0
     transform = ROW_TRANSFORMS[kind]
     errors = errors.for_pass((kind, tuple(str(f) for f in files)))
@@ -84,6 +84,8 @@ def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorL
             count += 1
             if limit is not None and count >= limit:
                 return
+    if count == 0:  # a streamed data set would otherwise train on nothing without a word
+        raise errors.no_usable_records(spec_path or str(files[0]), files)
 
 
 def fingerprint_files(files: list[Path]) -> str:
@@ -104,7 +106,8 @@ def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, c
         path, fmt = resolve_spec(spec, cfg.dataset_dir, preference=PREFERENCE_KIND[kind])
         files = resolve_files(path)
         all_files += files
-        kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": fmt.limit, "kind": kind}
+        kwargs = {"files": files, "fmt": fmt, "cfg": cfg, "errors": errors, "limit": fmt.limit, "kind": kind,
+                  "spec_path": str(path)}
         if cfg.streaming:
             part = datasets.IterableDataset.from_generator(_examples, gen_kwargs=kwargs, features=FEATURES[kind])
         else:
