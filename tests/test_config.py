@@ -92,3 +92,11 @@ def test_a_pissa_adapter_cannot_be_its_own_reference(reference):
     with pytest.raises(ConfigError, match="PiSSA"):
         load_config(None, ["model.scratch=tiny", "model.finetuning=lora", "lora.init=pissa", reference,
                            "rl.rewards=[{kind: answer_match}]", "rl.num_generations=2"], stage="grpo")
+
+
+@pytest.mark.parametrize("text", ["a: [1, 2\n", "a: b: c\n", "a:\n\tb: 1\n", "a: \"x\x00\"\n", "- [\n", "{a: 1\n"])
+def test_a_yaml_syntax_error_is_one_line(tmp_path, text):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'c.yaml'}: invalid YAML")

@@ -73,7 +73,12 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
         mark = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
         return (f"invalid YAML{mark}: {exc.problem}; lmforge reads YAML with the safe loader, so tags that build "
                 "Python objects (!!python/...) are refused")
-    return f"invalid YAML: {exc}"
+    # PyYAML's own text spans several lines (the context, a quoted excerpt, a caret): keep the facts.
+    mark = getattr(exc, "problem_mark", None)
+    at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    context = getattr(exc, "context", None)
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"invalid YAML{at}: {f'{context}, ' if context else ''}{problem}".replace("\n", " ")
 
 
 def to_dict(obj: Any) -> Any:
