@@ -58,7 +58,3 @@ def seen_masks(sequences: list[Sequence], vocab: int, device) -> tuple[torch.Ten
                 in_reply[torch.tensor(reply_new, device=device)] = True
         sequence.seen = (in_context, in_reply, len(sequence.history))
     return (torch.stack([s.seen[0] for s in sequences]), torch.stack([s.seen[1] for s in sequences]))
-
-@staticmethod
-def _keeps(sequence: Sequence) -> bool:
-    return sequence.request.session and not sequence.handle.released

@@ -311,6 +311,11 @@ class Engine:
             if sequence.out.finish_reason is not None:
                 self._leave(sequence, keep=self._keeps(sequence))
 
+    @staticmethod
+    def _keeps(sequence: Sequence) -> bool:
+        """A finished sample keeps its row when it is a session the caller has not released."""
+        return sequence.request.session and not sequence.handle.released
+
     # -- rows -----------------------------------------------------------------------------------------
     def _join(self, sequence: Sequence) -> None:
         """Move the sequence to row `decoding` (the end of the packed decoding rows)."""
