@@ -20,8 +20,8 @@ pipeline, far below what makes writing it back slow."""
 MAX_DEPTH = 100
 """Nesting depth of a document; configs nest a few levels, and a deeper one would overflow the recursion
 that copies and writes configs."""
-MAX_BYTES = 16 * 2**20
-"""A config or pipeline file larger than this is not a config."""
+MAX_BYTES = 4 * 2**20
+"""A config or pipeline file larger than this is not a config; nor may its aliases expand to more text."""
 
 
 class RefusedYAMLError(yaml.YAMLError):
@@ -89,10 +89,11 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 def check_expansion(root: yaml.Node | None) -> None:
     """Refuse a node graph whose tree (aliases expanded) has more than MAX_VALUES values, more than
-    MAX_DEPTH levels, or a cycle. Each distinct node is visited once: (values, depth) are memoised."""
+    MAX_BYTES characters of scalars (an alias to a long string is written out in full each time), more
+    than MAX_DEPTH levels, or a cycle. Each distinct node is measured once: sizes are memoised."""
     if root is None:
         return
-    measured: dict[int, tuple[int, int]] = {}
+    measured: dict[int, tuple[int, int, int]] = {}  # node -> (values, depth, characters) expanded
     open_nodes: set[int] = set()  # nodes whose children are being measured: the path from the root
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
@@ -100,14 +101,7 @@ def check_expansion(root: yaml.Node | None) -> None:
         key = id(node)
         if children_done:
             open_nodes.discard(key)
-            kids = [measured[id(kid)] for kid in _children(node)]
-            values, depth = 1 + sum(k[0] for k in kids), 1 + max((k[1] for k in kids), default=0)
-            if values > MAX_VALUES:
-                raise RefusedYAMLError(f"anchors and aliases expand to more than {MAX_VALUES} values "
-                                    f"(line {node.start_mark.line + 1}); write the repeated part out or use fewer aliases")
-            if depth > MAX_DEPTH:
-                raise RefusedYAMLError(f"nested deeper than {MAX_DEPTH} levels; a config nests a few")
-            measured[key] = (values, depth)
+            measured[key] = _measure(node, [measured[id(kid)] for kid in _children(node)])
             continue
         if key in measured:
             continue
@@ -116,6 +110,21 @@ def check_expansion(root: yaml.Node | None) -> None:
         for kid in _children(node):
             if id(kid) in open_nodes:
                 raise RefusedYAMLError(f"an alias refers to the collection anchored at line {kid.start_mark.line + 1}, "
-                                    "which contains it; such a value never ends")
+                                       "which contains it; such a value never ends")
             if id(kid) not in measured:
                 stack.append((kid, False))
+
+
+def _measure(node: yaml.Node, kids: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """(values, depth, characters) of `node` expanded, from its children's; refused beyond the bounds."""
+    values = 1 + sum(k[0] for k in kids)
+    depth = 1 + max((k[1] for k in kids), default=0)
+    chars = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(k[2] for k in kids)
+    line = node.start_mark.line + 1
+    if values > MAX_VALUES or chars > MAX_BYTES:
+        size = f"more than {MAX_VALUES} values" if values > MAX_VALUES else f"more than {MAX_BYTES // 2**20} MiB of text"
+        raise RefusedYAMLError(f"anchors and aliases expand to {size} (line {line}); write the repeated part out "
+                               "or use fewer aliases")
+    if depth > MAX_DEPTH:
+        raise RefusedYAMLError(f"nested deeper than {MAX_DEPTH} levels (line {line}); a config nests a few")
+    return values, depth, chars

@@ -136,6 +136,7 @@ def test_the_cli_refuses_a_bomb_in_one_line(tmp_path):
     ("".join(f"a{i}: &a{i} [*a{i - 1}]\n" if i else "a0: &a0 [x]\n" for i in range(150)), "nested deeper"),
     ("stage: sft\ntrain: {lr: 1.0e-3}\nmodel: {scratch: test}\ntrain: {lr: 1.0}\n", "given twice (lines 2 and 4)"),
     ("model: {scratch: test, scratch: tiny}\n", "given twice (lines 1 and 1)"),
+    ("s: &s " + "x" * 20000 + "\nl: [" + ", ".join(["*s"] * 400) + "]\n", "more than 4 MiB of text"),
     ("base: &b {" + ", ".join(f"k{i}: {i}" for i in range(400)) + "}\n"
      + "\n".join(f"m{i}: {{<<: *b}}" for i in range(400)) + "\n", "expand to more than"),
 ])
@@ -149,7 +150,7 @@ def test_other_yaml_bombs_are_refused(tmp_path, text, reason):
 
 def test_an_oversized_file_is_refused(tmp_path):
     path = tmp_path / "big.yaml"
-    path.write_text("# " + "x" * (17 * 2**20) + "\n")
+    path.write_text("# " + "x" * (5 * 2**20) + "\n")
     assert "larger than a config" in _refused_fast(lambda: load_config(path), path)
 
 
