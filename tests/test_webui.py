@@ -282,3 +282,13 @@ def test_host_names_the_web_ui_answers():
     assert "10.1.2.3" in allowed_names("10.1.2.3")
     with pytest.raises(ConfigError, match="allowed-host"):
         allowed_names("0.0.0.0", ["http://evil/"])
+
+
+def test_a_root_holding_gradios_upload_folder_is_refused(tmp_path, monkeypatch):
+    from lmforge.webui.app import launch
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "served" / "uploads"))
+    with pytest.raises(ConfigError, match="upload folder"):  # before anything listens
+        launch(root=str(tmp_path / "served"), port=1)
+    with pytest.raises(ConfigError, match="--auth"):
+        launch(root=str(tmp_path), host="0.0.0.0", port=1)

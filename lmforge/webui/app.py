@@ -307,9 +307,16 @@ def launch(root: str = ".", runs: str = "runs", host: str = "127.0.0.1", port: i
     credentials = login(auth)
     check_exposure(host, credentials)
     guard = Middleware(HostGuard, allowed=allowed_names(host, allowed_hosts))
+    served = Path(root).resolve()
+    # Gradio stores what any visitor uploads (its own route, though this app takes no upload) in this folder:
+    # inside --root, a visitor could put any file (a .py, a config.json) where configs may point.
+    uploads = Path(gr.utils.get_upload_folder()).resolve()
+    if uploads == served or served in uploads.parents:
+        raise ConfigError(f"--root {served} holds Gradio's upload folder {uploads}: serve a folder that does not "
+                          "contain it, or set GRADIO_TEMP_DIR to a folder outside --root")
     # allowed_paths: the served folder's files (reports) may be downloaded, nothing else.
-    build_app(Path(root), Path(runs), allow_code).queue().launch(
-        server_name=host, server_port=port, share=False, auth=credentials, allowed_paths=[str(Path(root).resolve())],
-        app_kwargs={"middleware": [guard]})
+    build_app(served, Path(runs), allow_code).queue().launch(
+        server_name=host, server_port=port, share=False, auth=credentials, allowed_paths=[str(served)],
+        max_file_size="1mb", app_kwargs={"middleware": [guard]})
 
 

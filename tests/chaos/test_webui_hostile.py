@@ -288,6 +288,24 @@ def test_foreign_host_header_is_refused(webui):
         assert request(port, "GET", "/", headers={"Host": host})[0] == 200, host
 
 
+def test_uploads_are_small_and_land_outside_root(webui, tree):
+    """Gradio's own upload route is open to every visitor (this app has no upload field): it must neither
+    fill the disk nor put a file under --root."""
+    base, root, outside = tree
+    before = snapshot(root)
+    for size in (2 << 20, 8 << 20):
+        boundary = "lmforgeboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"modeling_x.py\"\r\n"
+                f"Content-Type: text/plain\r\n\r\n").encode() + b"#" * size + f"\r\n--{boundary}--\r\n".encode()
+        status, answer = request(webui.port, "POST", "/gradio_api/upload", body,
+                                 {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                  "Host": f"127.0.0.1:{webui.port}"})
+        TALLY["tried"] += 1
+        TALLY["refused"] += status == 413
+        assert status == 413, (size, status, answer[:300])
+    assert snapshot(root) == before
+
+
 def test_non_loopback_without_login_is_refused(tree):
     from lmforge.config.schema import ConfigError
     from lmforge.webui.hosts import check_exposure, login
