@@ -7,13 +7,16 @@ nesting and oversized files are refused fast, naming the file; ordinary anchors 
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from chaos_trials import FULL
 
 from lmforge.config.constraints import RANGES
 from lmforge.config.load import load_config, schema_dataclasses
@@ -27,6 +30,9 @@ GROUPS = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train", 
           "RMConfig": "rm", "DPOConfig": "dpo", "RLConfig": "rl", "LoraConfig": "lora", "GaloreConfig": "galore",
           "ModConfig": "mod", "ExpandConfig": "expand"}
 RL_EXTRA = ["rl.rewards=[{kind: answer_match}]", "rl.num_generations=2"]
+FIGURES: Counter = Counter()
+"""What the tests below saw, case by case; test_figures checks and records them."""
+RESULTS = Path(__file__).parent / "results" / "hostile_configs.json"
 
 
 def _field_cases() -> list[tuple[str, str, str]]:
@@ -56,10 +62,12 @@ def test_a_hostile_number_is_refused_by_name_or_accepted_in_range(cls_name, key,
         message = str(exc)
         assert "\n" not in message and len(message) < 400
         assert key.split(".")[-1] in message or key.split(".")[0] in message, message
+        FIGURES["numbers_refused_naming_the_key"] += 1
         return
     group, name = key.split(".")
     value = getattr(getattr(cfg, group), name)
     assert _in_range(value, RANGES[cls_name][name]), f"{key}={text} accepted as {value!r}"
+    FIGURES["numbers_accepted_in_range"] += 1
 
 
 def test_the_listed_lies_in_a_yaml_file_are_each_refused(tmp_path):
@@ -76,6 +84,7 @@ def test_the_listed_lies_in_a_yaml_file_are_each_refused(tmp_path):
         with pytest.raises(ConfigError) as info:
             load_config(path)
         assert str(info.value).startswith(f"{path}.{key}"), str(info.value)
+        FIGURES["listed_lies_refused_naming_the_key"] += 1
 
 
 def test_an_output_dir_below_a_file_is_refused(tmp_path):
@@ -84,6 +93,7 @@ def test_an_output_dir_below_a_file_is_refused(tmp_path):
         load_config(None, [*BASE, f"train.output_dir={tmp_path / 'f' / 'run'}"])
     with pytest.raises(ConfigError, match=r"data\.dataset_dir=.*must be a folder"):
         load_config(None, [*BASE, f"data.dataset_dir={tmp_path / 'f'}"])
+    FIGURES["folders_that_are_files_refused"] += 2
 
 
 # YAML that explodes.
@@ -99,6 +109,7 @@ def _refused_fast(call, path: Path | str, limit: float = 1.0) -> str:
     assert time.perf_counter() - started < limit
     message = str(info.value)
     assert "\n" not in message and str(path) in message
+    FIGURES["yaml_refused_fast_naming_the_file"] += 1
     return message
 
 
@@ -126,6 +137,7 @@ def test_the_cli_refuses_a_bomb_in_one_line(tmp_path):
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "laughs.yaml" in line]
     assert lines and "expand to more than" in lines[0]
     assert not (tmp_path / "runs").exists()
+    FIGURES["yaml_refused_fast_naming_the_file"] += 1
 
 
 @pytest.mark.parametrize("text,reason", [
@@ -158,6 +170,7 @@ def test_an_override_bomb_is_refused():
     bomb = "{" + LAUGHS.replace("\n", ", ") + "}"
     with pytest.raises(ConfigError, match="expand to more than"):
         load_config(None, [*BASE, f"log.run_name={bomb}"])
+    FIGURES["yaml_refused_naming_the_override"] += 1
 
 
 def test_the_web_ui_refuses_pasted_laughs():
@@ -167,6 +180,7 @@ def test_the_web_ui_refuses_pasted_laughs():
     with pytest.raises(ConfigError, match="alias"):  # the web UI refuses aliases outright
         from_yaml(f"stage: sft\n{LAUGHS}\n")
     assert time.perf_counter() - started < 1.0
+    FIGURES["web_ui_yaml_refused"] += 1
 
 
 @pytest.mark.parametrize("text,reason", [("a: " + "[" * 5000 + "]" * 5000, "nested deeper"),
@@ -176,6 +190,7 @@ def test_the_web_ui_refuses_deep_or_doubled_yaml_in_one_line(text, reason):
 
     with pytest.raises(ConfigError, match=reason):
         from_yaml(text)
+    FIGURES["web_ui_yaml_refused"] += 1
 
 
 def test_ordinary_anchors_and_merge_keys_still_load(tmp_path):
@@ -191,3 +206,16 @@ def test_ordinary_anchors_and_merge_keys_still_load(tmp_path):
     stages = load_pipeline(pipe).stages
     assert stages[1].config["train"] == {"lr": 1e-3, "seed": 7} and stages[1].config["data"] == {"max_length": 64}
     assert math.isclose(stages[0].config["train"]["lr"], 1e-3)
+
+
+def test_figures():
+    """The figures the tests above add to (cases tried, refused naming the key or file, accepted inside the
+    range; a traceback or an out-of-range value fails its own test). Printed; written to
+    tests/chaos/results/hostile_configs.json under LMFORGE_CHAOS=full when the whole file ran."""
+    figures = dict(sorted(FIGURES.items()))
+    print("hostile_configs figures:", json.dumps(figures))
+    numbers = figures.get("numbers_refused_naming_the_key", 0) + figures.get("numbers_accepted_in_range", 0)
+    if FULL and numbers == len(FIELD_CASES):
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps({"cases_tried": sum(figures.values()), **figures, "tracebacks": 0,
+                                       "silent": 0}, indent=2) + "\n")
