@@ -93,3 +93,21 @@ def test_engine_stops_at_a_stop_string_across_a_token_boundary():
     # Token k-1's second letter (the stop string's start) was held back, never streamed.
     assert "".join(e.text for e in events[:k]) == full[:2 * k - 1]
     assert engine.idle and engine.rows == [None, None]
+
+
+def test_reply_text_over_a_real_byte_level_tokenizer_rebuilds_the_text(tok):
+    """Chinese characters span several byte tokens: no piece holds half of one, and the pieces add up."""
+    text = "Hello there 我们今天学习模型。 The model learns 训练数据 again"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    reply = ReplyText(tok, [])
+    pieces = [reply.push(t) for t in ids] + [reply.finish()]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in piece for piece in pieces)
+    stopped = ReplyText(tok, ["学习模"])
+    released = []
+    for token in ids:
+        released.append(stopped.push(token))
+        if stopped.stop_string:
+            break
+    assert stopped.stop_string == "学习模" and "".join(released) == stopped.text
+    assert stopped.text == tok.decode(ids, skip_special_tokens=True).split("学习模")[0]
