@@ -83,9 +83,9 @@ def build_app(root: Path, runs_root: Path, allow_code: bool = False) -> gr.Block
     def start(*values):
         try:
             config = checked_form(*values)
-        except ConfigError as error:
-            return f"⚠ {error}"
-        out = launcher.start(config["stage"], to_yaml(config), root / config["train"]["output_dir"], root)
+            out = launcher.start(config["stage"], to_yaml(config), root / config["train"]["output_dir"], root)
+        except (ConfigError, RuntimeError, OSError) as error:  # RuntimeError: that folder is training already
+            return f"⚠ {one_line(error)}"
         return f"started: {out.relative_to(root)} (log: webui-train.log in that folder)"
 
     def runs_table():
@@ -177,8 +177,8 @@ def build_app(root: Path, runs_root: Path, allow_code: bool = False) -> gr.Block
 
         try:
             model, tokenizer = load_model(model_path)
-        except ConfigError as error:
-            yield f"⚠ {error}"
+        except (ConfigError, OSError, ValueError) as error:  # a folder that holds no model transformers reads
+            yield f"⚠ {one_line(error)}"
             return
         messages = [{"role": m["role"], "content": m["content"]} for m in history] + \
             [{"role": "user", "content": message}]
@@ -196,8 +196,8 @@ def build_app(root: Path, runs_root: Path, allow_code: bool = False) -> gr.Block
             target = export_model(str(root / checked_path(model_path, root)),
                                   owned_output(out, rules, "new folder"),
                                   dtype=None if dtype == "as loaded" else dtype, gguf=gguf)
-        except ConfigError as error:
-            return f"⚠ {error}"
+        except (ConfigError, OSError, ValueError) as error:  # a folder that holds no model transformers reads
+            return f"⚠ {one_line(error)}"
         return f"exported to {target.relative_to(root)}"
 
     with gr.Blocks(title="lmforge") as app:

@@ -288,6 +288,24 @@ def test_foreign_host_header_is_refused(webui):
         assert request(port, "GET", "/", headers={"Host": host})[0] == 200, host
 
 
+def test_chat_and_export_refuse_what_is_no_model_and_never_write_over_one(webui, tree):
+    base, root, outside = tree
+    before = snapshot(root)
+    for folder in ("data", "tok", "model", "runs", "info/dataset_info.json"):
+        headers = {"Content-Type": "application/json", "Host": f"127.0.0.1:{webui.port}"}
+        status, answer = request(webui.port, "POST", "/gradio_api/call/chat",
+                                 json.dumps({"data": ["hi", folder, 0.7, 16]}).encode(), headers)
+        stream = request(webui.port, "GET", f"/gradio_api/call/chat/{json.loads(answer)['event_id']}",
+                         headers=headers)[1].decode()
+        TALLY["tried"] += 1
+        TALLY["refused"] += "\\u26a0" in stream and "event: error" not in stream
+        assert "\\u26a0" in stream and "event: error" not in stream, (folder, stream[:500])
+        assert refused(webui.call("export", folder, "exports/x", "as loaded", False)), folder
+    for out in ("model", ".", "../escaped", "data/.."):
+        assert refused(webui.call("export", "data", out, "as loaded", False)), out
+    assert snapshot(root) == before and not (root / "exports").exists()
+
+
 def test_uploads_are_small_and_land_outside_root(webui, tree):
     """Gradio's own upload route is open to every visitor (this app has no upload field): it must neither
     fill the disk nor put a file under --root."""
