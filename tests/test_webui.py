@@ -52,6 +52,18 @@ def test_form_config_yaml_round_trip_and_errors(world_dir, world_tokenizer_dir, 
         from_yaml("stage: [sft")
 
 
+def test_preview_of_a_pair_whose_prompt_leaves_no_room_shows_it_dropped(world_dir, world_tokenizer_dir, root):
+    pairs = root / "long-prompt-pairs.jsonl"
+    long = {"prompt": "tell me " * 400, "chosen": "yes", "rejected": "no"}
+    short = {"prompt": "hi", "chosen": "hello there", "rejected": "go away"}
+    pairs.write_text("\n".join(json.dumps(r) for r in (long, short)) + "\n", encoding="utf-8")
+    form = tiny_sft_form(world_dir, world_tokenizer_dir, root, "webui-runs/pairs")
+    config = form_to_config(TrainForm(**{**form.__dict__, "stage": "dpo", "data": pairs.name}), root)
+    page = preview_html(config, root, limit=2)
+    assert page.count("dropped:") == 1 and "no room" in page  # the stage would drop it and count it
+    assert page.count('class="record"') == 2  # the short pair: chosen and rejected
+
+
 def test_typed_paths_cannot_leave_the_served_folder(root):
     with tempfile.TemporaryDirectory() as elsewhere:
         outside = Path(elsewhere)

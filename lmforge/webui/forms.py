@@ -176,7 +176,7 @@ def preview_html(config: dict, root: Path, limit: int = 3) -> str:
     from lmforge.data.build import load_examples
     from lmforge.data.errors import ErrorLog
     from lmforge.data.inspect import loss_runs
-    from lmforge.data.preference import encode_pair, pair_rows
+    from lmforge.data.preference import PromptTooLong, encode_pair, pair_rows
     from lmforge.data.tokenize import IGNORE, encode_sft, encode_text
     from lmforge.models.load import load_tokenizer, resolve_model_path
 
@@ -190,7 +190,12 @@ def preview_html(config: dict, root: Path, limit: int = 3) -> str:
             if index >= limit:
                 break
             if paired:
-                encoded = encode_pair(tokenizer, record, cfg.data.max_length)
+                try:
+                    encoded = encode_pair(tokenizer, record, cfg.data.max_length)
+                except PromptTooLong as exc:  # the stage drops and counts it under on_error: skip
+                    blocks.append(f"<p>⚠ {html.escape(record.get('source', f'record {index}'))}: dropped: "
+                                  f"{html.escape(str(exc))}</p>")
+                    continue
                 sequences = list(zip(("chosen", "rejected"), pair_rows(encoded)))
             elif cfg.stage == "pt" or not record.get("messages"):
                 ids = encode_text(tokenizer, record.get("text") or "")[:cfg.data.max_length]
