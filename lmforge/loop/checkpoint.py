@@ -126,6 +126,14 @@ def check_room(final: Path, need: int, kept: str) -> None:
                               "space, then train.resume=true continues from the last checkpoint")
 
 
+def saved_step(path: Path) -> int:
+    """The step a checkpoint was saved at (-1 when its state file is missing or unreadable: loading says why)."""
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def check_room_to_continue(path: Path) -> None:
     """Before a resumed run spends any compute: the checkpoints it will write are as big as the one it
     resumes from, so a disk without that much room fails now, with the same message, not steps later."""

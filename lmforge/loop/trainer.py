@@ -35,6 +35,7 @@ from lmforge.loop.checkpoint import (
     resume_path,
     save_checkpoint,
     save_sharded_checkpoint,
+    saved_step,
 )
 from lmforge.loop.metrics_log import LINES_KEY, MetricsLog
 from lmforge.loop.preemption import Preempted, PreemptionGuard
@@ -281,7 +282,8 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return
-        check_room_to_continue(path)
+        if saved_step(path) < self.total_steps:  # a finished run's resume only evaluates and writes the model
+            check_room_to_continue(path)
         if self.sharded:
             self.state = load_sharded_checkpoint(self.accelerator, path, self.scheduler)
         else:

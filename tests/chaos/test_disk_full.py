@@ -261,3 +261,14 @@ def test_a_stage_on_a_full_disk_says_so_in_one_line_and_resumes(small_disk, worl
     expected, got = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert json.loads((out / MANIFEST).read_text())["stage"] == "pt" and not list(out.glob(".tmp-artifact-*"))
+
+
+def test_resuming_a_finished_run_on_a_full_disk_needs_no_room_for_a_checkpoint(small_disk):
+    """Stopped after its last step (the final checkpoint is written): the resume only evaluates and writes
+    the model, so a disk with no room for another checkpoint does not stop it."""
+    out = small_disk.path / "run"
+    trainer(out, max_steps=2, save_steps=0).train()
+    small_disk.fill(leave=64 * 1024)  # far less than a checkpoint
+    resumed = trainer(out, max_steps=2, save_steps=0, resume=True)
+    resumed.train()
+    assert resumed.state.step == 2 and [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
