@@ -142,7 +142,13 @@ def check_value(bound: Bound, value: Any, key: str) -> None:
             check_value(items, item, f"{key}[{i}]")
         return
     if not bound.allows(value):
-        raise ConfigError(f"{key}={value!r}: must be {bound.describe()}")
+        raise ConfigError(f"{key}={shown(value)}: must be {bound.describe()}")
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: short enough for the one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def check_field(cls_name: str, name: str, value: Any, key: str) -> None:

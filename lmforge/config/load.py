@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lmforge.config.constraints import check_field, range_of
+from lmforge.config.constraints import check_field, range_of, shown
 from lmforge.config.safe_yaml import RefusedYAMLError, safe_load
 from lmforge.config.schema import ConfigError, DatasetSpec, StageConfig
 
@@ -119,7 +119,7 @@ def _checked(cls_name: str, name: str, tp: Any, value: Any, key: str) -> Any:
         bound = range_of(cls_name, name)
         if bound is None or isinstance(value, (dict, list)):
             raise
-        raise ConfigError(f"{key}={value!r}: must be {bound.describe()}") from None
+        raise ConfigError(f"{key}={shown(value)}: must be {bound.describe()}") from None
     check_field(cls_name, name, value, key)
     return value
 
@@ -165,7 +165,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                raise ConfigError(f"{where}: {str(value)[:20]}... is too large for a number") from None
         if isinstance(value, str):
             try:
                 return float(value)  # YAML reads 3e-4 as a string
