@@ -103,6 +103,11 @@ def test_unknown_columns_role_is_refused():
     assert "promt" in message and "prompt" in message
 
 
+def test_an_unknown_tracker_is_refused_when_read():
+    assert "log.report_to='tensorbord' is not one of tensorboard" in refused("log.report_to=[tensorbord]")
+    assert load_config(None, [*BASE, "log.report_to=[]"]).log.report_to == []
+
+
 def test_unknown_tags_role_is_refused():
     assert "rol_tag" in refused("data.train=[{path: a.jsonl, tags: {rol_tag: from}}]")
 

@@ -29,6 +29,8 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 DTYPES = ("fp32", "bf16", "fp16", "auto")
 SCHEDULERS = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "alpaca", "sharegpt", "openai")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio", "all")
+"""accelerate's trackers (an unknown name failed with a traceback when the run started)."""
 
 
 def _check_choice(group: str, name: str, value: Any, choices: tuple) -> None:
@@ -186,6 +188,10 @@ class LogConfig:
     """accelerate trackers: tensorboard, wandb, mlflow; [] for metrics.jsonl only."""
     run_name: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for tracker in self.report_to:
+            _check_choice("log", "report_to", tracker, TRACKERS)
 
 
 @dataclass
