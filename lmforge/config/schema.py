@@ -190,7 +190,7 @@ class LogConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for tracker in self.report_to:
+        for tracker in filter(None, self.report_to):  # an empty name is dropped, as `report_to: ""` means none
             _check_choice("log", "report_to", tracker, TRACKERS)
 
 
