@@ -12,6 +12,8 @@ the token at position p sees cache positions 0..p.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,7 @@ from lmforge.generation.cache import KVCache
 from lmforge.generation.graphs import DecodeGraphs
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+log = logging.getLogger("lmforge.generation")
 
 
 class UnsupportedModel(ValueError):
@@ -98,7 +101,11 @@ class LlamaFamilyBackend:
     def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """One token for each of rows 0..B-1, at position lengths[b]; float logits [B, V]."""
         if self.graphs is not None:
-            return self.graphs.run(tokens, lengths)
+            try:
+                return self.graphs.run(tokens, lengths)
+            except RuntimeError as error:  # a step that cannot be captured still decodes, eagerly
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", error)
+                self.graphs = None
         count = len(tokens)
         positions = torch.tensor(lengths, device=self.device)[:, None]
         rows = torch.arange(count, device=self.device)
