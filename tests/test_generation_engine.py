@@ -294,3 +294,16 @@ def test_greedy_with_a_repetition_penalty_equals_transformers_generate():
         assert result.samples[0].token_ids == out[0, len(prompt):].tolist()
     assert results[0].samples[0].token_ids != tokens_alone(model, Request(prompts()[0], GREEDY, max_new_tokens=40),
                                                            eos_ids=[])[0]
+
+
+def test_a_step_that_cannot_be_captured_decodes_eagerly_instead():
+    class Uncapturable:
+        def run(self, tokens, lengths):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = model_of("llama")
+    request = Request(prompts()[1], SAMPLED, max_new_tokens=12)
+    engine = Engine(model, slots=2, max_len=64, eos_ids=[])
+    engine.backend.graphs = Uncapturable()
+    assert engine.generate([request])[0].samples[0].token_ids == tokens_alone(model, request, eos_ids=[])[0]
+    assert engine.backend.graphs is None
