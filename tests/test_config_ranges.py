@@ -142,6 +142,15 @@ def test_a_pipeline_stage_config_is_checked_too(tmp_path):
         load_pipeline(path)
 
 
+def test_an_eval_suite_is_checked_by_the_same_table(tmp_path):
+    from lmforge.config.load import from_dict, read_yaml
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(f"answers: a.jsonl\nseed: {2**40}\n")
+    with pytest.raises(ConfigError, match=rf"suite\.yaml\.seed={2**40}: must be an integer in \[0, 4294967295\]"):
+        from_dict(EvalSpec, read_yaml(path), where=str(path))
+
+
 def test_direct_construction_is_checked_by_the_same_table():
     with pytest.raises(ConfigError, match=r"train\.logging_steps=0"):
         TrainConfig(logging_steps=0)
