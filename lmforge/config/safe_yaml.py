@@ -51,8 +51,10 @@ class BoundedLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
-    def construct_mapping(self, node, deep=False):
+    def compose_mapping_node(self, anchor):
         # PyYAML keeps the last of two equal keys without a word; which one the author meant is a guess.
+        # Checked as written, before merge keys (<<) copy pairs in.
+        node = super().compose_mapping_node(anchor)
         seen: dict[tuple[str, str], int] = {}
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
@@ -61,7 +63,7 @@ class BoundedLoader(yaml.SafeLoader):
                     raise RefusedYAMLError(f"the key {key_node.value!r} is given twice (lines {seen[key]} and {line}); "
                                            "keep one")
                 seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+        return node
 
     def compose_document(self):
         node = super().compose_document()

@@ -207,6 +207,10 @@ def test_ordinary_anchors_and_merge_keys_still_load(tmp_path):
     stages = load_pipeline(pipe).stages
     assert stages[1].config["train"] == {"lr": 1e-3, "seed": 7} and stages[1].config["data"] == {"max_length": 64}
     assert math.isclose(stages[0].config["train"]["lr"], 1e-3)
+    # A merge source that overrides a key it merges is not a key given twice, even once flattened.
+    from lmforge.config.safe_yaml import safe_load
+
+    assert safe_load("base: &b {a: 1}\nx: {<<: &m {<<: *b, a: 2}}\ny: *m\n")["y"] == {"a": 2}
 
 
 def test_figures():
