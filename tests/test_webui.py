@@ -304,3 +304,28 @@ def test_a_root_holding_gradios_upload_folder_is_refused(tmp_path, monkeypatch):
         launch(root=str(tmp_path / "served"), port=1)
     with pytest.raises(ConfigError, match="--auth"):
         launch(root=str(tmp_path), host="0.0.0.0", port=1)
+
+
+def test_runs_table_survives_damaged_and_hostile_run_folders(tmp_path):
+    from lmforge.webui.runs import recorded_stage
+
+    runs = tmp_path / "runs"
+    cases = {
+        "good-manifest": ("lmforge.json", '{"stage": "dpo"}'),
+        "good-config": ("config.yaml", "stage: sft\ntrain: {lr: 0.001}\n"),
+        "bad-json": ("lmforge.json", '{"stage": '),
+        "list-json": ("lmforge.json", '["stage"]'),
+        "deep-yaml": ("config.yaml", "[" * 5000),
+        "laughs": ("config.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(9))),
+        "not-utf8": ("config.yaml", b"\xff\xfe stage: sft"),
+        "stage-not-text": ("config.yaml", "stage: [1, 2]\n"),
+    }
+    for name, (file, text) in cases.items():
+        (runs / name).mkdir(parents=True)
+        target = runs / name / file
+        target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text)
+    stages = {name: recorded_stage(runs / name) for name in cases}
+    assert stages == {"good-manifest": "dpo", "good-config": "sft", **{n: "?" for n in list(cases)[2:]}}
+    listed = sorted(r.stage for r in list_runs(runs, Launcher()))  # the whole table, not one error
+    assert listed == sorted(stages.values())

@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from lmforge.loop.checkpoint import latest_checkpoint
 
 MANIFEST = "lmforge.json"
@@ -121,15 +123,27 @@ def curves(run: Path) -> list[dict]:
             for row in read_metrics(run) for key in CURVE_KEYS if isinstance(row.get(key), (int, float))]
 
 
+def recorded_stage(run: Path) -> str:
+    """The stage a run folder records, or "?": a damaged or hostile manifest or config.yaml under --root
+    must not break the Runs table for every other run (YAML read through the bounded loader)."""
+    from lmforge.config.safe_yaml import safe_load
+
+    try:
+        if (run / MANIFEST).is_file():
+            record = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
+        elif (run / "config.yaml").is_file():
+            record = safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        else:
+            return "?"
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError covers JSON and UTF-8 decoding errors
+        return "?"
+    stage = record.get("stage") if isinstance(record, dict) else None
+    return stage if isinstance(stage, str) else "?"
+
+
 def run_info(run: Path, root: Path, launcher: Launcher) -> RunInfo:
     manifest = run / MANIFEST
-    stage = "?"
-    if manifest.is_file():
-        stage = json.loads(manifest.read_text(encoding="utf-8")).get("stage", "?")
-    elif (run / "config.yaml").is_file():
-        import yaml
-
-        stage = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("stage", "?")
+    stage = recorded_stage(run)
     status = launcher.state(run) or ("done" if manifest.is_file() else
                                      "partial" if latest_checkpoint(run) is not None else "failed")
     if status == "done" and not manifest.is_file():
