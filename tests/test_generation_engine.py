@@ -108,9 +108,10 @@ def test_shared_prefix_samples_equal_unshared_ones_and_prefill_once():
     engine = Engine(model, slots=6, max_len=96, eos_ids=[])
     fed = []
     prefill = engine.backend.prefill
-    engine.backend.prefill = lambda row, ids, start: fed.append(len(ids)) or prefill(row, ids, start)
+    engine.backend.prefill = lambda rows, chunks, starts: fed.append([len(c) for c in chunks]) or \
+        prefill(rows, chunks, starts)
     shared = engine.generate([Request(prompts()[3], sampling, max_new_tokens=15, n=4)])[0]
-    assert fed == [33]  # the 33-token prompt once, not four times
+    assert fed == [[33]]  # the 33-token prompt once, not four times
     alone = [tokens_alone(model, Request(prompts()[3], Sampling(temperature=1.0, seed=11 + i), max_new_tokens=15),
                           eos_ids=[])[0] for i in range(4)]
     assert [s.token_ids for s in shared.samples] == alone
@@ -307,3 +308,23 @@ def test_a_step_that_cannot_be_captured_decodes_eagerly_instead():
     engine.backend.graphs = Uncapturable()
     assert engine.generate([request])[0].samples[0].token_ids == tokens_alone(model, request, eos_ids=[])[0]
     assert engine.backend.graphs is None
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_prompts_prefilled_together_equal_prompts_prefilled_alone(arch):
+    """Five prompts of 1 to 33 tokens in one padded forward, in chunks of 7 tokens a step between them,
+    and one at a time: the same tokens and log-probs."""
+    model = model_of(arch)
+    requests = [Request(p, SAMPLED, max_new_tokens=10, logprobs=True) for p in prompts()]
+    together = Engine(model, slots=5, max_len=64, prefill_chunk=66, eos_ids=[])  # 4 + 19 + 9 + 33 + 1
+    calls = []
+    prefill = together.backend.prefill
+    together.backend.prefill = lambda rows, chunks, starts: calls.append(len(rows)) or prefill(rows, chunks, starts)
+    batched = together.generate(requests)
+    assert calls == [5]
+    chunked = Engine(model, slots=5, max_len=64, prefill_chunk=7, eos_ids=[]).generate(requests)
+    for request, a, b in zip(requests, batched, chunked):
+        alone = Engine(model, slots=1, max_len=64, eos_ids=[]).generate([request])[0].samples[0]
+        assert a.samples[0].token_ids == b.samples[0].token_ids == alone.token_ids
+        assert torch.allclose(torch.tensor(a.samples[0].logprobs), torch.tensor(alone.logprobs), atol=1e-5)
+        assert torch.allclose(torch.tensor(b.samples[0].logprobs), torch.tensor(alone.logprobs), atol=1e-5)

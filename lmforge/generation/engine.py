@@ -274,20 +274,25 @@ class Engine:
             self.prefilling.append(handle.sequences[0])
 
     def _prefill(self, events: list[TokenEvent]) -> None:
-        """Feed up to `prefill_chunk` tokens this step, oldest sequence first; a sequence whose feed is done
-        draws its first token(s) and joins the decoding rows."""
-        budget = self.prefill_chunk
-        for sequence in list(self.prefilling):
+        """Feed up to `prefill_chunk` tokens this step, oldest sequence first, every chunk in one forward; a
+        sequence whose feed is done draws its first token(s) and joins the decoding rows."""
+        budget, batch = self.prefill_chunk, []
+        for sequence in self.prefilling:
             if budget <= 0:
-                return
-            chunk = sequence.feed[:budget]
-            logits = self.backend.prefill(sequence.row, chunk, sequence.cached)
+                break
+            batch.append((sequence, sequence.feed[:budget]))
+            budget -= len(batch[-1][1])
+        if not batch:
+            return
+        logits = self.backend.prefill([s.row for s, _ in batch], [chunk for _, chunk in batch],
+                                      [s.cached for s, _ in batch])
+        for sequence, chunk in batch:  # all lengths first: a row joining the decoding rows moves others
             sequence.cached += len(chunk)
             sequence.feed = sequence.feed[len(chunk):]
-            budget -= len(chunk)
+        for (sequence, _), row_logits in zip(batch, logits):
             if not sequence.feed:
                 self.prefilling.remove(sequence)
-                self._start_decoding(sequence, logits, events)
+                self._start_decoding(sequence, row_logits, events)
 
     def _start_decoding(self, leader: Sequence, logits: torch.Tensor, events: list[TokenEvent]) -> None:
         group = [leader] + [s for s in leader.handle.sequences if s.phase == SIBLING]

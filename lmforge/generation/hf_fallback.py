@@ -22,7 +22,10 @@ class HFBackend:
         forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
         self.cache_argument = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
-    def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
+    def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        return torch.stack([self._feed(row, chunk, start) for row, chunk, start in zip(rows, chunks, starts)])
+
+    def _feed(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
         tokens = torch.tensor([token_ids], device=self.device)
         # Positions follow from the row's cache length, which is `start` (rows are never padded).
         out = self.model(input_ids=tokens, use_cache=True, logits_to_keep=1,
@@ -31,7 +34,7 @@ class HFBackend:
         return out.logits[0, -1].float()
 
     def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        return torch.stack([self.prefill(row, [token], length)
+        return torch.stack([self._feed(row, [token], length)
                             for row, (token, length) in enumerate(zip(tokens, lengths))])
 
     def copy_row(self, source: int, target: int, length: int) -> None:

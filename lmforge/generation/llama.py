@@ -91,12 +91,21 @@ class LlamaFamilyBackend:
     def parameters(self):
         return self.model.parameters()
 
-    def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
-        """Feed tokens at positions start.. of `row`; the float logits [V] after the last one."""
-        tokens = torch.tensor([token_ids], device=self.device)
-        positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
-        rows = torch.tensor([row], device=self.device)
-        return self.forward(tokens, positions, rows, slice(row, row + 1), start + len(token_ids))[0]
+    def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed chunks[i] at positions starts[i].. of rows[i], all rows in one forward; the float logits
+        [B, V] after each chunk's last token. Shorter chunks are padded with tokens at position max_len - 1,
+        the column no sequence holds: they are seen by no real token and overwrite nothing."""
+        width = max(len(chunk) for chunk in chunks)
+        scratch = self.cache.max_len - 1
+        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+        positions = torch.full((len(chunks), width), scratch, dtype=torch.long)
+        for i, (chunk, start) in enumerate(zip(chunks, starts)):
+            tokens[i, :len(chunk)] = torch.tensor(chunk)
+            positions[i, :len(chunk)] = torch.arange(start, start + len(chunk))
+        row_ids = torch.tensor(rows, device=self.device)
+        last = torch.tensor([len(chunk) - 1 for chunk in chunks], device=self.device)
+        span = max(start + len(chunk) for chunk, start in zip(chunks, starts))
+        return self.forward(tokens.to(self.device), positions.to(self.device), row_ids, row_ids, span, last)
 
     def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """One token for each of rows 0..B-1, at position lengths[b]; float logits [B, V]."""
@@ -121,8 +130,11 @@ class LlamaFamilyBackend:
     def clear_row(self, row: int) -> None:
         """Nothing to free: a row's stale positions are never visible (masked by length)."""
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_span: slice,
-                 span: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                 row_select: slice | torch.Tensor, span: int, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Float logits [b, V] after tokens [b, t] at positions [b, t] of cache rows [b], whose keys/values are
+        read through `row_select` (a slice of the packed decoding rows is a view; an index tensor copies) up
+        to `span`. `last` [b] picks each row's last real token (default: the last column)."""
         hidden = self.backbone.embed_tokens(tokens)
         cos, sin = self.backbone.rotary_emb(hidden, positions)
         visible = torch.arange(span, device=self.device)[None, None] <= positions[..., None]
@@ -138,9 +150,10 @@ class LlamaFamilyBackend:
             k = rotate(k.transpose(1, 2), cos, sin)
             v = attention.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
             self.cache.write(index, rows, positions, k, v)
-            keys = self.cache.keys[index][row_span, :, :span]
-            values = self.cache.values[index][row_span, :, :span]
+            keys = self.cache.keys[index][row_select, :, :span]
+            values = self.cache.values[index][row_select, :, :span]
             mixed = grouped_attention(q.to(keys.dtype), keys, values, visible, self.scale)
             hidden = hidden + attention.o_proj(mixed.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.head(self.backbone.norm(hidden[:, -1])).float()
+        final = hidden[:, -1] if last is None else hidden[torch.arange(b, device=self.device), last]
+        return self.head(self.backbone.norm(final)).float()
