@@ -29,6 +29,7 @@ from lmforge.generation.sequence import DECODING, DONE, PARKED, PREFILL, SIBLING
 
 BACKENDS = ("auto", "own", "hf")
 DEFAULT_MAX_LEN = 2048
+SEED_RANGE = 2**63
 
 
 def make_backend(model, rows: int, max_len: int, kind: str = "auto", cuda_graphs: bool = True):
@@ -80,7 +81,9 @@ class Engine:
         self._check_fits(request)
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(62)
         handle = Handle(request, seed)
-        handle.sequences = [Sequence(handle, i, seed + i, self.tokenizer, self.eos_ids) for i in range(request.n)]
+        # Sample i draws with seed + i, wrapped into the int64 range the noise is computed in.
+        handle.sequences = [Sequence(handle, i, (seed + i) % SEED_RANGE, self.tokenizer, self.eos_ids)
+                            for i in range(request.n)]
         self._post("submit", handle)
         return handle
 

@@ -38,8 +38,8 @@ class Sampling:
     min_p: float = 0.0
     """Drop tokens less likely than min_p times the most likely one (0 keeps all)."""
     seed: int | None = None
-    """Sample i of a request draws from the noise stream of seed + i, so a sample's tokens do not depend on
-    which other requests share the batch; None draws a fresh seed (reported in the result)."""
+    """Sample i of a request draws from the noise stream of seed + i (mod 2**63), so a sample's tokens do not
+    depend on which other requests share the batch; None draws a fresh seed (reported in the result)."""
     repetition_penalty: float = 1.0
     """CTRL-style: a token already in the prompt or the reply has its positive logit divided by this, its
     negative logit multiplied (1 is off)."""

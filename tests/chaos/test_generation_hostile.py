@@ -216,3 +216,19 @@ def test_reset_ends_everything_and_frees_every_row(model):
     assert all(h.done for h in (kept, running, waiting, posted)) and engine.idle and engine.rows == [None, None]
     assert [s.finish_reason for s in waiting.result().samples] == ["cancelled", "cancelled"]
     assert len(engine.generate([Request([5, 6], GREEDY, max_new_tokens=4)])[0].samples[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("sampling", [
+    Sampling(temperature=1e-6, seed=1), Sampling(temperature=1e6, seed=1), Sampling(top_k=10**9, seed=1),
+    Sampling(top_p=1e-12, seed=1), Sampling(min_p=0.999999, seed=1), Sampling(repetition_penalty=1e9, seed=1),
+    Sampling(repetition_penalty=1e-9, presence_penalty=-2.0, seed=1), Sampling(seed=2**63 - 1),
+], ids=["cold", "hot", "top_k_huge", "top_p_tiny", "min_p_high", "rep_huge", "rep_tiny", "seed_max"])
+def test_extreme_sampling_settings_still_draw_real_tokens(model, sampling):
+    engine = Engine(model, slots=2, max_len=64, eos_ids=[])
+    result = engine.generate([Request([5, 6, 7], sampling, max_new_tokens=20, n=2, logprobs=True)])[0]
+    for sample in result.samples:
+        assert len(sample.token_ids) == 20 and all(0 <= t < 96 for t in sample.token_ids)
+        assert all(math.isfinite(v) and v <= 0 for v in sample.logprobs)
+    if sampling.top_p < 1e-6 or sampling.min_p > 0.99 or sampling.temperature < 1e-5:
+        greedy = engine.generate([Request([5, 6, 7], GREEDY, max_new_tokens=20)])[0].samples[0].token_ids
+        assert all(s.token_ids == greedy for s in result.samples)  # only the best token is left to draw
