@@ -2,7 +2,7 @@
 (see engine.py for how a request flows)."""
 
 from lmforge.generation.engine import Engine
-from lmforge.generation.request import Request, RequestError, Result, Sample, Sampling
+from lmforge.generation.request import GenerationError, Request, RequestError, Result, Sample, Sampling
 from lmforge.generation.sequence import Handle, TokenEvent
 
-__all__ = ["Engine", "Handle", "Request", "RequestError", "Result", "Sample", "Sampling", "TokenEvent"]
+__all__ = ["Engine", "GenerationError", "Handle", "Request", "RequestError", "Result", "Sample", "Sampling", "TokenEvent"]

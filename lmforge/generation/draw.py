@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.generation.request import GenerationError
 from lmforge.generation.sampling import choose_tokens, counter_uniform, penalise, token_logprobs
 from lmforge.generation.sequence import Sequence, TokenEvent
 
@@ -36,11 +37,18 @@ def draw_tokens(sequences: list[Sequence], logits: torch.Tensor, events: list[To
         chosen, top_ids, top_values = token_logprobs(logits, tokens, top)
         logprobs = chosen.tolist()
         top_ids, top_values = (top_ids.tolist(), top_values.tolist()) if top else (None, None)
-    for i, (sequence, token) in enumerate(zip(sequences, tokens.tolist())):
+    # One transfer brings the tokens and whether each row's logits were finite (a NaN would draw token 0).
+    drawn, finite = torch.stack([tokens, torch.isfinite(logits).all(-1).long()]).tolist()
+    broken = [s for s, ok in zip(sequences, finite) if not ok]
+    if broken:
+        raise GenerationError(f"the model gave non-finite logits (NaN or inf) for {len(broken)} of {len(sequences)} "
+                              "rows: check its weights and dtype; Engine.reset() ends the requests in flight")
+    for i, (sequence, token) in enumerate(zip(sequences, drawn)):
         wanted = sequence.request.top_logprobs
         ranked = list(zip(top_ids[i][:wanted], top_values[i][:wanted])) if wanted else None
         events.append(sequence.accept(token, logprobs[i], ranked))
         sequence.handle.check_done()
+
 
 def seen_masks(sequences: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, V] bool: tokens in each sequence's prompt and reply; tokens in its reply alone. Each sequence

@@ -27,6 +27,10 @@ class RequestError(ValueError):
     """A request value is invalid, or the request cannot fit the engine; the message names the field."""
 
 
+class GenerationError(RuntimeError):
+    """A step could not produce tokens (the model's output is unusable); the engine must be reset."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 1.0

@@ -232,3 +232,20 @@ def test_extreme_sampling_settings_still_draw_real_tokens(model, sampling):
     if sampling.top_p < 1e-6 or sampling.min_p > 0.99 or sampling.temperature < 1e-5:
         greedy = engine.generate([Request([5, 6, 7], GREEDY, max_new_tokens=20)])[0].samples[0].token_ids
         assert all(s.token_ids == greedy for s in result.samples)  # only the best token is left to draw
+
+
+def test_nan_logits_raise_one_line_instead_of_drawing_token_zero():
+    from lmforge.generation import GenerationError
+
+    torch.manual_seed(0)
+    broken = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    with torch.no_grad():
+        broken.lm_head.weight[7, 3] = math.nan
+    engine = Engine(broken, slots=2, max_len=64, eos_ids=[])
+    handle = engine.submit(Request([5, 6], Sampling(seed=1), max_new_tokens=5))
+    with pytest.raises(GenerationError, match=r"non-finite logits \(NaN or inf\) for 1 of 1 rows") as caught:
+        for _ in range(3):
+            engine.step()
+    assert "\n" not in str(caught.value)
+    assert engine.reset() == [handle] and handle.result().samples[0].finish_reason == "cancelled"
+    assert engine.rows == [None, None] and engine.idle
