@@ -328,3 +328,18 @@ def test_prompts_prefilled_together_equal_prompts_prefilled_alone(arch):
         assert a.samples[0].token_ids == b.samples[0].token_ids == alone.token_ids
         assert torch.allclose(torch.tensor(a.samples[0].logprobs), torch.tensor(alone.logprobs), atol=1e-5)
         assert torch.allclose(torch.tensor(b.samples[0].logprobs), torch.tensor(alone.logprobs), atol=1e-5)
+
+
+def test_a_chat_streams_two_turns_through_one_session():
+    """The second turn streams from the cache the first left: equal to decoding the whole chat from scratch."""
+    model = model_of("qwen2")
+    engine = Engine(model, slots=1, max_len=96, eos_ids=[])
+    events = list(engine.stream(Request(prompts()[1], GREEDY, max_new_tokens=7, session=True)))
+    first = [e.token_id for e in events]
+    assert events[-1].handle.result().samples[0].token_ids == first
+    handle = engine.continue_session(events[-1].handle, [30, 31, 32], max_new_tokens=6)
+    second = [e.token_id for e in engine.stream(handle)]
+    assert second == hf_greedy(model, prompts()[1] + first + [30, 31, 32], 6, [])
+    engine.release(handle)
+    engine.step()
+    assert engine.rows == [None]

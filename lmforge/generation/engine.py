@@ -182,9 +182,11 @@ class Engine:
             self.step()
         return [h.result() for h in handles]
 
-    def stream(self, request: Request) -> Iterator[TokenEvent]:
-        """Submit and drive the engine, yielding this request's events; closing the iterator cancels it."""
-        handle = self.submit(request)
+    def stream(self, request: Request | Handle) -> Iterator[TokenEvent]:
+        """Drive the engine, yielding one request's events: a Request is submitted first; a Handle (say a
+        session's continuation) is followed as it is. Closing the iterator early cancels the request. Events
+        of other requests stepped meanwhile are not returned (their handles still get their results)."""
+        handle = request if isinstance(request, Handle) else self.submit(request)
         try:
             while not handle.done:
                 yield from (e for e in self.step() if e.handle is handle)
