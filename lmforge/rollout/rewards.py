@@ -66,8 +66,9 @@ class ModelReward:
     def load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from lmforge.models.load import require_safetensors
+        from lmforge.models.load import local_folder, require_safetensors
 
+        local_folder("rl.rewards (model)", self.path)
         require_safetensors(self.path)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(self.path, use_safetensors=True)

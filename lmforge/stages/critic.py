@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lmforge.config.schema import ConfigError, StageConfig
 from lmforge.models.adapters import apply_finetuning
-from lmforge.models.load import as_reward_model, load_model_and_tokenizer, require_safetensors
+from lmforge.models.load import as_reward_model, load_model_and_tokenizer, local_folder, require_safetensors
 
 
 def critic_source(cfg: StageConfig) -> str | None:
@@ -22,6 +22,7 @@ def critic_source(cfg: StageConfig) -> str | None:
 def load_critic(cfg: StageConfig, dtype: torch.dtype, policy_vocab: int):
     source = critic_source(cfg)
     if source:
+        local_folder("rl.critic_path" if cfg.rl.critic_path else "rl.rewards (model)", source)
         require_safetensors(source)
         critic = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype,
                                                                     use_safetensors=True)

@@ -1,0 +1,68 @@
+"""What a user switching from another toolkit hits first (issue 24): model and tokenizer paths that do not
+exist (refused in one line naming the key and the command that makes the folder, before transformers
+takes them for a hub id), template names that do not exist (refused when the config is read), and
+prompt-only RL data shipped as `question` / `answer` records (read, the answer reaching the rewards)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.chaos
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single `error:` line of a refused command; fails on a traceback or a zero exit."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_pt_demo_before_data_demo_names_the_tokenizer_key_and_the_commands(tmp_path):
+    """examples/pt_demo.yaml in a fresh folder: data/demo/tokenizer is not there yet."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "pt_demo.yaml"
+    config = write(tmp_path / "pt_demo.yaml", example.read_text(encoding="utf-8"))
+    line = one_line_error(run_cli(tmp_path, "train", "pt", str(config)))
+    assert "model.tokenizer" in line and "no such folder" in line and "data/demo/tokenizer" in line
+    assert "lmforge data demo data/demo" in line and "lmforge tokenizer train" in line
+    assert "Repo id" not in line
+
+
+@pytest.mark.parametrize(("model_lines", "key", "words"), [
+    ("  name_or_path: models/missing-model\n", "model.name_or_path", ["no such folder"]),
+    ("  name_or_path: ./runs/sft\n", "model.name_or_path", ["no such folder", "lmforge train"]),
+    ("  name_or_path: HuggingFaceTB/SmolLM2-135M\n", "model.name_or_path", ["never downloads", "--local-dir"]),
+    ("  scratch: tiny\n  tokenizer: tokenizers/mine\n", "model.tokenizer", ["no such folder",
+                                                                            "lmforge tokenizer train"]),
+    ("  scratch: tiny\n  tokenizer: Qwen/Qwen2.5-0.5B\n", "model.tokenizer", ["never downloads"]),
+    ("  scratch: tiny\n  tokenizer: notes.txt\n", "model.tokenizer", ["not a folder"]),
+    ("  scratch: tiny\n  tokenizer: empty\n", "model.tokenizer", ["no tokenizer files"]),
+])
+def test_missing_model_or_tokenizer_folder_is_one_line(tmp_path, model_lines, key, words):
+    write(tmp_path / "notes.txt", "not a tokenizer\n")
+    (tmp_path / "empty").mkdir()
+    write(tmp_path / "train.txt", "some text\n")
+    config = write(tmp_path / "c.yaml", f"stage: pt\nmodel:\n{model_lines}data:\n  train: [train.txt]\n"
+                                        "train:\n  output_dir: out\n")
+    line = one_line_error(run_cli(tmp_path, "train", "pt", str(config)))
+    assert key in line, line
+    for word in words:
+        assert word in line, line
