@@ -21,6 +21,7 @@ from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.
     LoraConfig,
     ModConfig,
 )
+from lmforge.data.templates import template_names
 
 STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
 RL_STAGES = ("ppo", "grpo", "rloo")
@@ -50,7 +51,7 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer folder; defaults to the model's own."""
     template: str = "auto"
-    """Chat template: `auto` (tokenizer's own, else ChatML), `chatml`, `plain`."""
+    """Chat template: `auto` (tokenizer's own, else ChatML) or one in lmforge/templates/ (`chatml`, `plain`)."""
     dtype: str = "fp32"
     """Weights dtype: fp32, bf16, fp16 or auto (the checkpoint's)."""
     finetuning: str = "full"
@@ -73,6 +74,7 @@ class ModelConfig:
         check_group(self, "model")
         _check_choice("model", "dtype", self.dtype, DTYPES)
         _check_choice("model", "finetuning", self.finetuning, FINETUNING)
+        _check_choice("model", "template", self.template, template_names())
         _check_choice("model", "parent_adapter", self.parent_adapter, ("merge", "continue"))
         if self.parent_adapter == "continue" and self.finetuning not in ("lora", "dora"):
             raise ConfigError("model.parent_adapter=continue trains the parent's adapter further: "

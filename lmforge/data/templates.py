@@ -25,6 +25,12 @@ def builtin_template(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def template_names() -> tuple[str, ...]:
+    """What `model.template` accepts: `auto` and every template shipped in lmforge/templates/."""
+    folder = resources.files("lmforge") / "templates"
+    return ("auto", *sorted(p.name.removesuffix(".jinja") for p in folder.iterdir() if p.name.endswith(".jinja")))
+
+
 def apply_template_choice(tokenizer, choice: str | None) -> str:
     """Set `tokenizer.chat_template` from the config's choice and return the name used.
 
