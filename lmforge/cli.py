@@ -226,6 +226,12 @@ def cmd_data(args) -> int:
             pairs, _ = load_examples(cfg.data.train, cfg.data, errors, cache, kind="pair")
             inspect_pairs(tokenizer, pairs, args.num, cfg.data.max_length, console)
             return 0
+        if cfg.stage in ("ppo", "grpo", "rloo"):  # prompt data, read as the online RL stages read it
+            from lmforge.data.inspect import inspect_prompts
+
+            prompts, _ = load_examples(cfg.data.train, cfg.data, errors, cache, kind="prompt")
+            inspect_prompts(tokenizer, prompts, args.num, console)
+            return 0
         examples, _ = load_examples(cfg.data.train, cfg.data, errors, cache)
         pt = cfg.stage == "pt"
         inspect_examples(tokenizer, examples, args.num, cfg.pt.block_size if pt else cfg.data.max_length,

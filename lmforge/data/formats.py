@@ -1,7 +1,7 @@
 """Row formats → one normal form: `{"messages": [{role, content}, ...], "tools": str}` or `{"text": str}`.
 
 Formats (see docs/data.md): raw text, Alpaca (instruction/input/output/system/history),
-ShareGPT (conversations of {from, value}), OpenAI (messages of {role, content}). Column and
+question/answer (a prompt and its reference answer), ShareGPT (conversations of {from, value}), OpenAI (messages of {role, content}). Column and
 role names are remappable the way LLaMA-Factory's dataset_info.json remaps them.
 """
 
@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
+QA_ANSWER_KEYS = ("answer", "response")
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
 SHAREGPT_TAGS = {
     "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -51,6 +52,8 @@ def detect_format(row: dict, fmt: RowFormat) -> str:
         return "text"  # LLaMA-Factory's way of naming a raw-text column: columns: {prompt: text}
     if prompt in row:
         return "alpaca"
+    if "question" in row and any(k in row for k in QA_ANSWER_KEYS):
+        return "qa"  # the prompt + reference-answer shape of GRPO and QA data sets (MedicalGPT's too)
     if "text" in row:
         return "text"
     keys = ", ".join(sorted(row)) or "none"
@@ -64,7 +67,10 @@ def to_example(row: dict, fmt: RowFormat) -> dict:
     kind = detect_format(row, fmt)
     if kind == "text":
         return {"text": text_field(row, fmt)[1], "messages": [], "tools": ""}
-    messages, tools = _alpaca(row, fmt) if kind == "alpaca" else _conversation(row, fmt, kind)
+    if kind == "qa":
+        messages, tools = _qa(row, fmt)
+    else:
+        messages, tools = _alpaca(row, fmt) if kind == "alpaca" else _conversation(row, fmt, kind)
     check_dialogue(messages)
     return {"text": "", "messages": messages, "tools": tools}
 
@@ -120,6 +126,16 @@ def _alpaca(row: dict, fmt: RowFormat) -> tuple[list[dict], str]:
     prompt = "\n".join(x for x in (instruction, query) if x)
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return messages, ""
+
+
+def _qa(row: dict, fmt: RowFormat) -> tuple[list[dict], str]:
+    """{question, answer (or response), system?}: an Alpaca record under other names; a numeric answer
+    (a GRPO data set's "16") is its text."""
+    answer_key = next(k for k in QA_ANSWER_KEYS if k in row)
+    answer = row[answer_key]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        row = {**row, answer_key: str(answer)}
+    return _alpaca(row, RowFormat(columns={**fmt.columns, "prompt": "question", "response": answer_key}))
 
 
 def _conversation(row: dict, fmt: RowFormat, kind: str) -> tuple[list[dict], str]:

@@ -84,3 +84,24 @@ def inspect_examples(tokenizer, examples, limit: int, max_length: int, train_on_
         summaries.append({"source": example.get("source"), **counts})
     console.print("[dim]legend:[/] [bold green]carries loss[/]  [dim]masked (-100)[/]")
     return summaries
+
+
+def inspect_prompts(tokenizer, prompts, limit: int, console: Console | None = None) -> None:
+    """RL prompt records as ppo, grpo and rloo read them: the prompt as rendered for sampling (ending
+    where the reply starts) and the reference the exact/answer-match rewards compare replies with."""
+    # Imported on use: only prompt stages need the rollout code.
+    from lmforge.rollout.sample import encode_prompts
+
+    console = console or Console()
+    for index, record in enumerate(prompts):
+        if index >= limit:
+            break
+        ids = encode_prompts(tokenizer, [record["prompt"]])[0]
+        console.rule()
+        console.print(Text(f"{record.get('source', f'record {index}')}  prompt: {len(ids)} tokens", style="bold"),
+                      soft_wrap=True)
+        console.print(Text(tokenizer.decode(ids), style="dim"))
+        console.print(Text(f"reference: {record['reference'] or '(none)'}", style="bold green"))
+        if record["answer"] and record["answer"] != record["reference"]:
+            console.print(Text(f"answer: {record['answer']}", style="bold green"))
+    console.print("[dim]the reply is sampled after the prompt; rewards compare it with the reference[/]")

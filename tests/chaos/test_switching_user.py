@@ -92,3 +92,75 @@ def test_known_templates_still_load():
 
     assert [ModelConfig(scratch="tiny", template=name).template for name in ("auto", "chatml", "plain")] == [
         "auto", "chatml", "plain"]
+
+
+QA_ROWS = [{"question": "What is 2 plus 3?", "answer": "5"}, {"question": "Name the capital of France.",
+                                                               "answer": "Paris"},
+           {"question": "What is 4 times 4?", "answer": 16}, {"question": "Say yes.", "answer": "yes"}]
+RECORDER = '''import json, os
+
+def reward(prompts, responses, **columns):
+    with open(os.environ["LMFORGE_TEST_REWARD_ROWS"], "a", encoding="utf-8") as out:
+        for prompt, reference, answer in zip(prompts, columns["reference"], columns["answer"]):
+            out.write(json.dumps({"prompt": prompt, "reference": reference, "answer": answer}) + "\\n")
+    return [0.0] * len(responses)
+'''
+
+
+def test_question_answer_records_train_grpo_with_the_answer_reaching_the_rewards(base, tmp_path, monkeypatch):
+    """The shape domain GRPO projects ship: {question, answer}. Before: "cannot tell the format from the
+    keys (answer, question)". The question is the user prompt; the answer reaches exact/answer-match rows."""
+    import json
+
+    from lmforge.config.load import load_config
+    from lmforge.stages import STAGE_RUNNERS
+
+    data = write(tmp_path / "qa.jsonl", "".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    rows_file = tmp_path / "reward_rows.jsonl"
+    monkeypatch.setenv("LMFORGE_TEST_REWARD_ROWS", str(rows_file))
+    recorder = write(tmp_path / "recorder.py", RECORDER)
+    cfg = load_config(None, [f"model.name_or_path={base}", f"data.train={data}", f"data.eval={data}",
+                             "data.max_length=96", "rl.max_new_tokens=4", "rl.prompts_per_step=4",
+                             "rl.num_generations=2", "rl.eval_prompts=4", "train.batch_size=8", "train.max_steps=1",
+                             f"rl.rewards=[{{kind: function, function: '{recorder}:reward'}}, {{kind: answer_match}}]",
+                             f"train.output_dir={tmp_path / 'out'}", "log.progress=false", "log.report_to=[]"],
+                      stage="grpo")
+    STAGE_RUNNERS["grpo"](cfg)
+    seen = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines()]
+    expected = {r["question"]: str(r["answer"]) for r in QA_ROWS}
+    assert len(seen) >= len(QA_ROWS) * 2  # the held-out pass and one training iteration of 4 prompts x 2
+    for row in seen:
+        question = row["prompt"][-1]["content"]
+        assert row["prompt"][-1]["role"] == "user" and question in expected
+        assert row["reference"] == expected[question] and row["answer"] == expected[question]
+    assert {row["prompt"][-1]["content"] for row in seen} == set(expected)
+
+
+def test_question_answer_records_read_as_a_dialogue_in_sft():
+    """The same file read by SFT (and by `data inspect` of an SFT config): question = user, answer = reply."""
+    from lmforge.data.formats import RowFormat, to_example
+
+    row = {"question": "What is 4 times 4?", "answer": 16, "system": "Be brief."}
+    assert to_example(row, RowFormat())["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 4 times 4?"},
+        {"role": "assistant", "content": "16"}]
+    assert to_example({"question": "Hi?", "response": "Hello."}, RowFormat())["messages"][-1]["content"] == "Hello."
+    with pytest.raises(ValueError, match="'answer' must be a string"):
+        to_example({"question": "Hi?", "answer": ["a", "b"]}, RowFormat())
+
+
+def test_data_inspect_of_a_grpo_config_reads_prompts_as_grpo_does(base, tmp_path, capsys):
+    """Before: `data inspect` read a GRPO file as SFT and refused {question, answer} records."""
+    import json
+
+    from lmforge.cli import main
+
+    data = write(tmp_path / "qa.jsonl", "".join(json.dumps(r) + "\n" for r in QA_ROWS))
+    config = write(tmp_path / "grpo.yaml", f"stage: grpo\nmodel:\n  name_or_path: {base}\ndata:\n  train: [{data}]\n"
+                                           "rl:\n  num_generations: 2\n  rewards: [{kind: answer_match}]\n"
+                                           f"train:\n  output_dir: {tmp_path / 'out'}\n")
+    assert main(["data", "inspect", str(config), "-n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert all(r["question"] in out for r in QA_ROWS), out
+    assert "reference: Paris" in out and "reference: 16" in out, out
+    assert "qa.jsonl:line 3" in out.replace("\n", ""), out
