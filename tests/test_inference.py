@@ -10,9 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.cli import main
+from lmforge.config.schema import ConfigError
+from lmforge.data.templates import end_of_turn_ids, render_prompt
 from lmforge.eval.suite import read_records
 from lmforge.inference.chat import chat_loop
 from lmforge.rollout.generate import generate
@@ -78,3 +82,45 @@ def test_chat_command_streams_in_a_terminal(base):
     assert process.wait(timeout=60) == 0
     os.close(leader)
     assert seen.count(b"bot> ") == 2 and b"/reset" in seen
+
+
+def test_held_out_answers_equal_transformers_greedy(base, world_dir):
+    """The engine answers exactly what HF `generate` answered greedily (the demo figures rest on it),
+    whatever the rows it shares a step with."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    conversations = [r["prompt"] for r in read_records(str(world_dir / "rl" / "eval.jsonl"), "prompt", 5)]
+    ours = generate(model, tokenizer, conversations, max_new_tokens=20, batch_size=2)
+    stops = end_of_turn_ids(tokenizer)
+    for conversation, answer in zip(conversations, ours):
+        ids = tokenizer(render_prompt(tokenizer, conversation), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            row = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(row) if t in stops), None)
+        assert answer.token_ids == (row if cut is None else row[:cut])
+        assert answer.stopped == (cut is not None)
+        assert answer.text == tokenizer.decode(answer.token_ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_chat_says_when_the_conversation_outgrows_the_model(base):
+    """A turn that cannot fit the model's positions is refused in one line; the chat goes on."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    positions = model.config.max_position_embeddings
+    typed = iter(["word " * positions, "/reset", "Hi", "/exit"])
+    written: list[str] = []
+    chat_loop(model, tokenizer, max_new_tokens=4, temperature=0.0, read=lambda _: next(typed), write=written.append)
+    out = "".join(written)
+    assert out.count("bot> ") == 2 and "max_len" in out and "/reset to start over" in out
+    assert "Traceback" not in out
+
+
+def test_bad_sampling_settings_are_one_line_errors(base, world_dir, tmp_path):
+    data = str(world_dir / "rl" / "eval.jsonl")
+    assert main(["generate", str(base), "--data", data, "--out", str(tmp_path / "a.jsonl"),
+                 "--temperature", "-1"]) == 2
+    assert main(["generate", str(base), "--data", data, "--out", str(tmp_path / "a.jsonl"),
+                 "--max-new-tokens", "0"]) == 2
+    assert not (tmp_path / "a.jsonl").exists()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    with pytest.raises(ConfigError, match="top_p"):
+        chat_loop(model, tokenizer, temperature=0.7, top_p=0.0, read=lambda _: "/exit", write=lambda _: None)

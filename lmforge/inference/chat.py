@@ -6,39 +6,48 @@ Commands: /reset (forget the conversation), /system TEXT (set the system prompt,
 from __future__ import annotations
 
 import sys
-from threading import Thread
 
-import torch
-from transformers import TextIteratorStreamer
-
+from lmforge.config.schema import ConfigError
 from lmforge.data.templates import end_of_turn_ids, render_prompt
+from lmforge.generation import Engine, Request, RequestError, Sampling
 
 HELP = "commands: /reset  /system TEXT  /exit"
 
 
-def reply_stream(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float):
-    """The reply to `messages`, piece by piece as the model writes it."""
-    enc = tokenizer(render_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
-    enc = enc.to(next(model.parameters()).device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
-        else {"do_sample": False}
-    kwargs = {**enc, "max_new_tokens": max_new_tokens, "eos_token_id": end_of_turn_ids(tokenizer),
-              "pad_token_id": tokenizer.pad_token_id, "streamer": streamer, **sampling}
-    worker = Thread(target=_generate, args=(model, kwargs), daemon=True)
-    worker.start()
-    yield from streamer
-    worker.join()
+def chat_engine(model, tokenizer) -> Engine:
+    """One row on the generation engine; its cache holds the model's positions (at most the engine's
+    default), so a conversation grows until it would pass them."""
+    return Engine(model, slots=1, eos_ids=end_of_turn_ids(tokenizer), tokenizer=tokenizer)
 
 
-@torch.no_grad()
-def _generate(model, kwargs: dict) -> None:
-    model.generate(**kwargs)
+def chat_sampling(temperature: float, top_p: float) -> Sampling:
+    """Greedy at temperature 0 (top_p then plays no part), else nucleus sampling; a bad value raises
+    RequestError naming it."""
+    return Sampling(temperature=temperature, top_p=top_p) if temperature != 0 else Sampling(temperature=0.0)
+
+
+def reply_stream(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float,
+                 engine: Engine | None = None):
+    """The reply to `messages`, piece by piece as the model writes it. Each turn re-submits the whole
+    rendered conversation: the template renders earlier replies as text, so their token ids may differ
+    from the ones the model drew. Without `engine`, a one-row engine is made for this reply (the web UI
+    answers concurrent users on separate engines, since one engine is driven by one thread)."""
+    engine = engine or chat_engine(model, tokenizer)
+    sampling = chat_sampling(temperature, top_p)
+    ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    for event in engine.stream(Request(ids, sampling, max_new_tokens)):
+        if event.text:
+            yield event.text
 
 
 def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
               top_p: float = 0.9, read=input, write=sys.stdout.write) -> None:
+    try:
+        chat_sampling(temperature, top_p)
+    except RequestError as error:
+        raise ConfigError(f"chat sampling settings (--temperature/--top-p): {error}") from None
     history: list[dict] = []
+    engine = chat_engine(model, tokenizer)
     write(f"{HELP}\n")
     while True:
         try:
@@ -67,9 +76,13 @@ def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int =
             [{"role": "user", "content": text}]
         write("bot> ")
         pieces = []
-        for piece in reply_stream(model, tokenizer, messages, max_new_tokens, temperature, top_p):
-            pieces.append(piece)
-            write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in reply_stream(model, tokenizer, messages, max_new_tokens, temperature, top_p, engine):
+                pieces.append(piece)
+                write(piece)
+                sys.stdout.flush()
+        except RequestError as error:  # the conversation outgrew the model's positions, say
+            write(f"\n({error}; /reset to start over)\n")
+            continue
         write("\n")
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]

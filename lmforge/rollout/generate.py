@@ -1,13 +1,15 @@
-"""Batched generation with a KV cache: the one engine that evaluation (and later RL, chat and the
-server) samples from. Prompts are rendered with the model's chat template and left-padded."""
+"""Held-out answers (SFT/DPO evaluation) and batch answers from the one generation engine
+(`lmforge.generation`): prompts are rendered with the model's chat template and the model's turn ends at
+its end-of-turn tokens."""
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from lmforge.data.templates import end_of_turn_ids, render_prompt
+from lmforge.generation import Engine, Request, Result, Sampling
 
 
 @dataclass
@@ -18,37 +20,60 @@ class Generation:
     """True when the model ended its turn itself (an end-of-turn/EOS token), not at the length limit."""
 
 
-@torch.no_grad()
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 16,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> list[Generation]:
-    """Answer each conversation (a list of messages ending with a user turn)."""
-    stop_ids = end_of_turn_ids(tokenizer)
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end aligned
-    device = next(model.parameters()).device
-    results: list[Generation] = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            prompts = [render_prompt(tokenizer, c) for c in conversations[start:start + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} \
-                if temperature > 0 else {"do_sample": False}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                 pad_token_id=tokenizer.pad_token_id, **sampling)
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
-                results.append(_trim(row, stop_ids, tokenizer))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+def encode(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation rendered for the model to answer, as token ids."""
+    return [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
+
+
+def answer_engine(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, slots: int) -> Engine:
+    """An engine sized for these prompts (the cache holds the longest prompt and its reply, within the
+    model's positions: a longer one is refused by the request's own one-line error)."""
+    config = model.config
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, k, None), int)), None)
+    needed = max((len(p) for p in prompt_ids), default=1) + max_new_tokens
+    max_len = min(needed, positions) if positions else needed
+    return Engine(model, slots=max(1, min(slots, len(prompt_ids))), max_len=max_len,
+                  eos_ids=end_of_turn_ids(tokenizer))
+
+
+def run_all(engine: Engine, requests: list[Request], advance: Callable[[int], None] | None = None) -> list[Result]:
+    """Every request's result, in order. At most twice the engine's rows are in flight at a time, so rows
+    that free up are refilled at the next step (continuous batching) while a step only checks a bounded
+    list for finished requests."""
+    results: list[Result | None] = [None] * len(requests)
+    queue, flying = deque(enumerate(requests)), []
+    while queue or flying:
+        while queue and len(flying) < 2 * engine.slots:
+            index, request = queue.popleft()
+            flying.append((index, engine.submit(request)))
+        engine.step()
+        finished = [(i, h) for i, h in flying if h.done]
+        if finished:
+            flying = [(i, h) for i, h in flying if not h.done]
+            for index, handle in finished:
+                results[index] = handle.result()
+            if advance is not None:
+                advance(len(finished))
     return results
 
 
-def _trim(row: list[int], stop_ids: list[int], tokenizer) -> Generation:
-    for i, token in enumerate(row):
-        if token in stop_ids:
-            ids = row[:i]
-            return Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, True)
+def to_generation(tokenizer, token_ids: list[int], finish_reason: str | None) -> Generation:
+    """The reply without its stop token, decoded as a whole (as the text was before the engine)."""
+    if finish_reason == "stop":
+        ids = token_ids[:-1]
+        return Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, True)
     # Cut at the length limit, the last token can hold half a multi-byte character: drop the fragment.
-    return Generation(tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd"), row, False)
+    return Generation(tokenizer.decode(token_ids, skip_special_tokens=True).rstrip("\ufffd"), list(token_ids), False)
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 16,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> list[Generation]:
+    """Answer each conversation (a list of messages ending with a user turn); greedy by default."""
+    if not conversations:
+        return []
+    prompt_ids = encode(tokenizer, conversations)
+    engine = answer_engine(model, tokenizer, prompt_ids, max_new_tokens, batch_size)
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
+    results = run_all(engine, [Request(p, sampling, max_new_tokens) for p in prompt_ids])
+    return [to_generation(tokenizer, r.samples[0].token_ids, r.samples[0].finish_reason) for r in results]
