@@ -124,3 +124,12 @@ def test_bad_sampling_settings_are_one_line_errors(base, world_dir, tmp_path):
     model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     with pytest.raises(ConfigError, match="top_p"):
         chat_loop(model, tokenizer, temperature=0.7, top_p=0.0, read=lambda _: "/exit", write=lambda _: None)
+
+
+def test_held_out_prompts_past_the_models_positions_are_answered_not_fatal():
+    from lmforge.rollout.generate import fitted
+
+    cases = fitted([[1] * 10, [2] * 60, [3] * 200], max_new_tokens=32, max_len=64)
+    assert [(len(p), n) for p, n in cases] == [(10, 32), (48, 16), (48, 16)]
+    assert cases[2][0] == [3] * 48  # the end of the prompt is kept: the template opens the model's turn there
+    assert all(len(p) + n <= 64 for p, n in cases)

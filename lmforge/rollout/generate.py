@@ -37,6 +37,19 @@ def answer_engine(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens:
                   eos_ids=end_of_turn_ids(tokenizer))
 
 
+def fitted(prompt_ids: list[list[int]], max_new_tokens: int, max_len: int) -> list[tuple[list[int], int]]:
+    """(prompt, reply limit) within the model's positions. A held-out answer at the end of a stage must not
+    stop the run for one over-long prompt: the reply limit shrinks to the room left, and a prompt with
+    less room than a quarter of the reply limit keeps its end (where the template opens the model's turn)."""
+    floor = max(1, min(max_new_tokens, max_len // 4))
+    fitted = []
+    for prompt in prompt_ids:
+        if len(prompt) > max_len - floor:
+            prompt = prompt[len(prompt) - (max_len - floor):]
+        fitted.append((prompt, min(max_new_tokens, max_len - len(prompt))))
+    return fitted
+
+
 def run_all(engine: Engine, requests: list[Request], advance: Callable[[int], None] | None = None) -> list[Result]:
     """Every request's result, in order. At most twice the engine's rows are in flight at a time, so rows
     that free up are refilled at the next step (continuous batching) while a step only checks a bounded
@@ -75,5 +88,6 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     prompt_ids = encode(tokenizer, conversations)
     engine = answer_engine(model, tokenizer, prompt_ids, max_new_tokens, batch_size)
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
-    results = run_all(engine, [Request(p, sampling, max_new_tokens) for p in prompt_ids])
+    requests = [Request(p, sampling, n) for p, n in fitted(prompt_ids, max_new_tokens, engine.max_len)]
+    results = run_all(engine, requests)
     return [to_generation(tokenizer, r.samples[0].token_ids, r.samples[0].finish_reason) for r in results]
