@@ -173,6 +173,7 @@ def build_app(root: Path, runs_root: Path, allow_code: bool = False) -> gr.Block
         return models[source]
 
     def chat(message, history, model_path, temperature, max_new_tokens):
+        from lmforge.generation.request import RequestError
         from lmforge.inference.chat import reply_stream
 
         try:
@@ -183,9 +184,13 @@ def build_app(root: Path, runs_root: Path, allow_code: bool = False) -> gr.Block
         messages = [{"role": m["role"], "content": m["content"]} for m in history] + \
             [{"role": "user", "content": message}]
         text = ""
-        for piece in reply_stream(model, tokenizer, messages, int(max_new_tokens), float(temperature), 0.9):
-            text += piece
-            yield text
+        try:
+            for piece in reply_stream(model, tokenizer, messages, int(max_new_tokens), float(temperature), 0.9):
+                text += piece
+                yield text
+        except (RequestError, ConfigError) as error:  # the conversation outgrew the model, or a bad setting
+            yield f"{text}\n⚠ {one_line(error)} (clear the chat to start over)"
+            return
         if not text.strip():  # an empty message would look like a hang: say what happened
             yield "(no reply: the model ended its turn at once)"
 
