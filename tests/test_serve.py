@@ -18,8 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmforge.rollout.generate import generate
-from lmforge.rollout.stream import Row, RowDecoder, generate_rows
+from lmforge.data.templates import end_of_turn_ids, render_prompt
 
 KEY = "test-key-123"
 QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
@@ -73,21 +72,34 @@ def local(base):
 def test_chat_plain_and_streamed_equal_in_process_greedy(server, local):
     client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    expected = generate(*local, [QUESTION], max_new_tokens=12)[0]
+    expected, stopped, tokens = _hf_greedy_reply(*local, QUESTION, 12)
     reply = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=12)
-    assert reply.choices[0].message.content == expected.text
-    assert reply.choices[0].finish_reason == ("stop" if expected.stopped else "length")
-    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == ("stop" if stopped else "length")
+    assert reply.usage.completion_tokens == tokens  # a stop token counts: the model generated it
     pieces, reasons = [], []
     for chunk in client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=12,
                                                 stream=True):
         for choice in chunk.choices:
             pieces.append(choice.delta.content or "")
             reasons.append(choice.finish_reason)
-    assert "".join(pieces) == expected.text and len([p for p in pieces if p]) > 1  # it did stream
+    assert "".join(pieces) == expected and len([p for p in pieces if p]) > 1  # it did stream
     assert reasons[-1] == reply.choices[0].finish_reason
     two = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=12, n=2)
-    assert [c.message.content for c in two.choices] == [expected.text] * 2
+    assert [c.message.content for c in two.choices] == [expected] * 2
+
+
+def _hf_greedy_reply(model, tokenizer, messages, max_new_tokens: int) -> tuple[str, bool, int]:
+    """transformers' own greedy reply: its text, whether an end-of-turn token ended it, tokens generated."""
+    prompt = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")
+    stops = end_of_turn_ids(tokenizer)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = out[0, prompt["input_ids"].shape[1]:].tolist()
+    ended = next((i for i, t in enumerate(new) if t in stops), None)
+    text = tokenizer.decode(new if ended is None else new[:ended], skip_special_tokens=True).rstrip("\ufffd")
+    return text, ended is not None, len(new) if ended is None else ended + 1
 
 
 def test_completions_and_stop_strings(server, local):
@@ -144,106 +156,3 @@ def test_full_queue_answers_503_and_everything_else_completes(server):
     assert busy["error"]["type"] == "server_busy" and "retry" in busy["error"]["message"]
     assert all(answer["choices"][0]["message"]["content"] is not None for status, answer in answers if status == 200)
     assert _post(server + "/health", None, method="GET")[0] == 200  # and the server lives on
-
-
-def test_rows_decode_together_with_their_own_limits(local):
-    """generate_rows: per-row token limits and greedy rows equal to one-by-one greedy decoding."""
-    model, tokenizer = local
-    prompts = [tokenizer("The capital of", add_special_tokens=False)["input_ids"],
-               tokenizer("Once upon a time there", add_special_tokens=False)["input_ids"]]
-    pieces: dict[int, list[str]] = {0: [], 1: []}
-    ends: dict[int, tuple] = {}
-    rows = [Row(p, limit, temperature=0.0, on_text=pieces[i].append, on_done=lambda r, n, i=i: ends.setdefault(i, (r, n)))
-            for i, (p, limit) in enumerate(zip(prompts, [3, 9]))]
-    generate_rows(model, tokenizer, rows, stop_ids=[tokenizer.eos_token_id])
-    assert ends[0] == ("length", 3) and ends[1][1] <= 9
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            alone = model.generate(torch.tensor([prompt]), max_new_tokens=rows[i].max_new_tokens, do_sample=False,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        new = alone[0, len(prompt):].tolist()
-        new = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
-        assert "".join(pieces[i]) == tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd")
-
-
-def test_decoder_holds_back_a_possible_stop_string_and_cuts_at_it():
-    class Chars:  # a tokenizer whose tokens are characters
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(i) for i in ids)
-
-    pieces, ends = [], []
-    decoder = RowDecoder(Chars(), Row([], 100, stop_texts=["END"], on_text=pieces.append,
-                                      on_done=lambda r, n: ends.append((r, n))), stop_ids={0})
-    for ch in "abcENxyzEND!":
-        decoder.push(ord(ch))
-    # "E" and "EN" wait until "x" shows they do not start "END"; the reply ends before "END".
-    assert pieces == ["a", "b", "c", "ENx", "y", "z"] and ends == [("stop", 11)]
-
-
-def test_per_row_sampling_keeps_each_rows_own_nucleus_and_greedy():
-    from lmforge.rollout.stream import _PerRowSampling
-
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    rows = [Row([], 1, temperature=1.0, top_p=0.7), Row([], 1, temperature=0.0), Row([], 1, temperature=1.0)]
-    out = _PerRowSampling(rows, "cpu")(None, logits.clone())
-    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]  # 0.5 + 0.3 reaches 0.7
-    assert torch.isfinite(out[1]).tolist() == [True, False, False, False]  # greedy: the arg-max alone
-    assert torch.allclose(out[2], logits[2])  # temperature 1, top_p 1: untouched
-
-
-class _Bytes:
-    """A tokenizer whose tokens are bytes (decoded as UTF-8, a partial character as U+FFFD, as byte-level
-    BPE does), counting the ids it is asked to decode."""
-
-    def __init__(self):
-        self.decoded = 0
-
-    def decode(self, ids, skip_special_tokens=True):
-        self.decoded += len(ids)
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-def _decode_all(text: bytes, stops: list[str], stop_ids=frozenset({0})):
-    tokenizer, pieces, ends = _Bytes(), [], []
-    decoder = RowDecoder(tokenizer, Row([], len(text), stop_texts=stops, on_text=pieces.append,
-                                        on_done=lambda r, n: ends.append((r, n))), stop_ids=set(stop_ids))
-    began = time.perf_counter()
-    for byte in text:
-        decoder.push(byte)
-    return time.perf_counter() - began, tokenizer.decoded, decoder, pieces, ends
-
-
-def test_stop_matching_and_decoding_cost_linear_work_per_token():
-    """The issue's stall: the whole reply was decoded again and every stop string's prefixes compared with
-    its end at every token (quadratic). Now each token decodes a window of a few tokens and each new
-    character moves each stop string's matcher amortised once."""
-    from lmforge.serve.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS
-
-    # Worst case for naive matching: the reply is all "a" and every stop string nearly matches it throughout.
-    stops = ["a" * (MAX_STOP_CHARS - 1) + c for c in "bcdefgh"[:MAX_STOP_STRINGS]]
-    text = b"a" * 4000
-    plain = min(_decode_all(text, [])[0] for _ in range(3))
-    seconds, decoded, decoder, pieces, ends = min(_decode_all(text, stops) for _ in range(3))
-    assert "".join(pieces) == text.decode() and ends == [("length", len(text))]  # no false match
-    assert decoded <= 3 * len(text)  # a window of at most two tokens, decoded twice
-    assert decoder.matcher.steps <= 2 * len(text) * len(stops)  # KMP's amortised bound
-    assert seconds < 10 * plain + 0.05, (seconds, plain)
-    # 200,000-character stop strings (the issue's case) are refused by the API; the decoder alone stays linear.
-    huge = ["a" * 199_999 + c for c in "bcde"]
-    assert _decode_all(b"a" * 2000, huge)[2].matcher.steps <= 2 * 2000 * 4
-
-
-def test_decoder_cuts_at_the_earliest_stop_and_waits_for_whole_characters():
-    from lmforge.rollout.stream import WAIT_TOKENS, StopMatcher
-
-    _, _, _, pieces, ends = _decode_all(b"xabcdy", ["bc", "abcd"])
-    assert "".join(pieces) == "xa" and ends == [("stop", 4)]  # "bc" was complete first: nothing after it
-    assert StopMatcher(["bc", "abcd"]).feed("xabcdy") == 1  # both in one new piece: the earlier start wins
-    _, _, _, pieces, ends = _decode_all("é€x".encode(), [])
-    assert pieces == ["é", "€", "x"]  # never half a character
-    _, _, _, pieces, ends = _decode_all("ab€".encode()[:-1] + b"\x00", [])
-    assert "".join(pieces) == "ab" and ends == [("stop", 5)]  # a cut character at the end is dropped
-    # Bytes that never form a character: the decoder stops waiting (linear work), emitting U+FFFD.
-    _, decoded, _, pieces, ends = _decode_all(b"\xff" * 500 + b"ok", ["o"])
-    assert "".join(pieces) == "\ufffd" * 500 and ends == [("stop", 501)]
-    assert decoded <= 502 * 4 * WAIT_TOKENS  # windows of at most twice WAIT_TOKENS, decoded twice

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lmforge.data.templates import render_prompt
-from lmforge.rollout.stream import Row
+from lmforge.generation import Handle, RequestError, Sampling
+from lmforge.generation import Request as GenerationRequest
 from lmforge.serve import protocol
 from lmforge.serve.batcher import Batcher, QueueFull
 from lmforge.serve.guard import RequestGuard
@@ -30,25 +31,19 @@ class ApiError(Exception):
 
 
 class Collector:
-    """The n rows of one request, and the events they send from the generating thread to the event loop."""
+    """The n samples of one request, and the events the engine's thread sends them on the event loop."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, batcher: Batcher):
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.rows: list[Row] = []
-        self.n = n
+        self.n, self.batcher = n, batcher
+        self.handle: Handle | None = None
 
-    def make_rows(self, prompt_ids: list[int], limit: int, body: protocol._Sampling) -> list[Row]:
-        self.rows = [Row(prompt_ids, limit, body.temperature, body.top_p, body.stop_texts,
-                         on_text=partial(self._send, i, "text"), on_done=partial(self._done, i))
-                     for i in range(self.n)]
-        return self.rows
+    def submit(self, request: GenerationRequest) -> None:
+        self.handle = self.batcher.submit(request, self._send)
 
-    def _send(self, index: int, kind: str, value) -> None:
+    def _send(self, index: int, kind: str, value) -> None:  # on the engine's thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, value))
-
-    def _done(self, index: int, reason: str, tokens: int) -> None:
-        self._send(index, "done", (reason, tokens))
 
     async def events_until_done(self):
         finished: set[int] = set()
@@ -61,14 +56,14 @@ class Collector:
             yield index, kind, value
 
     def cancel(self) -> None:
-        for row in self.rows:
-            row.cancelled = True
+        if self.handle is not None and not self.handle.done:
+            self.batcher.cancel(self.handle)
 
 
 def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | None = None,
                default_max_tokens: int = 256, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    context = batcher.max_len  # the engine's rows hold this many positions (prompt and reply)
     # No token is longer (in characters) than its vocabulary entry, so a prompt this long cannot fit the
     # context: refused before tokenizing, which would block the event loop for a second per megabyte.
     longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
@@ -101,7 +96,7 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "batches": batcher.batches, "rows_decoded": batcher.rows_decoded,
+        return {"status": "ok", "model": name, "steps": batcher.steps, "rows_decoded": batcher.rows_decoded,
                 "rows_cancelled": batcher.rows_cancelled, "tokens_generated": batcher.tokens_generated}
 
     @app.get("/v1/models")
@@ -138,9 +133,13 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", "prompt")
         limit = _token_limit(len(prompt_ids), body.token_limit, context, default_max_tokens)
-        collector = Collector(body.n)
+        collector = Collector(body.n, batcher)
         try:
-            batcher.submit(collector.make_rows(prompt_ids, limit, body))
+            collector.submit(GenerationRequest(prompt_ids, Sampling(temperature=body.temperature, top_p=body.top_p,
+                                                                    seed=body.seed),
+                                               max_new_tokens=limit, stop_strings=body.stop_texts, n=body.n))
+        except RequestError as refused:  # what the engine cannot hold (n over its rows, ...)
+            raise ApiError(400, str(refused), _param(str(refused))) from None
         except QueueFull as full:
             return _error(503, f"server busy ({full}); retry later", kind="server_busy", headers={"Retry-After": "1"})
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -210,6 +209,12 @@ async def _client_gone(request: Request) -> None:
     body has been read whole by then, so receive() has nothing else to give)."""
     while (await request.receive())["type"] != "http.disconnect":
         await asyncio.sleep(0.1)  # not expected after a whole body; never spin if it happens
+
+
+def _param(message: str) -> str | None:
+    """The API field behind an engine's refusal ("request.n: ..." -> "n")."""
+    field = message.split(":", 1)[0].removeprefix("request.")
+    return {"max_new_tokens": "max_tokens", "prompt_ids": "messages"}.get(field, field if field.isidentifier() else None)
 
 
 def _check_model(asked: str, served: str) -> None:

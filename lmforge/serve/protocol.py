@@ -44,6 +44,8 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    """Choice i samples with seed + i: the same seed gives the same reply, whatever else is being served."""
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

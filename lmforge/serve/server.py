@@ -34,8 +34,8 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, name: str 
     name = name or Path(model_path.rstrip("/")).name
     batcher = Batcher(model, tokenizer, end_of_turn_ids(tokenizer), max_batch_size, queue_size).start()
     app = create_app(model, tokenizer, name, batcher, api_key=api_key, default_max_tokens=default_max_tokens)
-    console.print(f"serving {name!r} at http://{host}:{port}/v1 (batches of up to {max_batch_size}, "
-                  f"{queue_size} waiting at most{', API key required' if api_key else ''})")
+    console.print(f"serving {name!r} at http://{host}:{port}/v1 ({max_batch_size} rows decoded together, "
+                  f"{batcher.max_len} positions each, {queue_size} waiting at most{', API key required' if api_key else ''})")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
                     http=protocol_with_deadline(request_timeout), limit_concurrency=max_connections,

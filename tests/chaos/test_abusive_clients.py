@@ -122,7 +122,8 @@ HOSTILE_BODIES = [  # (what, path, raw body, expected status)
     ("traversal strings in content", CHAT, say("../../etc/passwd %2e%2e/%2e%2e /v1/../../x"), 200),
     ("max_tokens the whole context", CHAT, body(max_tokens=1024), 400),
     ("max_tokens most of the context", CHAT, body(max_tokens=1000), 200),
-    ("n 16", CHAT, body(n=16, max_tokens=2), 200),
+    ("n 8: every row of the server's", CHAT, body(n=8, max_tokens=2), 200),
+    ("n 16: more samples than --max-batch-size rows", CHAT, body(n=16, max_tokens=2), 400),
 ]
 
 

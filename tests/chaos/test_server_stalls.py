@@ -1,13 +1,15 @@
 """One request must not stall the others, against a real `lmforge serve` process (a tiny random model on
 loopback): a client that leaves before its non-streaming answer frees its batch row, a too-long stop
 string is refused, and the connection limit answers in the API's JSON error shape. How long stop strings
-cost per token is measured on the decoder itself (tests/test_serve.py), not through the server's timing."""
+cost per token is measured on the matcher itself (tests/test_generation_stops.py), not through the server's
+timing."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -73,6 +75,34 @@ def test_a_client_that_leaves_frees_its_row_and_others_do_not_wait(server, strea
     assert after["rows_cancelled"] == before["rows_cancelled"] + 1, (before, after)
     spent = after["tokens_generated"] - before["tokens_generated"] - 4
     assert spent < LONG // 2, spent  # stopped soon after the client left, not after LONG tokens
+
+
+def test_a_short_request_joins_the_running_batch_and_gets_its_own_greedy_tokens(server):
+    """Continuous batching: a short request sent while a long one decodes is answered at once (it joins the
+    running batch at the next step), not after the long one, with the tokens it gets alone."""
+    short = chat("what now?", max_tokens=6)
+    status, alone = post_json(server.port, CHAT, short, key=KEY)
+    assert status == 200
+    ended: dict[str, float] = {}
+
+    def long_request():
+        post_json(server.port, CHAT, chat(max_tokens=LONG), key=KEY, timeout=120)
+        ended["long"] = time.monotonic()
+
+    runner = threading.Thread(target=long_request)
+    long_began = time.monotonic()
+    runner.start()
+    time.sleep(0.3)  # the long request is decoding by now (it runs for over a second)
+    short_began = time.monotonic()
+    status, joined = post_json(server.port, CHAT, short, key=KEY)
+    ended["short"] = time.monotonic()
+    runner.join(timeout=120)
+    assert status == 200 and "long" in ended
+    assert json.loads(joined)["choices"] == json.loads(alone)["choices"]
+    assert json.loads(joined)["usage"] == json.loads(alone)["usage"]
+    # The short one did not wait for the long one: it ended first, in a small part of the long one's time.
+    assert ended["long"] > ended["short"], ended
+    assert ended["short"] - short_began < (ended["long"] - long_began) / 3, (short_began, long_began, ended)
 
 
 def test_a_too_long_stop_string_is_refused_and_the_longest_accepted(server):
