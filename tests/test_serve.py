@@ -156,3 +156,36 @@ def test_full_queue_answers_503_and_everything_else_completes(server):
     assert busy["error"]["type"] == "server_busy" and "retry" in busy["error"]["message"]
     assert all(answer["choices"][0]["message"]["content"] is not None for status, answer in answers if status == 200)
     assert _post(server + "/health", None, method="GET")[0] == 200  # and the server lives on
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_serves_on(local):
+    """One worker owns the engine: a step that raises resets it and ends every request it held with a one-line
+    error event (no traceback to the client), and the next request is answered normally."""
+    import threading
+
+    from lmforge.generation import Request, Sampling
+    from lmforge.serve.batcher import Batcher
+
+    model, tokenizer = local
+    batcher = Batcher(model, tokenizer, end_of_turn_ids(tokenizer), max_batch_size=2, queue_size=2)
+    real_step, calls = batcher.engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost\nsecond line")
+        return real_step()
+
+    batcher.engine.step = failing_step
+    batcher.start()
+    try:
+        for expected in ("error: RuntimeError: device lost", "length"):
+            ends, finished = [], threading.Event()
+            batcher.submit(Request([5, 6, 7], Sampling(temperature=0.0), max_new_tokens=3, n=2),
+                           lambda i, kind, value, ends=ends, finished=finished:
+                           kind == "done" and (ends.append((i, value)), len(ends) == 2 and finished.set()))
+            assert finished.wait(30)
+            assert sorted(ends) == [(0, (expected, 0 if "error" in expected else 3)),
+                                    (1, (expected, 0 if "error" in expected else 3))]
+    finally:
+        batcher.stop()
