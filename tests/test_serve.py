@@ -144,6 +144,26 @@ def test_api_key_and_bad_requests_get_clear_errors(server):
     assert status == 404 and "tiny" in answer["error"]["message"]
 
 
+UNSUPPORTED = {"logprobs": True, "top_logprobs": 3, "tools": [{"type": "function", "function": {"name": "f"}}],
+               "tool_choice": "required", "response_format": {"type": "json_object"}, "presence_penalty": 0.5,
+               "frequency_penalty": -1.0, "logit_bias": {"5": 10}, "functions": [{"name": "f"}]}
+
+
+def test_fields_the_server_does_not_implement_are_refused_not_ignored(server):
+    """A client that asks for tools or log-probs must be told it gets none, not handed a plain reply."""
+    url = server + "/v1/chat/completions"
+    for field, value in UNSUPPORTED.items():
+        status, answer = _post(url, {"model": "tiny", "messages": QUESTION, "max_tokens": 2, field: value})
+        assert status == 400 and answer["error"]["param"] == field, (field, status, answer)
+        assert "not supported" in answer["error"]["message"], field
+    off = {"logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "presence_penalty": 0,
+           "response_format": {"type": "text"}, "logit_bias": {}}
+    status, answer = _post(url, {"model": "tiny", "messages": QUESTION, "max_tokens": 2, **off})
+    assert status == 200 and answer["choices"][0]["logprobs"] is None
+    status, answer = _post(server + "/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 2})
+    assert status == 400 and answer["error"]["param"] == "logprobs"
+
+
 def test_full_queue_answers_503_and_everything_else_completes(server):
     body = {"model": "tiny", "messages": QUESTION, "temperature": 1.0, "max_tokens": 200}
     with ThreadPoolExecutor(24) as pool:

@@ -31,6 +31,10 @@ class Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+UNSUPPORTED_WHEN_ON = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+                       "response_format", "presence_penalty", "frequency_penalty", "logit_bias")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -49,6 +53,27 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI fields this server does not implement yet: accepted at their "off" values only, so a client
+    # that asks for them is told (400 naming the field) instead of getting a reply that silently lacks them.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+
+    @field_validator(*UNSUPPORTED_WHEN_ON)
+    @classmethod
+    def _not_implemented(cls, value, info):
+        if value in (None, False, 0, [], {}) or (info.field_name in ("tool_choice", "function_call")
+                                                 and value in ("none", "auto")) \
+                or (info.field_name == "response_format" and value == {"type": "text"}):
+            return value
+        raise ValueError(f"{info.field_name} is not supported by this server yet; leave it out")
 
     @model_validator(mode="before")
     @classmethod
