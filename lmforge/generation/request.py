@@ -91,6 +91,9 @@ class Request:
     frees them with `Engine.release`."""
 
     def __post_init__(self) -> None:
+        if hasattr(self.prompt_ids, "keys") and "input_ids" in self.prompt_ids.keys():
+            # transformers 5's apply_chat_template returns a BatchEncoding by default
+            raise RequestError("request.prompt_ids: got a tokenizer's output (a mapping); pass its ['input_ids']")
         if isinstance(self.prompt_ids, (str, bytes)) or not hasattr(self.prompt_ids, "__len__"):
             raise RequestError(f"request.prompt_ids: must be a list of token ids, got {type(self.prompt_ids).__name__}")
         if len(self.prompt_ids) == 0:

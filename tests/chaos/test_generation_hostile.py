@@ -34,6 +34,7 @@ BAD_SAMPLING = [
     ({"presence_penalty": 3.0}, "presence_penalty"), ({"presence_penalty": math.nan}, "presence_penalty"),
 ]
 BAD_REQUESTS = [
+    ({"prompt_ids": {"input_ids": [1, 2], "attention_mask": [1, 1]}}, "prompt_ids"),
     ({"prompt_ids": []}, "prompt_ids"), ({"prompt_ids": "hello"}, "prompt_ids"), ({"prompt_ids": 5}, "prompt_ids"),
     ({"prompt_ids": [1, -2]}, r"prompt_ids\[1\]"), ({"prompt_ids": [1, 2.0]}, r"prompt_ids\[1\]"),
     ({"prompt_ids": [True]}, r"prompt_ids\[0\]"), ({"max_new_tokens": 0}, "max_new_tokens"),
@@ -42,6 +43,11 @@ BAD_REQUESTS = [
     ({"stop_strings": [""]}, "stop_strings"), ({"stop_strings": [3]}, "stop_strings"),
     ({"stop_token_ids": [-1]}, r"stop_token_ids\[0\]"), ({"sampling": {"temperature": 0}}, "sampling"),
 ]
+
+
+def test_a_tokenizers_mapping_as_prompt_says_to_pass_its_input_ids():
+    with pytest.raises(RequestError, match=r"pass its \['input_ids'\]$"):
+        Request({"input_ids": [1, 2], "attention_mask": [1, 1]})
 
 
 @pytest.mark.parametrize(("values", "field"), BAD_SAMPLING, ids=[str(v) for v, _ in BAD_SAMPLING])
