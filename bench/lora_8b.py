@@ -26,7 +26,6 @@ Each measurement runs in its own process; rows are written to `--out` as they fi
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -40,82 +39,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import machine_and_versions, run_fresh  # noqa: E402
-
-SHAPES = {
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024),
-}
-PAD, R, ALPHA = 3, 16, 32
-LENGTHS = (4096, 8192, 16384, 32768, 65536)
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def make_checkpoint(folder: Path, shape: str) -> None:
-    """A random-init Llama of `shape` in bf16 (seed 0) and a word-level tokenizer ('tK' is id K), saved."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    dims = SHAPES[shape]
-    config = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=PAD, tie_word_embeddings=False, **dims)
-    torch.manual_seed(0)
-    with torch.device(device()):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {**{s: i for i, s in enumerate(specials)}, **{f"t{i}": i for i in range(4, dims["vocab_size"])}}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>")
-    # A template of its own, as a released chat model's tokenizer has: lmforge would otherwise add ChatML's
-    # tokens, grow the vocabulary and train the embeddings and head beside the adapter.
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
-    tokenizer.save_pretrained(folder)
-
-
-def documents(tokens: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """Random documents of 200-2000 tokens (ids in [4, vocab)), at least `tokens` in all."""
-    g = torch.Generator().manual_seed(seed)
-    docs, total = [], 0
-    while total < tokens:
-        n = int(torch.randint(200, 2001, (1,), generator=g))
-        docs.append(torch.randint(4, vocab, (n,), generator=g).tolist())
-        total += n
-    return docs
-
-
-def long_document(length: int, vocab: int) -> list[int]:
-    return torch.randint(4, vocab, (length,), generator=torch.Generator().manual_seed(1)).tolist()
-
-
-def peak() -> dict:
-    if device() != "cuda":
-        return {}
-    return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
-
-
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def oom_message(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{type(exc).__name__}: {text[:300]}"
-
-
-def free() -> None:
-    gc.collect()
-    if device() == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
+from lora_8b_workload import (  # noqa: E402
+    ALPHA,
+    LENGTHS,
+    PAD,
+    SHAPES,
+    R,
+    device,
+    documents,
+    free,
+    long_document,
+    longest_row,
+    make_checkpoint,
+    peak,
+    sweep_lengths,
+    trainable,
+)
 
 # ---------------------------------------------------------------- lmforge
 
@@ -197,30 +136,13 @@ def run_lmforge_longest(args) -> dict:
 
     cfg = lmforge_config(args, LENGTHS[0], 2, ckpt=True)
     model, _, _, _ = load_for_training(cfg)
-    vocab = model.config.vocab_size
-    tried = []
-    for length in args.lengths:
-        doc = long_document(length, vocab)
+    def one_step(length: int) -> float:
+        doc = long_document(length, model.config.vocab_size)
         rows = pack_samples([{"input_ids": doc, "labels": doc}] * 2, length)
-        free()
-        try:
-            trainer = lmforge_trainer(model, rows, lmforge_config(args, length, 2, ckpt=True))
-            state = timed_steps(trainer, 1)
-            tried.append({"seq": length, "ok": True, "step_s": round(state["seconds"], 2), **peak()})
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-            tried.append({"seq": length, "ok": False, "error": oom_message(exc), **peak()})
-        trainer = None
-        print(json.dumps(tried[-1]), flush=True)
-        if not tried[-1]["ok"]:
-            break
-    return longest_row("lmforge", args, tried, model)
+        trainer = lmforge_trainer(model, rows, lmforge_config(args, length, 2, ckpt=True))
+        return timed_steps(trainer, 1)["seconds"]
 
-
-def longest_row(who: str, args, tried: list[dict], model) -> dict:
-    ok = [t["seq"] for t in tried if t["ok"]]
-    return {"who": who, "method": args.method, "row": "longest", "batch": 1, "activation_checkpointing": True,
-            "longest_seq": max(ok) if ok else 0, "tried": tried, "trainable": trainable(model),
-            "not_tried_beyond": None if not tried or not tried[-1]["ok"] else tried[-1]["seq"]}
+    return longest_row("lmforge", args, sweep_lengths(args.lengths, one_step), model)
 
 
 # ---------------------------------------------------------------- TRL
@@ -319,24 +241,17 @@ def run_trl_longest(args) -> dict:
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, peer_lora())  # wrapped once, trained at each length
     tokenizer = AutoTokenizer.from_pretrained(args.ckpt_dir)
-    tried = []
-    for length in args.lengths:
+
+    def one_step(length: int) -> float:
         doc = long_document(length, model.config.vocab_size)
-        free()
-        try:
-            trainer = SFTTrainer(model=model, args=peer_config(args, length, 2, ckpt=True, packed=False),
-                                 train_dataset=Dataset.from_dict({"input_ids": [doc, doc]}), processing_class=tokenizer)
-            timer = peer_timer(1)
-            trainer.add_callback(timer)
-            trainer.train()
-            tried.append({"seq": length, "ok": True, "step_s": round(timer.times[1] - timer.times[0], 2), **peak()})
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-            tried.append({"seq": length, "ok": False, "error": oom_message(exc), **peak()})
-        trainer = None
-        print(json.dumps(tried[-1]), flush=True)
-        if not tried[-1]["ok"]:
-            break
-    return longest_row("trl", args, tried, model)
+        trainer = SFTTrainer(model=model, args=peer_config(args, length, 2, ckpt=True, packed=False),
+                             train_dataset=Dataset.from_dict({"input_ids": [doc, doc]}), processing_class=tokenizer)
+        timer = peer_timer(1)
+        trainer.add_callback(timer)
+        trainer.train()
+        return timer.times[1] - timer.times[0]
+
+    return longest_row("trl", args, sweep_lengths(args.lengths, one_step), model)
 
 
 # ---------------------------------------------------------------- driver

@@ -40,6 +40,7 @@ from lmforge.loop.checkpoint import (
 from lmforge.loop.metrics_log import LINES_KEY, MetricsLog
 from lmforge.loop.preemption import Preempted, PreemptionGuard
 from lmforge.loop.progress import ProgressDisplay
+from lmforge.loop.schedule import lr_factor
 from lmforge.models.optimizers import build_optimizer
 
 __all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "row_lengths", "shard_size"]
@@ -67,16 +68,6 @@ def compile_blocks(model) -> int:
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str, floor: float) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-    return floor + (1.0 - floor) * decay
 
 
 def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str) -> Accelerator:

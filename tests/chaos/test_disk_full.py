@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_faults import rows, tiny_model
 
 from lmforge.cli import main as cli_main
 from lmforge.config.schema import LogConfig, TrainConfig
@@ -89,21 +89,6 @@ def small_disk(tmp_path):
         yield SmallDisk(path)
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64))
-
-
-def rows(n: int = 48) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 50, (int(torch.randint(6, 16, (1,), generator=g)),), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def trainer(out: Path, loss_fn=plain_lm_loss, **train) -> Trainer:
