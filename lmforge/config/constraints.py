@@ -151,6 +151,13 @@ def shown(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
+def check_choice(group: str, name: str, value: Any, choices: tuple) -> None:
+    """Refuse `value` for `group.name` unless it is one of `choices`."""
+    if value not in choices:
+        key = f"{group}.{name}" if group else name
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
 def check_field(cls_name: str, name: str, value: Any, key: str) -> None:
     """Every constraint the tables hold for field `name` of class `cls_name`; `key` names it in errors."""
     bound = RANGES.get(cls_name, {}).get(name)
