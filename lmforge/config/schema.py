@@ -7,9 +7,8 @@ reads like the stage it configures.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from lmforge.config.constraints import check_group
+from lmforge.config.constraints import check_choice, check_group
 
 # ConfigError and the fine-tuning method groups live in their own modules, re-exported here.
 from lmforge.config.errors import ConfigError  # noqa: F401
@@ -21,23 +20,17 @@ from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.
     LoraConfig,
     ModConfig,
 )
+from lmforge.config.schema_rl import REWARD_KINDS, RewardSpec, RLConfig  # noqa: F401  (re-exported)
 from lmforge.data.templates import template_names
 
 STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
 RL_STAGES = ("ppo", "grpo", "rloo")
-REWARD_KINDS = ("model", "exact_match", "answer_match", "regex", "length", "function")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 DTYPES = ("fp32", "bf16", "fp16", "auto")
 SCHEDULERS = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "alpaca", "sharegpt", "openai")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio", "all")
 """accelerate's trackers (an unknown name failed with a traceback when the run started)."""
-
-
-def _check_choice(group: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        key = f"{group}.{name}" if group else name
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
 @dataclass
@@ -72,10 +65,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_group(self, "model")
-        _check_choice("model", "dtype", self.dtype, DTYPES)
-        _check_choice("model", "finetuning", self.finetuning, FINETUNING)
-        _check_choice("model", "template", self.template, template_names())
-        _check_choice("model", "parent_adapter", self.parent_adapter, ("merge", "continue"))
+        check_choice("model", "dtype", self.dtype, DTYPES)
+        check_choice("model", "finetuning", self.finetuning, FINETUNING)
+        check_choice("model", "template", self.template, template_names())
+        check_choice("model", "parent_adapter", self.parent_adapter, ("merge", "continue"))
         if self.parent_adapter == "continue" and self.finetuning not in ("lora", "dora"):
             raise ConfigError("model.parent_adapter=continue trains the parent's adapter further: "
                               "set model.finetuning=lora (or dora)")
@@ -101,7 +94,7 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         check_group(self, "dataset")
-        _check_choice("dataset", "formatting", self.formatting, FORMATS)
+        check_choice("dataset", "formatting", self.formatting, FORMATS)
         if (self.path is None) == (self.name is None):
             raise ConfigError("a dataset needs exactly one of `path` or `name`")
 
@@ -133,8 +126,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_group(self, "data")
-        _check_choice("data", "text_split", self.text_split, ("line", "blank", "file"))
-        _check_choice("data", "on_error", self.on_error, ("raise", "skip"))
+        check_choice("data", "text_split", self.text_split, ("line", "blank", "file"))
+        check_choice("data", "on_error", self.on_error, ("raise", "skip"))
 
 
 @dataclass
@@ -180,8 +173,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_group(self, "train")
-        _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
-        _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
+        check_choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
 
 
 @dataclass
@@ -193,7 +186,7 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         for tracker in filter(None, self.report_to):  # an empty name is dropped, as `report_to: ""` means none
-            _check_choice("log", "report_to", tracker, TRACKERS)
+            check_choice("log", "report_to", tracker, TRACKERS)
 
 
 @dataclass
@@ -257,110 +250,13 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         check_group(self, "dpo")
-        _check_choice("dpo", "loss", self.loss, DPO_LOSSES)
-        _check_choice("dpo", "reference", self.reference, ("auto", "copy", "adapter"))
+        check_choice("dpo", "loss", self.loss, DPO_LOSSES)
+        check_choice("dpo", "reference", self.reference, ("auto", "copy", "adapter"))
         if self.sft_weight and self.loss not in ("sigmoid", "ipo", "hinge", "robust", "simpo"):
             raise ConfigError(f"dpo.sft_weight applies to sigmoid, ipo, hinge, robust and simpo, not {self.loss} "
                               "(orpo has its own SFT term)")
         if self.label_smoothing and self.loss not in ("sigmoid", "robust", "simpo"):
             raise ConfigError(f"dpo.label_smoothing applies to sigmoid, robust and simpo, not {self.loss}")
-
-
-@dataclass
-class RewardSpec:
-    kind: str = "model"
-    """model (a reward-model artifact), exact_match (the reply equals the reference), answer_match (the
-    reply states the reference answer), regex (the reply matches `pattern`), length (a penalty past
-    `target_length` tokens), function (`module:function` or `file.py:function`)."""
-    weight: float = 1.0
-    path: str = ""
-    """kind=model: the reward-model folder (an RM artifact)."""
-    pattern: str = ""
-    """kind=regex: a Python regular expression searched in the reply."""
-    function: str = ""
-    """kind=function: `package.module:function` or `path/to/file.py:function`, called as
-    function(prompts, responses, **columns) -> list[float]."""
-    target_length: int = 0
-    """kind=length: replies longer than this many tokens lose (length - target) / target."""
-
-    def __post_init__(self) -> None:
-        check_group(self, "rl.rewards")
-        _check_choice("rl.rewards", "kind", self.kind, REWARD_KINDS)
-        needs = {"model": "path", "regex": "pattern", "function": "function", "length": "target_length"}
-        if self.kind in needs and not getattr(self, needs[self.kind]):
-            raise ConfigError(f"a reward of kind {self.kind} needs {needs[self.kind]}")
-
-
-@dataclass
-class RLConfig:
-    """Online RL (ppo, grpo, rloo): sample, score, and optimise against the reward with a KL leash."""
-
-    reward_model: str = ""
-    """Shorthand for one `model` reward of weight 1 (a pipeline stage writes `reward_model: rm`)."""
-    rewards: list[RewardSpec] = field(default_factory=list)
-    """Rewards summed with their weights."""
-    prompts_per_step: int = 16
-    """Prompts sampled per rollout (one RL iteration); train.max_steps counts iterations."""
-    num_generations: int = 1
-    """Samples per prompt; GRPO and RLOO compare a prompt's samples, so they need at least 2."""
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    ppo_epochs: int = 2
-    """Passes over each rollout batch."""
-    minibatch_size: int = 0
-    """Samples per optimizer step (0: the whole rollout); micro-batches of train.batch_size accumulate."""
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    value_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    kl_coef: float = 0.05
-    """KL penalty coefficient (PPO, RLOO: in the reward; GRPO: β of the k3 loss term; 0 disables)."""
-    kl_estimator: str = "k1"
-    """Per-token KL estimate for PPO/RLOO: k1 (log-ratio) or k3 (always ≥ 0). GRPO uses k3."""
-    kl_target: float = 0.0
-    """> 0: adapt kl_coef so the per-sequence KL stays near this value (Ziegler et al. 2019)."""
-    kl_horizon: int = 10000
-    reward_norm: str = "none"
-    """none, batch (whiten each rollout's rewards), running (divide by a running std)."""
-    reward_clip: float = 0.0
-    """> 0: clip rewards to [-reward_clip, reward_clip] after normalisation."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the reward of a reply cut at max_new_tokens instead of ending its turn."""
-    target_approx_kl: float = 0.0
-    """> 0: stop a rollout's remaining epochs once the approximate policy KL passes this."""
-    critic: str = "separate"
-    """PPO value model: separate (a copy of the reward model, or critic_path) or shared (a value head
-    on the policy's own hidden states)."""
-    critic_path: str = ""
-    reference: str = "auto"
-    """auto (the adapter-disabled policy under LoRA, else a frozen copy), copy, adapter, or none (no
-    reference and no KL: saves a model copy, needs kl_coef 0 and no kl_target)."""
-    eval_prompts: int = 64
-    """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
-    backend: str = "auto"
-    """Generation backend for rollouts: hf (transformers generate with a KV cache), lmforge (its own
-    decode loop for Llama-style models: pre-allocated KV cache, on a GPU a CUDA-graph-captured decode
-    step), auto (lmforge on a GPU where it applies, else hf)."""
-    static_cache: bool = False
-    """Pre-allocated KV cache for rollouts; on a GPU the decoding step is then compiled."""
-
-    def __post_init__(self) -> None:
-        check_group(self, "rl")
-        _check_choice("rl", "kl_estimator", self.kl_estimator, ("k1", "k3"))
-        _check_choice("rl", "reward_norm", self.reward_norm, ("none", "batch", "running"))
-        _check_choice("rl", "critic", self.critic, ("separate", "shared"))
-        _check_choice("rl", "reference", self.reference, ("auto", "copy", "adapter", "none"))
-        if self.reference == "none" and (self.kl_coef or self.kl_target):
-            raise ConfigError("rl.reference=none leaves no KL to penalise: set rl.kl_coef=0 and rl.kl_target=0")
-        _check_choice("rl", "backend", self.backend, ("auto", "hf", "lmforge"))
-
-    def reward_specs(self) -> list[RewardSpec]:
-        extra = [RewardSpec(kind="model", path=self.reward_model)] if self.reward_model else []
-        return extra + list(self.rewards)
 
 
 @dataclass
@@ -381,7 +277,7 @@ class StageConfig:
     rl: RLConfig = field(default_factory=RLConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("", "stage", self.stage, STAGES)
+        check_choice("", "stage", self.stage, STAGES)
         if self.stage in RL_STAGES:
             if not self.rl.reward_specs():
                 raise ConfigError(f"{self.stage} needs a reward: set rl.reward_model or rl.rewards")
