@@ -87,11 +87,10 @@ class RLConfig:
     eval_prompts: int = 64
     """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
     backend: str = "auto"
-    """Generation backend for rollouts: hf (transformers generate with a KV cache), lmforge (its own
-    decode loop for Llama-style models: pre-allocated KV cache, on a GPU a CUDA-graph-captured decode
-    step), auto (lmforge on a GPU where it applies, else hf)."""
-    static_cache: bool = False
-    """Pre-allocated KV cache for rollouts; on a GPU the decoding step is then compiled."""
+    """Generation engine backend for rollouts and held-out answers: own (lmforge's decoder for Llama,
+    Qwen2/3 and Mistral: pre-allocated KV cache, on a GPU a CUDA-graph-captured decoding step), hf (the
+    engine's transformers fallback, any causal LM), auto (own where it runs the model exactly, else hf).
+    lmforge is the old name of own."""
 
     def __post_init__(self) -> None:
         check_group(self, "rl")
@@ -101,7 +100,7 @@ class RLConfig:
         check_choice("rl", "reference", self.reference, ("auto", "copy", "adapter", "none"))
         if self.reference == "none" and (self.kl_coef or self.kl_target):
             raise ConfigError("rl.reference=none leaves no KL to penalise: set rl.kl_coef=0 and rl.kl_target=0")
-        check_choice("rl", "backend", self.backend, ("auto", "hf", "lmforge"))
+        check_choice("rl", "backend", self.backend, ("auto", "own", "hf", "lmforge"))
 
     def reward_specs(self) -> list[RewardSpec]:
         extra = [RewardSpec(kind="model", path=self.reward_model)] if self.reward_model else []
