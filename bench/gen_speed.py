@@ -1,8 +1,17 @@
-"""Rollout generation speed on one GPU: the rollout backends (transformers generate with a dynamic or a
-static, compiled cache; lmforge's own decoder, eager or compiled step, CUDA graph), model A (349M), 128 prompts of 128 random tokens, 256 sampled tokens each (the peer's
-gen_speed.py workload). Generation is 90% of a GRPO step, so this is the number RL speed rests on.
+"""Decoding speed of the generation engine beside transformers' `generate` (static cache, its compiled
+decoding step) and beside the memory-bandwidth bound, on one GPU (issue 20's table).
 
-    python bench/gen_speed.py --out bench/results/gen_speed_h100.json
+Workload (the peer's gen_speed.py shape): prompts of 128 random tokens, 256 sampled tokens each, no stop
+token, random-init models. For each model and batch size: ms per decoding step and decoded tokens/s of
+  - `engine`: lmforge.generation.Engine, own decoder, CUDA graphs (what RL, eval, chat and serve run on);
+  - `engine-compile`: the same with the decoding step through torch.compile before it is captured;
+  - `hf-static`: model.generate with cache_implementation="static" (transformers compiles its step);
+and `bound`: bytes read per step (bf16 weights + the live KV cache at the step's mean length) over the
+copy bandwidth measured on this GPU in the same run. Prefill is excluded from every figure: each side is
+timed over its decoding steps only (the engine by driving its steps; generate as the difference between
+256 and 1 new tokens).
+
+    python bench/gen_speed.py --models A,8b --batches 1,16,64,128 --out bench/results/gen_speed_h100.json
 """
 
 from __future__ import annotations
@@ -19,49 +28,138 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 from common import write_result  # noqa: E402
-from sft_speed import PAD, build_model  # noqa: E402
+from sft_speed import MODELS  # noqa: E402
+
+SHAPES = {**MODELS, "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8, intermediate_size=14336)}
+VOCAB = {"8b": 128256}
+
+
+def build(name: str, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=VOCAB.get(name, 32000), max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False,
+                         **SHAPES[name])
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    if device != "cuda":
+        return float("nan")
+    source = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    sync()
+    started = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    sync()
+    seconds = (time.perf_counter() - started) / 10
+    del source, target
+    return 2 * 2 * 1024**3 / seconds
+
+
+def bytes_per_step(model, batch: int, prompt: int, new: int) -> float:
+    """bf16 weights + the live KV cache (keys and values of every layer at the mean decoded length)."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+    return weights + batch * (prompt + new / 2) * per_token
+
+
+def time_engine(model, prompts: list[list[int]], new: int, compile_step: bool) -> float:
+    """Seconds per decoding step, all rows decoding (prefill not counted)."""
+    from lmforge.generation import Engine, Request, Sampling
+
+    engine = Engine(model, slots=len(prompts), max_len=len(prompts[0]) + new + 1, eos_ids=[],
+                    prefill_chunk=16384)
+    if compile_step:  # compiled kernels for the step, then captured like the eager one
+        engine.backend.forward = torch.compile(engine.backend.forward, dynamic=False)
+
+    def run() -> float:
+        handles = [engine.submit(Request(prompt_ids=p, max_new_tokens=new, sampling=Sampling(temperature=1.0,
+                                                                                               seed=i)))
+                   for i, p in enumerate(prompts)]
+        while engine.decoding < len(prompts):  # admission and prefill
+            engine.step()
+        sync()
+        started, steps = time.perf_counter(), 0
+        while not all(h.done for h in handles):
+            engine.step()
+            steps += 1
+        sync()
+        assert all(len(h.result().samples[0].token_ids) == new for h in handles)
+        return (time.perf_counter() - started) / steps
+
+    run()  # warm-up: graph capture (and compilation)
+    return run()
+
+
+def time_hf_static(model, prompts: list[list[int]], new: int) -> float:
+    ids = torch.tensor(prompts, device=model.device)
+
+    def generate(count: int) -> float:
+        sync()
+        started = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
+                       min_new_tokens=count, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                       cache_implementation="static", pad_token_id=0)
+        sync()
+        return time.perf_counter() - started
+
+    generate(new)  # warm-up: compilation
+    return (generate(new) - generate(1)) / (new - 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="A")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--models", default="A,8b")
+    parser.add_argument("--batches", default="1,16,64,128")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--backends", default="hf,hf-static,lmforge,lmforge-compile")
+    parser.add_argument("--sides", default="engine,engine-compile,hf-static")
     parser.add_argument("--out")
     args = parser.parse_args()
-
-    from lmforge.rollout.decode import LMForgeBackend
-    from lmforge.rollout.sample import HFBackend, SamplingParams
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(4, 32000, (args.batch, args.prompt), generator=g).tolist()
-    params = SamplingParams(max_new_tokens=args.new, temperature=1.0)
-    backends = {"hf": lambda: HFBackend(batch_size=args.batch),  # transformers generate, dynamic cache
-                "hf-static": lambda: HFBackend(batch_size=args.batch, static_cache=True),  # its compiled decoding
-                "lmforge": lambda: LMForgeBackend(batch_size=args.batch),  # our decoder, CUDA graph
-                "lmforge-compile": lambda: LMForgeBackend(batch_size=args.batch, compile=True)}
+    bandwidth = copy_bandwidth(device)
+    print(json.dumps({"copy_bandwidth_tb_s": round(bandwidth / 1e12, 3)}), flush=True)
     rows = []
-    for name in args.backends.split(","):
-        backend = backends[name]()
-        started = time.perf_counter()
-        backend.generate(model, prompts, params, stop_ids=[0], pad_id=PAD)  # warm-up (and compilation)
-        first = time.perf_counter() - started
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        out = backend.generate(model, prompts, params, stop_ids=[0], pad_id=PAD)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        tokens = sum(len(r) for r in out)
-        rows.append({"backend": name, "tokens_per_s": round(tokens / seconds),
-                     "ms_per_step": round(seconds / args.new * 1000, 2), "first_call_s": round(first, 1)})
-        print(json.dumps(rows[-1]), flush=True)
-    write_result(args.out, vars(args), rows)
+    for name in args.models.split(","):
+        model = build(name, device)
+        vocab = model.config.vocab_size
+        for batch in [int(b) for b in args.batches.split(",")]:
+            g = torch.Generator().manual_seed(batch)
+            prompts = torch.randint(4, vocab, (batch, args.prompt), generator=g).tolist()
+            bound_s = bytes_per_step(model, batch, args.prompt, args.new) / bandwidth
+            for side in args.sides.split(","):
+                try:
+                    seconds = (time_hf_static(model, prompts, args.new) if side == "hf-static"
+                               else time_engine(model, prompts, args.new, side == "engine-compile"))
+                except Exception as error:  # one side failing must not lose the others' figures
+                    rows.append({"model": name, "batch": batch, "side": side, "error": str(error)[-500:]})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
+                torch._dynamo.reset()
+                rows.append({"model": name, "batch": batch, "side": side, "ms_per_step": round(seconds * 1e3, 3),
+                             "tokens_per_s": round(batch / seconds), "bound_ms": round(bound_s * 1e3, 3),
+                             "share_of_bound": round(bound_s / seconds, 3)})
+                print(json.dumps(rows[-1]), flush=True)
+        del model
+        torch.cuda.empty_cache() if device == "cuda" else None
+    write_result(args.out, {**vars(args), "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3)}, rows)
 
 
 if __name__ == "__main__":
