@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from lmforge.config.schema import ConfigError, RewardSpec
+from lmforge.data import grading
 from lmforge.rollout.score import score_responses
 
 # Columns the rollout itself provides or that name the call's arguments: an `extra` field of the same
@@ -94,81 +95,33 @@ class ModelReward:
 # --------------------------------------------------------------------------- exact and answer match
 
 
-def _squash(text: str) -> str:
-    return " ".join(text.split())
-
-
 def exact_match(prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+    """1 where the reply is the reference reply (`lmforge.data.grading.exact_match`)."""
     references = _column(rows, "reference", "exact_match")
     out = []
     for i, (response, reference) in enumerate(zip(responses, references)):
-        if not reference or not reference.strip():
+        if not grading.normalise(reference):
             raise ValueError(f"exact_match reward: sample {i} has no reference answer (the prompt data had no "
                              "reference reply or column)")
-        out.append(float(_squash(response) == _squash(reference)))
+        out.append(float(grading.exact_match(response, reference)))
     return out
 
 
-_NUM = r"-?\d+(?:,\d{3})*(?:\.\d+)?"
-# Latin letters and digits are word boundaries; CJK characters are not ("他今年34岁" states 34).
-_NUMBER = re.compile(rf"(?<![0-9A-Za-z_.]){_NUM}(?![0-9A-Za-z_])")
-_OPERATOR = r"\s*(?:\+|-|−|×|\*|/|÷|x|plus|minus|times|multiplied by|divided by|加上|加|减去|减|乘以|乘|除以)\s*"
-_EXPRESSION = re.compile(rf"(?<![0-9A-Za-z_.])({_NUM}){_OPERATOR}({_NUM})(?![0-9A-Za-z_])", re.IGNORECASE)
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
-
-
-def _number(text: str) -> float:
-    return float(text.replace(",", ""))
-
-
-def _states_number(response: str, expected: float, question: str) -> bool:
-    """Every number in the reply equals the answer, once operand pairs restated from the question
-    ("7 plus 8 equals 15") are removed, so "16 or 15" is wrong and "15" alone is right."""
-    operands = {_number(n) for n in _NUMBER.findall(question)}
-
-    def drop_restated(match: re.Match) -> str:
-        restated = _number(match.group(1)) in operands and _number(match.group(2)) in operands
-        return " " if restated else match.group(0)
-
-    numbers = [_number(n) for n in _NUMBER.findall(_EXPRESSION.sub(drop_restated, response))]
-    return bool(numbers) and all(math.isclose(n, expected, rel_tol=1e-9, abs_tol=1e-9) for n in numbers)
-
-
-def _normalise(text: str) -> str:
-    # Lower-case, punctuation (ASCII or full-width) to spaces, padded so " plums " matches whole words only.
-    return " " + " ".join(re.sub(r"[^\w]+", " ", text.lower()).split()) + " "
-
-
-def _mentions(normalised: str, term: str) -> bool:
-    if _CJK.search(term):  # no word boundaries in Chinese or Japanese: match characters, ignoring spaces
-        return _normalise(term).replace(" ", "") in normalised.replace(" ", "")
-    return _normalise(term) in normalised
-
-
-def answer_is_stated(response: str, expected: str, question: str = "", distractors=None) -> bool:
-    """True when the reply states `expected` (numerically for numbers, as a whole word or CJK substring
-    for text) and none of the `distractors` (the attribute's other values)."""
-    normalised = _normalise(response)
-    if re.fullmatch(_NUM, expected.strip()):
-        stated = _states_number(response, _number(expected.strip()), question)
-    else:
-        stated = _mentions(normalised, expected)
-    return stated and not any(_mentions(normalised, str(d)) for d in distractors or ())
-
-
 def answer_match(prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+    """1 where the reply states the record's answer, else its reference's final answer, and none of its
+    `distractors` (`lmforge.data.grading.answer_match`)."""
     answers = rows.get("answer") or [""] * len(responses)
     references = rows.get("reference") or [""] * len(responses)
     distractors = rows.get("distractors") or [None] * len(responses)
     out = []
     for i, response in enumerate(responses):
         expected = answers[i] or references[i]
-        if not expected or not expected.strip():
+        if not grading.final_answer(expected).strip():
             raise ValueError(f"answer_match reward: sample {i} has neither an answer nor a reference (the prompt "
                              "data had no answer column or reference reply)")
         question = next((m["content"] for m in reversed(prompts[i]) if m["role"] == "user"), "")
         wrong = distractors[i] if isinstance(distractors[i], list) else None
-        out.append(float(answer_is_stated(response, expected, question, wrong)))
+        out.append(float(grading.answer_match(response, expected, question, wrong)))
     return out
 
 
