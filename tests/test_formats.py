@@ -396,3 +396,65 @@ def test_unequal_weights_interleave_by_probability(tmp_path):
     assert again["source"] == mixed["source"]
     other, _ = load(specs, tmp_path, seed=7)
     assert other["source"] != mixed["source"]
+
+
+# --------------------------------------------------------------------------- hints for unknown shapes
+
+RP_SEED = "你是孙悟空，说话豪爽。"
+# (row, the setting the hint must name, the row format that setting is, the messages it must then read)
+READABLE_SHAPES = [
+    ({"query": "头痛怎么办？", "response": "多休息。"}, "formatting: alpaca, columns: {prompt: query, response: response}",
+     RowFormat("alpaca", {"prompt": "query", "response": "response"}), [user("头痛怎么办？"), assistant("多休息。")]),
+    ({"kind": "Summary", "input": "长文", "target": "摘要"}, "formatting: alpaca, columns: {prompt: input, response: target}",
+     RowFormat("alpaca", {"prompt": "input", "response": "target"}), [user("长文"), assistant("摘要")]),
+    ({"content": "一篇新闻", "summary": "新闻摘要"}, "columns: {prompt: content, response: summary}",
+     RowFormat("alpaca", {"prompt": "content", "response": "summary"}), [user("一篇新闻"), assistant("新闻摘要")]),
+    ({"title": "标题", "content": "正文"}, "columns: {prompt: title, response: content}",
+     RowFormat("alpaca", {"prompt": "title", "response": "content"}), [user("标题"), assistant("正文")]),
+    ({"questions": "发烧怎么办", "answers": "多喝水"}, "columns: {prompt: questions, response: answers}",
+     RowFormat("alpaca", {"prompt": "questions", "response": "answers"}), [user("发烧怎么办"), assistant("多喝水")]),
+    ({"prompt": "Hi", "completion": "Hello"}, "columns: {prompt: prompt, response: completion}",
+     RowFormat("alpaca", {"prompt": "prompt", "response": "completion"}), [user("Hi"), assistant("Hello")]),
+    ({"character": "孙悟空", "seed": RP_SEED,
+      "dialogue": [{"speaker": "游客", "text": "你是谁？"}, {"speaker": "孙悟空", "text": "俺老孙是也！"}]},
+     "formatting: sharegpt, columns: {messages: dialogue, system: seed}, tags: {role_tag: speaker, content_tag: "
+     "text, user_tag: 游客, assistant_tag: 孙悟空}",
+     RowFormat("sharegpt", {"messages": "dialogue", "system": "seed"},
+               {"role_tag": "speaker", "content_tag": "text", "user_tag": "游客", "assistant_tag": "孙悟空"}),
+     [system(RP_SEED), user("你是谁？"), assistant("俺老孙是也！")]),
+]
+
+
+@pytest.mark.parametrize("row, setting, fmt, messages", READABLE_SHAPES, ids=lambda v: "" if not isinstance(v, dict)
+                         else ",".join(v)[:40])
+def test_an_unknown_shape_gets_the_setting_that_reads_it(row, setting, fmt, messages):
+    with pytest.raises(ValueError) as info:
+        to_example(row, RowFormat())
+    message = str(info.value)
+    assert message.startswith(f"cannot tell the format from the keys ({', '.join(sorted(row))}); set ")
+    assert setting in message and "\n" not in message
+    assert to_example(row, fmt)["messages"] == messages  # the hinted setting really reads the record
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"question": "q", "response_chosen": "a", "response_rejected": "b"}, "preference pairs: train them with rm or dpo"),
+    ({"head": "感冒", "relation": "症状", "tail": "发热"}, "knowledge-graph triples"),
+    ({"system": "你是医生", "conversation": [{"human": "头痛", "assistant": "休息"}]},
+     "each turn of conversation holds a whole exchange (assistant, human)"),
+    ({"data": ["问：头痛怎么办", "答：多休息"]}, "data is a list of strings"),
+    ({"document": "一段很长的文字"}, "formatting: text, columns: {prompt: document}"),
+    ({"id": 3, "score": 0.5}, "set formatting and columns"),
+])
+def test_shapes_no_setting_reads_say_what_they_look_like(row, says):
+    with pytest.raises(ValueError, match="cannot tell the format") as info:
+        to_example(row, RowFormat())
+    assert says in str(info.value)
+
+
+def test_the_hint_reaches_the_user_with_file_and_line(tmp_path):
+    path = tmp_path / "summaries.jsonl"
+    path.write_text('{"content": "文章", "summary": "摘要"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load([DatasetSpec(path=str(path))], tmp_path)
+    assert str(info.value) == (f"{path}:line 1: cannot tell the format from the keys (content, summary); set "
+                               "formatting: alpaca, columns: {prompt: content, response: summary}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from lmforge.data.hints import format_hint
+
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
 QA_ANSWER_KEYS = ("answer", "response")
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
@@ -57,7 +59,7 @@ def detect_format(row: dict, fmt: RowFormat) -> str:
     if "text" in row:
         return "text"
     keys = ", ".join(sorted(row)) or "none"
-    raise ValueError(f"cannot tell the format from the keys ({keys}); set formatting and columns")
+    raise ValueError(f"cannot tell the format from the keys ({keys}); {format_hint(row)}")
 
 
 def to_example(row: dict, fmt: RowFormat) -> dict:
@@ -112,7 +114,8 @@ def _text_field(row: dict, key: str, required: bool) -> str:
 def _alpaca(row: dict, fmt: RowFormat) -> tuple[list[dict], str]:
     cols = {**ALPACA_COLUMNS, **fmt.columns}
     instruction = _text_field(row, cols["prompt"], required=True)
-    query = _text_field(row, cols["query"], required=False)
+    # {input, target} data maps `input` to the prompt: the default query column is then the same text.
+    query = _text_field(row, cols["query"], required=False) if cols["query"] != cols["prompt"] else ""
     response = _text_field(row, cols["response"], required=True)
     system = _text_field(row, cols["system"], required=False)
     messages = [{"role": "system", "content": system}] if system else []
