@@ -279,3 +279,35 @@ def test_line_ends_split_across_read_chunks_count_once():
     data = b"a\rb\r\nc\n\nd" + b"x" * 10 + b"\r\n"
     for size in (1, 2, 3, 5, 100):
         assert list(_physical_lines(io.BytesIO(data), size)) == [b"a", b"b", b"c", b"", b"d" + b"x" * 10]
+
+
+# --------------------------------------------------------------------------- text_split: file
+
+HARD_WRAPPED = "\n".join(["第一段第一行，", "第一段第二行。", "", "Second paragraph, line one,", "line two.", "", "",
+                          "Third paragraph."]) + "\n"
+
+
+@pytest.mark.parametrize("split, documents", [("line", 5), ("blank", 3), ("file", 1)])
+def test_text_split_document_counts_on_hard_wrapped_text(tmp_path, split, documents):
+    for i in range(3):
+        (tmp_path / f"book{i}.txt").write_text(HARD_WRAPPED, encoding="utf-8")
+    dataset, errors = load([DatasetSpec(path=str(tmp_path / "*.txt"))], tmp_path, text_split=split)
+    assert len(dataset) == 3 * documents and errors.total_loaded == 3 * documents
+    if split == "file":
+        assert dataset["text"][0] == HARD_WRAPPED.rstrip("\n")
+        assert dataset["source"] == [f"{tmp_path / f'book{i}.txt'}:line 1" for i in range(3)]
+
+
+def test_a_whole_file_document_with_a_bad_line_is_one_bad_record(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xef\xbb\xbfgood start\r\nbroken \xff line\r\nend\r\n")
+    good = tmp_path / "good.txt"
+    good.write_bytes(b"\xef\xbb\xbfalpha\r\n\r\nbeta\r\n")
+    raw, errors = records(bad, on_error="skip", text_split="file")
+    assert raw == [] and errors.examples == [f"{bad}:line 2: invalid UTF-8 (invalid start byte at byte 7)"]
+    assert errors.total_skipped == 1
+    raw, _ = records(good, text_split="file")
+    assert rows_and_wheres(raw) == [({"text": "alpha\n\nbeta"}, "line 1")]  # BOM and CRLF gone
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"\n \n")
+    assert records(empty, text_split="file")[0] == []

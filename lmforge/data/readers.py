@@ -136,7 +136,27 @@ def _physical_lines(handle, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         yield b"".join(parts)
 
 
+class _FirstError:
+    """Keeps the first bad line instead of reporting it: one bad line spoils a whole-file document."""
+
+    def __init__(self) -> None:
+        self.error: DataError | None = None
+
+    def report(self, error: DataError) -> None:
+        self.error = self.error or error
+
+
 def _read_txt(path: Path, errors: ErrorLog, text_split: str) -> Iterator[RawRecord]:
+    if text_split == "file":
+        # One document per file (a book, an article): dropping an undecodable line from its middle would
+        # join the text around it, so the file is reported as one bad record instead.
+        first = _FirstError()
+        lines = [line for _, line in _decoded_lines(path, first)]
+        if first.error is not None:
+            errors.report(first.error)
+        elif any(line.strip() for line in lines):
+            yield RawRecord({"text": "\n".join(lines).strip("\n")}, str(path), "line 1")
+        return
     if text_split == "line":
         for number, line in _decoded_lines(path, errors):
             if line.strip():
