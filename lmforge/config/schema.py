@@ -283,6 +283,12 @@ class StageConfig:
                 raise ConfigError(f"{self.stage} needs a reward: set rl.reward_model or rl.rewards")
             if self.stage in ("grpo", "rloo") and self.rl.num_generations < 2:
                 raise ConfigError(f"{self.stage} compares samples of one prompt: set rl.num_generations >= 2")
+            if self.stage == "ppo" and self.rl.grpo_family_settings():
+                raise ConfigError(f"{', '.join(self.rl.grpo_family_settings())} apply to grpo and rloo, not ppo: "
+                                  "remove them or use stage grpo")
+            if self.stage == "rloo" and self.rl.scale_rewards != "auto":
+                raise ConfigError("rl.scale_rewards applies to grpo; rloo's baseline is leave-one-out and "
+                                  "rl.whiten_advantages scales it")
             if self.rl.reference == "adapter" and self.model.finetuning not in LORA_METHODS:
                 raise ConfigError("rl.reference=adapter needs model.finetuning=lora, dora or qlora")
         if self.stage in ("rm", "dpo", *RL_STAGES) and self.data.streaming:

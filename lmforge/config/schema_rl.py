@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from lmforge.config.constraints import check_choice, check_group
 from lmforge.config.errors import ConfigError
 
+# The GRPO loss family's choices (lmforge/losses/grpo_family.py reads them from here: config is the lowest layer).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+REWARD_SCALES = ("group", "batch", "none")
+
 REWARD_KINDS = ("model", "exact_match", "answer_match", "regex", "length", "function")
 
 
@@ -57,6 +62,35 @@ class RLConfig:
     minibatch_size: int = 0
     """Samples per optimizer step (0: the whole rollout); micro-batches of train.batch_size accumulate."""
     clip_range: float = 0.2
+    """PPO/GRPO/RLOO ratio clip ε: the ratio is kept within [1 - ε, 1 + ε] (TRL's epsilon)."""
+    clip_range_low: float | None = None
+    """GRPO/RLOO: ε of the lower clip, 1 - ε (unset: clip_range)."""
+    clip_range_high: float | None = None
+    """GRPO/RLOO: ε of the upper clip, 1 + ε (unset: clip_range). Above clip_range_low it is DAPO's
+    clip-higher (Yu et al. 2025, who use 0.28 over 0.2): unlikely tokens can still gain probability
+    (TRL's epsilon_high)."""
+    loss_type: str = "dapo"
+    """GRPO/RLOO aggregation of the per-token loss: dapo (a token mean over the whole optimizer step; the
+    default, as before), grpo (each reply's token mean, then the mean over replies), bnpo (each
+    micro-batch's token mean, then their mean), dr_grpo (token sum over replies x rl.max_new_tokens; with
+    rl.scale_rewards auto also no std scaling). See docs/grpo.md."""
+    importance_sampling: str = "token"
+    """GRPO/RLOO importance ratio: token (per token, PPO/GRPO) or sequence (GSPO, Zheng et al. 2025: the exp
+    of each reply's mean per-token log-ratio, clipped per reply; TRL's importance_sampling_level)."""
+    scale_rewards: str = "auto"
+    """GRPO advantages: reward minus its group's mean, divided by the group's std (group), the whole
+    rollout's std (batch) or nothing (none); auto is none for loss_type dr_grpo, else group."""
+    entropy_coef: float = 0.0
+    """GRPO/RLOO: subtract this times the per-token entropy of the sampling distribution from the loss
+    (an exploration bonus, aggregated like the policy term); 0 turns it off."""
+    mask_truncated: bool = False
+    """GRPO/RLOO: replies cut at max_new_tokens (no stop token) carry no loss (DAPO's overlong filtering;
+    TRL's mask_truncated_completions)."""
+    overlong_buffer: int = 0
+    """GRPO/RLOO: DAPO's soft overlong penalty. Over the last this-many tokens before max_new_tokens the
+    score falls linearly, reaching -rl.overlong_penalty at max_new_tokens; 0 turns it off."""
+    overlong_penalty: float = 1.0
+    """GRPO/RLOO: the largest soft overlong penalty (see overlong_buffer)."""
     clip_range_value: float = 0.2
     value_coef: float = 0.1
     gamma: float = 1.0
@@ -101,6 +135,30 @@ class RLConfig:
         if self.reference == "none" and (self.kl_coef or self.kl_target):
             raise ConfigError("rl.reference=none leaves no KL to penalise: set rl.kl_coef=0 and rl.kl_target=0")
         check_choice("rl", "backend", self.backend, ("auto", "own", "hf", "lmforge"))
+        check_choice("rl", "loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("rl", "importance_sampling", self.importance_sampling, IMPORTANCE_LEVELS)
+        check_choice("rl", "scale_rewards", self.scale_rewards, ("auto", *REWARD_SCALES))
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ConfigError(f"rl.overlong_buffer={self.overlong_buffer} is longer than rl.max_new_tokens="
+                              f"{self.max_new_tokens}: the penalty ramps over the last tokens before the limit")
+
+    def clip_bounds(self) -> tuple[float, float]:
+        """(ε low, ε high) of the ratio clip: clip_range where unset."""
+        low = self.clip_range if self.clip_range_low is None else self.clip_range_low
+        return low, self.clip_range if self.clip_range_high is None else self.clip_range_high
+
+    def reward_scale(self) -> str:
+        """scale_rewards with auto resolved: none under Dr. GRPO (Liu et al. 2025), else group."""
+        if self.scale_rewards != "auto":
+            return self.scale_rewards
+        return "none" if self.loss_type == "dr_grpo" else "group"
+
+    def grpo_family_settings(self) -> list[str]:
+        """The GRPO/RLOO-only settings changed from their defaults (PPO refuses them)."""
+        defaults = RLConfig()
+        names = ("loss_type", "importance_sampling", "scale_rewards", "clip_range_low", "clip_range_high",
+                 "entropy_coef", "mask_truncated", "overlong_buffer")
+        return [f"rl.{n}" for n in names if getattr(self, n) != getattr(defaults, n)]
 
     def reward_specs(self) -> list[RewardSpec]:
         extra = [RewardSpec(kind="model", path=self.reward_model)] if self.reward_model else []

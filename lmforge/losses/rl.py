@@ -99,6 +99,41 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return _map_row_chunks(logits, _chunk_entropy)
 
 
+class _Entropy(torch.autograd.Function):
+    """Entropy of softmax(logits / temperature) per row, forward and backward in row chunks.
+
+    Autograd through softmax would keep a float32 [tokens x vocab] probability tensor for backward, as
+    large as the logits again; this keeps only the logits (which exist anyway) and the [tokens] entropies,
+    and recomputes each chunk's probabilities in backward: dH/dz = -p (log p + H) for z = logits / T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        entropy = _map_row_chunks(logits, lambda c: _chunk_entropy(c / temperature))
+        ctx.save_for_backward(logits, entropy)
+        ctx.temperature = temperature
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad_entropy: torch.Tensor):
+        logits, entropy = ctx.saved_tensors
+        vocab = logits.shape[-1]
+        rows = max(1, _LOGSOFTMAX_CHUNK_ELEMENTS // vocab)
+        grad = torch.empty_like(logits).reshape(-1, vocab)
+        pairs = zip(logits.reshape(-1, vocab).split(rows), entropy.reshape(-1, 1).split(rows),
+                    grad_entropy.reshape(-1, 1).split(rows), grad.split(rows))
+        for chunk, h, g, out in pairs:
+            log_p = torch.log_softmax(chunk.float() / ctx.temperature, dim=-1)
+            out.copy_(-g * log_p.exp() * (log_p + h) / ctx.temperature)
+        return grad.reshape(logits.shape), None
+
+
+def entropy_with_grad(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature), float32 [B, T], differentiable (an entropy bonus) without
+    a [B, T, V] tensor beyond the logits themselves and their gradient."""
+    return _Entropy.apply(logits, float(temperature) if temperature > 0 else 1.0)
+
+
 def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || ref) from log-probs of tokens sampled from the policy.
 
@@ -197,7 +232,7 @@ def clipped_value_loss(
     return per_token, metrics
 
 
-def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def by_group(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N] rewards as [N / group_size, group_size], one row per prompt (prompt-major layout)."""
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2 (one sample has no baseline), got {group_size}")
@@ -215,7 +250,7 @@ def group_advantages(
     gets advantage 0: it carries no signal about which answer is better. ``scale=False`` is Dr. GRPO's
     choice (Liu et al. 2025), which avoids up-weighting prompts that are nearly always right or wrong.
     """
-    grouped = _grouped(rewards, group_size)
+    grouped = by_group(rewards, group_size)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale:
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
@@ -227,7 +262,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
     Leaving the sample out keeps the baseline independent of r_i, so the policy gradient stays unbiased.
     """
-    grouped = _grouped(rewards, group_size)
+    grouped = by_group(rewards, group_size)
     others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - others_mean).reshape(rewards.shape)
 

@@ -1,48 +1,97 @@
 """GRPO (Shao et al. 2024, DeepSeekMath): no critic. Each prompt gets `rl.num_generations` replies;
-a reply's advantage is its reward minus its group's mean, over the group's std, on every token.
-The clipped surrogate is kept, and the KL to the reference is a k3 loss term of weight β
-(`rl.kl_coef`, which may be 0) instead of a reward penalty. Losses are averaged over all reply
-tokens of a step, so long replies are not down-weighted per token (as DAPO/Dr. GRPO advise).
+a reply's advantage is its reward minus its group's mean, over the group's std (`rl.scale_rewards`), on
+every token. The clipped surrogate is kept (asymmetric with `rl.clip_range_low/high`, per token or per
+reply with `rl.importance_sampling`), the KL to the reference is a k3 loss term of weight β
+(`rl.kl_coef`, which may be 0) instead of a reward penalty, and `rl.entropy_coef` adds an entropy bonus.
+`rl.loss_type` chooses how per-token losses become one number; the default (dapo) averages over all
+reply tokens of a step, so long replies are not down-weighted per token. The maths is in
+lmforge/losses/grpo_family.py; docs/grpo.md maps each knob to its paper and to TRL's name.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lmforge.config.schema import RLConfig, StageConfig
-from lmforge.losses.rl import (
-    clipped_policy_loss,
-    entropy_from_logits,
-    group_advantages,
-    kl_per_token,
-    masked_mean,
+from lmforge.config.schema import ConfigError, RLConfig, StageConfig
+from lmforge.losses.grpo_family import (
+    aggregate,
+    clipped_surrogate,
+    groups_with_signal,
+    importance_log_weights,
+    overlong_penalty,
+    scaled_advantages,
+    truncation_mask,
 )
+from lmforge.losses.rl import entropy_with_grad, kl_per_token, masked_mean
 from lmforge.stages.online import Algorithm, reply_outputs, run_online
 
 
+def shaped_scores(batch: dict, cfg: RLConfig) -> tuple[torch.Tensor, dict]:
+    """The rollout's scores with DAPO's overlong handling applied, shared by GRPO and RLOO: the soft
+    overlong penalty added to each score (from the reply lengths), and with rl.mask_truncated the rows of
+    replies cut at max_new_tokens dropped from batch["mask"] (so from the loss and its token count)."""
+    mask = batch["mask"]
+    lengths = mask.sum(-1)
+    penalty = overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    scores = batch["scores"] + penalty.to(batch["scores"].dtype)
+    metrics = {"overlong_penalty": float(penalty.mean())} if cfg.overlong_buffer else {}
+    if cfg.mask_truncated:
+        if "stopped" not in batch:
+            raise ConfigError("rl.mask_truncated needs each reply's stop flag in the rollout batch (batch['stopped'])")
+        stopped = batch["stopped"].bool()
+        batch["mask"] = truncation_mask(mask, stopped)
+        metrics["truncated_masked"] = int((~stopped).sum())
+    return scores, metrics
+
+
 def grpo_advantages(batch: dict, cfg: RLConfig, kl_coef: float):
-    advantages = group_advantages(batch["scores"], cfg.num_generations)
-    groups = batch["scores"].view(-1, cfg.num_generations)
-    with_signal = (groups.std(-1) > 0).float().mean()  # groups whose rewards differ: the ones that teach
-    return advantages[:, None] * batch["mask"], None, {"groups_with_signal": float(with_signal)}
+    scores, metrics = shaped_scores(batch, cfg)
+    advantages = scaled_advantages(scores, cfg.num_generations, cfg.reward_scale())
+    signal = groups_with_signal(scores, cfg.num_generations)  # groups whose rewards differ: the ones that teach
+    metrics.update(groups_with_signal=float(signal.float().mean()), groups_without_signal=int((~signal).sum()))
+    return advantages[:, None] * batch["mask"], None, metrics
 
 
 def grpo_loss(model, batch: dict, cfg: RLConfig):
+    """(loss sum, count, metrics) of one micro-batch, aggregated as rl.loss_type says."""
     mask = batch["mask"]
     logits, _, logps = reply_outputs(model, batch, cfg)
     old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()  # on-policy: see on_policy_step
-    loss, metrics = clipped_policy_loss(logps, old_logps, batch["advantages"], mask, cfg.clip_range)
+    low, high = cfg.clip_bounds()
+    log_weights = importance_log_weights(logps, old_logps, mask, cfg.importance_sampling)
+    loss, metrics = clipped_surrogate(log_weights, batch["advantages"], mask, low, high)
+    with torch.no_grad():  # per token at either level: what rl.target_approx_kl reads
+        metrics["approx_kl"] = masked_mean(0.5 * importance_log_weights(logps, old_logps, mask) ** 2, mask)
     if "ref_logps" in batch and cfg.kl_coef > 0:
         kl = kl_per_token(logps, batch["ref_logps"], "k3")
         loss = loss + cfg.kl_coef * kl
-        metrics = {**metrics, "kl_loss": masked_mean(kl.detach(), mask)}
-    with torch.no_grad():
-        metrics["entropy"] = masked_mean(entropy_from_logits(logits.float()), mask)
-    return (loss * mask).sum(), mask.sum(), metrics
+        metrics["kl_loss"] = masked_mean(kl.detach(), mask)
+    if cfg.entropy_coef > 0:
+        entropy = entropy_with_grad(logits, cfg.temperature)
+        loss = loss - cfg.entropy_coef * entropy
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+    else:
+        with torch.no_grad():
+            metrics["entropy"] = masked_mean(entropy_with_grad(logits, cfg.temperature), mask)
+    loss_sum, count = aggregate(loss, mask, cfg.loss_type, cfg.max_new_tokens)
+    return loss_sum, count, metrics
 
 
 GRPO = Algorithm("grpo", uses_critic=False, advantages=grpo_advantages, loss=grpo_loss)
 
 
+def refuse_until_the_loop_supports(rl: RLConfig) -> None:
+    """Settings whose maths is here but whose plumbing is not yet in stages/online.py: the training loop
+    normalises every step by its reply tokens (only dapo's count) and the rollout batch carries no stop
+    flags. Refused in one line rather than run with a silently different normaliser."""
+    if rl.loss_type != "dapo":
+        raise ConfigError(f"rl.loss_type={rl.loss_type} needs the online loop to normalise by its count "
+                          "(not wired yet): use rl.loss_type=dapo")
+    if rl.mask_truncated:
+        raise ConfigError("rl.mask_truncated needs the online loop to pass each reply's stop flag (not wired yet): "
+                          "use rl.overlong_buffer or rl.missing_eos_penalty")
+
+
 def run(cfg: StageConfig) -> dict:
+    refuse_until_the_loop_supports(cfg.rl)
     return run_online(cfg, GRPO)
