@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lmforge import __version__
 from lmforge.cli_use import USE_COMMANDS, add_use_commands
 from lmforge.config.schema import STAGES
 
@@ -18,13 +19,24 @@ console = Console()
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Train a language model through PT, SFT and beyond.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="run one stage: lmforge train sft config.yaml train.lr=1e-4")
-    train.add_argument("stage", choices=list(STAGES))
-    train.add_argument("config", nargs="?", help="a YAML file (optional)")
+    train = sub.add_parser("train", help="run one stage: lmforge train [STAGE] config.yaml train.lr=1e-4",
+                           description="CONFIG is an lmforge, LLaMA-Factory or TRL YAML; STAGE may be left out "
+                                       "when the file names its stage (a TRL file never does).")
+    train.add_argument("stage", metavar="[STAGE]", help=f"one of {', '.join(STAGES)}; default: the file's `stage`")
+    train.add_argument("config", nargs="?", help="a YAML file (optional when STAGE is given)")
     train.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
     train.add_argument("--resume", metavar="PATH", help="continue from this checkpoint folder")
+
+    convert = sub.add_parser("convert", help="write the lmforge YAML of a LLaMA-Factory or TRL config",
+                             description="Map every key of a LLaMA-Factory or TRL YAML to lmforge's, and list "
+                                         "the ones that cannot map in one message.")
+    convert.add_argument("config", help="a LLaMA-Factory or TRL YAML file")
+    convert.add_argument("-o", "--out", help="write here (default: print to the terminal)")
+    convert.add_argument("--stage", choices=list(STAGES), help="the lmforge stage (required for TRL files, "
+                                                                  "which name none; default: the file's)")
 
     run = sub.add_parser("run", help="run a pipeline: lmforge run examples/demo.yaml")
     run.add_argument("pipeline")
@@ -88,16 +100,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from lmforge.config.load import load_config
+    from lmforge.config.foreign import load_stage_config, report_lines
     from lmforge.stages import STAGE_RUNNERS
 
-    config, overrides = _split_config(args.config, args.overrides)
+    stage, config, overrides = _train_arguments(args.stage, args.config, args.overrides)
     if args.resume:
         overrides.append(f"train.resume_from={args.resume}")
-    cfg = load_config(config, overrides, stage=args.stage)
+    cfg, conversion = load_stage_config(config, overrides, stage)
+    if conversion is not None:
+        for line in report_lines(conversion, config):
+            console.print(line, highlight=False, soft_wrap=True)
     metrics = STAGE_RUNNERS[cfg.stage](cfg)
     _print_summary(cfg.train.output_dir, metrics)
     return 0
+
+
+def _train_arguments(first: str, config: str | None, overrides: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(stage, config, overrides) of `lmforge train STAGE [CONFIG] ...` or `lmforge train CONFIG ...`."""
+    from lmforge.config.schema import ConfigError
+
+    if first in STAGES:
+        return (first, *_split_config(config, overrides))
+    if first == "kto":
+        raise ConfigError("kto is a DPO-family loss in lmforge: lmforge train dpo CONFIG dpo.loss=kto "
+                          "(a LLaMA-Factory file with `stage: kto` needs no stage: lmforge train CONFIG)")
+    if not Path(first).is_file():
+        what = "an override, and there is no config file to name the stage" if "=" in first else "no such file"
+        raise ConfigError(f"{first!r} is neither a stage ({', '.join(STAGES)}) nor a config file ({what}): "
+                          "lmforge train STAGE [CONFIG] [group.key=value ...] or lmforge train CONFIG")
+    return (None, *_split_config(first, [config, *overrides] if config is not None else overrides))
 
 
 def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -106,6 +137,33 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
         config, overrides = None, [config, *overrides]
     # `resume=true` is what LLaMA-Factory users type; it means train.resume.
     return config, [f"train.{item}" if item.startswith(("resume=", "resume_from=")) else item for item in overrides]
+
+
+def cmd_convert(args) -> int:
+    from lmforge.config.foreign import convert_foreign, detect_format, render_yaml, stage_config
+    from lmforge.config.load import read_yaml
+    from lmforge.config.schema import ConfigError
+
+    raw = read_yaml(args.config)
+    fmt = detect_format(raw, args.config)
+    if fmt is None:
+        raise ConfigError(f"{args.config} is already an lmforge config (only `stage` and lmforge groups); "
+                          "nothing to convert")
+    conversion = convert_foreign(raw, fmt, args.config, args.stage)
+    stage_config(conversion, args.config)  # the written file must load
+    text = render_yaml(conversion, args.config)
+    if not args.out:
+        print(text, end="")
+        return 0
+    out = Path(args.out)
+    if out.resolve() == Path(args.config).resolve():
+        raise ConfigError(f"-o {args.out} is the file being converted; write to another file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    console.print(f"{len(conversion.mapped)} {conversion.name} keys mapped, {len(conversion.defaults)} of its "
+                  f"defaults kept, {len(conversion.ignored)} ignored: {out} (run it: lmforge train {out})",
+                  highlight=False, soft_wrap=True)
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -305,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.loop.checkpoint import CheckpointError
     from lmforge.loop.trainer import TrainingDiverged
 
-    handlers = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score,
+    handlers = {"train": cmd_train, "convert": cmd_convert, "run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "score": cmd_score,
                 "eval": cmd_eval, "report": cmd_report, **USE_COMMANDS}
     try:
         return handlers[args.command](args)

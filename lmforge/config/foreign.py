@@ -86,8 +86,13 @@ def load_stage_config(path: str | Path | None, overrides: list[str], stage: str 
     for item in overrides:
         if item not in flat:
             apply_override(conv.raw, item)
+    return stage_config(conv, where), conv
+
+
+def stage_config(conv: Conversion, where: str) -> StageConfig:
+    """The StageConfig of a conversion; a schema error about a converted value names the foreign key too."""
     try:
-        return from_dict(StageConfig, conv.raw, where=where), conv
+        return from_dict(StageConfig, conv.raw, where=where)
     except ConfigError as exc:
         raise ConfigError(_with_origin(str(exc), conv)) from None
 
@@ -131,4 +136,5 @@ def report_lines(conv: Conversion, where: str) -> list[str]:
     return lines
 
 
-__all__ = ["FORMAT_NAMES", "convert_foreign", "detect_format", "load_stage_config", "render_yaml", "report_lines"]
+__all__ = ["FORMAT_NAMES", "convert_foreign", "detect_format", "load_stage_config", "render_yaml", "report_lines",
+           "stage_config"]

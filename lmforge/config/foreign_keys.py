@@ -306,7 +306,7 @@ TABLES = {"llamafactory": {**COMMON, **LLAMAFACTORY}, "trl": {**COMMON, **TRL}}
 LF_STAGES = {"pt": "pt", "sft": "sft", "rm": "rm", "dpo": "dpo", "kto": "dpo", "ppo": "ppo"}
 
 TEMPLATES = {
-    "llama3": "llama3", "qwen": "qwen", "glm4": "glm4", "mistral": "mistral", "gemma": "gemma",
+    "llama3": "llama3", "qwen": "qwen", "qwen3": "qwen3", "glm4": "glm4", "mistral": "mistral", "gemma": "gemma",
     "deepseek": "deepseek", "yi": "yi", "baichuan2": "baichuan2", "phi": "phi", "chatml": "chatml", "empty": "plain",
 }
 """LLaMA-Factory `template` names → lmforge `model.template` names (a name is taken only once the template is

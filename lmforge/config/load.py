@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from lmforge.config.constraints import check_field, range_of, shown
+from lmforge.config.foreign_keys import foreign_rule, lmforge_keys_of
 from lmforge.config.safe_yaml import RefusedYAMLError, safe_load
 from lmforge.config.schema import ConfigError, DatasetSpec, StageConfig
 
@@ -100,14 +101,27 @@ def from_dict(cls: type[T], raw: Any, where: str) -> T:
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), sorted(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
-            raise ConfigError(f"unknown key {where}.{key}{hint}")
+            raise ConfigError(f"unknown key {where}.{key}{_unknown_key_hint(str(key), fields)}")
         kwargs[key] = _checked(cls.__name__, key, hints[key], value, f"{where}.{key}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _unknown_key_hint(key: str, fields: set[str]) -> str:
+    """A LLaMA-Factory/TRL name gets the lmforge key it stands for (string likeness sent `learning_rate` to
+    `logging_steps`); any other key the closest field, or the list of them."""
+    rule = foreign_rule(key)
+    if rule is not None:
+        targets = lmforge_keys_of(key)
+        if targets:
+            return f"; {key} is a LLaMA-Factory/TRL name: in lmforge it is {' and '.join(targets)}"
+        if hasattr(rule, "what_to_do"):
+            return f"; {key} is a LLaMA-Factory/TRL setting with no lmforge equivalent: {rule.what_to_do}"
+        return f"; {key} is a LLaMA-Factory/TRL setting lmforge does not need ({getattr(rule, 'why', None) or rule.note}); remove it"
+    close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
 
 
 def _checked(cls_name: str, name: str, tp: Any, value: Any, key: str) -> Any:
