@@ -229,7 +229,7 @@ def test_auto_falls_back_to_chatml_and_unknown_template_is_rejected(tok):
     tok.chat_template = None
     assert apply_template_choice(tok, "auto") == "chatml"
     assert tok.chat_template == builtin_template("chatml")
-    with pytest.raises(ValueError, match=r"unknown chat template 'vicuna'; built-in templates: chatml, plain"):
+    with pytest.raises(ValueError, match=r"model.template='vicuna' is not a template; choose one of auto, baichuan2, chatml"):
         apply_template_choice(tok, "vicuna")
 
 

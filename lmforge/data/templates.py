@@ -1,42 +1,137 @@
-"""Chat templates: the tokenizer's own Jinja template, or a built-in one for tokenizers without.
+"""Chat templates: the tokenizer's own Jinja template, a named one shipped in lmforge/templates/, or a
+user's .jinja file.
 
 A conversation is rendered into *segments*: each is a run of text and whether it is an
 assistant reply (which carries loss) or context (which is masked). Rendering turn by turn
 with the template itself keeps lmforge faithful to any Jinja template instead of re-implementing
 each model family's format by hand.
+
+A template lmforge ships (or a user's file) opens with a `{#- lmforge-template ... -#}` comment
+holding YAML: `stop` (the strings that end a reply, so generation stops on them), `special` (the
+tokens it prints, which the tokenizer must have), `add_missing` (add those tokens when missing
+instead of refusing) and `about`. Being a Jinja comment, it travels inside the tokenizer's
+`chat_template` into every artifact without changing what the template renders.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
-# End-of-turn markers used by common template families, most specific first.
-KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+import yaml
+
+from lmforge.config.errors import ConfigError
+
+# End-of-turn markers used by common template families, most specific first: for templates
+# without a header (a model's own), the ones that occur in the template and the vocabulary stop it.
+KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|user|>",
+                     "<|observation|>", "</s>", "<|endoftext|>")
 CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+HEADER = re.compile(r"\A\{#-?\s*lmforge-template\b(.*?)-?#\}", re.DOTALL)
+HEADER_KEYS = {"about", "stop", "special", "add_missing"}
 
 
-def builtin_template(name: str) -> str:
-    """The Jinja text of a template shipped with lmforge (`chatml`, `plain`)."""
-    path = resources.files("lmforge") / "templates" / f"{name}.jinja"
-    if not path.is_file():
-        available = sorted(p.name.removesuffix(".jinja") for p in (resources.files("lmforge") / "templates").iterdir())
-        raise ValueError(f"unknown chat template {name!r}; built-in templates: {', '.join(available)}")
-    return path.read_text(encoding="utf-8")
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What a template's header declares (empty for a template without one)."""
+
+    stop: tuple[str, ...] = ()
+    special: tuple[str, ...] = ()
+    add_missing: bool = False
+    about: str = ""
+
+
+def _folder():
+    return resources.files("lmforge") / "templates"
 
 
 def template_names() -> tuple[str, ...]:
-    """What `model.template` accepts: `auto` and every template shipped in lmforge/templates/."""
-    folder = resources.files("lmforge") / "templates"
-    return ("auto", *sorted(p.name.removesuffix(".jinja") for p in folder.iterdir() if p.name.endswith(".jinja")))
+    """What `model.template` accepts by name: `auto` and every template shipped in lmforge/templates/
+    (a path to a .jinja file is accepted too, see `check_template_choice`)."""
+    return ("auto", *sorted(p.name.removesuffix(".jinja") for p in _folder().iterdir() if p.name.endswith(".jinja")))
+
+
+def is_template_path(choice: str) -> bool:
+    return choice.endswith(".jinja") or "/" in choice or "\\" in choice
+
+
+def builtin_template(name: str) -> str:
+    """The Jinja text of a template shipped with lmforge (`chatml`, `llama3`, ...)."""
+    path = _folder() / f"{name}.jinja"
+    if not path.is_file():
+        raise ConfigError(f"model.template={name!r} is not a template; choose one of {', '.join(template_names())} "
+                          "or give the path of a .jinja file")
+    return path.read_text(encoding="utf-8")
+
+
+def template_text(choice: str) -> str:
+    """The Jinja text `model.template` names: a built-in name or a .jinja file; its header is checked."""
+    if not is_template_path(choice):
+        text = builtin_template(choice)
+    else:
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.template: no such file {choice}; give the path of a .jinja file "
+                              f"or one of {', '.join(template_names())}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"model.template: cannot read {choice}: {exc}") from exc
+        if not text.strip():
+            raise ConfigError(f"model.template: {choice} is empty; it must hold a Jinja chat template")
+    template_info(text, where=f"model.template ({choice})")
+    return text
+
+
+def check_template_choice(choice: str) -> None:
+    """Config-time check of `model.template`: a known name, or a readable .jinja file with a valid header."""
+    if choice == "auto":
+        return
+    if not is_template_path(choice) and choice not in template_names():
+        raise ConfigError(f"model.template={choice!r} is not a template; choose one of "
+                          f"{', '.join(template_names())} or give the path of a .jinja file")
+    template_text(choice)
+
+
+def template_info(text: str | None, where: str = "the chat template") -> TemplateInfo:
+    """The header of a template (see the module docstring); a template without one declares nothing."""
+    match = HEADER.match(text or "")
+    if match is None:
+        return TemplateInfo()
+    try:
+        data = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: the lmforge-template header is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict) or set(data) - HEADER_KEYS:
+        extra = sorted(set(data) - HEADER_KEYS) if isinstance(data, dict) else [type(data).__name__]
+        raise ConfigError(f"{where}: unknown lmforge-template header keys {extra}; known: {sorted(HEADER_KEYS)}")
+    lists = {}
+    for key in ("stop", "special"):
+        value = data.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+            raise ConfigError(f"{where}: header key {key!r} must be a list of token strings, got {value!r}")
+        lists[key] = tuple(value)
+    if not isinstance(data.get("add_missing", False), bool):
+        raise ConfigError(f"{where}: header key 'add_missing' must be true or false")
+    return TemplateInfo(lists["stop"], lists["special"], data.get("add_missing", False), str(data.get("about", "")))
+
+
+def missing_tokens(tokenizer, tokens) -> list[str]:
+    """Tokens of `tokens` that the tokenizer does not read as one token of its vocabulary."""
+    vocab = tokenizer.get_vocab()
+    return [t for t in tokens if t not in vocab or tokenizer.encode(t, add_special_tokens=False) != [vocab[t]]]
 
 
 def apply_template_choice(tokenizer, choice: str | None) -> str:
     """Set `tokenizer.chat_template` from the config's choice and return the name used.
 
     `auto` (or None) keeps the tokenizer's own template and falls back to ChatML when it has none;
-    a built-in name replaces it. ChatML's special tokens are added when missing: the caller must
-    then resize the model's embeddings (`len(tokenizer)`).
+    a name or a .jinja path replaces it. A template's special tokens must be in the vocabulary: a
+    family template on a tokenizer without them is refused (its rows would be untrained and the model
+    has never seen the format), while one whose header says `add_missing` (ChatML) has them added as
+    special tokens; the caller must then resize the model's embeddings (`len(tokenizer)`).
     """
     choice = choice or "auto"
     if tokenizer.pad_token is None:
@@ -44,25 +139,38 @@ def apply_template_choice(tokenizer, choice: str | None) -> str:
     if choice == "auto" and getattr(tokenizer, "chat_template", None):
         return "tokenizer"
     name = "chatml" if choice == "auto" else choice
-    tokenizer.chat_template = builtin_template(name)
-    if name == "chatml":
-        missing = [t for t in CHATML_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    text = template_text(name)
+    info = template_info(text, where=f"model.template ({name})")
+    missing = missing_tokens(tokenizer, info.special)
+    if missing and not info.add_missing:
+        hint = ("model.template=auto keeps the tokenizer's own template" if getattr(tokenizer, "chat_template", None)
+                else "model.template=chatml adds its two tokens")
+        raise ConfigError(f"model.template={name}: the tokenizer has no {', '.join(missing)} token, so it is not "
+                          f"of the family this template is for; pick the model's template ({hint})")
+    tokenizer.chat_template = text
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
     return name
 
 
 def end_of_turn_markers(tokenizer) -> list[str]:
     """Strings that close an assistant turn for this tokenizer, used to stop generation.
 
-    Called for every sample while tokenizing, and `get_vocab()` builds the whole vocabulary
-    (about 30 ms for 49k tokens): the answer is kept on the tokenizer per template and EOS."""
-    key = (tokenizer.chat_template, tokenizer.eos_token, len(tokenizer))
+    A template with a header declares them (`stop`); for one without, the known markers that occur
+    in both the template and the vocabulary. EOS always ends a turn. Called for every sample while
+    tokenizing, and `get_vocab()` builds the whole vocabulary (about 30 ms for 49k tokens): the
+    answer is kept on the tokenizer per template and EOS."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    key = (template, tokenizer.eos_token, len(tokenizer))
     cached = getattr(tokenizer, "_lmforge_end_of_turn", None)
     if cached is not None and cached[0] == key:
         return list(cached[1])
     vocab = tokenizer.get_vocab()
-    found = [m for m in KNOWN_END_OF_TURN if m in vocab and m in (tokenizer.chat_template or "")]
+    declared = template_info(template).stop if HEADER.match(template) else None
+    if declared is not None:
+        found = [m for m in declared if m in vocab]
+    else:
+        found = [m for m in KNOWN_END_OF_TURN if m in vocab and m in template]
     if tokenizer.eos_token and tokenizer.eos_token not in found:
         found.append(tokenizer.eos_token)
     tokenizer._lmforge_end_of_turn = (key, tuple(found))
@@ -79,16 +187,19 @@ class Segment:
     is_assistant: bool
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None,
+            template_kwargs: dict | None = None) -> str:
     kwargs = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs, **(template_kwargs or {})
     )
 
 
-def render_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> str:
-    """The text a model sees before it answers: the conversation plus the generation prompt."""
-    return _render(tokenizer, messages, True, tools)
+def render_prompt(tokenizer, messages: list[dict], tools: list | None = None,
+                  template_kwargs: dict | None = None) -> str:
+    """The text a model sees before it answers: the conversation plus the generation prompt.
+    `template_kwargs` reach the template as variables (qwen3's `enable_thinking`)."""
+    return _render(tokenizer, messages, True, tools, template_kwargs)
 
 
 def render_segments(tokenizer, messages: list[dict], tools: list | None = None) -> list[Segment]:
