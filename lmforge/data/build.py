@@ -80,6 +80,8 @@ def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorL
                 errors.report(exc if isinstance(exc, DataError) else DataError(raw.source, raw.where, str(exc)))
                 continue
             errors.mark_loaded(raw.source)
+            if kind == "sft" and example["text"]:
+                errors.text_chars[raw.source] += len(example["text"])
             yield {**example, "source": f"{raw.source}:{raw.where}"}
             count += 1
             if limit is not None and count >= limit:
@@ -155,7 +157,31 @@ def load_splits(cfg: DataConfig, errors: ErrorLog, cache_dir: str, kind: str = "
         eval_cfg = dataclasses.replace(cfg, streaming=False)
         evaluation, eval_fp = load_examples(cfg.eval, eval_cfg, errors, cache_dir, kind=kind)
         fingerprint = hashlib.sha256(f"{fingerprint}{eval_fp}".encode()).hexdigest()[:16]
+    if not cfg.streaming:  # a stream is read as it trains: its counts are in the run's summary at the end
+        say_data_counts(errors, cfg.text_split)
     return train, evaluation, fingerprint
+
+
+def say_data_counts(errors: ErrorLog, text_split: str, after: str = "read", only: set | None = None) -> None:
+    """One line per data file on the main process: a stage that trains on half its data says so before
+    step 1, not only in its manifest. `only`: the files to speak of (those tokenization changed)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for name, line in zip(errors.by_file(), errors.source_lines(text_split)):
+        if only is None or name in only:
+            print(f"data ({after}): {line}", flush=True)
+
+
+@contextmanager
+def _counts_after_tokenization(errors: ErrorLog, cfg: DataConfig):
+    """Says the counts again for the files tokenization cut, dropped or rejected records of."""
+    before = (Counter(errors.cuts_by_file), Counter(errors.skipped))
+    yield
+    if cfg.streaming:
+        return
+    changed = {f for f, _ in errors.cuts_by_file - before[0]} | set(errors.skipped - before[1])
+    if changed:
+        say_data_counts(errors, cfg.text_split, f"tokenized, max_length={cfg.max_length}", changed)
 
 
 def error_at(source: str, problem: str) -> DataError:
@@ -182,8 +208,9 @@ def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> di
 
 def tokenize_sft(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, pack: bool):
     columns = ["text", "messages", "tools", "source"]
-    tokens = dataset.map(_sft_tokens, batched=True, remove_columns=columns,
-                         fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "errors": errors})
+    with _counts_after_tokenization(errors, cfg):
+        tokens = dataset.map(_sft_tokens, batched=True, remove_columns=columns,
+                             fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "errors": errors})
     if pack and not cfg.streaming:
         rows = pack_samples(list(tokens), cfg.max_length)
         return datasets.Dataset.from_list(rows)
@@ -283,9 +310,10 @@ def tokenize_preference(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, k
     """Pairs → prompt/chosen/rejected ids; KTO records → prompt/completion ids, label, and the next
     record's completion as the mismatched one for the KL estimate (fixed here, so a cached reference
     pass and the training pass see the same pairs)."""
-    tokens = dataset.map(_preference_tokens, batched=True, remove_columns=dataset.column_names,
-                         fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.max_length, "errors": errors,
-                                    "kind": kind})
+    with _counts_after_tokenization(errors, cfg):
+        tokens = dataset.map(_preference_tokens, batched=True, remove_columns=dataset.column_names,
+                             fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.max_length, "errors": errors,
+                                        "kind": kind})
     if kind == "kto" and len(tokens) > 0:
         completions = tokens["completion_ids"]
         room = [cfg.max_length - len(p) for p in tokens["prompt_ids"]]

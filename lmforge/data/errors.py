@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -39,6 +40,12 @@ class ErrorLog:
     settled: set = field(default_factory=set, repr=False)
     """`file:line` of records already counted at tokenization: a streamed data set is tokenized again
     every epoch (and a weighted mix repeats records), and each record must count once."""
+    reasons: Counter = field(default_factory=Counter)
+    """(file, reason) -> records skipped for it; a reason is the problem without its numbers and details."""
+    text_chars: Counter = field(default_factory=Counter)
+    """file -> characters of the raw-text documents kept (a .txt file's documents' mean size is reported)."""
+    cuts_by_file: Counter = field(default_factory=Counter)
+    """(file, kind) -> records cut or dropped that way (CUT_KINDS)."""
     first_by_file: dict = field(default_factory=dict, repr=False)
     """file -> the first bad record's message, kept even past the 20 `examples`: a file with no good
     record fails quoting it."""
@@ -47,6 +54,7 @@ class ErrorLog:
         if self.on_error == "raise":
             raise error
         self.skipped[error.source] += 1
+        self.reasons[(error.source, reason_of(error.problem))] += 1
         self.first_by_file.setdefault(error.source, str(error))
         if len(self.examples) < 20:
             self.examples.append(str(error))
@@ -91,9 +99,11 @@ class ErrorLog:
         if not kinds or not self.first_time(record):
             return
         self.cuts.update(kinds)
+        source = record.rsplit(":", 1)[0]
+        self.cuts_by_file.update((source, kind) for kind in set(kinds))
         if "dropped_no_room" in kinds:
             self.dropped_too_long += 1
-            self.loaded[record.rsplit(":", 1)[0]] -= 1
+            self.loaded[source] -= 1
 
     @property
     def total_skipped(self) -> int:
@@ -112,5 +122,54 @@ class ErrorLog:
             "dropped_too_long": self.dropped_too_long,
             "truncated_responses": self.truncated,
             "truncation": {kind: self.cuts[kind] for kind in CUT_KINDS},
+            "by_file": self.by_file(),
             "examples": self.examples,
         }
+
+    def by_file(self) -> dict:
+        """file -> {read, kept, skipped, skipped_by_reason, cut kinds}: read == kept + skipped + dropped."""
+        files = sorted({*self.loaded, *self.skipped, *(f for f, _ in self.cuts_by_file)})
+        out = {}
+        for name in files:
+            cuts = {kind: self.cuts_by_file[(name, kind)] for kind in CUT_KINDS if self.cuts_by_file[(name, kind)]}
+            out[name] = {
+                "read": self.loaded[name] + self.skipped[name] + cuts.get("dropped_no_room", 0),
+                "kept": self.loaded[name],
+                "skipped": self.skipped[name],
+                "skipped_by_reason": {r: n for (f, r), n in sorted(self.reasons.items()) if f == name},
+                **cuts,
+            }
+        return out
+
+    def source_lines(self, text_split: str = "line") -> list[str]:
+        """One line per data file: what was read, kept, skipped (by reason) and cut, for the run's start.
+        A .txt file says how it was split, and when `line` gave documents of a few words (hard-wrapped
+        prose), which split would keep its paragraphs whole."""
+        lines = []
+        for name, counts in self.by_file().items():
+            line = f"{name}: {counts['read']} read, {counts['kept']} kept"
+            if name.lower().endswith(".txt") and counts["kept"]:
+                mean = self.text_chars[name] / counts["kept"]
+                line += f" (text_split={text_split}: {counts['kept']} documents, {mean:.0f} characters each on average"
+                if text_split == "line" and mean < SHORT_DOCUMENT:
+                    line += "; hard-wrapped text? data.text_split=blank or file keeps paragraphs or files whole"
+                line += ")"
+            if counts["skipped"]:
+                reasons = ", ".join(f"{n} {r}" for r, n in counts["skipped_by_reason"].items())
+                line += f", {counts['skipped']} skipped ({reasons})"
+            cut = [f"{counts[k]} {k.replace('_', ' ')}" for k in CUT_KINDS if counts.get(k)]
+            lines.append(line + (f", {', '.join(cut)}" if cut else ""))
+        return lines
+
+
+NUMBER = re.compile(r"\d+")
+SHORT_DOCUMENT = 60
+"""Characters: line-split documents shorter than this on average look like hard-wrapped prose."""
+
+
+def reason_of(problem: str) -> str:
+    """A problem as a reason to count under: details in parentheses or after `;` and numbers dropped
+    ("turn 3 (user) is empty" and "turn 5 (user) is empty" are one reason)."""
+    reason = problem.split(";")[0]
+    reason = re.sub(r"\s*\([^)]*\)", "", reason)
+    return NUMBER.sub("N", reason).strip() or problem
