@@ -5,7 +5,8 @@ step 16 prompts of 128 tokens x 8 completions of up to 256 tokens, temperature 1
 optimizer step per rollout, no reference model (beta 0). The reward counts reply tokens with an id
 below 16000. Tokens are words "t<id>" of a word-level tokenizer, so prompt lengths are exact, and the
 chat template prints the prompt as it is. lmforge runs its real `grpo` stage (the same code users
-run) with each rollout backend; the figures are the stage's own per-iteration timings after warm-up.
+run) with each generation-engine backend (`rl.backend`: own, the engine's own decoder; hf, its transformers
+fallback); the figures are the stage's own per-iteration timings after warm-up.
 
     python bench/grpo_speed.py --peer .peer --out bench/results/grpo_speed_h100.json
 """
@@ -73,7 +74,7 @@ def run_lmforge(args, backend: str) -> dict:
         overrides = [
             f"model.name_or_path={model}", "model.dtype=bf16" if torch.cuda.is_available() else "model.dtype=fp32",
             f"data.train={prompts}", "data.eval_split=0", f"data.max_length={args.prompt_len + args.new + 8}",
-            f"rl.backend={backend.removesuffix('-static')}", f"rl.static_cache={backend == 'hf-static'}",
+            f"rl.backend={backend}",
             f"rl.prompts_per_step={args.prompts}", f"rl.num_generations={args.ngen}", f"rl.max_new_tokens={args.new}",
             "rl.temperature=1.0", "rl.ppo_epochs=1", "rl.minibatch_size=0", "rl.kl_coef=0", "rl.reference=none",
             "rl.eval_prompts=0", f"rl.rewards=[{{kind: function, function: '{Path(__file__).resolve()}:low_ids'}}]",
@@ -102,8 +103,8 @@ def run_lmforge(args, backend: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="A", choices=sorted(MODELS))
-    parser.add_argument("--backends", default="lmforge:compile,lmforge,hf-static",
-                        help="hf-static: hf with rl.static_cache; BACKEND:compile adds train.compile")
+    parser.add_argument("--backends", default="own:compile,own,hf",
+                        help="rl.backend values (own, hf); BACKEND:compile adds train.compile (the training step)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--ngen", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=128)

@@ -76,11 +76,11 @@ def cmd_generate(args) -> int:
     from lmforge.eval.suite import read_records
     from lmforge.inference.generate import generate_file
     from lmforge.models.load import load_for_inference
-    from lmforge.rollout.sample import SamplingParams
+    from lmforge.rollout.generate import AnswerSettings
 
     records = read_records(args.data, "prompt", args.max_samples)
     model, tokenizer = load_for_inference(args.model)
-    params = SamplingParams(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    params = AnswerSettings(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     written = generate_file(model, tokenizer, records, args.out, params, batch_size=args.batch_size)
     console.print(f"{written} replies written to {args.out}")
     return 0

@@ -15,7 +15,7 @@ from lmforge.config.schema import ConfigError
 from lmforge.eval import metrics
 from lmforge.eval.spec import EvalSpec
 from lmforge.eval.suite import evaluate_model, read_records, wanted_suites
-from lmforge.rollout.sample import Samples
+from lmforge.rollout.rollouts import Samples
 
 
 def _load(path):

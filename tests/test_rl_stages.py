@@ -10,9 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.config.load import load_config
 from lmforge.config.schema import RLConfig
+from lmforge.data.templates import end_of_turn_ids
+from lmforge.generation import Sampling
 from lmforge.loop.checkpoint import list_checkpoints
 from lmforge.models.load import as_reward_model
-from lmforge.rollout.sample import HFBackend, SamplingParams, encode_prompts, sample, trim_at_stop
+from lmforge.rollout.generate import encode
+from lmforge.rollout.rollouts import RolloutEngine
 from lmforge.stages import STAGE_RUNNERS
 from lmforge.stages.online import shape_scores
 from lmforge.stages.ppo import token_rewards
@@ -46,22 +49,22 @@ def rows_of(path) -> list[dict]:
 def test_sample_keeps_the_stop_token_and_pads_after_it(base):
     model = AutoModelForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}],
-                                         [{"role": "user", "content": "Where is it?"}]])
+    prompts = encode(tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}],
+                                 [{"role": "user", "content": "Where is it?"}]])
+    ends = end_of_turn_ids(tokenizer)
     torch.manual_seed(0)
-    samples = sample(HFBackend(), model, tokenizer, prompts, SamplingParams(max_new_tokens=6), n=3)
+    samples = RolloutEngine(model, tokenizer, 6, max(map(len, prompts)), 6).sample(prompts, Sampling(), 6, n=3)
     assert samples.response_ids.shape[0] == 6 and samples.prompt_ids.shape[0] == 6
     assert torch.equal(samples.prompt_ids[0], samples.prompt_ids[2])  # prompt-major: 3 samples of prompt 0
     for ids, mask, stopped in zip(samples.response_ids, samples.response_mask, samples.stopped):
         n = int(mask.sum())
         assert mask[:n].all() and not mask[n:].any()
         assert (ids[n:] == tokenizer.pad_token_id).all()
-        assert bool(stopped) == (n < 6 or ids[n - 1].item() in (tokenizer.convert_tokens_to_ids("<|im_end|>"),))
+        assert bool(stopped) == (ids[n - 1].item() in ends) and (bool(stopped) or n == 6)
+        assert not set(ids[:n - 1].tolist()) & set(ends)  # nothing after the end of the turn
     inputs = samples.model_inputs()
     positions = inputs["position_ids"][inputs["attention_mask"].bool()]
     assert positions.min() == 0  # left padding skipped: every sequence starts at position 0
-    assert trim_at_stop([5, 7, 2, 9], [2]) == ([5, 7, 2], True)
-    assert trim_at_stop([5, 7], [2]) == ([5, 7], False)
 
 
 def test_token_rewards_pay_the_score_on_the_last_token():
@@ -85,9 +88,10 @@ def test_shape_scores_penalty_normalisation_and_clip():
     assert shape_scores(raw * 10, stopped, RLConfig(reward_clip=15.0), {}).tolist() == [10.0, 15.0, 15.0, 15.0]
 
 
-@pytest.mark.parametrize("backend,epochs", [("hf", 2), ("lmforge", 1)])
+@pytest.mark.parametrize("backend,epochs", [("hf", 2), ("own", 1)])
 def test_grpo_learns_a_verifiable_reward(base, world_dir, tmp_path, backend, epochs):
-    """Also with lmforge's own decoder and one on-policy step per rollout (no old-log-prob pass)."""
+    """On the engine's HF fallback with two epochs (old log-probs from the engine), and on its own decoder with
+    one on-policy step per rollout (no old-log-prob pass)."""
     out = tmp_path / "grpo"
     cfg = load_config(None, rl_args(world_dir, out, f"model.name_or_path={base}", "rl.num_generations=8",
                                     "rl.rewards=[{kind: regex, pattern: '" + STARTS_WITH_DIGIT + "'}]",

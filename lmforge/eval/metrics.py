@@ -13,11 +13,13 @@ import torch
 
 from lmforge.data.packing import pack_stream
 from lmforge.data.tokenize import encode_text
+from lmforge.generation import Sampling
 from lmforge.losses.lm import causal_lm_loss
 from lmforge.losses.rl import gather_logps
 from lmforge.models.value import reply_logits
+from lmforge.rollout.generate import encode
 from lmforge.rollout.rewards import answer_match, decode_rows, exact_match
-from lmforge.rollout.sample import HFBackend, Samples, SamplingParams, encode_prompts, sample
+from lmforge.rollout.rollouts import RolloutEngine, Samples
 from lmforge.rollout.score import score_responses
 
 
@@ -55,9 +57,16 @@ def perplexity(model, tokenizer, texts: list[str], block_size: int, batch_size: 
     return {"perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
 
 
+def replies(model, tokenizer, records: list[dict], max_new_tokens: int, temperature: float = 0.0,
+            rows: int = 64) -> Samples:
+    """The model's replies to each record's prompt from the generation engine (greedy by default)."""
+    prompt_ids = encode(tokenizer, [r["prompt"] for r in records])
+    engine = RolloutEngine(model, tokenizer, min(rows, len(prompt_ids)), max(map(len, prompt_ids)), max_new_tokens)
+    return engine.sample(prompt_ids, Sampling(temperature=temperature), max_new_tokens)
+
+
 def greedy_replies(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 64) -> Samples:
-    return sample(HFBackend(batch_size), model, tokenizer, encode_prompts(tokenizer, [r["prompt"] for r in records]),
-                  SamplingParams(max_new_tokens, temperature=0.0))
+    return replies(model, tokenizer, records, max_new_tokens, rows=batch_size)
 
 
 def answer_metrics(records: list[dict], replies: Samples) -> dict:
@@ -95,9 +104,8 @@ def rm_accuracy(reward_model, tokenizer, pairs: list[dict], max_length: int = 10
 def kl_to_reference(policy, reference, tokenizer, records: list[dict], max_new_tokens: int, seed: int) -> dict:
     """KL(policy ‖ reference) per reply: the mean over replies *sampled from the policy* (temperature 1)
     of Σ_t log π(y_t) − log π_ref(y_t), an unbiased estimate of the sequence-level KL."""
-    torch.manual_seed(seed)
-    samples = sample(HFBackend(64), policy, tokenizer, encode_prompts(tokenizer, [r["prompt"] for r in records]),
-                     SamplingParams(max_new_tokens, temperature=1.0))
+    torch.manual_seed(seed)  # each prompt's sampling seed is drawn from torch's generator
+    samples = replies(policy, tokenizer, records, max_new_tokens, temperature=1.0)
     inputs = {k: v.to(_device(policy)) for k, v in samples.model_inputs().items()}
     responses = samples.response_ids.to(_device(policy))
     mask = samples.response_mask.to(_device(policy))

@@ -34,7 +34,7 @@ def draw_tokens(sequences: list[Sequence], logits: torch.Tensor, events: list[To
     top = max(s.request.top_logprobs for s in sequences)
     logprobs, top_ids, top_values = [None] * len(sequences), None, None
     if top or any(s.request.logprobs for s in sequences):
-        chosen, top_ids, top_values = token_logprobs(logits, tokens, top)
+        chosen, top_ids, top_values = token_logprobs(tempered(logits, sequences), tokens, top)
         logprobs = chosen.tolist()
         top_ids, top_values = (top_ids.tolist(), top_values.tolist()) if top else (None, None)
     # One transfer brings the tokens and whether each row's logits were finite (a NaN would draw token 0).
@@ -48,6 +48,16 @@ def draw_tokens(sequences: list[Sequence], logits: torch.Tensor, events: list[To
         ranked = list(zip(top_ids[i][:wanted], top_values[i][:wanted])) if wanted else None
         events.append(sequence.accept(token, logprobs[i], ranked))
         sequence.handle.check_done()
+
+
+def tempered(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+    """The logits the log-probs are read from: each row divided by its temperature where its request asks
+    for tempered log-probs (and samples at a temperature other than 0 and 1), else as they are."""
+    scales = [s.request.sampling.temperature if s.request.tempered_logprobs and s.request.sampling.temperature > 0
+              else 1.0 for s in sequences]
+    if all(scale == 1.0 for scale in scales):
+        return logits
+    return logits.float() / torch.tensor(scales, dtype=torch.float32, device=logits.device)[:, None]
 
 
 def seen_masks(sequences: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:

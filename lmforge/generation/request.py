@@ -9,7 +9,8 @@ Log-probs: `Sample.logprobs[i]` is the log-probability of the i-th sampled token
 distribution, `log_softmax` of the raw logits — before repetition/presence penalties, temperature and
 top-k/top-p/min-p. That is the policy's log-prob that RL's importance ratios and KL terms need (the
 "old log-probs" of PPO/GRPO), and it is what a teacher-forced forward pass over the same tokens gives.
-`top_logprobs` ranks the same distribution.
+`top_logprobs` ranks the same distribution. `tempered_logprobs` divides the logits by the sampling
+temperature first (RL trains the tempered policy).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ class Request:
     """Return each sampled token's log-prob (see the module docstring for which distribution)."""
     top_logprobs: int = 0
     """Also return this many most likely tokens and their log-probs at each step (0..20)."""
+    tempered_logprobs: bool = False
+    """Log-probs (and top_logprobs) of logits / sampling.temperature instead of the raw logits: the tempered
+    policy that RL's importance ratios and KL terms score (still before penalties and top-k/top-p/min-p);
+    greedy (temperature 0) keeps the raw ones."""
     n: int = 1
     """Samples of the same prompt; the prompt is prefilled once and its cache copied to each."""
     session: bool = False
@@ -105,7 +110,7 @@ class Request:
         _check_int("max_new_tokens", self.max_new_tokens, low=1)
         _check_int("top_logprobs", self.top_logprobs, low=0, high=MAX_TOP_LOGPROBS)
         _check_int("n", self.n, low=1)
-        for name in ("logprobs", "session"):
+        for name in ("logprobs", "tempered_logprobs", "session"):
             if not isinstance(getattr(self, name), bool):
                 raise RequestError(f"request.{name}: must be true or false, got {getattr(self, name)!r}")
         stops = list(self.stop_strings)

@@ -25,12 +25,27 @@ def encode(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     return [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
 
 
+@dataclass
+class AnswerSettings:
+    """How `lmforge generate` answers: the reply limit and the sampling settings (temperature 0: greedy)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def model_positions(model) -> int | None:
+    """The most positions the model can attend over, when its config says."""
+    config = model.config
+    return next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                 if isinstance(getattr(config, k, None), int)), None)
+
+
 def answer_engine(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, slots: int) -> Engine:
     """An engine sized for these prompts (the cache holds the longest prompt and its reply, within the
     model's positions: a longer one is refused by the request's own one-line error)."""
-    config = model.config
-    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
-                      if isinstance(getattr(config, k, None), int)), None)
+    positions = model_positions(model)
     needed = max((len(p) for p in prompt_ids), default=1) + max_new_tokens
     max_len = min(needed, positions) if positions else needed
     return Engine(model, slots=max(1, min(slots, len(prompt_ids))), max_len=max_len,

@@ -1,9 +1,11 @@
 """Online RL, the part PPO, GRPO and RLOO share.
 
-One iteration: the next prompts → replies sampled by the rollout backend → rewards (reward models,
-built-ins, user functions) shaped by the config → in inference mode, each reply token's log-prob
-under the policy, under the reference, and (PPO) its value → the algorithm's advantages → a few
-epochs of minibatches, each one optimizer step of the shared training loop (`Trainer.step`).
+One iteration: the next prompts → replies sampled by the run's generation engine (each prompt one request
+of rl.num_generations samples sharing its prefix; with fp32 numerics the engine also returns each token's
+log-prob, the "old" log-probs) → rewards (reward models, built-ins, user functions) shaped by the config →
+in inference mode, each reply token's log-prob under the reference, under the policy where the engine's
+are not exact, and (PPO) its value → the algorithm's advantages → a few epochs of minibatches, each one
+optimizer step of the shared training loop (`Trainer.step`).
 Held-out prompts are answered greedily before training, every `train.eval_steps` iterations and
 at the end: mean reward, exact match with the reference answer, length, KL to the reference.
 """
@@ -14,20 +16,21 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from lmforge.config.schema import RLConfig, StageConfig
 from lmforge.data.build import error_at, load_splits
+from lmforge.generation import Sampling
 from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
 from lmforge.models.reference import Reference
-from lmforge.models.value import PolicyWithValue, reply_logits
-from lmforge.rollout.backends import make_backend
+from lmforge.models.value import PolicyWithValue, critic_values, reply_logits
+from lmforge.rollout.gather import whole_parameters
+from lmforge.rollout.generate import encode
 from lmforge.rollout.rewards import RewardSet, decode_rows, exact_match
-from lmforge.rollout.sample import SamplingParams, encode_prompts, sample
+from lmforge.rollout.rollouts import RolloutEngine
 from lmforge.stages.common import load_for_training, save_artifact, start_run
 from lmforge.stages.critic import load_critic
 
@@ -87,6 +90,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     train_rows, eval_rows, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind="prompt")
     train_prompts = _encode(tokenizer, train_rows, cfg)
     eval_set = list(eval_rows.select(range(min(rl.eval_prompts, len(eval_rows))))) if eval_rows else []
+    eval_prompts = encode(tokenizer, [r["prompt"] for r in eval_set])
     iterations = cfg.train.max_steps if cfg.train.max_steps > 0 else \
         math.ceil(cfg.train.epochs * len(train_prompts) / rl.prompts_per_step)
     samples_per_step = rl.minibatch_size or rl.prompts_per_step * rl.num_generations
@@ -98,9 +102,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     if reference is not None:
         reference.to(device)
     rewards = RewardSet(rl.reward_specs(), device=device)
-    sharded = trainer.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-    backend = make_backend(rl.backend, policy, device.type == "cuda", sharded, rl.static_cache, cfg.train.compile)
-    params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, rl.top_k)
+    sampling = Sampling(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 \
         else FixedKLController(rl.kl_coef)
 
@@ -109,9 +111,15 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     if "kl" in state.extra:
         kl_ctl.load_state_dict(state.extra["kl"])
     unwrapped = trainer.accelerator.unwrap_model(trainer.prepared)
+    # One engine for the whole run (rollouts and held-out replies): its cache holds a rollout's rows.
+    rollouts = RolloutEngine(unwrapped.policy, tokenizer, rl.prompts_per_step * rl.num_generations,
+                             max(map(len, train_prompts + eval_prompts)), rl.max_new_tokens, rl.backend)
+    exact = engine_logps_are_exact(unwrapped.policy, trainer.accelerator)
+
     def evaluate() -> dict:
         with whole_parameters(trainer.prepared):
-            return evaluate_policy(unwrapped.policy, tokenizer, backend, eval_set, rewards, reference, rl)
+            return evaluate_policy(unwrapped.policy, tokenizer, rollouts, eval_set, eval_prompts, rewards,
+                                   reference, rl)
 
     if state.step == 0:  # kept in every checkpoint: a resumed run reports them too
         state.extra["initial_metrics"] = evaluate()
@@ -121,9 +129,9 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     with trainer.preemption as preemption:
         while state.extra.get("iteration", 0) < iterations:
             prompts = _next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
-            last = one_iteration(trainer, unwrapped, tokenizer, backend, params, rewards, reference, kl_ctl, algo, rl,
+            last = one_iteration(trainer, unwrapped, rollouts, sampling, rewards, reference, kl_ctl, algo, rl,
                                  [train_rows[i] for i in prompts], [train_prompts[i] for i in prompts],
-                                 samples_per_step)
+                                 samples_per_step, engine_logps=exact)
             state.extra = {**state.extra, "iteration": state.extra.get("iteration", 0) + 1, "kl": kl_ctl.state_dict()}
             done = state.extra["iteration"]
             if done % cfg.train.logging_steps == 0 or done == iterations:
@@ -146,7 +154,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
 
 def _encode(tokenizer, rows, cfg: StageConfig) -> list[list[int]]:
     """Token ids of each prompt; a prompt leaving no room for the reply within data.max_length is an error."""
-    encoded = encode_prompts(tokenizer, rows["prompt"])
+    encoded = encode(tokenizer, rows["prompt"])
     room = cfg.data.max_length - cfg.rl.max_new_tokens
     too_long = [(row["source"], len(ids)) for row, ids in zip(rows, encoded) if len(ids) > room]
     if too_long:
@@ -168,13 +176,25 @@ def _next_prompts(state, n_prompts: int, rl: RLConfig, seed: int, accelerator) -
     return chosen[rank::world] if len(chosen) >= world else chosen
 
 
-def one_iteration(trainer, model: PolicyWithValue, tokenizer, backend, params, rewards: RewardSet,
-                  reference, kl_ctl, algo: Algorithm, rl: RLConfig, rows: list[dict], prompt_ids: list[list[int]],
-                  samples_per_step: int) -> dict:
+def engine_logps_are_exact(policy, accelerator) -> bool:
+    """Whether the engine's log-probs equal a teacher-forced forward pass (to ~1e-6): fp32 weights, no mixed
+    precision, and on a GPU no TF32 matmuls. Then they are the rollout's old log-probs; otherwise (bf16, say)
+    the two passes' kernels round differently, and the old log-probs are recomputed by the training pass's
+    own numerics so the first importance ratio is exactly 1."""
+    fp32 = all(p.dtype == torch.float32 for p in policy.parameters() if p.is_floating_point())
+    tf32 = accelerator.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return fp32 and str(accelerator.mixed_precision) == "no" and not tf32
+
+
+def one_iteration(trainer, model: PolicyWithValue, rollouts: RolloutEngine, sampling: Sampling,
+                  rewards: RewardSet, reference, kl_ctl, algo: Algorithm, rl: RLConfig, rows: list[dict],
+                  prompt_ids: list[list[int]], samples_per_step: int, engine_logps: bool = False) -> dict:
     device = trainer.accelerator.device
     started = time.perf_counter()
+    on_policy = on_policy_step(algo, rl, len(prompt_ids) * rl.num_generations, samples_per_step, reference)
+    engine_logps = engine_logps and not on_policy  # an on-policy step takes its own (detached) log-probs
     with whole_parameters(trainer.prepared), trainer.accelerator.autocast():
-        samples = sample(backend, model.policy, tokenizer, prompt_ids, params, rl.num_generations)
+        samples = rollouts.sample(prompt_ids, sampling, rl.max_new_tokens, rl.num_generations, logprobs=engine_logps)
     scored_at = time.perf_counter()
     conversations = [r["prompt"] for r in rows for _ in range(rl.num_generations)]
     columns = decode_rows([r for r in rows for _ in range(rl.num_generations)])
@@ -184,9 +204,10 @@ def one_iteration(trainer, model: PolicyWithValue, tokenizer, backend, params, r
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["scores"] = shape_scores(raw.to(device), samples.stopped.to(device), rl, trainer.state.extra)
     inferred_at = time.perf_counter()
+    if samples.logps is not None:
+        batch["old_logps"] = samples.logps.to(device) * batch["mask"]
     batch.update(rollout_views(model, batch, reference, rl, trainer.cfg.batch_size,
-                               old_logps=not on_policy_step(algo, rl, len(samples.texts), samples_per_step,
-                                                            reference)))
+                               old_logps=not on_policy and samples.logps is None))
     advantages_at = time.perf_counter()
     batch["advantages"], batch["returns"], adv_metrics = algo.advantages(batch, rl, kl_ctl.coef)
     stats = _optimise(trainer, batch, rl, samples_per_step)
@@ -204,38 +225,6 @@ def one_iteration(trainer, model: PolicyWithValue, tokenizer, backend, params, r
         "time/inference_share": (advantages_at - inferred_at) / total,
         "time/train_share": (ended - advantages_at) / total, "samples_per_s": len(samples.texts) / total,
     }
-
-
-@contextmanager
-def whole_parameters(prepared):
-    """Under FSDP2, the policy's parameters gathered (and kept gathered) while it generates: generation
-    calls the policy outside the wrapped root's forward, and token by token, where resharding after
-    every block would gather each block again for every token. Elsewhere a no-op."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        yield
-        return
-    sharded = [m for m in prepared.modules() if isinstance(m, FSDPModule)]
-    resharding = [_reshards_after_forward(m) for m in sharded]
-    for module in sharded:
-        module.set_reshard_after_forward(False, recurse=False)
-        module.unshard()
-    try:
-        yield
-    finally:
-        for module, reshard in zip(sharded, resharding):
-            module.reshard()
-            module.set_reshard_after_forward(reshard, recurse=False)
-
-
-def _reshards_after_forward(module) -> bool:
-    """The module's own setting (torch keeps it on the parameter group; it has no public getter)."""
-    try:
-        group = module._get_fsdp_state()._fsdp_param_group
-        return group is None or group.post_forward_mesh_info is not None
-    except AttributeError:
-        return True
 
 
 def shape_scores(raw: torch.Tensor, stopped: torch.Tensor, rl: RLConfig, extra: dict) -> torch.Tensor:
@@ -280,9 +269,12 @@ def rollout_views(model: PolicyWithValue, batch: dict, reference, rl: RLConfig, 
             part = {k: v[start:start + chunk] for k, v in inputs.items()}
             responses = batch["responses"][start:start + chunk]
             values = None
-            if old_logps or model.has_values:
+            if old_logps or model.value_head is not None:  # a shared value head needs the policy's pass
                 logits, values = model(**part, width=width)
-                parts["old_logps"].append(token_logps(logits.float(), responses, rl.temperature))
+                if old_logps:
+                    parts["old_logps"].append(token_logps(logits.float(), responses, rl.temperature))
+            elif model.critic is not None:  # the old log-probs came from the engine: the critic alone
+                values = critic_values(model.critic, part, width)
             if values is not None:
                 parts["old_values"].append(values.float())
             if reference is not None:
@@ -321,14 +313,13 @@ def _optimise(trainer, batch: dict, rl: RLConfig, samples_per_step: int) -> dict
 
 
 @torch.no_grad()
-def evaluate_policy(policy, tokenizer, backend, rows: list[dict], rewards: RewardSet, reference,
-                    rl: RLConfig) -> dict:
+def evaluate_policy(policy, tokenizer, rollouts: RolloutEngine, rows: list[dict], prompt_ids: list[list[int]],
+                    rewards: RewardSet, reference, rl: RLConfig) -> dict:
     """Greedy replies to held-out prompts: reward, exact match with the reference, length, KL."""
     if not rows:
         return {}
     prompts = [r["prompt"] for r in rows]
-    samples = sample(backend, policy, tokenizer, encode_prompts(tokenizer, prompts),
-                     SamplingParams(rl.max_new_tokens, temperature=0.0))
+    samples = rollouts.sample(prompt_ids, Sampling(temperature=0.0), rl.max_new_tokens)
     columns = decode_rows(rows)
     columns.update(response_lengths=samples.lengths.long().tolist(), stopped=samples.stopped.tolist())
     total, components = rewards(prompts, samples.texts, columns)
