@@ -256,7 +256,7 @@ def _ppo_only(ctx: Ctx, value: Any) -> None:
 
 def _attention(ctx: Ctx, value: Any) -> None:
     names = {"auto": "auto", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
-    if value not in names:
+    if not isinstance(value, str) or value not in names:
         raise Unmappable(f"{value!r} is not one of {', '.join(names)}")
     ctx.set("model.attn_implementation", names[value])
 

@@ -136,7 +136,7 @@ SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "c
 
 
 def _scheduler(ctx: Ctx, value: Any) -> None:
-    if value not in SCHEDULERS:
+    if not isinstance(value, str) or value not in SCHEDULERS:
         raise Unmappable(f"{value!r}: lmforge schedules {', '.join(SCHEDULERS)} (train.scheduler)")
     ctx.set("train.scheduler", SCHEDULERS[value])
     if value == "constant" and (ctx.src.get("warmup_ratio") or ctx.src.get("warmup_steps")):
@@ -254,7 +254,7 @@ DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "auto": "aut
 
 
 def _dtype(ctx: Ctx, value: Any) -> None:
-    if value not in DTYPES:
+    if not isinstance(value, str) or value not in DTYPES:
         raise Unmappable(f"{value!r} is not one of {', '.join(DTYPES)}")
     ctx.set("model.dtype", DTYPES[value])
 
