@@ -295,3 +295,24 @@ def test_a_bad_jinja_file_is_refused_in_one_line_naming_it(tmp_path, content, pr
         check_template_choice(str(path))
     assert problem in str(refused.value) and "model.template" in str(refused.value) and str(path) in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_a_run_with_a_family_template_its_tokenizer_lacks_stops_before_the_model_is_built(chat_tokenizer_dir, tmp_path):
+    """Issue 24: `model.template: llama3` used to pass validation and crash with a traceback after the model loaded."""
+    from transformers import AutoTokenizer
+
+    from lmforge.models.load import load_model_and_tokenizer
+
+    cfg = load_config(None, ["model.scratch=test", f"model.tokenizer={chat_tokenizer_dir}", "model.template=llama3"],
+                      stage="sft")
+    with pytest.raises(ConfigError, match=r"^model.template=llama3: the tokenizer has no <\|begin_of_text\|>"):
+        load_model_and_tokenizer(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir))  # the same tokenizer, of the Llama 3 family
+    tokenizer.add_tokens(list(template_info(template_text("llama3")).special), special_tokens=True)
+    tokenizer.save_pretrained(tmp_path / "llama3-tok")
+    cfg = load_config(None, ["model.scratch=test", f"model.tokenizer={tmp_path / 'llama3-tok'}",
+                             "model.template=llama3"], stage="sft")
+    model, loaded, _ = load_model_and_tokenizer(cfg.model)
+    assert loaded.chat_template == template_text("llama3")
+    assert model.get_input_embeddings().weight.shape[0] == len(loaded) == len(tokenizer)
+    assert end_of_turn_markers(loaded) == ["<|eot_id|>", "<|endoftext|>"]  # no <|eom_id|> in this vocabulary

@@ -145,8 +145,9 @@ def apply_template_choice(tokenizer, choice: str | None) -> str:
     if missing and not info.add_missing:
         hint = ("model.template=auto keeps the tokenizer's own template" if getattr(tokenizer, "chat_template", None)
                 else "model.template=chatml adds its two tokens")
-        raise ConfigError(f"model.template={name}: the tokenizer has no {', '.join(missing)} token, so it is not "
-                          f"of the family this template is for; pick the model's template ({hint})")
+        tokens = f"{', '.join(missing)} token{'s' if len(missing) > 1 else ''}"
+        raise ConfigError(f"model.template={name}: the tokenizer has no {tokens}, so it is not of the family this "
+                          f"template is for; pick the model's template ({hint})")
     tokenizer.chat_template = text
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
