@@ -268,24 +268,32 @@ def test_every_target_is_an_lmforge_key_and_the_docs_table_is_the_code_table():
 
 
 @needs_shared
-@pytest.mark.parametrize("text, extra", [
-    (LF_SFT, "max_steps: 3\nper_device_train_batch_size: 4\n"),
-    (LF_DPO, "max_steps: 2\nper_device_train_batch_size: 2\n"),
-    (LF_KTO, "max_steps: 2\nper_device_train_batch_size: 4\n"),
+@pytest.mark.parametrize("text, dataset, extra", [
+    (LF_SFT, None, "max_steps: 3\nper_device_train_batch_size: 4\n"),
+    (LF_DPO, ("dpo_en_demo", "demo_pref"), "max_steps: 2\nper_device_train_batch_size: 2\n"),
+    (LF_KTO, ("kto_en_demo", "demo_kto"), "max_steps: 2\nper_device_train_batch_size: 4\n"),
 ], ids=["sft", "dpo", "kto"])
-def test_llamafactory_configs_train_unchanged(tmp_path, capsys, base, text, extra):
-    """The documented examples with a tiny local model, small data and a few steps: the file is read as it is."""
+def test_llamafactory_configs_train_unchanged(tmp_path, capsys, base, world_dir, text, dataset, extra):
+    """The documented examples with a tiny local model, small data and a few steps: the file is read as it is.
+    SFT reads LLaMA-Factory's own demo data; DPO and KTO the demo world's pairs through its dataset_info.json
+    (LLaMA-Factory's English pairs are longer than the tiny model's 1,024 positions in its tiny vocabulary)."""
     text = (text.replace("cutoff_len: 2048", "cutoff_len: 128").replace("max_samples: 1000", "max_samples: 24")
             .replace("bf16: true", "bf16: false").replace("per_device_train_batch_size: 1\n", "")
             .replace("gradient_accumulation_steps: 8", "gradient_accumulation_steps: 1")
             .replace("val_size: 0.1", "val_size: 0.0") + extra + "report_to: none\ndisable_gradient_checkpointing: true\n")
-    path = lf(tmp_path, text, model=base, template="chatml")
+    data = SHARED_DATA
+    if dataset:
+        text, data = text.replace(*dataset), world_dir
+    path = lf(tmp_path, text, model=base, template="chatml", data=data)
     assert main(["train", str(path)]) == 0
     out = capsys.readouterr().out
     assert "as a LLaMA-Factory config" in out and "ignored (no effect in lmforge): do_train" in out
     saved = yaml.safe_load((tmp_path / "saves" / "config.yaml").read_text(encoding="utf-8"))
-    assert saved["model"]["finetuning"] == "lora" and saved["lora"]["alpha"] == 16
-    manifest = json.loads((tmp_path / "saves" / "lmforge.json").read_text(encoding="utf-8"))
+    assert (saved["model"]["finetuning"], saved["lora"]["r"], saved["lora"]["alpha"]) == ("lora", 8, 16)
+    assert (saved["train"]["lr"], saved["train"]["scheduler"], saved["train"]["warmup_ratio"]) == \
+        (1e-4 if not dataset else 5e-6, "cosine", 0.1)
+    assert saved["stage"] == ("dpo" if dataset else "sft")
+    assert saved["dpo"]["loss"] == ("kto" if dataset and "kto" in dataset[1] else "sigmoid")
     steps = [json.loads(line)["step"] for line in (tmp_path / "saves" / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
-    assert steps and max(steps) == saved["train"]["max_steps"], (manifest.keys(), steps)
+    assert steps and max(steps) == saved["train"]["max_steps"], steps
