@@ -190,6 +190,7 @@ def test_an_lmforge_config_is_never_taken_for_a_foreign_one(tmp_path, capsys):
     # Only `stage` and groups, with `stage` like LLaMA-Factory's: lmforge's.
     cfg, conversion = load_stage_config(write(tmp_path, "stage: dpo\nmodel: {scratch: test}\n"), [], None)
     assert conversion is None and cfg.stage == "dpo" and cfg.train.lr == 3e-4
+    assert "already an lmforge config" in one_line_error(capsys, ["convert", str(tmp_path / "config.yaml")])
     text = one_line_error(capsys, ["train", str(write(tmp_path, "model: {scratch: test}\n", "nostage.yaml"))])
     assert "names no stage" in text and "stage: sft" in text
 
