@@ -6,6 +6,7 @@ the SmolLM2 examples name in their headers as the alternative, is checked agains
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -113,3 +114,34 @@ def test_the_smollm2_examples_read_llamafactory_data_as_their_headers_say(name, 
     if name == "sft_smollm2_identity.yaml":
         text = " ".join(m["content"] for r in rows for m in r["messages"])
         assert "Forge" in text and "{{name}}" not in text and "{{author}}" not in text
+
+
+# The single-stage examples that need no GPU, in the order their headers chain them, each run for its
+# first step from the clone (models shrunk to the suite's tiny base; the data is the example's own).
+FIRST_STEPS = ["pt_demo", "sft_demo", "rm_demo", "dpo_demo", "ppo_demo", "grpo_demo", "rloo_demo",
+               "sft_smollm2_identity", "sft_alpaca_lora", "dpo_smollm2_lora"]
+SHRINK = ["train.max_steps=1", "train.eval_steps=0", "train.batch_size=2", "train.grad_accum=1", "log.report_to=[]",
+          "log.progress=false", "sft.eval_generate=0", "dpo.eval_generate=0", "rl.prompts_per_step=2",
+          "rl.max_new_tokens=4", "rl.eval_prompts=0", "rl.minibatch_size=0", "data.max_length=128"]
+
+
+def test_the_examples_run_their_first_step_from_a_clone(clone, base, world_tokenizer_dir, monkeypatch):
+    from lmforge.stages import STAGE_RUNNERS
+
+    assert set(FIRST_STEPS) | {"demo", "smollm2"} == {p.stem for p in EXAMPLES}  # a new example is listed here
+    monkeypatch.chdir(clone)
+    runs = clone / "first-steps"
+    for name in FIRST_STEPS:
+        model = [f"model.tokenizer={world_tokenizer_dir}", "model.scratch=test", "model.name_or_path=null"] \
+            if name == "pt_demo" else [f"model.name_or_path={base}"]
+        rl = [f"rl.reward_model={runs / 'rm_demo'}", "rl.critic=shared"] if name == "ppo_demo" else []
+        generations = ["rl.num_generations=2"] if name in ("grpo_demo", "rloo_demo") else []
+        cfg = load_config(clone / "examples" / f"{name}.yaml",
+                          [*model, *SHRINK, *rl, *generations, f"train.output_dir={runs / name}"])
+        STAGE_RUNNERS[cfg.stage](cfg)
+        manifest = json.loads((runs / name / "lmforge.json").read_text(encoding="utf-8"))
+        files = manifest["data"]["by_file"]
+        assert files and all(counts["kept"] > 0 for counts in files.values()), name
+        # every file it read lies inside the clone (paths relative to it), none beside the repository
+        assert all(not Path(f).is_absolute() and (clone / f).resolve().is_relative_to(clone.resolve())
+                   or Path(f).resolve().is_relative_to(ROOT / "examples") for f in files), (name, list(files))
