@@ -286,6 +286,7 @@ def test_a_jinja_file_is_a_template_with_its_own_stop_tokens(tok, tmp_path):
     ("{#- lmforge-template\nstop: <|x|>\n-#}hi", "header key 'stop' must be a list"),
     ("{#- lmforge-template\nstops: []\n-#}hi", "unknown lmforge-template header keys ['stops']"),
     ("{#- lmforge-template\nstop: [a\n-#}hi", "header is not valid YAML"),
+    ("{% for m in messages %}{{ m['content'] }}", "not a valid Jinja template: line 1:"),
 ])
 def test_a_bad_jinja_file_is_refused_in_one_line_naming_it(tmp_path, content, problem):
     path = tmp_path / "bad.jinja"
@@ -316,3 +317,14 @@ def test_a_run_with_a_family_template_its_tokenizer_lacks_stops_before_the_model
     assert loaded.chat_template == template_text("llama3")
     assert model.get_input_embeddings().weight.shape[0] == len(loaded) == len(tokenizer)
     assert end_of_turn_markers(loaded) == ["<|eot_id|>", "<|endoftext|>"]  # no <|eom_id|> in this vocabulary
+
+
+def test_a_conversation_the_template_refuses_is_a_bad_record_not_a_traceback(tok):
+    """A template's own raise_exception (Gemma 2's template refuses system messages) must reach the data
+    pipeline as a ValueError, which it counts as a bad record naming file and line."""
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    with pytest.raises(ValueError, match="^the chat template refused this conversation: System role not supported$"):
+        encode_sft(tok, TRAINING, 10**6)
+    with pytest.raises(ValueError, match="System role not supported"):
+        render_prompt(tok, CONVERSATION)

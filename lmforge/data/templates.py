@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import jinja2
 import yaml
 
 from lmforge.config.errors import ConfigError
@@ -82,7 +83,20 @@ def template_text(choice: str) -> str:
         if not text.strip():
             raise ConfigError(f"model.template: {choice} is empty; it must hold a Jinja chat template")
     template_info(text, where=f"model.template ({choice})")
+    if is_template_path(choice):
+        _check_syntax(text, f"model.template ({choice})")
     return text
+
+
+def _check_syntax(text: str, where: str) -> None:
+    """Compile a user's template the way transformers will, so a syntax error is a config error."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)
+    except jinja2.TemplateError as exc:
+        line = f" line {exc.lineno}:" if getattr(exc, "lineno", None) else ""
+        raise ConfigError(f"{where}: not a valid Jinja template:{line} {str(exc).splitlines()[0]}") from exc
 
 
 def check_template_choice(choice: str) -> None:
@@ -191,9 +205,14 @@ class Segment:
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None,
             template_kwargs: dict | None = None) -> str:
     kwargs = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs, **(template_kwargs or {})
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs, **(template_kwargs or {})
+        )
+    except jinja2.TemplateError as exc:
+        # A template's own rules (Gemma 2's "System role not supported", roles that must alternate) refuse
+        # a record: a ValueError, so the data pipeline counts it as a bad record instead of a traceback.
+        raise ValueError(f"the chat template refused this conversation: {exc}") from exc
 
 
 def render_prompt(tokenizer, messages: list[dict], tools: list | None = None,
