@@ -144,13 +144,13 @@ def test_api_key_and_bad_requests_get_clear_errors(server):
     assert status == 404 and "tiny" in answer["error"]["message"]
 
 
-UNSUPPORTED = {"logprobs": True, "top_logprobs": 3, "tools": [{"type": "function", "function": {"name": "f"}}],
+UNSUPPORTED = {"tools": [{"type": "function", "function": {"name": "f"}}],
                "tool_choice": "required", "response_format": {"type": "json_object"}, "presence_penalty": 0.5,
                "frequency_penalty": -1.0, "logit_bias": {"5": 10}, "functions": [{"name": "f"}]}
 
 
 def test_fields_the_server_does_not_implement_are_refused_not_ignored(server):
-    """A client that asks for tools or log-probs must be told it gets none, not handed a plain reply."""
+    """A client that asks for tools must be told it gets none, not handed a plain reply."""
     url = server + "/v1/chat/completions"
     for field, value in UNSUPPORTED.items():
         status, answer = _post(url, {"model": "tiny", "messages": QUESTION, "max_tokens": 2, field: value})
@@ -160,8 +160,97 @@ def test_fields_the_server_does_not_implement_are_refused_not_ignored(server):
            "response_format": {"type": "text"}, "logit_bias": {}}
     status, answer = _post(url, {"model": "tiny", "messages": QUESTION, "max_tokens": 2, **off})
     assert status == 200 and answer["choices"][0]["logprobs"] is None
-    status, answer = _post(server + "/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 2})
-    assert status == 400 and answer["error"]["param"] == "logprobs"
+
+
+def _forced(model, tokenizer, prompt_ids: list[int], reply_ids: list[int], k: int) -> tuple[list, list]:
+    """Teacher-forced log-probs of the reply's tokens and the k most likely (id, log-prob) at each position."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + reply_ids])).logits[0, len(prompt_ids) - 1:-1].float()
+    logps = torch.log_softmax(logits, -1)
+    chosen = logps.gather(-1, torch.tensor(reply_ids)[:, None]).squeeze(-1).tolist()
+    best = logps.topk(k, dim=-1)
+    return chosen, [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+
+
+def _greedy_ids(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy reply ids, without the end-of-turn token that ends it."""
+    stops = end_of_turn_ids(tokenizer)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)[0, len(prompt_ids):].tolist()
+    return out[:next((i for i, t in enumerate(out) if t in stops), len(out))]
+
+
+def test_chat_logprobs_equal_a_teacher_forced_pass_plain_and_streamed(server, local):
+    from lmforge.serve.logprobs import TokenText
+
+    model, tokenizer = local
+    prompt_ids = tokenizer(render_prompt(tokenizer, QUESTION), add_special_tokens=False)["input_ids"]
+    reply_ids = _greedy_ids(model, tokenizer, prompt_ids, 12)
+    chosen, best = _forced(model, tokenizer, prompt_ids, reply_ids, 5)
+    body = {"model": "tiny", "messages": QUESTION, "temperature": 0, "max_tokens": 12, "logprobs": True,
+            "top_logprobs": 5}
+    status, answer = _post(server + "/v1/chat/completions", body)
+    assert status == 200, answer
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert len(content) == len(reply_ids)  # one entry per reply token, none for the end-of-turn token
+    assert [e["logprob"] for e in content] == pytest.approx(chosen, abs=1e-4)
+    text_of = TokenText(tokenizer)
+    for entry, ranked in zip(content, best):
+        assert [t["bytes"] for t in entry["top_logprobs"]] == [text_of(i)[1] for i, _ in ranked]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([v for _, v in ranked], abs=1e-4)
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"], abs=1e-6)  # greedy: the best
+    joined = bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace")
+    assert joined.strip() == answer["choices"][0]["message"]["content"].strip()
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+    streamed, carrying = [], 0
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs and choice.logprobs.content:
+                carrying += 1
+                streamed += [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in choice.logprobs.content]
+    assert streamed == [(e["token"], e["logprob"], [t["token"] for t in e["top_logprobs"]]) for e in content]
+    assert carrying > 1  # they came with the text, chunk by chunk
+    plain = _post(server + "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": 0})[1]
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
+
+
+def test_completion_logprobs_in_the_legacy_shape(server, local):
+    model, tokenizer = local
+    prompt = "The capital of"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    status, answer = _post(server + "/v1/completions", {"model": "tiny", "prompt": prompt, "temperature": 0,
+                                                         "max_tokens": 8, "logprobs": 3})
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    got = choice["logprobs"]
+    reply_ids = _greedy_ids(model, tokenizer, prompt_ids, 8)
+    chosen, best = _forced(model, tokenizer, prompt_ids, reply_ids, 3)
+    assert got["token_logprobs"] == pytest.approx(chosen, abs=1e-4)
+    assert [v for d in got["top_logprobs"] for v in sorted(d.values(), reverse=True)[:3]] == \
+        pytest.approx([v for ranked in best for _, v in ranked], abs=1e-4)
+    assert "".join(got["tokens"]) == choice["text"]
+    assert got["text_offset"][0] == len(prompt)
+    assert got["text_offset"][1:] == [len(prompt) + len("".join(got["tokens"][:i])) for i in range(1, len(reply_ids))]
+    none = _post(server + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 3, "logprobs": 0})[1]
+    assert all(len(d) == 1 for d in none["choices"][0]["logprobs"]["top_logprobs"])  # the drawn token alone
+
+
+def test_bad_logprob_requests_name_the_field(server):
+    chat, completions = server + "/v1/chat/completions", server + "/v1/completions"
+    cases = [(chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+             (chat, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+             (chat, {"top_logprobs": 3}, "top_logprobs needs logprobs"),
+             (completions, {"logprobs": True}, "logprobs"),
+             (completions, {"logprobs": 21}, "logprobs"),
+             (completions, {"logprobs": 2, "top_logprobs": 2}, "top_logprobs")]
+    for url, extra, named in cases:
+        body = {"model": "tiny", "max_tokens": 2, **extra,
+                **({"messages": QUESTION} if url == chat else {"prompt": "hi"})}
+        status, answer = _post(url, body)
+        assert status == 400, (extra, answer)
+        assert named in answer["error"]["message"] or answer["error"]["param"] == named, (extra, answer)
 
 
 def test_full_queue_answers_503_and_everything_else_completes(server):

@@ -31,12 +31,7 @@ def draw_tokens(sequences: list[Sequence], logits: torch.Tensor, events: list[To
                            all_greedy=all(s.greedy for s in settings),
                            truncating=any(s.top_k > 0 or s.top_p < 1 for s in settings),
                            flooring=any(s.min_p > 0 for s in settings))
-    top = max(s.request.top_logprobs for s in sequences)
-    logprobs, top_ids, top_values = [None] * len(sequences), None, None
-    if top or any(s.request.logprobs for s in sequences):
-        chosen, top_ids, top_values = token_logprobs(tempered(logits, sequences), tokens, top)
-        logprobs = chosen.tolist()
-        top_ids, top_values = (top_ids.tolist(), top_values.tolist()) if top else (None, None)
+    logprobs, top_ids, top_values = asked_logprobs(sequences, logits, tokens)
     # One transfer brings the tokens and whether each row's logits were finite (a NaN would draw token 0).
     drawn, finite = torch.stack([tokens, torch.isfinite(logits).all(-1).long()]).tolist()
     broken = [s for s, ok in zip(sequences, finite) if not ok]
@@ -48,6 +43,29 @@ def draw_tokens(sequences: list[Sequence], logits: torch.Tensor, events: list[To
         ranked = list(zip(top_ids[i][:wanted], top_values[i][:wanted])) if wanted else None
         events.append(sequence.accept(token, logprobs[i], ranked))
         sequence.handle.check_done()
+
+
+def asked_logprobs(sequences: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list, list, list]:
+    """Per row: the drawn token's log-prob, and the ids and log-probs of its request's `top_logprobs` most likely
+    tokens (None where not asked). Computed for the rows that ask only: a vocabulary-wide log-softmax and
+    sort per row is not free at a large batch."""
+    count = len(sequences)
+    logprobs, top_ids, top_values = [None] * count, [None] * count, [None] * count
+    asking = [i for i, s in enumerate(sequences) if s.request.logprobs or s.request.top_logprobs]
+    if not asking:
+        return logprobs, top_ids, top_values
+    picked = [sequences[i] for i in asking]
+    if len(asking) < count:
+        index = torch.tensor(asking, device=logits.device)
+        logits, tokens = logits[index], tokens[index]
+    top = max(s.request.top_logprobs for s in picked)
+    chosen, ids, values = token_logprobs(tempered(logits, picked), tokens, top)
+    for i, value in zip(asking, chosen.tolist()):
+        logprobs[i] = value
+    if top:
+        for i, row_ids, row_values in zip(asking, ids.tolist(), values.tolist()):
+            top_ids[i], top_values[i] = row_ids, row_values
+    return logprobs, top_ids, top_values
 
 
 def tempered(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:

@@ -25,6 +25,8 @@ class TokenEvent:
     """Text this token released ("" while held back, or without a tokenizer)."""
     finish_reason: str | None
     """Set on a sample's last event."""
+    top_logprobs: list[tuple[int, float]] | None = None
+    """(token id, log-prob) of the most likely tokens at this step, when the request asked for them."""
 
 
 class Sequence:
@@ -93,7 +95,7 @@ class Sequence:
             finish = "stop" if self.text.stop_string is not None else finish
         if finish is not None:
             self.end(finish)
-        return TokenEvent(self.handle, self.index, token, logprob, text, finish)
+        return TokenEvent(self.handle, self.index, token, logprob, text, finish, top)
 
     def end(self, reason: str) -> None:
         self.out.finish_reason = reason

@@ -22,6 +22,7 @@ from lmforge.generation import Request as GenerationRequest
 from lmforge.serve import protocol
 from lmforge.serve.batcher import Batcher, QueueFull
 from lmforge.serve.guard import RequestGuard
+from lmforge.serve.logprobs import chat_logprobs, completion_logprobs
 
 
 class ApiError(Exception):
@@ -134,17 +135,22 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
             raise ApiError(400, "the prompt is empty", "prompt")
         limit = _token_limit(len(prompt_ids), body.token_limit, context, default_max_tokens)
         collector = Collector(body.n, batcher)
+        logprobs, top = body.logprob_request
+        # Completions count text offsets from the prompt's start, as the legacy API did.
+        shape = chat_logprobs if chat else partial(completion_logprobs, offset=len(body.prompt))
         try:
             collector.submit(GenerationRequest(prompt_ids, Sampling(temperature=body.temperature, top_p=body.top_p,
                                                                     seed=body.seed),
-                                               max_new_tokens=limit, stop_strings=body.stop_texts, n=body.n))
+                                               max_new_tokens=limit, stop_strings=body.stop_texts, n=body.n,
+                                               logprobs=logprobs, top_logprobs=top))
         except RequestError as refused:  # what the engine cannot hold (n over its rows, ...)
             raise ApiError(400, str(refused), _param(str(refused))) from None
         except QueueFull as full:
             return _error(503, f"server busy ({full}); retry later", kind="server_busy", headers={"Retry-After": "1"})
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return StreamingResponse(_stream(collector, rid, len(prompt_ids), chat, body.include_usage),
+            return StreamingResponse(_stream(collector, rid, len(prompt_ids), chat, body.include_usage,
+                                             shape if logprobs else None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collecting = asyncio.ensure_future(_collect(collector))
         gone = asyncio.ensure_future(_client_gone(request))
@@ -156,32 +162,42 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
             collector.cancel()
         if not collecting.done() or collecting.cancelled():
             return Response(status_code=499)  # nobody reads it; uvicorn drops it on a closed connection
-        texts, reasons, tokens = collecting.result()
+        texts, reasons, tokens, entries = collecting.result()
         failed = next((r for r in reasons if r.startswith("error")), None)
         if failed:
             return _error(500, f"generation failed ({failed})", kind="server_error")
         build = protocol.chat_response if chat else protocol.completion_response
-        return build(rid, name, texts, reasons, len(prompt_ids), tokens)
+        return build(rid, name, texts, reasons, len(prompt_ids), tokens,
+                     [shape(e) for e in entries] if logprobs else None)
 
-    async def _stream(collector: Collector, rid: str, prompt_tokens: int, chat: bool, include_usage: bool):
-        tokens = 0
+    async def _stream(collector: Collector, rid: str, prompt_tokens: int, chat: bool, include_usage: bool,
+                      shape=None):
+        """Server-sent chunks; with `shape` (log-probs asked for) each chunk carries the entries of the tokens
+        whose text it releases (text held back for a possible stop string comes with a later chunk)."""
+        tokens, pending = 0, [[] for _ in range(collector.n)]
         try:
             if chat:
                 for index in range(collector.n):
                     yield _sse(protocol.chat_chunk(rid, name, index, {"role": "assistant", "content": ""}, None))
             async for index, kind, value in collector.events_until_done():
+                if kind == "logprob":
+                    pending[index].append(value)
+                    continue
                 if kind == "done":
                     reason, used = value
                     tokens += used
                     if reason.startswith("error"):
                         yield _sse(protocol.error_body(f"generation failed ({reason})", "server_error"))
                         return
+                logprobs = shape(pending[index]) if shape is not None and pending[index] else None
+                pending[index] = []
                 if chat:
                     delta = {"content": value} if kind == "text" else {}
-                    chunk = protocol.chat_chunk(rid, name, index, delta, value[0] if kind == "done" else None)
+                    chunk = protocol.chat_chunk(rid, name, index, delta, value[0] if kind == "done" else None,
+                                                logprobs)
                 else:
                     chunk = protocol.completion_chunk(rid, name, index, value if kind == "text" else "",
-                                                      value[0] if kind == "done" else None)
+                                                      value[0] if kind == "done" else None, logprobs)
                 yield _sse(chunk)
             if include_usage:
                 kind = "chat.completion.chunk" if chat else "text_completion"
@@ -193,15 +209,19 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
     return app
 
 
-async def _collect(collector: Collector) -> tuple[list[str], list[str], int]:
+async def _collect(collector: Collector) -> tuple[list[str], list[str], int, list[list[dict]]]:
+    """Each choice's text, finish reason and log-prob entries, and the tokens generated."""
     texts, reasons, tokens = [""] * collector.n, [""] * collector.n, 0
+    entries: list[list[dict]] = [[] for _ in range(collector.n)]
     async for index, kind, value in collector.events_until_done():
         if kind == "text":
             texts[index] += value
+        elif kind == "logprob":
+            entries[index].append(value)
         else:
             reasons[index], used = value
             tokens += used
-    return texts, reasons, tokens
+    return texts, reasons, tokens, entries
 
 
 async def _client_gone(request: Request) -> None:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 
 from lmforge.generation import Engine, Handle, Request, TokenEvent
+from lmforge.serve.logprobs import TokenText, token_entry
 
 log = logging.getLogger("lmforge.serve")
 
@@ -18,7 +19,8 @@ MAX_CONTEXT = 4096
 with 128k positions would otherwise take `slots` times 128k positions of memory before the first request."""
 
 Listener = Callable[[int, str, object], None]
-"""Called on the worker thread with (sample index, "text", piece) or (sample index, "done", (reason, tokens))."""
+"""Called on the worker thread with (sample index, "text", piece), (sample index, "logprob", token entry: see
+serve.logprobs; before the token's text, for requests that asked) or (sample index, "done", (reason, tokens))."""
 
 
 class QueueFull(Exception):
@@ -32,6 +34,7 @@ class Batcher:
         self.engine = Engine(model, slots=max_batch_size, max_len=max_len or min(positions, MAX_CONTEXT),
                              eos_ids=stop_ids, tokenizer=tokenizer)
         self.queue_size = queue_size
+        self.token_text = TokenText(tokenizer)
         self._listeners: dict[int, tuple[Handle, Listener]] = {}
         self._queued: set[int] = set()
         """Requests submitted whose rows the engine has not admitted yet."""
@@ -101,6 +104,12 @@ class Batcher:
         handle, listener = entry
         if event.token_id is not None:
             self.tokens_generated += 1
+            request = handle.request
+            # A stop token ends the turn and is no part of the reply's text: it gets no entry either.
+            if request.logprobs and event.token_id not in self.engine.eos_ids \
+                    and event.token_id not in request.stop_token_ids:
+                listener(event.sample, "logprob", token_entry(self.token_text, event.token_id, event.logprob,
+                                                              event.top_logprobs))
         if event.text:
             listener(event.sample, "text", event.text)
         if event.finish_reason is not None:

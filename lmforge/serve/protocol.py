@@ -31,8 +31,10 @@ class Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-UNSUPPORTED_WHEN_ON = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
-                       "response_format", "presence_penalty", "frequency_penalty", "logit_bias")
+UNSUPPORTED_WHEN_ON = ("tools", "tool_choice", "functions", "function_call", "response_format", "presence_penalty",
+                       "frequency_penalty", "logit_bias")
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's bound on alternatives per token (the engine's too)."""
 
 
 class StreamOptions(BaseModel):
@@ -55,8 +57,6 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     # OpenAI fields this server does not implement yet: accepted at their "off" values only, so a client
     # that asks for them is told (400 naming the field) instead of getting a reply that silently lacks them.
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
@@ -117,6 +117,21 @@ class _Sampling(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    """Return each reply token's log-prob (under the model's own distribution, before temperature)."""
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With logprobs: also this many most likely tokens at each position."""
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprob_request(self) -> tuple[bool, int]:
+        """(return log-probs, alternatives per token)."""
+        return bool(self.logprobs), self.top_logprobs or 0
 
     @property
     def token_limit(self) -> int | None:
@@ -126,6 +141,28 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Return each token's log-prob and this many most likely alternatives (0: the drawn token's alone)."""
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _count_not_switch(cls, value):
+        if isinstance(value, bool):  # the chat endpoint's switch sent here would read as 0 or 1 silently
+            raise ValueError(f"on /v1/completions logprobs is how many alternatives to list (0-{MAX_TOP_LOGPROBS}), "
+                             "not true/false")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _chat_field(cls, value):
+        if value:
+            raise ValueError("top_logprobs is a chat field; on /v1/completions send logprobs: k")
+        return value
+
+    @property
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
     @field_validator("prompt")
     @classmethod
@@ -157,29 +194,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def chat_response(rid: str, model: str, texts: list[str], reasons: list[str], prompt_tokens: int,
-                  completion_tokens: int) -> dict:
+                  completion_tokens: int, logprobs: list[dict | None] | None = None) -> dict:
+    """`logprobs`: each choice's, already in the chat shape (see serve.logprobs), or None."""
+    logprobs = logprobs or [None] * len(texts)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                         "logprobs": None} for i, (text, reason) in enumerate(zip(texts, reasons))],
+                         "logprobs": lp} for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs))],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def completion_response(rid: str, model: str, texts: list[str], reasons: list[str], prompt_tokens: int,
-                        completion_tokens: int) -> dict:
+                        completion_tokens: int, logprobs: list[dict | None] | None = None) -> dict:
+    logprobs = logprobs or [None] * len(texts)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                        for i, (text, reason) in enumerate(zip(texts, reasons))],
+            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lp}
+                        for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs))],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
 def usage_chunk(rid: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict:
