@@ -34,8 +34,8 @@ _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 _NUM = r"[-−]?\d+(?:,\d{3})*(?:\.\d+)?"
 # Latin letters and digits are word boundaries; CJK characters are not ("他今年34岁" states 34).
 _NUMBER = re.compile(rf"(?<![0-9A-Za-z_.]){_NUM}(?![0-9A-Za-z_])")
-_OPERATOR = r"\s*(?:\+|-|−|×|\*|/|÷|x|plus|minus|times|multiplied by|divided by|加上|加|减去|减|乘以|乘|除以)\s*"
-_EXPRESSION = re.compile(rf"(?<![0-9A-Za-z_.])({_NUM}){_OPERATOR}({_NUM})(?![0-9A-Za-z_])", re.IGNORECASE)
+_OPERATOR = re.compile(r"\s*(?:\+|-|−|×|\*|/|÷|x|plus|minus|times|multiplied by|divided by|加上|加|减去|减|乘以|乘|除以)\s*",
+                       re.IGNORECASE)
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 _ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b|:|=)|答案\s*(?:是|为|:)", re.IGNORECASE)
 _BRACE = re.compile(r"[{}]")
@@ -106,14 +106,25 @@ def _numeric(answer: str) -> float | None:
     return _number(core) if re.fullmatch(_NUM, core) else None
 
 
+def _stated_numbers(reply: str, operands: set[float]) -> list[float]:
+    """The numbers of a reply, less each "a op b" whose operands both come from the question. Pairs are
+    found between neighbouring numbers (not by one regex over the text) so the scan stays linear."""
+    spans = [m.span() for m in _NUMBER.finditer(reply)]
+    values = [_number(reply[a:b]) for a, b in spans]
+    kept, i = [], 0
+    while i < len(values):
+        if (i + 1 < len(values) and values[i] in operands and values[i + 1] in operands
+                and _OPERATOR.fullmatch(reply, spans[i][1], spans[i + 1][0])):
+            i += 2  # a restated "a op b"
+            continue
+        kept.append(values[i])
+        i += 1
+    return kept
+
+
 def _states_number(reply: str, expected: float, question: str) -> bool:
     operands = {_number(n) for n in _NUMBER.findall(question)}
-
-    def drop_restated(match: re.Match) -> str:
-        restated = _number(match.group(1)) in operands and _number(match.group(2)) in operands
-        return " " if restated else match.group(0)
-
-    found = [_number(n) for n in _NUMBER.findall(_EXPRESSION.sub(drop_restated, reply))]
+    found = _stated_numbers(reply, operands)
     return bool(found) and all(math.isclose(n, expected, rel_tol=1e-9, abs_tol=1e-9) for n in found)
 
 
