@@ -11,10 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.cli import main
-from lmforge.config.schema import ConfigError
+from lmforge.config.schema import ConfigError, RewardSpec
+from lmforge.data import demo_grading
 from lmforge.eval import metrics
 from lmforge.eval.spec import EvalSpec
 from lmforge.eval.suite import evaluate_model, read_records, wanted_suites
+from lmforge.rollout import evaluate
+from lmforge.rollout.generate import Generation
+from lmforge.rollout.rewards import RewardSet, decode_rows
 from lmforge.rollout.rollouts import Samples
 
 
@@ -110,3 +114,34 @@ def test_eval_of_a_reward_model_is_its_pairwise_accuracy(base, world_dir, tmp_pa
     result = evaluate_model(str(out), EvalSpec(pairs=str(world_dir / "pref" / "eval.jsonl"), max_samples=40))
     assert set(result["suites"]) == {"rm_accuracy"}
     assert 0.0 <= result["metrics"]["rm_accuracy"] <= 1.0 and "rm_margin" in result["metrics"]
+
+
+FULL_WIDTH_DIGITS = {ord(d): ord(d) + 0xFEE0 for d in "0123456789"}
+
+
+def _variants(reference: str, i: int) -> str:
+    """Replies by construction: the reference; the reference as a model might space and write it (line
+    breaks, full-width digits); right but rude (not exact, still states the answer); no answer at all."""
+    spaced = "  " + reference.replace(" ", " \n ").translate(FULL_WIDTH_DIGITS) + "\t "
+    return (reference, spaced, f"{reference} Everyone knows that.", "I don't know.")[i // 2 % 4]
+
+
+def test_stage_eval_reward_and_demo_grader_agree_on_the_same_replies(world_dir, monkeypatch):
+    path = world_dir / "rl" / "eval.jsonl"
+    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:40]]
+    records = read_records(str(path), "prompt", 40)
+    texts = [_variants(r["reference"], i) for i, r in enumerate(records)]
+    assert [r["reference"] for r in records] == [r["messages"][-1]["content"] for r in raw]
+
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: [Generation(t, [], True) for t in texts])
+    stage = evaluate.answer_eval(None, None, [r["prompt"] for r in records], [r["reference"] for r in records], 8)
+    pipeline = metrics.answer_metrics(records, _samples(texts, [True] * len(texts)))
+    rows = {**decode_rows(records), "response_lengths": [1] * len(texts), "stopped": [True] * len(texts)}
+    _, rewards = RewardSet([RewardSpec(kind="exact_match"), RewardSpec(kind="answer_match")])(
+        [r["prompt"] for r in records], texts, rows)
+    demo_exact = sum(demo_grading.exact_match(r, t) for r, t in zip(raw, texts)) / len(raw)
+    demo_stated = sum(demo_grading.answer_is_correct(r, t) for r, t in zip(raw, texts)) / len(raw)
+
+    # Half the replies are the reference up to whitespace; three quarters state the answer.
+    assert stage["exact_match"] == pipeline["exact_match"] == float(rewards["exact_match"].mean()) == demo_exact == 0.5
+    assert pipeline["contains"] == float(rewards["answer_match"].mean()) == demo_stated == 0.75

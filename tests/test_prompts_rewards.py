@@ -200,10 +200,22 @@ def test_decode_rows_fills_missing_extra_fields_with_none():
 
 def test_exact_match_ignores_whitespace_and_refuses_missing_references():
     record = {"prompt": "What is 7 plus 8?", "reference": "The answer is 15."}
-    replies = ["  The answer\n is   15. ", "The answer is 16.", "the answer is 15."]
-    assert score(RewardSpec(kind="exact_match"), [record] * 3, replies) == [1.0, 0.0, 0.0]
+    replies = ["  The answer\n is   15. ", "The answer is 16.", "the answer is 15.", "Ｔｈｅ answer is １５．"]
+    assert score(RewardSpec(kind="exact_match"), [record] * 4, replies) == [1.0, 0.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="sample 1 has no reference answer"):
         score(RewardSpec(kind="exact_match"), [record, {"prompt": "q"}], ["x", "y"])
+    with pytest.raises(ValueError, match="sample 0 has no reference answer"):  # blank is missing, not a match
+        score(RewardSpec(kind="exact_match"), [{"prompt": "q", "reference": " \u200b "}], [""])
+
+
+def test_answer_match_reads_gsm8k_solutions_and_boxed_answers():
+    gsm8k = {"question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+             "answer": "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72"}
+    replies = ["She sold 48/2 = 24, so 48+24 = 72.\n#### 72", "#### 24", "The answer is 72.", "\\boxed{72}",
+               "She sold 24 and 72"]
+    assert score(RewardSpec(kind="answer_match"), [gsm8k] * 5, replies) == [1.0, 0.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="sample 0 has neither an answer nor a reference"):
+        score(RewardSpec(kind="answer_match"), [{"prompt": "q", "answer": "#### "}], ["x"])
 
 
 def test_answer_match_numbers_words_and_chinese():
