@@ -149,14 +149,11 @@ def answer_match(reply, expected, question: str = "", distractors: Iterable | No
     if not answer:
         return False
     stated = final_answer(reply)
+    words = _words(stated)
     value = _numeric(answer)
-    if value is not None:
-        right = _states_number(stated, value, normalise(question))
-    else:
-        right = _mentions(_words(stated), answer)
+    right = _states_number(stated, value, normalise(question)) if value is not None else _mentions(words, answer)
     if not right:
         return False
     if isinstance(distractors, (str, numbers.Number)):
-        distractors = [distractors]
-    words = _words(stated)
+        distractors = [distractors]  # one distractor, not its characters
     return not any(_mentions(words, normalise(_text(d, "distractor"))) for d in distractors or ())
