@@ -284,6 +284,30 @@ def test_captured_decoding_steps_equal_eager_ones_and_follow_reloaded_weights():
         [r.samples[0].token_ids for r in eager.generate(requests)]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_steps_under_autocast_follow_in_place_updates_and_keep_apart_from_fp32_ones():
+    """RL in mixed precision: fp32 weights stepped in place between rollouts that run under bf16 autocast. A graph
+    must re-cast the live weights at every replay (never replay autocast's cached copy of the old ones), and a
+    step without autocast (evaluation) must not replay a graph captured with it."""
+    model = model_of("llama", "cuda")
+    requests = [Request(p, GREEDY, max_new_tokens=24) for p in prompts()]
+    graphed = Engine(model, slots=3, max_len=128, eos_ids=[])
+    eager = Engine(model, slots=3, max_len=128, eos_ids=[], cuda_graphs=False)
+    rounds = []
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, expected = graphed.generate(requests), eager.generate(requests)
+        rounds.append([r.samples[0].token_ids for r in got])
+        assert rounds[-1] == [r.samples[0].token_ids for r in expected]
+        fp32 = [r.samples[0].token_ids for r in graphed.generate(requests)]
+        assert fp32 == [r.samples[0].token_ids for r in eager.generate(requests)]
+        torch.manual_seed(len(rounds))
+        with torch.no_grad():  # an optimizer step: the same storage, new values
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    assert rounds[0] != rounds[1]  # the update mattered
+
+
 def test_greedy_with_a_repetition_penalty_equals_transformers_generate():
     model = model_of("llama")
     engine = Engine(model, slots=2, max_len=96, eos_ids=[])

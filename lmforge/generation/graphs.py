@@ -10,6 +10,11 @@ prompt + max_new_tokens <= max_len and its last token is never fed), so they dis
 Every run of the step writes the same keys/values at the same positions for the same inputs, so the
 warm-up runs that capture needs are harmless. Graphs hold the addresses of the parameters: when the
 parameter storage changes (a reload, not an in-place optimizer step) they are captured again.
+
+Under autocast (RL rollouts in mixed precision) a step is captured with autocast's weight cache off, so the
+graph holds the casts of the parameters, not a cached copy that would outlive the autocast region (and go
+stale at the next optimizer step); the autocast state is part of a graph's key, so a step run without
+autocast (held-out evaluation) never replays one captured with it, or the other way round.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ class DecodeGraphs:
         self.lengths[:count].copy_(torch.tensor(lengths), non_blocking=True)
         self.tokens[count:rows].zero_()
         self.lengths[count:rows].fill_(self.max_len - 1)
-        captured = self.graphs.get((rows, span)) or self._capture(rows, span)
+        mode = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        captured = self.graphs.get((rows, span, mode)) or self._capture(rows, span, mode)
         captured.graph.replay()
         return captured.logits[:count].clone()  # the next replay overwrites the graph's output
 
@@ -66,15 +72,16 @@ class DecodeGraphs:
         return self.backend.forward(self.tokens[:rows, None], self.lengths[:rows, None], self.row_ids[:rows],
                                     slice(0, rows), span)
 
-    def _capture(self, rows: int, span: int) -> Captured:
+    def _capture(self, rows: int, span: int, mode: tuple[bool, torch.dtype]) -> Captured:
+        uncached = torch.autocast("cuda", dtype=mode[1], enabled=mode[0], cache_enabled=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # capture wants the kernels warmed up, off the default stream
+        with torch.cuda.stream(side), uncached:  # capture wants the kernels warmed up, off the default stream
             for _ in range(2):
                 self._step(rows, span)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool), uncached:
             logits = self._step(rows, span)
-        self.graphs[(rows, span)] = Captured(graph, logits)
-        return self.graphs[(rows, span)]
+        self.graphs[(rows, span, mode)] = Captured(graph, logits)
+        return self.graphs[(rows, span, mode)]
