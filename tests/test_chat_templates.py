@@ -328,3 +328,16 @@ def test_a_conversation_the_template_refuses_is_a_bad_record_not_a_traceback(tok
         encode_sft(tok, TRAINING, 10**6)
     with pytest.raises(ValueError, match="System role not supported"):
         render_prompt(tok, CONVERSATION)
+
+
+def test_the_config_accepts_a_jinja_path_and_refuses_a_missing_one(tmp_path):
+    from lmforge.config.errors import ConfigError
+    from lmforge.config.schema import ModelConfig
+
+    own = tmp_path / "mine.jinja"
+    from lmforge.data.templates import template_text
+
+    own.write_text(template_text("chatml"), encoding="utf-8")
+    assert ModelConfig(name_or_path="x", template=str(own)).template == str(own)
+    with pytest.raises(ConfigError, match="no such file"):
+        ModelConfig(name_or_path="x", template=str(tmp_path / "missing.jinja"))

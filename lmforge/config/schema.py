@@ -21,7 +21,7 @@ from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.
     ModConfig,
 )
 from lmforge.config.schema_rl import REWARD_KINDS, RewardSpec, RLConfig  # noqa: F401  (re-exported)
-from lmforge.data.templates import template_names
+from lmforge.data.templates import check_template_choice
 
 STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
 RL_STAGES = ("ppo", "grpo", "rloo")
@@ -44,7 +44,9 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer folder; defaults to the model's own."""
     template: str = "auto"
-    """Chat template: `auto` (tokenizer's own, else ChatML) or one in lmforge/templates/ (`chatml`, `plain`)."""
+    """Chat template: `auto` (the tokenizer's own, else ChatML), a name in lmforge/templates/ (llama3, qwen, qwen3,
+    glm4, mistral, gemma, deepseek, yi, baichuan2, phi, chatml, plain) or the path of a .jinja file; see
+    docs/templates.md."""
     dtype: str = "fp32"
     """Weights dtype: fp32, bf16, fp16 or auto (the checkpoint's)."""
     finetuning: str = "full"
@@ -67,7 +69,7 @@ class ModelConfig:
         check_group(self, "model")
         check_choice("model", "dtype", self.dtype, DTYPES)
         check_choice("model", "finetuning", self.finetuning, FINETUNING)
-        check_choice("model", "template", self.template, template_names())
+        check_template_choice(self.template)
         check_choice("model", "parent_adapter", self.parent_adapter, ("merge", "continue"))
         if self.parent_adapter == "continue" and self.finetuning not in ("lora", "dora"):
             raise ConfigError("model.parent_adapter=continue trains the parent's adapter further: "
