@@ -83,7 +83,8 @@ SEED = count(0, SEED_MAX)
 RANGES: dict[str, dict[str, Bound]] = {
     "ModelConfig": {"freeze_trainable_layers": count(1)},
     "DatasetSpec": {"weight": POSITIVE, "max_samples": count(1)},
-    "DataConfig": {"eval_split": number(0, 1, high_open=True), "max_length": count(8), "seed": SEED},
+    "DataConfig": {"eval_split": number(0, 1, high_open=True), "max_length": count(8), "seed": SEED,
+                   "max_bad_fraction": RATIO},
     "TrainConfig": {
         "seed": SEED, "epochs": number(0, 1e6, low_open=True), "max_steps": count(-1),
         "batch_size": count(1), "grad_accum": count(1), "lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,

@@ -116,8 +116,12 @@ class DataConfig:
     """SFT: pack several samples per row (documents never attend to each other). PT always packs."""
     text_split: str = "line"
     """Plain .txt files: one document per `line`, per `blank`-line-separated paragraph, or per `file`."""
-    on_error: str = "raise"
-    """Bad records: `raise` (name file and line) or `skip` (count them in the run summary)."""
+    on_error: str = "skip"
+    """Bad records: `skip` (count them, up to `max_bad_fraction` of a file) or `raise` (stop at the first,
+    naming its file and line)."""
+    max_bad_fraction: float = 0.05
+    """Under `skip`: a file with more than this share of bad records stops the run, naming the file and its
+    first bad lines (1 skips any number)."""
     streaming: bool = False
     """Read large files lazily through `datasets` streaming instead of caching them to Arrow."""
     train_on_prompt: bool = False
