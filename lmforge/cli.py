@@ -276,7 +276,7 @@ def cmd_data(args) -> int:
     cfg = load_config(*_split_config(args.config, args.overrides), stage=args.stage)
     model_path = None if cfg.model.scratch else resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, model_path)
-    errors = ErrorLog(cfg.data.on_error)
+    errors = ErrorLog(cfg.data.on_error, cfg.data.max_bad_fraction)
     with tempfile.TemporaryDirectory() as cache:
         if cfg.stage in ("rm", "dpo") and cfg.dpo.loss != "kto":
             from lmforge.data.inspect import inspect_pairs

@@ -225,7 +225,7 @@ def test_file_without_usable_records_is_a_data_error(tmp_path, content):
 def test_streaming_raise_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(GOOD_ALPACA + b"\n" + b'{"instruction": "q"}\n')
-    dataset, _ = load([DatasetSpec(path=str(path))], tmp_path, streaming=True)
+    dataset, _ = load([DatasetSpec(path=str(path))], tmp_path, streaming=True, on_error="raise")
     error = data_error_behind(lambda: list(dataset))
     assert str(error) == f"{path}:line 2: missing field 'output'"
 

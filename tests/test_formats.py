@@ -455,6 +455,6 @@ def test_the_hint_reaches_the_user_with_file_and_line(tmp_path):
     path = tmp_path / "summaries.jsonl"
     path.write_text('{"content": "文章", "summary": "摘要"}\n', encoding="utf-8")
     with pytest.raises(DataError) as info:
-        load([DatasetSpec(path=str(path))], tmp_path)
+        load([DatasetSpec(path=str(path))], tmp_path, on_error="raise")
     assert str(info.value) == (f"{path}:line 1: cannot tell the format from the keys (content, summary); set "
                                "formatting: alpaca, columns: {prompt: content, response: summary}")

@@ -159,6 +159,7 @@ def load_splits(cfg: DataConfig, errors: ErrorLog, cache_dir: str, kind: str = "
         fingerprint = hashlib.sha256(f"{fingerprint}{eval_fp}".encode()).hexdigest()[:16]
     if not cfg.streaming:  # a stream is read as it trains: its counts are in the run's summary at the end
         say_data_counts(errors, cfg.text_split)
+        errors.check_bad_fraction()
     return train, evaluation, fingerprint
 
 
@@ -182,6 +183,7 @@ def _counts_after_tokenization(errors: ErrorLog, cfg: DataConfig):
     changed = {f for f, _ in errors.cuts_by_file - before[0]} | set(errors.skipped - before[1])
     if changed:
         say_data_counts(errors, cfg.text_split, f"tokenized, max_length={cfg.max_length}", changed)
+        errors.check_bad_fraction()
 
 
 def error_at(source: str, problem: str) -> DataError:

@@ -24,6 +24,8 @@ class ErrorLog:
     """Collects bad records: raises at once under `raise`, counts them under `skip`."""
 
     on_error: str = "raise"
+    max_bad_fraction: float = 1.0
+    """Under `skip`: the share of a file's records that may be bad before check_bad_fraction stops the run."""
     skipped: Counter = field(default_factory=Counter)
     """file -> number of records skipped."""
     examples: list[str] = field(default_factory=list)
@@ -50,10 +52,15 @@ class ErrorLog:
     """file -> the first bad record's message, kept even past the 20 `examples`: a file with no good
     record fails quoting it."""
 
+    first_bad: dict = field(default_factory=dict, repr=False)
+    """file -> the lowest few bad places (line or record numbers) with their problems: records are read
+    shuffled, and a user fixes a file from its top."""
+
     def report(self, error: DataError) -> None:
         if self.on_error == "raise":
             raise error
         self.skipped[error.source] += 1
+        keep_lowest(self.first_bad.setdefault(error.source, []), error)
         self.reasons[(error.source, reason_of(error.problem))] += 1
         self.first_by_file.setdefault(error.source, str(error))
         if len(self.examples) < 20:
@@ -64,7 +71,7 @@ class ErrorLog:
         (same policy) on re-reads — a streamed dataset is read again every epoch, and its records
         must be counted once."""
         if key in self.reads:
-            return ErrorLog(self.on_error)
+            return ErrorLog(self.on_error, self.max_bad_fraction)
         self.reads.add(key)
         return self
 
@@ -76,6 +83,17 @@ class ErrorLog:
         if first is None:
             return DataError(path, "file", f"no usable records ({bad} skipped as bad)")
         return DataError(path, "file", f"no usable records: all {bad} skipped as bad; the first, {first}")
+
+    def check_bad_fraction(self) -> None:
+        """Stop when a file has more than `max_bad_fraction` of its records bad: skipping is for a few
+        broken lines, not for a file in the wrong format or shape."""
+        for name, counts in self.by_file().items():
+            if counts["read"] and counts["skipped"] / counts["read"] > self.max_bad_fraction:
+                first = "; ".join(f"{where}: {problem}" for _, where, problem in self.first_bad.get(name, []))
+                raise DataError(name, "file", f"{counts['skipped']} of {counts['read']} records are bad "
+                                f"({counts['skipped'] / counts['read']:.0%}, more than data.max_bad_fraction="
+                                f"{self.max_bad_fraction:g}); the first: {first}; fix them or raise "
+                                "data.max_bad_fraction")
 
     def mark_loaded(self, source: str) -> None:
         self.loaded[source] += 1
@@ -160,6 +178,20 @@ class ErrorLog:
             cut = [f"{counts[k]} {k.replace('_', ' ')}" for k in CUT_KINDS if counts.get(k)]
             lines.append(line + (f", {', '.join(cut)}" if cut else ""))
         return lines
+
+
+FIRST_BAD = 3
+"""Bad places a too-bad file's error quotes."""
+
+
+def keep_lowest(kept: list, error: DataError) -> None:
+    """Keep the FIRST_BAD lowest-numbered bad places of a file as (number, where, problem), sorted."""
+    number = NUMBER.search(error.where)
+    item = (int(number.group()) if number else -1, error.where, error.problem)
+    if len(kept) < FIRST_BAD or item < kept[-1]:
+        kept.append(item)
+        kept.sort()
+        del kept[FIRST_BAD:]
 
 
 NUMBER = re.compile(r"\d+")

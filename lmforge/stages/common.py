@@ -54,7 +54,7 @@ def start_run(cfg: StageConfig) -> Run:
     config = out / "config.yaml.tmp"
     config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
     os.replace(config, out / "config.yaml")
-    return Run(cfg, out, ErrorLog(cfg.data.on_error), data_cache_dir(str(out)), time.time())
+    return Run(cfg, out, ErrorLog(cfg.data.on_error, cfg.data.max_bad_fraction), data_cache_dir(str(out)), time.time())
 
 
 def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: bool = False):
