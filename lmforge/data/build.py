@@ -30,7 +30,8 @@ from lmforge.data.preference import PromptTooLong, encode_kto, encode_pair, to_k
 from lmforge.data.prompts import to_prompt
 from lmforge.data.readers import read_file, resolve_files
 from lmforge.data.registry import resolve_spec
-from lmforge.data.tokenize import encode_sft, encode_text, messages_as_text
+from lmforge.data.tokenize import encode_sft, encode_text, messages_as_text, sft_render_options
+from lmforge.data.tools import example_messages
 
 datasets.disable_progress_bars()
 
@@ -38,12 +39,12 @@ datasets.disable_progress_bars()
 MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 TEXT = datasets.Value("string")
 FEATURES = {
-    "sft": datasets.Features({"text": TEXT, "messages": MESSAGES, "tools": TEXT, "source": TEXT}),
+    "sft": datasets.Features({"text": TEXT, "messages": MESSAGES, "tools": TEXT, "chat": TEXT, "source": TEXT}),
     "pair": datasets.Features({"prompt": MESSAGES, "chosen": TEXT, "rejected": TEXT, "source": TEXT}),
     "kto": datasets.Features({"prompt": MESSAGES, "completion": TEXT, "label": datasets.Value("bool"),
                               "source": TEXT}),
-    "prompt": datasets.Features({"prompt": MESSAGES, "reference": TEXT, "answer": TEXT, "extra": TEXT,
-                                 "source": TEXT}),
+    "prompt": datasets.Features({"prompt": MESSAGES, "reference": TEXT, "answer": TEXT, "tools": TEXT,
+                                 "extra": TEXT, "source": TEXT}),
 }
 ROW_TRANSFORMS = {"sft": to_example, "pair": to_pair, "kto": to_kto, "prompt": to_prompt}
 # Which dataset_info entries each kind may read: RL prompts come from SFT and preference data alike (None).
@@ -194,12 +195,17 @@ def error_at(source: str, problem: str) -> DataError:
 
 def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> dict:
     out = {"input_ids": [], "labels": []}
-    for messages, source in zip(batch["messages"], batch["source"]):
+    for messages, chat, tools, source in zip(batch["messages"], batch["chat"], batch["tools"], batch["source"]):
         if not messages:
             errors.reject_loaded(error_at(source, "a plain-text record in SFT data (no dialogue)"))
             continue
         cuts = Counter()
-        encoded = encode_sft(tokenizer, messages, cfg.max_length, cfg.train_on_prompt, cfg.mask_history, cuts)
+        try:
+            encoded = encode_sft(tokenizer, example_messages({"messages": messages, "chat": chat}), cfg.max_length,
+                                 cfg.train_on_prompt, cfg.mask_history, cuts, **sft_render_options(cfg, tools))
+        except ValueError as exc:  # the template refuses the record (no tool format, rewritten turns)
+            errors.reject_loaded(error_at(source, str(exc)))
+            continue
         errors.count_cuts(source, cuts)
         if encoded is None:
             continue
@@ -209,7 +215,7 @@ def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> di
 
 
 def tokenize_sft(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, pack: bool):
-    columns = ["text", "messages", "tools", "source"]
+    columns = ["text", "messages", "tools", "chat", "source"]
     with _counts_after_tokenization(errors, cfg):
         tokens = dataset.map(_sft_tokens, batched=True, remove_columns=columns,
                              fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "errors": errors})

@@ -1,4 +1,7 @@
-"""Row formats → one normal form: `{"messages": [{role, content}, ...], "tools": str}` or `{"text": str}`.
+"""Row formats → one normal form: `{"messages": [{role, content}, ...], "tools": str, "chat": str}` or
+`{"text": str}`. `tools` is the JSON text of the record's OpenAI-style function schemas; `chat`, set when
+an assistant turn has `tool_calls` or `reasoning_content`, is the JSON text of the messages with them
+(see `lmforge.data.tools`), while `messages` keeps {role, content} with a call as its JSON text.
 
 Formats (see docs/data.md): raw text, Alpaca (instruction/input/output/system/history),
 question/answer (a prompt and its reference answer), ShareGPT (conversations of {from, value}), OpenAI (messages of {role, content}). Column and
@@ -11,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from lmforge.data.hints import format_hint
+from lmforge.data.tools import chat_json, parse_calls, parse_tools, plain_messages, tools_text
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
 QA_ANSWER_KEYS = ("answer", "response")
@@ -68,13 +72,13 @@ def to_example(row: dict, fmt: RowFormat) -> dict:
         row = _replace(row, fmt.replacements)
     kind = detect_format(row, fmt)
     if kind == "text":
-        return {"text": text_field(row, fmt)[1], "messages": [], "tools": ""}
+        return {"text": text_field(row, fmt)[1], "messages": [], "tools": "", "chat": ""}
     if kind == "qa":
         messages, tools = _qa(row, fmt)
     else:
         messages, tools = _alpaca(row, fmt) if kind == "alpaca" else _conversation(row, fmt, kind)
     check_dialogue(messages)
-    return {"text": "", "messages": messages, "tools": tools}
+    return {"text": "", "messages": plain_messages(messages), "tools": tools, "chat": chat_json(messages)}
 
 
 def text_field(row: dict, fmt: RowFormat) -> tuple[str, str]:
@@ -153,7 +157,7 @@ def _conversation(row: dict, fmt: RowFormat, kind: str) -> tuple[list[dict], str
     tags = {**default_tags, **fmt.tags}
     roles = {
         tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
-        tags["observation_tag"]: "tool", tags["function_tag"]: "assistant",
+        tags["observation_tag"]: "tool", tags["function_tag"]: "function_call",
     }
     messages = []
     system = _text_field(row, cols["system"], required=False)
@@ -162,48 +166,62 @@ def _conversation(row: dict, fmt: RowFormat, kind: str) -> tuple[list[dict], str
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise ValueError(f"turn {i} must be an object, got {type(turn).__name__}")
-        role, content = turn.get(tags["role_tag"]), turn.get(tags["content_tag"])
-        if role not in roles:
-            raise ValueError(f"turn {i} has unknown role {role!r} (known: {', '.join(map(str, roles))})")
+        messages.append(_turn(turn, i, tags, roles))
+    return messages, tools_text(parse_tools(row.get(cols["tools"])))
+
+
+def _turn(turn: dict, i: int, tags: dict, roles: dict) -> dict:
+    """One turn → {role, content} plus `tool_calls` (JSON text) and `reasoning_content` when it has them."""
+    role, content = turn.get(tags["role_tag"]), turn.get(tags["content_tag"])
+    if role not in roles:
+        raise ValueError(f"turn {i} has unknown role {role!r} (known: {', '.join(map(str, roles))})")
+    role = roles[role]
+    calls = turn.get("tool_calls") if role == "assistant" else None
+    if role == "function_call":  # ShareGPT: the call is the turn's text
         if not isinstance(content, str):
             raise ValueError(f"turn {i} content must be a string, got {type(content).__name__}")
-        messages.append({"role": roles[role], "content": content})
-    tools = _tools_text(row.get(cols["tools"]))
-    if tools and messages:
-        # Tools are described in the system prompt as text until templates render them natively.
-        preamble = f"You can call these tools:\n{tools}"
-        if messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + preamble}
-        else:
-            messages.insert(0, {"role": "system", "content": preamble})
-    return messages, tools
-
-
-def _tools_text(tools) -> str:
-    """Tool definitions as JSON text; an empty list (often stored as the string "[]") is no tools."""
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError:
-            return tools
-    return json.dumps(tools, ensure_ascii=False) if tools else ""
+        calls, content = parse_calls(content, f"turn {i} (function_call)"), ""
+    elif calls is not None:  # OpenAI: content may be null beside tool_calls
+        calls = parse_calls(calls, f"turn {i} tool_calls")
+        content = "" if content is None else content
+    if not isinstance(content, str):
+        raise ValueError(f"turn {i} content must be a string, got {type(content).__name__}")
+    message = {"role": "assistant" if role == "function_call" else role, "content": content}
+    if calls:
+        message["tool_calls"] = json.dumps(calls, ensure_ascii=False)
+    reasoning = turn.get("reasoning_content") if role == "assistant" else None
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise ValueError(f"turn {i} reasoning_content must be a string, got {type(reasoning).__name__}")
+        if reasoning.strip():
+            message["reasoning_content"] = reasoning
+    return message
 
 
 def check_dialogue(messages: list[dict]) -> None:
-    """Roles in a sensible order, no empty turns, at least one assistant reply, ending on one."""
+    """Roles in a sensible order, no empty turns, at least one assistant reply, ending on one. A tool
+    call stands where a reply may; tool results follow a call, at most one result per call."""
     expected_after = {None: {"user"}, "system": {"user"}, "user": {"assistant"},
                       "assistant": {"user", "tool"}, "tool": {"assistant", "tool"}}
-    previous = None
+    previous, open_calls = None, 0
     for i, message in enumerate(messages):
         role = message["role"]
         if role == "system" and i == 0:
             previous = "system"
             continue
-        if not message["content"].strip():
+        calls = message.get("tool_calls")
+        if not message["content"].strip() and not calls:
             raise ValueError(f"turn {i} ({role}) is empty")
+        if role == "tool" and open_calls == 0:
+            raise ValueError(f"turn {i} is a tool result with no tool call before it" if previous != "tool" else
+                             f"turn {i}: more tool results than the tool calls before them")
         if role not in expected_after[previous]:
             after = f"after {previous!r}" if previous else "first"
-            raise ValueError(f"roles out of order: turn {i} is {role!r} {after}")
+            raise ValueError(f"roles out of order: turn {i} is {'a tool call' if calls else repr(role)} {after}")
+        if role == "assistant":
+            open_calls = len(json.loads(calls)) if isinstance(calls, str) else len(calls or [])
+        elif role == "tool":
+            open_calls -= 1
         previous = role
     if previous != "assistant":
         raise ValueError("the dialogue must end with an assistant reply")

@@ -14,8 +14,9 @@ Accepted row forms:
   reference. KTO records whose label is false have no reference (their reply is the undesirable one).
 
 Every form becomes `{"prompt": [messages ending with a user turn], "reference": str, "answer": str,
-"extra": str}`: `answer` is the record's own short `answer` column (the demo world's "15"), `extra` the
-JSON text of its remaining top-level columns (`kind`, `distractors`, `id`, ...) for reward functions.
+"tools": str, "extra": str}`: `tools` is the JSON text of the record's function schemas (for the
+template's `tools=` argument; "" when none), `answer` the record's own short `answer` column (the demo
+world's "15"), `extra` the JSON text of its remaining top-level columns (`kind`, `distractors`, `id`, ...) for reward functions.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 from lmforge.data import formats
 from lmforge.data.formats import ALPACA_COLUMNS, SHAREGPT_COLUMNS, RowFormat, detect_format
 from lmforge.data.preference import _check_prompt, _messages, _response
+from lmforge.data.tools import plain_messages
 
 REFERENCE_KEYS = ("completion", "reference", "solution", "ground_truth", "answer", "response")
 CHOSEN_KEYS = ("chosen", "response_chosen")
@@ -38,8 +40,9 @@ def to_prompt(row: dict, fmt: RowFormat) -> dict:
     """Normalise one prompt record; raises ValueError naming the problem (the caller adds file and line)."""
     if fmt.replacements:
         row = formats._replace(row, fmt.replacements)
+    tools = ""
     if _is_sft_shaped(row, fmt):
-        prompt, reply, used = _dialogue_prompt(row, fmt)
+        prompt, reply, used, tools = _dialogue_prompt(row, fmt)
     elif "prompt" in row:
         prompt, reply, used = _with_system(_messages(row["prompt"], "prompt"), row), None, {"prompt", "system"}
     elif "question" in row:
@@ -49,6 +52,7 @@ def to_prompt(row: dict, fmt: RowFormat) -> dict:
         raise ValueError(f"no prompt found in the keys ({keys}): expected prompt, question, instruction, messages "
                          "or conversations")
     _check_prompt(prompt)
+    prompt = plain_messages(prompt)  # prompt rows are {role, content}: a tool call is its JSON text
     reference_key = None
     if reply is None:
         reference_key = next((k for k in (*REFERENCE_KEYS, fmt.columns.get("chosen"), *CHOSEN_KEYS)
@@ -61,7 +65,7 @@ def to_prompt(row: dict, fmt: RowFormat) -> dict:
     answer = _scalar_text(row["answer"], "answer") if row.get("answer") is not None else ""
     used |= {reference_key, "answer", *PAIR_KEYS, fmt.columns.get("chosen"), fmt.columns.get("rejected")}
     extra = {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool, list))}
-    return {"prompt": prompt, "reference": reply, "answer": answer,
+    return {"prompt": prompt, "reference": reply, "answer": answer, "tools": tools,
             "extra": json.dumps(extra, ensure_ascii=False, default=str)}
 
 
@@ -81,26 +85,27 @@ def _with_system(prompt: list[dict], row: dict) -> list[dict]:
     return prompt
 
 
-def _dialogue_prompt(row: dict, fmt: RowFormat) -> tuple[list[dict], str | None, set]:
-    """(prompt, the final assistant reply or None, the columns read) of an SFT-shaped record."""
+def _dialogue_prompt(row: dict, fmt: RowFormat) -> tuple[list[dict], str | None, set, str]:
+    """(prompt, the final assistant reply or None, the columns read, the tools' JSON text) of an
+    SFT-shaped record."""
     kind = detect_format(row, fmt)
     if kind == "text":
         key, text = formats.text_field(row, fmt)
-        return [{"role": "user", "content": text}], None, {key}
+        return [{"role": "user", "content": text}], None, {key}, ""
     if kind == "alpaca":
         cols = {**ALPACA_COLUMNS, **fmt.columns}
         if row.get(cols["response"]) is None:
             row = {**row, cols["response"]: ""}  # prompt-only and ranking records have no output column
         messages, _ = formats._alpaca(row, fmt)
-        used = {cols[k] for k in ALPACA_COLUMNS}
+        used, tools = {cols[k] for k in ALPACA_COLUMNS}, ""
     else:
-        messages, _ = formats._conversation(row, fmt, kind)
+        messages, tools = formats._conversation(row, fmt, kind)
         cols = {**SHAREGPT_COLUMNS, **fmt.columns}
         used = {cols["messages"], cols["system"], cols["tools"], "messages", "conversations"}
     if messages[-1]["role"] != "assistant":
-        return messages, None, used
-    reply = messages.pop()["content"]
-    return messages, (reply if reply.strip() else None), used
+        return messages, None, used, tools
+    reply = plain_messages([messages.pop()])[0]["content"]
+    return messages, (reply if reply.strip() else None), used, tools
 
 
 def _scalar_text(value, key: str) -> str:

@@ -24,6 +24,8 @@ import jinja2
 import yaml
 
 from lmforge.config.errors import ConfigError
+from lmforge.data.reasoning import CLOSE, OPEN, split_block
+from lmforge.data.tools import chat_messages, has_tool_content
 
 # End-of-turn markers used by common template families, most specific first: for templates
 # without a header (a model's own), the ones that occur in the template and the vocabulary stop it.
@@ -163,6 +165,7 @@ def apply_template_choice(tokenizer, choice: str | None) -> str:
         raise ConfigError(f"model.template={name}: the tokenizer has no {tokens}, so it is not of the family this "
                           f"template is for; pick the model's template ({hint})")
     tokenizer.chat_template = text
+    tokenizer._lmforge_template = name
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     return name
@@ -202,12 +205,69 @@ class Segment:
     is_assistant: bool
 
 
+PROBE_TOOL = {"type": "function", "function": {"name": "lmforge_probe_tool", "description": "probe",
+                                               "parameters": {"type": "object", "properties": {}}}}
+PROBE_CALL = [{"type": "function", "function": {"name": "lmforge_probe_call", "arguments": {"lmforge_probe_arg": 1}}}]
+
+
+def _features(tokenizer) -> tuple[bool, bool]:
+    """(renders tools and tool calls, renders `reasoning_content`) for the tokenizer's template, found by
+    rendering a probe conversation once per template: a template that drops them says nothing."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    cached = getattr(tokenizer, "_lmforge_features", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    probe = [{"role": "user", "content": "q"},
+             {"role": "assistant", "content": "", "tool_calls": PROBE_CALL},
+             {"role": "tool", "content": "lmforge_probe_result"},
+             {"role": "assistant", "content": "a", "reasoning_content": "lmforge_probe_thought"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tools=[PROBE_TOOL], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe has no tool format
+        text = ""
+    found = (all(s in text for s in ("lmforge_probe_tool", "lmforge_probe_call", "lmforge_probe_arg",
+                                     "lmforge_probe_result")), "lmforge_probe_thought" in text)
+    tokenizer._lmforge_features = (template, found)
+    return found
+
+
+def template_label(tokenizer) -> str:
+    """How the user chose the tokenizer's template, for error messages."""
+    return getattr(tokenizer, "_lmforge_template", None) or "auto (the tokenizer's own template)"
+
+
+def prepare_messages(tokenizer, messages: list[dict], tools: list | None) -> list[dict]:
+    """Messages as the template gets them: stored fields cleaned (`chat_messages`); tool data refused when
+    the template has no tool format (it would drop it silently); reasoning the template does not print
+    written into the reply as a leading `<think>` block, the form thinking models emit."""
+    messages = chat_messages(messages)
+    renders_tools, renders_reasoning = _features(tokenizer)
+    if has_tool_content(messages, tools) and not renders_tools:
+        raise ValueError(f"this record has tools or tool calls, but the chat template (model.template="
+                         f"{template_label(tokenizer)}) has no tool format and would drop them; use a template "
+                         "that has one (qwen, qwen3, chatml) or leave tool records out")
+    if not renders_reasoning:
+        messages = [_fold_reasoning(m) for m in messages]
+    return messages
+
+
+def _fold_reasoning(message: dict) -> dict:
+    reasoning = message.get("reasoning_content")
+    if not isinstance(reasoning, str):
+        return message
+    rest = {k: v for k, v in message.items() if k != "reasoning_content"}
+    if not reasoning.strip():
+        return rest
+    return {**rest, "content": f"{OPEN}\n{reasoning.strip()}\n{CLOSE}\n\n{message['content'].lstrip()}"}
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None,
             template_kwargs: dict | None = None) -> str:
     kwargs = {"tools": tools} if tools else {}
     try:
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs, **(template_kwargs or {})
+            chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs,
+            **(template_kwargs or {})
         )
     except jinja2.TemplateError as exc:
         # A template's own rules (Gemma 2's "System role not supported", roles that must alternate) refuse
@@ -218,46 +278,64 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools:
 def render_prompt(tokenizer, messages: list[dict], tools: list | None = None,
                   template_kwargs: dict | None = None) -> str:
     """The text a model sees before it answers: the conversation plus the generation prompt.
-    `template_kwargs` reach the template as variables (qwen3's `enable_thinking`)."""
-    return _render(tokenizer, messages, True, tools, template_kwargs)
+    `tools` (OpenAI function schemas) reach the template's own `tools` argument; `template_kwargs`
+    reach it as variables (qwen3's `enable_thinking`)."""
+    return _render(tokenizer, prepare_messages(tokenizer, messages, tools), True, tools, template_kwargs)
 
 
-def render_segments(tokenizer, messages: list[dict], tools: list | None = None) -> list[Segment]:
+def render_segments(tokenizer, messages: list[dict], tools: list | None = None, template_kwargs: dict | None = None,
+                    reasoning_loss: bool = True) -> list[Segment]:
     """Split the rendered conversation into context and assistant-reply segments.
 
     For each assistant turn i, the text rendered for messages[:i] with the generation prompt
     must be a prefix of the text for messages[:i+1]; what follows is the reply. The reply's
     end-of-turn marker belongs to the reply (the model must learn to stop); anything the
-    template prints after it (a newline) is context.
+    template prints after it (a newline) is context. A template that rewrites earlier turns at
+    inference (Qwen3's own drops earlier replies' reasoning) is followed exactly: the conversation is
+    its final rendering, and only replies that it prints as they were written carry loss (the others
+    are context, as at inference). With `reasoning_loss` false a reply's leading think block is context.
     """
+    messages = prepare_messages(tokenizer, messages, tools)
+    turns = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = _render(tokenizer, messages[:i], True, tools, template_kwargs)
+            full = _render(tokenizer, messages[: i + 1], False, tools, template_kwargs)
+            if not full.startswith(prompt):
+                raise ValueError("the chat template does not render a reply after its generation prompt; "
+                                 "choose another template with model.template")
+            turns.append((prompt, full, message))
+    final = _render(tokenizer, messages, False, tools, template_kwargs)
     markers = end_of_turn_markers(tokenizer)
     segments: list[Segment] = []
     done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:i], True, tools)
-        full = _render(tokenizer, messages[: i + 1], False, tools)
-        if not prompt.startswith(done) or not full.startswith(prompt):
-            raise ValueError(
-                "the chat template does not render turns as a growing prefix (it rewrites earlier "
-                "turns); choose another template with model.template"
-            )
-        segments.append(Segment(prompt[len(done) :], False))
-        reply = full[len(prompt) :]
-        cut = _reply_end(reply, message["content"], markers)
-        if cut is None:
-            # Templates that print no end marker (rare): append EOS so the model learns to stop.
-            segments.append(Segment(reply + (tokenizer.eos_token or ""), True))
-        else:
-            segments.append(Segment(reply[:cut], True))
-            if reply[cut:]:
-                segments.append(Segment(reply[cut:], False))
+    for prompt, full, message in turns:
+        if not (prompt.startswith(done) and final.startswith(full)):
+            continue  # the template prints this reply otherwise later on: it is context there
+        segments.append(Segment(prompt[len(done):], False))
+        segments += _reply_segments(tokenizer, full[len(prompt):], message, markers, reasoning_loss)
         done = full
-    rest = _render(tokenizer, messages, False, tools)[len(done) :]
+    if not any(s.is_assistant for s in segments) and turns:
+        raise ValueError("the chat template does not render turns as a growing prefix (it rewrites earlier "
+                         "turns); choose another template with model.template")
+    rest = final[len(done):]
     if rest:
         segments.append(Segment(rest, False))
     return [s for s in segments if s.text]
+
+
+def _reply_segments(tokenizer, reply: str, message: dict, markers: list[str], reasoning_loss: bool) -> list[Segment]:
+    out = []
+    if not reasoning_loss:
+        block = split_block(reply)
+        if block.has_block and block.closed:
+            out.append(Segment(reply[: block.end], False))
+            reply = reply[block.end:]
+    cut = _reply_end(reply, message["content"], markers)
+    if cut is None:
+        # Templates that print no end marker (rare): append EOS so the model learns to stop.
+        return [*out, Segment(reply + (tokenizer.eos_token or ""), True)]
+    return [*out, Segment(reply[:cut], True), Segment(reply[cut:], False)]
 
 
 def _reply_end(reply: str, content: str, markers: list[str]) -> int | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 
 from lmforge.data.templates import Segment
+from lmforge.data.tools import parse_tools
 from lmforge.data.truncate import encode_parts, render_parts, truncate_pieces
 
 IGNORE = -100
@@ -25,12 +26,22 @@ def encode_segments(tokenizer, segments: list[Segment]) -> list[tuple[list[int],
     return [(tokenizer.encode(s.text, add_special_tokens=False), s.is_assistant) for s in segments]
 
 
+def sft_render_options(cfg, tools: str | list | None = None) -> dict:
+    """encode_sft's rendering keywords from a DataConfig and a record's tools (JSON text or a list)."""
+    thinking = getattr(cfg, "enable_thinking", None)
+    return {"tools": parse_tools(tools) or None, "reasoning_loss": getattr(cfg, "reasoning_loss", True),
+            "template_kwargs": {"enable_thinking": thinking} if thinking is not None else None}
+
+
 def encode_sft(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool = False,
-               mask_history: bool = False, cuts: Counter | None = None) -> dict | None:
+               mask_history: bool = False, cuts: Counter | None = None, tools: list | None = None,
+               template_kwargs: dict | None = None, reasoning_loss: bool = True) -> dict | None:
     """Token ids and labels for one dialogue, or None when truncation left nothing to learn.
 
+    `tools` (OpenAI function schemas) go to the template's `tools` argument, `template_kwargs` to its
+    variables; `reasoning_loss` false leaves a reply's leading think block out of the loss.
     `cuts`, when given, gains one count per kind of cut this sample went through."""
-    parts = render_parts(tokenizer, messages)
+    parts = render_parts(tokenizer, messages, tools, template_kwargs, reasoning_loss)
     is_reply = [any(kind == "reply" or kind == "end" for _, kind in segment) and
                 all(kind in ("reply", "end") for _, kind in segment) for segment in parts]
     if mask_history and any(is_reply):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmforge.data.templates import _render, end_of_turn_markers, render_segments
+from lmforge.data.templates import _render, end_of_turn_markers, prepare_messages, render_segments
 
 KEPT_WHOLE = ("frame", "header", "end")
 SENTINEL = re.compile("\ue000(\\d+)\ue001")
@@ -42,11 +42,12 @@ class Piece:
     loss: bool
 
 
-def render_parts(tokenizer, messages: list[dict]) -> list[list[tuple[str, str]]]:
+def render_parts(tokenizer, messages: list[dict], tools: list | None = None, template_kwargs: dict | None = None,
+                 reasoning_loss: bool = True) -> list[list[tuple[str, str]]]:
     """Each segment of `render_segments` as (text, kind) parts whose texts join to the segment's."""
-    segments = render_segments(tokenizer, messages)
+    segments = render_segments(tokenizer, messages, tools, template_kwargs, reasoning_loss)
     full = "".join(s.text for s in segments)
-    spans = _content_spans(tokenizer, messages, full)
+    spans = _content_spans(tokenizer, prepare_messages(tokenizer, messages, tools), full, tools, template_kwargs)
     ends = end_of_turn_markers(tokenizer)
     out, at = [], 0
     for index, segment in enumerate(segments):
@@ -63,14 +64,15 @@ def render_parts(tokenizer, messages: list[dict]) -> list[list[tuple[str, str]]]
     return out
 
 
-def _content_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int, str]]:
+def _content_spans(tokenizer, messages: list[dict], full: str, tools: list | None = None,
+                   template_kwargs: dict | None = None) -> list[tuple[int, int, str]]:
     """(start, end, kind) of each non-assistant message's content in the rendered text. The template
     is rendered once more with numbered placeholders for those contents: what lies between them is
     template text. Any doubt (a template that reorders or rewrites text) gives no spans: nothing of
     the context is then cut, and a turn that cannot fit is dropped rather than cut blind."""
     marked = [m if m["role"] == "assistant" else {**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
     try:
-        template = _render(tokenizer, marked, False, None)
+        template = _render(tokenizer, marked, False, tools, template_kwargs)
     except Exception:  # noqa: BLE001 - a template may reject odd content; fall back to no spans
         return []
     pieces = SENTINEL.split(template)
