@@ -21,9 +21,10 @@ from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.
     ModConfig,
 )
 from lmforge.config.schema_rl import REWARD_KINDS, RewardSpec, RLConfig  # noqa: F401  (re-exported)
+from lmforge.config.schema_distill import DistillConfig, check_distill_stage  # noqa: F401  (re-exported)
 from lmforge.data.templates import check_template_choice
 
-STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo")
+STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "distill")
 RL_STAGES = ("ppo", "grpo", "rloo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 DTYPES = ("fp32", "bf16", "fp16", "auto")
@@ -128,6 +129,12 @@ class DataConfig:
     """SFT: put loss on prompt tokens too."""
     mask_history: bool = False
     """SFT: put loss only on the last assistant turn of a dialogue."""
+    reasoning_loss: bool = True
+    """SFT: the reasoning of a reply (its `reasoning_content`, or a `<think>` block opening it) carries
+    loss; false makes it context, so only the answer trains."""
+    enable_thinking: bool | None = None
+    """Passed to the chat template as `enable_thinking` (Qwen3's thinking switch) when set; None leaves
+    the template's default."""
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -281,9 +288,12 @@ class StageConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         check_choice("", "stage", self.stage, STAGES)
+        if self.stage == "distill":
+            check_distill_stage(self.distill)
         if self.stage in RL_STAGES:
             if not self.rl.reward_specs():
                 raise ConfigError(f"{self.stage} needs a reward: set rl.reward_model or rl.rewards")
@@ -297,7 +307,7 @@ class StageConfig:
                                   "rl.whiten_advantages scales it")
             if self.rl.reference == "adapter" and self.model.finetuning not in LORA_METHODS:
                 raise ConfigError("rl.reference=adapter needs model.finetuning=lora, dora or qlora")
-        if self.stage in ("rm", "dpo", *RL_STAGES) and self.data.streaming:
+        if self.stage in ("rm", "dpo", "distill", *RL_STAGES) and self.data.streaming:
             raise ConfigError(f"{self.stage} reads preference data into a table; data.streaming is for pt/sft")
         if "adapter" in (self.dpo.reference, self.rl.reference) and self.lora.init.startswith("pissa"):
             raise ConfigError("a PiSSA adapter switched off is not the starting model: use reference auto or copy")
