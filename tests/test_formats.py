@@ -63,6 +63,7 @@ def test_alpaca_with_system_history_and_input():
             user("Translate to French.\ncheese"), assistant("fromage"),
         ],
         "tools": "",
+        "chat": "",
     }
 
 
@@ -103,40 +104,41 @@ def test_sharegpt_maps_every_tag_to_a_role():
         {"from": "observation", "value": '{"temp_c": 20}'},
         {"from": "gpt", "value": "It is 20 degrees in Paris."},
     ]}
-    assert to_example(row, RowFormat()) == {
-        "text": "",
-        "messages": [
-            system("You check the weather."),
-            user("Weather in Paris?"),
-            assistant('{"name": "weather", "arguments": {"city": "Paris"}}'),
-            tool('{"temp_c": 20}'),
-            assistant("It is 20 degrees in Paris."),
-        ],
-        "tools": "",
-    }
+    example = to_example(row, RowFormat())
+    # `messages` keeps {role, content}, a call as its JSON text; `chat` holds the call itself
+    assert example["messages"] == [
+        system("You check the weather."),
+        user("Weather in Paris?"),
+        assistant('{"name": "weather", "arguments": {"city": "Paris"}}'),
+        tool('{"temp_c": 20}'),
+        assistant("It is 20 degrees in Paris."),
+    ]
+    assert example["tools"] == "" and example["text"] == ""
+    call = json.loads(example["chat"])[2]
+    assert call["content"] == "" and json.loads(call["tool_calls"]) == [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]
 
 
-def test_sharegpt_system_column_and_tools_string_go_into_the_system_prompt():
+def test_sharegpt_system_column_and_tools_string_stay_apart_for_the_template():
     tools = '[{"name": "weather", "parameters": {"city": "string"}}]'
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
            "system": "Be kind.", "tools": tools}
     example = to_example(row, RowFormat(formatting="sharegpt"))
-    assert example["messages"] == [system(f"Be kind.\n\nYou can call these tools:\n{tools}"),
-                                   user("Hi"), assistant("Hello")]
-    assert example["tools"] == tools
+    assert example["messages"] == [system("Be kind."), user("Hi"), assistant("Hello")]  # no preamble
+    assert json.loads(example["tools"]) == [{"type": "function", "function": json.loads(tools)[0]}]
 
 
 def test_tools_as_a_list_are_serialised_without_ascii_escapes():
     row = {"messages": [user("天气?"), assistant("晴")], "tools": [{"name": "天气", "parameters": {}}]}
     example = to_example(row, RowFormat())
-    expected_tools = '[{"name": "天气", "parameters": {}}]'
-    assert example["tools"] == expected_tools
-    assert example["messages"][0] == system(f"You can call these tools:\n{expected_tools}")
+    assert example["tools"] == '[{"type": "function", "function": {"name": "天气", "parameters": {}}}]'
+    assert example["messages"] == row["messages"]
 
 
 def test_empty_tool_list_adds_no_system_prompt():
     row = {"messages": [user("Hi"), assistant("Hello")], "tools": []}
-    assert to_example(row, RowFormat()) == {"text": "", "messages": [user("Hi"), assistant("Hello")], "tools": ""}
+    assert to_example(row, RowFormat()) == {"text": "", "messages": [user("Hi"), assistant("Hello")], "tools": "",
+                                            "chat": ""}
 
 
 def test_empty_tool_list_as_json_string_adds_no_system_prompt():
@@ -146,10 +148,16 @@ def test_empty_tool_list_as_json_string_adds_no_system_prompt():
 
 def test_openai_messages_with_tool_turns():
     row = {"messages": [
-        system("Use tools."), user("Time?"), assistant("calling clock()"), tool("12:00"), assistant("It is noon."),
+        system("Use tools."), user("Time?"),
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
+        tool("12:00"), assistant("It is noon."),
     ]}
     example = to_example(row, RowFormat())
-    assert example["messages"] == row["messages"]
+    assert example["messages"] == [*row["messages"][:2], assistant('{"name": "clock", "arguments": {}}'),
+                                   *row["messages"][3:]]
+    assert json.loads(json.loads(example["chat"])[2]["tool_calls"]) == [
+        {"type": "function", "function": {"name": "clock", "arguments": {}}, "id": "c1"}]
     assert example["text"] == "" and example["tools"] == ""
 
 
@@ -195,7 +203,8 @@ def test_replacements_fill_every_string_field():
 
 
 def test_text_rows():
-    assert to_example({"text": "A document."}, RowFormat()) == {"text": "A document.", "messages": [], "tools": ""}
+    assert to_example({"text": "A document."}, RowFormat()) == {"text": "A document.", "messages": [], "tools": "",
+                                                                 "chat": ""}
     body = RowFormat(formatting="text", columns={"prompt": "body"})
     assert to_example({"body": "Other column.", "text": "ignored"}, body)["text"] == "Other column."
     with pytest.raises(ValueError, match="^field 'text' is empty$"):
@@ -290,7 +299,7 @@ def test_raw_text_corpora_become_text_examples(lf_cache, name, file_name, count)
 
 
 @needs_llamafactory
-def test_glaive_toolcall_renders_tools_into_the_system_prompt(lf_cache):
+def test_glaive_toolcall_keeps_tools_and_calls_for_the_template(lf_cache):
     raw = llamafactory_records("glaive_toolcall_en_demo.json")
     dataset = load_named("glaive_toolcall_en_demo", lf_cache)
     assert len(dataset) == len(raw) == 300
@@ -298,12 +307,12 @@ def test_glaive_toolcall_renders_tools_into_the_system_prompt(lf_cache):
     turns = raw[0]["conversations"]
     assert [t["from"] for t in turns] == ["human", "gpt", "human", "function_call", "observation", "gpt",
                                           "human", "gpt"]
-    assert first["tools"] == raw[0]["tools"]
-    assert first["tools"].startswith('[{"name": "search_recipes"')
-    assert first["messages"][0] == system("You can call these tools:\n" + raw[0]["tools"])
-    assert [m["role"] for m in first["messages"][1:]] == ["user", "assistant", "user", "assistant", "tool",
-                                                          "assistant", "user", "assistant"]
-    assert [m["content"] for m in first["messages"][1:]] == [t["value"] for t in turns]
+    assert json.loads(first["tools"]) == [{"type": "function", "function": f} for f in json.loads(raw[0]["tools"])]
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant", "user", "assistant", "tool",
+                                                      "assistant", "user", "assistant"]
+    assert [m["content"] for m in first["messages"]] == [t["value"] for t in turns]
+    call = json.loads(first["chat"])[3]
+    assert json.loads(call["tool_calls"])[0]["function"] == json.loads(turns[3]["value"])
 
 
 @needs_llamafactory

@@ -140,7 +140,8 @@ def test_llamafactory_sharegpt_tool_calls():
     rows, _ = load([DatasetSpec(name="glaive_toolcall_en_demo")])
     assert len(rows) == len(raw)
     turns = raw[0]["conversations"]
-    assert rows[0]["prompt"][0]["role"] == "system" and "search_recipes" in rows[0]["prompt"][0]["content"]
+    assert rows[0]["prompt"][0] == {"role": "user", "content": turns[0]["value"]}  # tools are no system preamble
+    assert json.loads(rows[0]["tools"])[0]["function"]["name"] == "search_recipes"  # for the template's tools=
     assert rows[0]["prompt"][-1] == {"role": "user", "content": turns[-2]["value"]}
     assert rows[0]["reference"] == turns[-1]["value"]
 

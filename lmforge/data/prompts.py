@@ -14,9 +14,9 @@ Accepted row forms:
   reference. KTO records whose label is false have no reference (their reply is the undesirable one).
 
 Every form becomes `{"prompt": [messages ending with a user turn], "reference": str, "answer": str,
-"tools": str, "extra": str}`: `tools` is the JSON text of the record's function schemas (for the
-template's `tools=` argument; "" when none), `answer` the record's own short `answer` column (the demo
-world's "15"), `extra` the JSON text of its remaining top-level columns (`kind`, `distractors`, `id`, ...) for reward functions.
+"extra": str}` plus `tools`, the JSON text of the record's function schemas (for the template's `tools=`
+argument), when it has any; `answer` the record's own short `answer` column (the demo world's "15"),
+`extra` the JSON text of its remaining top-level columns (`kind`, `distractors`, `id`, ...) for rewards.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def to_prompt(row: dict, fmt: RowFormat) -> dict:
     answer = _scalar_text(row["answer"], "answer") if row.get("answer") is not None else ""
     used |= {reference_key, "answer", *PAIR_KEYS, fmt.columns.get("chosen"), fmt.columns.get("rejected")}
     extra = {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool, list))}
-    return {"prompt": prompt, "reference": reply, "answer": answer, "tools": tools,
-            "extra": json.dumps(extra, ensure_ascii=False, default=str)}
+    out = {"prompt": prompt, "reference": reply, "answer": answer,
+           "extra": json.dumps(extra, ensure_ascii=False, default=str)}
+    return {**out, "tools": tools} if tools else out
 
 
 def _is_sft_shaped(row: dict, fmt: RowFormat) -> bool:

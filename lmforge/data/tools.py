@@ -88,7 +88,8 @@ def chat_messages(messages: list[dict]) -> list[dict]:
 
 
 def has_tool_content(messages: list[dict], tools: list | None) -> bool:
-    return bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    """Tool definitions or calls (tool results follow calls: `check_dialogue` sees to that)."""
+    return bool(tools) or any(m.get("tool_calls") for m in messages)
 
 
 def plain_messages(messages: list[dict]) -> list[dict]:
