@@ -20,10 +20,11 @@ from lmforge.webui.forms import (
     config_to_form,
     form_to_config,
     from_yaml,
-    preview_html,
     to_yaml,
 )
-from lmforge.webui.runs import Launcher, curves, list_runs
+from lmforge.webui.preview import preview_html
+from lmforge.webui.runs import Launcher, list_runs
+from lmforge.webui.watch import metric_series, read_metrics
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_a_run_started_in_the_ui_equals_the_cli_run(world_dir, world_tokenizer_d
     assert launcher.state(run) == "done", (run / "webui-train.log").read_text()[-2000:]
     listed = {r.name: r for r in list_runs(root / "webui-runs", launcher)}
     assert listed["ui"].status == "done" and listed["ui"].stage == "sft" and listed["ui"].step > 0
-    assert any(p["metric"] == "loss" for p in curves(run))
+    assert "loss" in metric_series(read_metrics(run))
 
     cli_yaml = root / "cli.yaml"
     cli_yaml.write_text(to_yaml({**config, "train": {**config["train"], "output_dir": "webui-runs/cli"}}))
@@ -170,10 +171,9 @@ def test_curves_and_report_of_a_pipeline_stage(tmp_path):
         {"step": 10, "loss": 0.69, "rewards/accuracy": 0.5, "rewards/margin": 0.0},
         {"step": 20, "loss": 0.41, "rewards/accuracy": 0.8, "rewards/margin": 1.2},
         {"step": 20, "eval_loss": 0.45, "eval_rewards/accuracy": 0.75}]) + "\n{\"step\": 30, \"lo")  # a line being written
-    points = curves(stage)
-    assert {p["metric"] for p in points} == {"loss", "rewards/accuracy", "rewards/margin", "eval_loss",
-                                             "eval_rewards/accuracy"}
-    assert [p["value"] for p in points if p["metric"] == "rewards/accuracy"] == [0.5, 0.8]
+    series = metric_series(read_metrics(stage))
+    assert list(series) == ["loss", "eval_loss", "rewards/accuracy", "rewards/margin", "eval_rewards/accuracy"]
+    assert series["rewards/accuracy"] == [(10.0, 0.5), (20.0, 0.8)]
     assert report_for(stage) is None
     (tmp_path / "pipeline" / "report.html").write_text("<html></html>")
     assert report_for(stage) == tmp_path / "pipeline" / "report.html"

@@ -17,16 +17,11 @@ from pathlib import Path
 import yaml
 
 from lmforge.loop.checkpoint import latest_checkpoint
+from lmforge.webui.watch import read_metrics
 
 MANIFEST = "lmforge.json"
 UI_CONFIG = "webui-config.yaml"
 LOG = "webui-train.log"
-# What each stage logs that is worth a curve: LM losses, RL reward and KL, preference accuracy and margin
-# (DPO family: rewards/*, reward model: accuracy/margin), and their held-out versions.
-CURVE_KEYS = ("loss", "eval_loss", "lr", "grad_norm", "reward", "kl", "rewards/accuracy", "rewards/margin",
-              "accuracy", "margin", "eval_rewards/accuracy", "eval_accuracy")
-
-
 @dataclass
 class RunInfo:
     name: str
@@ -104,25 +99,6 @@ class Launcher:
         return "done" if code == 0 else "failed"
 
 
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-    return rows
-
-
-def curves(run: Path) -> list[dict]:
-    """Long-format points (step, metric, value) for the curves worth watching, as plots want them."""
-    return [{"step": row["step"], "metric": key, "value": float(row[key])}
-            for row in read_metrics(run) for key in CURVE_KEYS if isinstance(row.get(key), (int, float))]
-
-
 def recorded_stage(run: Path) -> str:
     """The stage a run folder records, or "?": a damaged or hostile manifest or config.yaml under --root
     must not break the Runs table for every other run (YAML read through the bounded loader)."""
@@ -139,6 +115,21 @@ def recorded_stage(run: Path) -> str:
         return "?"
     stage = record.get("stage") if isinstance(record, dict) else None
     return stage if isinstance(stage, str) else "?"
+
+
+def recorded_config(run: Path) -> dict:
+    """The stage config a run folder records (config.yaml, else webui-config.yaml), {} when none is
+    readable; bounded like recorded_stage."""
+    from lmforge.config.safe_yaml import safe_load
+
+    for name in ("config.yaml", UI_CONFIG):
+        try:
+            if (run / name).is_file() and (run / name).stat().st_size < 256 * 1024:
+                record = safe_load((run / name).read_text(encoding="utf-8"))
+                return record if isinstance(record, dict) else {}
+        except (OSError, ValueError, yaml.YAMLError):
+            return {}
+    return {}
 
 
 def run_info(run: Path, root: Path, launcher: Launcher) -> RunInfo:
