@@ -119,7 +119,7 @@ def form_to_config(form: TrainForm, root: Path) -> dict:
     files = dataset_specs(_text(form.data, "data"), root, info_dir)
     if not files:
         raise ConfigError("choose at least one dataset (a file, a folder or a dataset_info.json entry)")
-    data = {"train": files if len(files) > 1 else files[0],
+    data = {"train": files[0] if len(files) == 1 and isinstance(files[0], str) else files,
             "max_length": _num(form.max_length, "data.max_length", int, 1024)}
     if info_dir is not None:
         data["dataset_dir"] = info_dir
