@@ -111,6 +111,10 @@ RANGES: dict[str, dict[str, Bound]] = {
         "eval_prompts": count(0), "clip_range_low": number(0, 1, low_open=True), "clip_range_high": POSITIVE,
         "entropy_coef": NON_NEGATIVE, "overlong_buffer": count(0), "overlong_penalty": NON_NEGATIVE,
     },
+    "DistillConfig": {
+        "lambda_on_policy": RATIO, "beta": RATIO, "temperature": POSITIVE, "prompts_per_step": count(1),
+        "num_generations": count(1), "max_new_tokens": count(1), "eval_prompts": count(0),
+    },
     "LoraConfig": {"r": count(1), "alpha": count(1), "dropout": number(0, 1, high_open=True), "bits": count(4, 8),
                    "plus_ratio": NON_NEGATIVE},
     "GaloreConfig": {"rank": count(1), "update_interval": count(1), "scale": POSITIVE},
