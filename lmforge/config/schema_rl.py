@@ -13,15 +13,16 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
 REWARD_SCALES = ("group", "batch", "none")
 
-REWARD_KINDS = ("model", "exact_match", "answer_match", "regex", "length", "function")
+REWARD_KINDS = ("model", "exact_match", "answer_match", "think_format", "regex", "length", "function")
 
 
 @dataclass
 class RewardSpec:
     kind: str = "model"
     """model (a reward-model artifact), exact_match (the reply equals the reference), answer_match (the
-    reply states the reference answer), regex (the reply matches `pattern`), length (a penalty past
-    `target_length` tokens), function (`module:function` or `file.py:function`)."""
+    reply states the reference answer), think_format (1 for a <think> block, then an answer), regex (the
+    reply matches `pattern`), length (a penalty past `target_length` tokens), function (`module:function`
+    or `file.py:function`)."""
     weight: float = 1.0
     path: str = ""
     """kind=model: the reward-model folder (an RM artifact)."""

@@ -24,6 +24,7 @@ import torch
 
 from lmforge.config.schema import ConfigError, RewardSpec
 from lmforge.data import grading
+from lmforge.data.reasoning import is_think_then_answer
 from lmforge.rollout.score import score_responses
 
 # Columns the rollout itself provides or that name the call's arguments: an `extra` field of the same
@@ -125,6 +126,12 @@ def answer_match(prompts: list[list[dict]], responses: list[str], rows: dict[str
     return out
 
 
+def think_format(prompts: list[list[dict]], responses: list[str], rows: dict[str, list]) -> list[float]:
+    """1 where the reply is one closed `<think>` block with reasoning in it, then a non-empty answer
+    (`lmforge.data.reasoning.is_think_then_answer`), else 0."""
+    return [float(is_think_then_answer(response)) for response in responses]
+
+
 # --------------------------------------------------------------------------- regex and length
 
 
@@ -217,6 +224,8 @@ def build_reward(spec: RewardSpec, device=None) -> RewardFn:
         return exact_match
     if spec.kind == "answer_match":
         return answer_match
+    if spec.kind == "think_format":
+        return think_format
     if spec.kind == "regex":
         return regex_reward(spec.pattern)
     if spec.kind == "length":
