@@ -253,6 +253,7 @@ STAGE = {"stage": "sft", "model": {"scratch": "test", "tokenizer": "tok"}, "data
     ({"train": {"output_dir": "model"}}, "holds a model that no lmforge run wrote"),
     ({"train": {"output_dir": "runs/x", "resume_from": "/tmp"}}, "train.resume_from"),
     ({"stage": "ppo", "rl": {"reward_model": "../outside"}}, "rl.reward_model"),
+    ({"stage": "distill", "distill": {"teacher": "../outside"}}, "distill.teacher"),
     ({"stage": "ppo", "rl": {"reward_model": "model", "critic_path": "/"}}, "rl.critic_path"),
     ({"stage": "grpo", "rl": {"num_generations": 2, "rewards": [{"kind": "model", "path": "../x"}]}}, "path"),
     ({"stage": "grpo", "rl": {"num_generations": 2, "rewards": [{"kind": "function", "function": "os:system"}]}},

@@ -115,6 +115,8 @@ def check_stage(cfg: StageConfig, rules: Rules, where: str) -> StageConfig:
     owned_output(cfg.train.output_dir, rules, f"{where}.train.output_dir")
     if cfg.train.resume_from:
         inside(cfg.train.resume_from, rules, f"{where}.train.resume_from")
+    if cfg.distill.teacher:  # the distill stage's second model
+        inside(cfg.distill.teacher, rules, f"{where}.distill.teacher")
     for key, value in (("reward_model", cfg.rl.reward_model), ("critic_path", cfg.rl.critic_path)):
         if value:
             inside(value, rules, f"{where}.rl.{key}")

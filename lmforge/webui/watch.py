@@ -159,5 +159,5 @@ def log_tail(path: Path, root: Path, lines: int = 60, limit: int = 32 << 10) -> 
             text = handle.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    shown = [ANSI.sub("", line.rsplit("\r", 1)[-1]) for line in text.splitlines()]
+    shown = [ANSI.sub("", line.rstrip("\r").rsplit("\r", 1)[-1]) for line in text.rstrip("\n").split("\n")]
     return "\n".join(shown[-lines:])
