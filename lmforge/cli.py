@@ -15,6 +15,8 @@ from lmforge.cli_use import USE_COMMANDS, add_use_commands
 from lmforge.config.schema import STAGES
 
 console = Console()
+INTERRUPTED = 130
+"""Exit status after Ctrl-C, as a shell reports a process ended by SIGINT."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -210,8 +212,8 @@ def cmd_report(args) -> int:
 
     path = write_report(args.run_dir)
     for line in summary_lines(args.run_dir):
-        console.print(line, highlight=False)
-    console.print(f"report: {path}")
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"report: {path}", soft_wrap=True)
     return 0
 
 
@@ -370,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingDiverged, CheckpointError, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # a wrapped path cannot be copied
         return 2
+    except KeyboardInterrupt:  # outside the training steps (which stop cleanly on Ctrl-C and say how to resume)
+        console.print("[yellow]Ctrl-C: stopped[/]; checkpoints already written are kept "
+                      "(train.resume=true continues from the newest)", soft_wrap=True)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from lmforge.data.tokenize import IGNORE, encode_sft, encode_text, messages_as_t
 
 
 def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bool = False,
-                  mask_history: bool = False, as_pretraining: bool = False) -> tuple[Text, dict]:
+                  mask_history: bool = False, as_pretraining: bool = False, plain: bool = False) -> tuple[Text, dict]:
     """(coloured text, counts) for one example; tokens with loss are green, masked ones dim.
 
     `as_pretraining` shows what PT trains on: the text (or a dialogue's turns joined by newlines)
@@ -30,7 +30,7 @@ def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bo
         ids = encode_text(tokenizer, example["text"])[:max_length]
         labels = list(ids)
     counts = {"tokens": len(ids), "loss_tokens": sum(label != IGNORE for label in labels)}
-    return styled(tokenizer, ids, labels), counts
+    return styled(tokenizer, ids, labels, plain), counts
 
 
 def loss_runs(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
@@ -44,12 +44,46 @@ def loss_runs(tokenizer, ids: list[int], labels: list[int]) -> list[tuple[str, b
     return runs
 
 
-def styled(tokenizer, ids: list[int], labels: list[int]) -> Text:
-    """Loss-carrying tokens green, masked ones dim."""
+LOSS_OPEN, LOSS_CLOSE = "[[", "]]"
+"""Plain-text marking of loss-carrying tokens, where colour is not shown (a file, a pipe, a log)."""
+PLAIN_LEGEND = f"legend: {LOSS_OPEN}...{LOSS_CLOSE} carries loss, the rest is masked (-100)"
+
+
+def plain_marked(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """The row's text with each run of loss-carrying tokens between [[ and ]]."""
+    return "".join(f"{LOSS_OPEN}{piece}{LOSS_CLOSE}" if has_loss else piece
+                   for piece, has_loss in loss_runs(tokenizer, ids, labels))
+
+
+def styled(tokenizer, ids: list[int], labels: list[int], plain: bool = False) -> Text:
+    """Loss-carrying tokens green, masked ones dim; `plain`: marked with [[ ]] instead of colour."""
+    if plain:
+        return Text(plain_marked(tokenizer, ids, labels))
     text = Text()
     for piece, has_loss in loss_runs(tokenizer, ids, labels):
         text.append(piece, style="bold green" if has_loss else "dim")
     return text
+
+
+def is_plain(console: Console) -> bool:
+    """Colour does not reach the reader: output to a file or pipe, or NO_COLOR."""
+    return not console.is_terminal or console.no_color
+
+
+def heading(console: Console, title: str) -> None:
+    """A record's header line. A rule is cut to the console width (80 columns without a terminal), which
+    would clip a long file:line: without a terminal the header is printed whole."""
+    if is_plain(console):
+        console.print(Text(f"--- {title}"), soft_wrap=True)
+    else:
+        console.rule(Text(title, style="bold"))
+
+
+def legend(console: Console) -> None:
+    if is_plain(console):
+        console.print(PLAIN_LEGEND)
+    else:
+        console.print("[dim]legend:[/] [bold green]carries loss[/]  [dim]masked (-100)[/]")
 
 
 def inspect_pairs(tokenizer, pairs, limit: int, max_length: int, console: Console | None = None) -> None:
@@ -61,13 +95,13 @@ def inspect_pairs(tokenizer, pairs, limit: int, max_length: int, console: Consol
         try:
             encoded = encode_pair(tokenizer, pair, max_length)
         except PromptTooLong as exc:
-            console.rule(f"[bold]{pair.get('source', f'record {index}')}[/]")
+            heading(console, pair.get("source", f"record {index}"))
             console.print(Text(f"(dropped: {exc})", style="red"))
             continue
         for name, (ids, labels) in zip(("chosen", "rejected"), pair_rows(encoded)):
-            console.rule(f"[bold]{pair.get('source', f'record {index}')}[/]  {name}: {len(ids)} tokens")
-            console.print(styled(tokenizer, ids, labels))
-    console.print("[dim]legend:[/] [bold green]carries loss[/]  [dim]masked (-100)[/]")
+            heading(console, f"{pair.get('source', f'record {index}')}  {name}: {len(ids)} tokens")
+            console.print(styled(tokenizer, ids, labels, is_plain(console)))
+    legend(console)
 
 
 def inspect_examples(tokenizer, examples, limit: int, max_length: int, train_on_prompt: bool,
@@ -77,12 +111,13 @@ def inspect_examples(tokenizer, examples, limit: int, max_length: int, train_on_
     for index, example in enumerate(examples):
         if index >= limit:
             break
-        text, counts = render_record(tokenizer, example, max_length, train_on_prompt, mask_history, as_pretraining)
-        console.rule(f"[bold]{example.get('source', f'record {index}')}[/]  "
-                     f"{counts['tokens']} tokens, {counts['loss_tokens']} with loss")
+        text, counts = render_record(tokenizer, example, max_length, train_on_prompt, mask_history, as_pretraining,
+                                     is_plain(console))
+        heading(console, f"{example.get('source', f'record {index}')}  "
+                         f"{counts['tokens']} tokens, {counts['loss_tokens']} with loss")
         console.print(text)
         summaries.append({"source": example.get("source"), **counts})
-    console.print("[dim]legend:[/] [bold green]carries loss[/]  [dim]masked (-100)[/]")
+    legend(console)
     return summaries
 
 
@@ -97,9 +132,7 @@ def inspect_prompts(tokenizer, prompts, limit: int, console: Console | None = No
         if index >= limit:
             break
         ids = encode(tokenizer, [record["prompt"]])[0]
-        console.rule()
-        console.print(Text(f"{record.get('source', f'record {index}')}  prompt: {len(ids)} tokens", style="bold"),
-                      soft_wrap=True)
+        heading(console, f"{record.get('source', f'record {index}')}  prompt: {len(ids)} tokens")
         console.print(Text(tokenizer.decode(ids), style="dim"))
         console.print(Text(f"reference: {record['reference'] or '(none)'}", style="bold green"))
         if record["answer"] and record["answer"] != record["reference"]:

@@ -9,6 +9,7 @@ decay, clipping, evaluation, metrics.jsonl, atomic checkpoints, exact resume, an
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -37,13 +38,16 @@ from lmforge.loop.checkpoint import (
     save_sharded_checkpoint,
     saved_step,
 )
+from lmforge.loop.evaluation import eval_metrics, eval_sums
 from lmforge.loop.metrics_log import LINES_KEY, MetricsLog
 from lmforge.loop.preemption import Preempted, PreemptionGuard
-from lmforge.loop.progress import ProgressDisplay
+from lmforge.loop.progress import ProgressDisplay, TaskBar
 from lmforge.loop.schedule import lr_factor
+from lmforge.loop.summary import start_lines
+from lmforge.loop.trackers import make_accelerator
 from lmforge.models.optimizers import build_optimizer
 
-__all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "row_lengths", "shard_size"]
+__all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "make_accelerator", "row_lengths", "shard_size"]
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -70,15 +74,6 @@ def compile_blocks(model) -> int:
     return len(blocks)
 
 
-def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str) -> Accelerator:
-    trackers = [t for t in log.report_to if t]
-    accelerator = Accelerator(mixed_precision=train.mixed_precision, log_with=trackers or None,
-                              project_dir=str(Path(output_dir) / "logs"))
-    if trackers:
-        accelerator.init_trackers(log.run_name or Path(output_dir).name)
-    return accelerator
-
-
 def label_token_count(batch: dict) -> torch.Tensor:
     """Tokens that carry next-token loss (labels shifted by one)."""
     return (batch["labels"][:, 1:] != -100).sum()
@@ -95,8 +90,9 @@ pair_count.metric_name = "pairs"
 class Trainer:
     def __init__(self, model, train_rows, collate_fn, loss_fn: LossFn, cfg: TrainConfig, log: LogConfig,
                  eval_rows=None, accelerator: Accelerator | None = None, perplexity: bool = True,
-                 count_fn: Callable[[dict], torch.Tensor] | None = None):
+                 count_fn: Callable[[dict], torch.Tensor] | None = None, tokenizer=None):
         self.cfg, self.log_cfg = cfg, log
+        self.tokenizer = tokenizer  # only to show an example row before step 1
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.train_rows, self.eval_rows = train_rows, eval_rows
@@ -131,13 +127,26 @@ class Trainer:
         # SIGTERM handling; a stage may hold it past train() so that its own final work is covered too.
         self.preemption = PreemptionGuard()
         self._row_lengths: list[int] | None = None
+        self._display: ProgressDisplay | None = None  # the training bar while it runs (evaluation goes under it)
 
     def _total_steps(self) -> int:
         if self.cfg.max_steps > 0:
             return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch()))
+
+    def steps_per_epoch(self) -> float | None:
+        """Optimizer steps one pass over the train rows takes (None: streamed rows have no length)."""
+        if self.streaming:
+            return None
         batches = math.ceil(len(self.train_rows) / self.cfg.batch_size)
-        per_process = shard_size(batches, self.accelerator.num_processes)
-        return max(1, math.ceil(self.cfg.epochs * per_process / self.cfg.grad_accum))
+        return shard_size(batches, self.accelerator.num_processes) / self.cfg.grad_accum
+
+    def say_plan(self) -> None:
+        """Before step 1: rows, tokens, steps and one row with its loss marked (the record counts per file
+        were said when the data was read)."""
+        if self.accelerator.is_main_process:
+            for line in start_lines(self):
+                self.accelerator.print(line)
 
     # -- data ---------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[dict]:
@@ -241,32 +250,19 @@ class Trainer:
         shard = list(range(rank, len(self.eval_rows), world))
         loader = DataLoader(torch.utils.data.Subset(self.eval_rows, shard), batch_size=self.cfg.batch_size,
                             collate_fn=self.collate_fn)
-        names: list[str] = []
-        sums = weights = None  # [loss_sum, count, metric×n ...] and the n behind each metric
-        for batch in loader:
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            with self.accelerator.autocast():
-                batch_loss, n, extra = self.loss_fn(model, batch)
-            names = names or sorted(extra)
-            values = torch.stack([torch.as_tensor(extra[k], dtype=torch.float32, device=n.device) for k in names]) \
-                if names else torch.zeros(0, device=n.device)
-            # A metric a batch cannot measure (NaN: e.g. KTO's rejected side with no undesirable
-            # record) is left out of its average instead of poisoning it.
-            seen = torch.isfinite(values).float() * n.float()
-            row = torch.cat([torch.stack([batch_loss.detach().float(), n.float()]), torch.nan_to_num(values) * seen])
-            w = torch.cat([torch.stack([n.float(), n.float()]), seen])
-            sums, weights = (row, w) if sums is None else (sums + row, weights + w)
+        with self._task_bar("eval", len(loader)) as bar:
+            sums, weights, names = eval_sums(model, loader, self.loss_fn, self.accelerator, bar.advance)
         model.train()
         if sums is None:
             return {}
         sums, weights = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(weights, "sum")
-        count = float(sums[1].clamp(min=1))
-        loss = float(sums[0]) / count
-        out = {"eval_loss": loss, **{f"eval_{k}": float(v) / float(w) if float(w) > 0 else float("nan")
-                                     for k, v, w in zip(names, sums[2:], weights[2:])}}
-        if self.perplexity:
-            out["eval_ppl"] = math.exp(min(loss, 50.0))
-        return out
+        return eval_metrics(sums, weights, names, self.perplexity)
+
+    def _task_bar(self, label: str, total: int) -> TaskBar:
+        enabled = self.log_cfg.progress and self.accelerator.is_main_process
+        if self._display is not None:
+            return self._display.task_bar(label, total)
+        return TaskBar(label, total, enabled)
 
     # -- the loop -----------------------------------------------------------------------------
     def resume_if_asked(self) -> None:
@@ -288,6 +284,7 @@ class Trainer:
     def train(self) -> TrainResult:
         with self.preemption:
             self.resume_if_asked()
+            self.say_plan()
             if self.state.step == 0:  # kept in every checkpoint: a resumed run reports them too
                 self.state.extra["initial_metrics"] = self.evaluate()
                 self.log(self.state.extra["initial_metrics"])
@@ -308,7 +305,11 @@ class Trainer:
         display = ProgressDisplay(self.total_steps, self.state.step,
                                   enabled=self.log_cfg.progress and self.accelerator.is_main_process)
         started, window_tokens = time.perf_counter(), 0
+        self._abandon_message()
+        if self.state.step < self.total_steps and self.preemption.stop_now(self.accelerator):
+            self.stop_for_preemption()  # asked during the evaluation before training: no step is started
         with display:
+            self._display = display
             while self.state.step < self.total_steps:
                 group = [next(batches) for _ in range(self.cfg.grad_accum)]
                 last = self.step(group)
@@ -324,6 +325,7 @@ class Trainer:
                     self.save_checkpoint()
                 if self.preemption.stop_now(self.accelerator):
                     self.stop_for_preemption()
+        self._display = None
         return last
 
     def finish_training(self, last: dict) -> None:
@@ -359,6 +361,7 @@ class Trainer:
         else:
             saved = self._save_unsharded()
         self.saved_step, self.saved_path = self.state.step, saved
+        self._abandon_message()
         return saved
 
     def _save_unsharded(self) -> Path | None:
@@ -374,13 +377,27 @@ class Trainer:
                                self.cfg.save_total_limit)
 
     def stop_for_preemption(self) -> None:
-        """After SIGTERM, at a step boundary: save (unless this step just was) and exit with status 143."""
-        if self.saved_step != self.state.step:
-            self.save_checkpoint()
-        saved = checkpoint_dir(self.output_dir) / f"checkpoint-{self.state.step}"
-        message = f"SIGTERM: stopped at step {self.state.step} and saved {saved}; train.resume=true continues"
+        """After SIGTERM or Ctrl-C, at a step boundary: save (unless this step just was, or none was run)
+        and exit with status 143 (130 after Ctrl-C), saying how to continue."""
+        word = self.preemption.word
+        if self.state.step == 0:
+            message = f"{word}: stopped before step 1; nothing was trained or saved"
+        else:
+            if self.saved_step != self.state.step:
+                self.save_checkpoint()
+            saved = checkpoint_dir(self.output_dir) / f"checkpoint-{self.state.step}"
+            message = f"{word}: stopped at step {self.state.step} and saved {saved}; " + (
+                "train.resume=true continues" if self.preemption.signum == signal.SIGTERM else
+                "to continue, run the same command with train.resume=true (lmforge run resumes a stage by itself)")
         self.accelerator.print(message)
-        raise Preempted(message)
+        raise Preempted(message, self.preemption.signum)
+
+    def _abandon_message(self) -> None:
+        """What a second Ctrl-C says: where the newest checkpoint is."""
+        last = latest_checkpoint(self.output_dir)
+        self.preemption.abandon_message = (
+            f"stopped at step {self.state.step} without saving it; train.resume=true continues from {last}"
+            if last else f"stopped at step {self.state.step}; no checkpoint had been written")
 
     def log(self, metrics: dict) -> None:
         if not metrics or not self.accelerator.is_main_process:

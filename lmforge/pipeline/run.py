@@ -29,7 +29,6 @@ from lmforge.config.schema import ConfigError, StageConfig
 from lmforge.eval.spec import EvalSpec
 from lmforge.eval.suite import EvalCache
 from lmforge.loop.checkpoint import latest_checkpoint
-from lmforge.loop.preemption import Preempted
 from lmforge.pipeline.evaluate import evaluate_stage, evaluate_start, load_eval_block
 from lmforge.pipeline.state import RunState
 from lmforge.stages import STAGE_RUNNERS
@@ -302,9 +301,8 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None, start: str 
             started = time.time()
             try:
                 results[stage.name], skipped = _run_stage(stage, cfg, stage.name in forced, console)
-            except BaseException as exc:
-                status = "preempted" if isinstance(exc, Preempted) else "failed"  # preempted: resumable as is
-                state.update(stage.name, status=status, seconds=round(time.time() - started, 1))
+            except BaseException as exc:  # a Ctrl-C or SIGTERM is recorded as a stop, resumable as is
+                state.stopped(stage.name, exc, round(time.time() - started, 1), f"lmforge run {pipeline.source}")
                 raise
             # A skipped stage shows the time it took when it ran (its manifest's), not the check's.
             seconds = _manifest(cfg).get("seconds", 0.0) if skipped else round(time.time() - started, 1)
@@ -344,6 +342,6 @@ def _write_report(run_dir: Path, console: Console) -> None:
         console.print(f"[yellow]report not written: {exc}[/]")
         return
     console.rule("[bold]summary")
-    for line in summary_lines(run_dir):
-        console.print(line, highlight=False)
-    console.print(f"report: {path}")
+    for line in summary_lines(run_dir):  # whole lines: a wrapped path cannot be copied
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"report: {path}", soft_wrap=True)

@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from lmforge.loop.preemption import Preempted
 from lmforge.stages.common import write_json_atomic
 
 RUN_STATE = "run.json"
@@ -32,6 +33,15 @@ class RunState:
         self.stage(name).update(values)
         self.save()
 
+    def stopped(self, name: str, exc: BaseException, seconds: float, resume: str) -> None:
+        """Record how a stage ended early: `interrupted` (Ctrl-C) and `preempted` (SIGTERM) stages resume
+        from their checkpoint with `resume`; anything else is `failed`."""
+        status = stop_status(exc)
+        values = {"status": status, "seconds": seconds}
+        if status != "failed":
+            values["note"] = f"stopped by {'Ctrl-C' if status == 'interrupted' else 'SIGTERM'}; {resume} resumes it"
+        self.update(name, **values)
+
     def save(self) -> None:
         self.data["seconds"] = round(time.time() - self.started, 1)
         write_json_atomic(self.path, self.data)
@@ -40,3 +50,11 @@ class RunState:
 def read_state(run_dir: Path) -> dict | None:
     path = Path(run_dir) / RUN_STATE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def stop_status(exc: BaseException) -> str:
+    """run.json's status of a stage that raised `exc`: a person's Ctrl-C and a scheduler's SIGTERM are
+    stops, resumable as they are, not failures."""
+    if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, Preempted) and exc.interrupted):
+        return "interrupted"
+    return "preempted" if isinstance(exc, Preempted) else "failed"

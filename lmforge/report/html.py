@@ -282,7 +282,8 @@ def summary_lines(run_dir: str | Path) -> list[str]:
         metrics = "  ".join(f"{name} {format_number(value)}" for name, value in _key_metrics(stage))
         line = (f"{stage['name']:<{name_width}}  {stage.get('stage', ''):<{kind_width}}  "
                 f"{stage.get('status', '?'):<7}  {_stage_total(stage):>7.1f}s  {metrics}")
-        lines.append(line.rstrip())
+        note = f"  ({stage['note']})" if stage.get("note") and stage.get("status") != "done" else ""
+        lines.append(line.rstrip() + note)
     prepare = sum(float(v or 0.0) for v in (run.get("prepare") or {}).values())
     total = f"total {float(run.get('seconds') or 0.0):.1f}s"
     lines.append(f"{total} (preparation {prepare:.1f}s)" if prepare else total)

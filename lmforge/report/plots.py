@@ -13,7 +13,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 from matplotlib.ticker import FormatStrFormatter
 
 STATUS_COLOURS = {"done": "#a5d6a7", "skipped": "#c5e1a5", "failed": "#ef9a9a", "running": "#ffe082",
-                  "preempted": "#90caf9", "pending": "#e0e0e0"}
+                  "preempted": "#90caf9", "interrupted": "#90caf9", "pending": "#e0e0e0"}
 UNKNOWN_STATUS_COLOUR = "#e0e0e0"
 
 CURVE_KEYS = {

@@ -142,7 +142,8 @@ def run(cfg: StageConfig) -> dict:
 
     fused = use_fused_loss(cfg)
     loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=reference, fused=fused)
-    trainer = Trainer(model, train_rows, collate, loss_fn, cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False, count_fn=pair_count)
+    trainer = Trainer(model, train_rows, collate, loss_fn, cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False, count_fn=pair_count,
+                      tokenizer=tokenizer)
     if reference is not None:
         reference.to(trainer.accelerator.device)
     if reference is not None and cfg.dpo.precompute_ref:

@@ -23,7 +23,7 @@ def run(cfg: StageConfig) -> dict:
 
     trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id),
                       partial(lm_loss, fused=use_fused_loss(cfg)),
-                      cfg.train, cfg.log, eval_rows=eval_rows)
+                      cfg.train, cfg.log, eval_rows=eval_rows, tokenizer=tokenizer)
     with trainer.preemption:  # SIGTERM after the last step: the final checkpoint holds everything
         result = trainer.train()
         save_artifact(run_, trainer, tokenizer, parent, fingerprint, result.metrics)

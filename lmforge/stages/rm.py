@@ -44,7 +44,7 @@ def run(cfg: StageConfig) -> dict:
 
     trainer = Trainer(model, train_rows, partial(collate_pairs, pad_id=tokenizer.pad_token_id),
                       partial(rm_loss, cfg=cfg.rm), cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False,
-                      count_fn=pair_count)
+                      count_fn=pair_count, tokenizer=tokenizer)
     with trainer.preemption:  # SIGTERM after the last step: the final checkpoint holds everything
         result = trainer.train()
         save_artifact(run_, trainer, tokenizer, parent, fingerprint, result.metrics, merge_adapter=True)

@@ -41,7 +41,7 @@ def run(cfg: StageConfig) -> dict:
 
     trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id),
                       partial(lm_loss, fused=use_fused_loss(cfg)),
-                      cfg.train, cfg.log, eval_rows=eval_rows)
+                      cfg.train, cfg.log, eval_rows=eval_rows, tokenizer=tokenizer)
     answers = eval_examples is not None and cfg.sft.eval_generate > 0
     # SIGTERM: after the last step, the final checkpoint holds everything and the run stops at once.
     with trainer.preemption:
