@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from client_harness import free_port, raw_request, request
 
+from lmforge.webui.forms import FORM_FIELDS, grouped_fields
+
 pytestmark = pytest.mark.chaos
 
 MARKER = "TOPSECRET-c41d"
@@ -251,6 +253,7 @@ def test_a_pipeline_runs_from_the_text_that_was_checked(webui, tree):
 def test_preview_and_start_cannot_read_outside_through_dataset_info(webui, tree):
     base, root, outside = tree
     form = ["sft", "scratch:test", "tok", "escape", "info", "full", 1e-4, 1, 8, 128, 8, "sigmoid", "runs/x", 1]
+    form += [None] * (len(FORM_FIELDS) + len(grouped_fields()) - len(form))  # every other field: its default
     for entry in ("escape", "absolute", "escape, ok"):
         form[3] = entry
         for name in ("preview", "start", "make_yaml"):

@@ -19,7 +19,7 @@ import pytest
 from client_harness import free_port, request, trials
 
 from lmforge.config.schema import ConfigError
-from lmforge.webui.forms import TrainForm, checked_path, form_to_config
+from lmforge.webui.forms import FORM_FIELDS, TrainForm, checked_path, form_to_config, grouped_fields
 
 MARKER = "TOPSECRET-7f3a"
 """The text of every file outside --root: an answer that contains it has read outside."""
@@ -209,6 +209,7 @@ def test_webui_endpoints_refuse_outside_paths(webui, tree):
     cookie = login(port, PASSWORD)[1]
     before = {p: sorted(os.listdir(p)) for p in (base, outside)}
     form = ["sft", "scratch:test", "data", "data/ok.jsonl", "", "full", 1e-4, 1, 8, 128, 8, "sigmoid", "runs/x", 1]
+    form += [None] * (len(FORM_FIELDS) + len(grouped_fields()) - len(form))  # every other field: its default
     bad = ["../outside/secret.txt", "loop/../out/stolen.yaml", "up", "a\x00b", str(outside / "secret.txt"),
            "data/sneaky.yaml",
            "out/secret.txt", "chain1/pipe.yaml", "..", "loop"][:trials(4, 9)]
