@@ -197,13 +197,17 @@ def cmd_eval(args) -> int:
         console.print("[yellow]nothing to evaluate: give --suite or data options (see lmforge eval -h); "
                       "a reward model takes --pairs[/]")
         return 2
+    wanted = wanted_suites(spec, is_reward_model(args.model))
     result = evaluate_model(args.model, spec, previous, log=lambda m: console.print(f"[dim]{m}[/]"),
                             keep_others=True)
     console.rule(f"[bold]{args.model}")
-    _print_metrics(result["metrics"])
+    # The suites asked for this time; the others stay stored in the manifest, not shown as this run's.
+    _print_metrics({k: v for name in wanted for k, v in result["suites"][name]["metrics"].items()})
     if manifest.is_file() and not args.no_save:
         record_eval(args.model, result)
-        console.print(f"  saved in {manifest}")
+        others = sorted(set(result["suites"]) - set(wanted))
+        kept = f" (with the earlier {', '.join(others)} results, not run now)" if others else ""
+        console.print(f"  saved in {manifest}{kept}", soft_wrap=True)
     return 0
 
 

@@ -85,13 +85,46 @@ def test_data_inspect_marks_loss_tokens(tmp_path, world_dir, world_tokenizer_dir
     assert "\ufffd" not in out  # Chinese characters split across byte-level tokens decode whole
 
 
+def test_data_inspect_without_a_terminal_marks_loss_in_text_and_keeps_the_header_whole(tmp_path, world_dir,
+                                                                                       world_tokenizer_dir, capsys):
+    deep = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2) / "eval.jsonl"
+    deep.parent.mkdir()
+    deep.write_text((world_dir / "sft" / "eval.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    code = main(["data", "inspect", "model.scratch=test", f"model.tokenizer={world_tokenizer_dir}",
+                 f"data.train={deep}", "--stage", "sft", "-n", "1"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()  # capsys is no terminal: as under nohup or a pipe
+    assert lines[0].startswith(f"--- {deep}:line 1  ") and lines[0].endswith(" with loss")
+    body = "\n".join(lines[1:-1])
+    assert "<|im_start|>assistant\n[[" in body and body.rstrip().endswith("<|im_end|>]]")
+    assert lines[-1] == "legend: [[...]] carries loss, the rest is masked (-100)"
+
+
+def test_eval_shows_only_the_suites_asked_for_and_keeps_the_others_stored(base, world_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    assert main(["eval", str(model), "--answers", str(world_dir / "rl" / "eval.jsonl"), "--max-samples", "3",
+                 "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(model), "--perplexity", str(world_dir / "pt" / "eval.txt"), "--max-samples", "3"]) == 0
+    shown = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")
+             and not line.startswith("  saved")]
+    assert shown == ["perplexity", "eval_tokens"]  # before: exact_match, contains, ... from the earlier run too
+    stored = json.loads((model / "lmforge.json").read_text())["eval"]
+    assert set(stored["suites"]) == {"answers", "perplexity"} and "exact_match" in stored["metrics"]
+
+
 def test_bad_record_is_reported_with_file_and_line(tmp_path, world_tokenizer_dir, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n', encoding="utf-8")
     code = main(["train", "sft", "model.scratch=test", f"model.tokenizer={world_tokenizer_dir}",
                  f"data.train={data}", f"train.output_dir={tmp_path / 'out'}", "log.report_to=[]"])
-    assert code == 2
-    assert f"{data}:line 2: missing field 'output'" in capsys.readouterr().out.replace("\n", "")
+    assert code == 2  # 1 bad record in 2 is more than data.max_bad_fraction (0.05) allows
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"error: {data}:file: 1 of 2 records are bad (50%, more than data.max_bad_fraction=0.05); the first: "
+        "line 2: missing field 'output'; fix them or raise data.max_bad_fraction")
 
 
 def test_streaming_pt_trains_to_max_steps(tmp_path, world_dir, world_tokenizer_dir):
