@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lmforge import __version__
+from lmforge.cli_help import DefaultsFormatter, available_cores, leaf_parsers
 from lmforge.cli_use import USE_COMMANDS, add_use_commands
 from lmforge.config.schema import STAGES
 
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                                                                   "which name none; default: the file's)")
 
     run = sub.add_parser("run", help="run a pipeline: lmforge run examples/demo.yaml")
-    run.add_argument("pipeline")
+    run.add_argument("pipeline", help="a pipeline YAML (examples/demo.yaml)")
     run.add_argument("overrides", nargs="*", help="dotted overrides of the pipeline file: stages.sft.config.train.lr=1e-3")
     run.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and every later one again")
     run.add_argument("--only", metavar="STAGE", help="run only this stage (again)")
@@ -55,25 +56,25 @@ def _parser() -> argparse.ArgumentParser:
                        ("prompts", "prompts for reward, KL, win-rate"), ("reward-model", "judge RM folder"),
                        ("reference", "KL reference model"), ("baseline", "win-rate against this model")):
         ev.add_argument(f"--{name}", help=what)
-    ev.add_argument("--max-samples", type=int)
-    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--max-samples", type=int, help="records read from each data file (default: all)")
+    ev.add_argument("--max-new-tokens", type=int, help="reply length for --answers and --prompts (default: the suite's)")
     ev.add_argument("--no-save", action="store_true", help="do not store the results in the artifact's manifest")
 
     add_use_commands(sub)
 
     report = sub.add_parser("report", help="write RUN_DIR/report.html for a pipeline run")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="the run folder of `lmforge run` (its run_dir)")
 
     score = sub.add_parser("score", help="reward of each prompt/response with a reward model")
     score.add_argument("model", help="an RM artifact (lmforge train rm)")
     score.add_argument("--data", required=True, help="pairs (chosen/rejected) or dialogues ending with a reply")
     score.add_argument("--out", help="write JSON lines here instead of printing")
-    score.add_argument("--max-length", type=int, default=1024)
+    score.add_argument("--max-length", type=int, default=1024, help="tokens of prompt and reply scored; longer is cut")
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     demo = data.add_parser("demo", help="write the synthetic demo world")
-    demo.add_argument("out_dir")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("out_dir", help="a folder for the world's data files")
+    demo.add_argument("--seed", type=int, default=0, help="the world's random seed")
     demo.add_argument("--sft-noise", type=float, default=0.0,
                       help="share of SFT replies given a rude or rambling style (for preference training)")
     demo.add_argument("--sft-noise-style", choices=("mixed", "habit"), default="mixed",
@@ -81,23 +82,28 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--arith-reps", type=int, default=1,
                       help="rounds of sums in the PT corpus (4 lets the tiny model learn sums GRPO can improve)")
     inspect = data.add_parser("inspect", help="show how records render and which tokens carry loss")
-    inspect.add_argument("config")
-    inspect.add_argument("overrides", nargs="*")
-    inspect.add_argument("-n", "--num", type=int, default=3)
+    inspect.add_argument("config", help="a stage config YAML (or a first override, with --stage)")
+    inspect.add_argument("overrides", nargs="*", help="dotted overrides: group.key=value")
+    inspect.add_argument("-n", "--num", type=int, default=3, help="records to show")
     inspect.add_argument("--stage", default=None, help="stage whose config this is (default: the file's)")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
     tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer with a chat template")
-    tok_train.add_argument("--data", nargs="+", required=True)
-    tok_train.add_argument("--vocab-size", type=int, default=4000)
-    tok_train.add_argument("--out", required=True)
+    tok_train.add_argument("--data", nargs="+", required=True, help="text or JSON-lines files to learn from")
+    tok_train.add_argument("--vocab-size", type=int, default=4000, help="tokens in the vocabulary")
+    tok_train.add_argument("--out", required=True, help="a folder for the tokenizer")
     tok_train.add_argument("--split-han-chars", action="store_true",
                            help="one pre-token per Chinese character (better for small models and corpora)")
     tok_extend = tok.add_parser("extend", help="add domain tokens; resize a model's embeddings")
-    tok_extend.add_argument("tokenizer")
+    tok_extend.add_argument("tokenizer", help="a tokenizer (or model) folder")
     tok_extend.add_argument("--tokens", required=True, help="a file with one token or word per line")
     tok_extend.add_argument("--model", help="a model folder whose embeddings grow with the vocabulary")
-    tok_extend.add_argument("--out", required=True)
+    tok_extend.add_argument("--out", required=True, help="a folder for the extended tokenizer (and model)")
+    for command in leaf_parsers(parser):
+        command.formatter_class = DefaultsFormatter
+        command.add_argument("--threads", type=int, default=available_cores(), metavar="N",
+                             help="CPU threads torch uses: the cores this process may use (torch's own choice counts "
+                                  "every core of the machine, which oversubscribes a container or a shared machine)")
     return parser
 
 
@@ -364,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: give 1 or more")
+    import torch
+
+    torch.set_num_threads(args.threads)  # before any work: the pools are sized on first use
     from lmforge.config.schema import ConfigError
     from lmforge.data.errors import DataError
     from lmforge.loop.checkpoint import CheckpointError

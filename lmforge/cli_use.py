@@ -19,23 +19,25 @@ def add_use_commands(sub) -> None:
                         help="also write OUT/model-<dtype>.gguf for llama.cpp and Ollama (Llama-style models)")
 
     gen = sub.add_parser("generate", help="answer every prompt of a dataset: lmforge generate MODEL --data F --out F")
-    gen.add_argument("model")
+    gen.add_argument("model", help="a model folder or artifact (a LoRA adapter is merged into its base)")
     gen.add_argument("--data", required=True, help="prompts in any SFT, prompt or preference format")
     gen.add_argument("--out", required=True, help="a new JSON-lines file")
     chat = sub.add_parser("chat", help="talk to a model in the terminal (/reset, /system TEXT, /exit)")
-    chat.add_argument("model")
+    chat.add_argument("model", help="a model folder or artifact (a LoRA adapter is merged into its base)")
     chat.add_argument("--system", help="a system prompt")
     for sampler in (gen, chat):
-        sampler.add_argument("--max-new-tokens", type=int, default=256)
-        sampler.add_argument("--temperature", type=float, default=0.0 if sampler is gen else 0.7)
-        sampler.add_argument("--top-p", type=float, default=1.0 if sampler is gen else 0.9)
-    gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--max-samples", type=int)
+        sampler.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
+        sampler.add_argument("--temperature", type=float, default=0.0 if sampler is gen else 0.7,
+                             help="sampling temperature; 0 is greedy")
+        sampler.add_argument("--top-p", type=float, default=1.0 if sampler is gen else 0.9,
+                             help="nucleus sampling: the smallest set of tokens holding this much probability")
+    gen.add_argument("--batch-size", type=int, default=16, help="prompts answered together")
+    gen.add_argument("--max-samples", type=int, help="answer only the first N prompts (default: all)")
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API: lmforge serve MODEL --port 8000")
-    serve.add_argument("model")
+    serve.add_argument("model", help="a model folder or artifact (a LoRA adapter is merged into its base)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     serve.add_argument("--name", help="the model id clients send (default: the folder's name)")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $LMFORGE_API_KEY if set)")
     serve.add_argument("--max-batch-size", type=int, default=16,
@@ -52,7 +54,7 @@ def add_use_commands(sub) -> None:
     web.add_argument("--runs", default="runs", help="where runs are listed (under --root)")
     web.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default: this machine only; any other needs --auth)")
-    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--port", type=int, default=7860, help="TCP port to listen on")
     web.add_argument("--auth", help="USER:PASSWORD to require a login (default: $LMFORGE_WEBUI_AUTH if set)")
     web.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                      help="a Host name to answer besides loopback and --host (e.g. behind a proxy); repeatable")
