@@ -156,15 +156,17 @@ def test_single_turn_without_system(tok):
 
 
 def test_tool_turns_are_masked(tok):
+    call = [{"type": "function", "function": {"name": "weather", "arguments": {}}}]
     messages = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": "call weather"},
+        {"role": "assistant", "content": "", "tool_calls": call},
         {"role": "tool", "content": "sunny"},
         {"role": "assistant", "content": "It is sunny."},
     ]
     encoded = encode_sft(tok, messages, max_length=512)
-    assert labelled_spans(tok, encoded) == ["call weather<|im_end|>", "It is sunny.<|im_end|>"]
-    tool_ids = ids(tok, "<|im_start|>tool\nsunny<|im_end|>\n")
+    assert labelled_spans(tok, encoded) == ['<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call><|im_end|>',
+                                            "It is sunny.<|im_end|>"]
+    tool_ids = ids(tok, "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n")
     start = next(i for i in range(len(encoded["input_ids"])) if encoded["input_ids"][i : i + len(tool_ids)] == tool_ids)
     assert encoded["labels"][start : start + len(tool_ids)] == [IGNORE] * len(tool_ids)
 

@@ -128,3 +128,10 @@ def test_a_template_that_drops_earlier_reasoning_trains_on_its_own_final_renderi
     assert [s.text for s in segments if s.is_assistant] == ["<think>\nthree and three\n</think>\n\n6.<|im_end|>"]
     context = "".join(s.text for s in segments[:-2])
     assert context == render_prompt(tok, messages[:-1]) and "two and two" not in context
+
+
+def test_a_template_that_rewrites_every_turn_is_still_refused(tok):
+    apply_template_choice(tok, "auto")
+    tok.chat_template = "{{ messages | length }}" + REWRITING  # the count changes the text before every reply
+    with pytest.raises(ValueError, match="does not render turns as a growing prefix"):
+        render_segments(tok, example_messages(to_example(THINKING, RowFormat())))

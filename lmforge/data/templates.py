@@ -205,6 +205,8 @@ class Segment:
     is_assistant: bool
 
 
+REWRITES = ("the chat template does not render turns as a growing prefix (it rewrites earlier turns, or a reply "
+            "does not follow its generation prompt); choose another template with model.template")
 PROBE_TOOL = {"type": "function", "function": {"name": "lmforge_probe_tool", "description": "probe",
                                                "parameters": {"type": "object", "properties": {}}}}
 PROBE_CALL = [{"type": "function", "function": {"name": "lmforge_probe_call", "arguments": {"lmforge_probe_arg": 1}}}]
@@ -302,8 +304,7 @@ def render_segments(tokenizer, messages: list[dict], tools: list | None = None, 
             prompt = _render(tokenizer, messages[:i], True, tools, template_kwargs)
             full = _render(tokenizer, messages[: i + 1], False, tools, template_kwargs)
             if not full.startswith(prompt):
-                raise ValueError("the chat template does not render a reply after its generation prompt; "
-                                 "choose another template with model.template")
+                raise ValueError(REWRITES)
             turns.append((prompt, full, message))
     final = _render(tokenizer, messages, False, tools, template_kwargs)
     markers = end_of_turn_markers(tokenizer)
@@ -316,8 +317,7 @@ def render_segments(tokenizer, messages: list[dict], tools: list | None = None, 
         segments += _reply_segments(tokenizer, full[len(prompt):], message, markers, reasoning_loss)
         done = full
     if not any(s.is_assistant for s in segments) and turns:
-        raise ValueError("the chat template does not render turns as a growing prefix (it rewrites earlier "
-                         "turns); choose another template with model.template")
+        raise ValueError(REWRITES)
     rest = final[len(done):]
     if rest:
         segments.append(Segment(rest, False))
