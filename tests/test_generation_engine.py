@@ -323,7 +323,7 @@ def test_greedy_with_a_repetition_penalty_equals_transformers_generate():
 
 def test_a_step_that_cannot_be_captured_decodes_eagerly_instead():
     class Uncapturable:
-        def run(self, tokens, lengths):
+        def run(self, *step):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     model = model_of("llama")

@@ -3,21 +3,106 @@ written out here and against transformers' logits processors."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from lmforge.generation.sampling import (
+    INPUT_COLUMNS,
+    OUT_LOGPROB,
+    OUT_SPREAD,
+    OUT_TOKEN,
+    TEMPERATURE,
+    DrawMode,
     choose_tokens,
-    counter_uniform,
     draw_from,
+    draw_rows,
     filter_logits,
+    noise_keys,
     penalise,
     token_logprobs,
+    uniforms,
 )
 
 
 def column(values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype)
+
+
+def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The noise as the engine draws it (on the host), for tensors of seeds and steps."""
+    return torch.from_numpy(uniforms(noise_keys(seeds.tolist()), steps.tolist()))
+
+
+def torch_mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser written out in int64 torch arithmetic, 16-bit halves so nothing overflows: the
+    device-side hash the engine used before the noise moved to the host (seeded outputs must not change)."""
+    def mul32(x, constant):
+        return ((x & 0xFFFF) * constant + ((((x >> 16) * constant) & 0xFFFF) << 16)) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def test_host_noise_is_bit_identical_to_the_device_hash_it_replaces():
+    g = torch.Generator().manual_seed(1)
+    edges = torch.tensor([0, 1, 2**32 - 1, 2**32, 2**62, 2**63 - 1])
+    seeds = torch.cat([torch.randint(0, 2**62, (20000,), generator=g), edges])
+    steps = torch.cat([torch.randint(0, 2**40, (20000,), generator=g), torch.tensor([0, 5, 2**32 - 1, 2**32, 7, 2**33 + 1])])
+    low, high = seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF
+    key = torch_mix32(low ^ torch_mix32(high ^ 0x9E3779B9))
+    bits = torch_mix32(key ^ torch_mix32((steps & 0xFFFFFFFF) ^ 0x7F4A7C15))
+    expected = (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    assert torch.equal(counter_uniform(seeds, steps), expected)
+    # Per-sequence keys computed once give the same numbers as a batch of keys.
+    assert np.array_equal(noise_keys([2**63 - 1])[0], noise_keys(seeds.tolist())[-1])
+
+
+def packed_inputs(temperature, top_k, top_p, min_p, scale, u) -> torch.Tensor:
+    rows = len(temperature)
+    packed = np.zeros((rows, INPUT_COLUMNS), dtype=np.int32)
+    packed[:, 2] = top_k
+    packed[:, TEMPERATURE:].view(np.float32)[:] = np.stack([temperature, top_p, min_p, scale, u], -1)
+    return torch.from_numpy(packed)
+
+
+def test_the_fused_draw_equals_choosing_then_reading_logprobs_row_by_row():
+    """draw_rows (what a captured step runs) against the draw it replaced: choose_tokens on the settings as
+    float32/long columns, then log_softmax of the tempered logits at the chosen token; greedy, plain, top-k,
+    top-p and min-p rows side by side."""
+    torch.manual_seed(3)
+    rows, vocab = 12, 50
+    logits = torch.randn(rows, vocab) * 3
+    temperature = [0.0, 1.0, 0.7, 1.3, 0.9, 0.0, 1.0, 2.0, 0.5, 1.0, 0.8, 1.1]
+    top_k = [0, 0, 5, 0, 0, 3, 10**9, 0, 2, 0, 7, 0]
+    top_p = [1.0, 1.0, 1.0, 0.8, 1.0, 0.5, 1.0, 0.9, 1.0, 0.3, 0.95, 1.0]
+    min_p = [0.0, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0, 0.05, 0.0, 0.0, 0.1, 0.5]
+    scale = [1.0, 1.0, 0.7, 1.3, 1.0, 1.0, 1.0, 2.0, 0.5, 1.0, 0.8, 1.0]
+    u = counter_uniform(torch.arange(rows) * 977, torch.arange(rows)).numpy()
+    inputs = packed_inputs(temperature, [min(k, 2**31 - 1) for k in top_k], top_p, min_p, scale, u)
+    out = draw_rows(logits, logits, inputs, DrawMode(False, True, True, True))
+    expected = choose_tokens(logits, column(temperature), column(top_k, torch.long), column(top_p), column(min_p),
+                             torch.from_numpy(u))
+    assert out[:, OUT_TOKEN].long().tolist() == expected.tolist()
+    assert len(set(expected.tolist())) > 6  # the rows really drew different tokens
+    logps = torch.log_softmax(logits / column(scale)[:, None], -1).gather(-1, expected[:, None]).squeeze(-1)
+    assert torch.equal(out[:, OUT_LOGPROB].float(), logps)
+    # Greedy-only mode skips the softmax and returns the arg-max; without log-probs there is no third column.
+    greedy = draw_rows(logits, logits, inputs, DrawMode(True, False, False, False))
+    assert greedy.shape == (rows, 2) and greedy[:, OUT_TOKEN].long().tolist() == logits.argmax(-1).tolist()
+
+
+def test_the_finite_check_flags_nan_and_inf_and_passes_huge_finite_logits():
+    logits = torch.zeros(5, 4)
+    logits[1, 2], logits[2, 0], logits[3, 3] = math.nan, math.inf, -math.inf
+    logits[4] = torch.tensor([3.0e38, -3.0e38, 0.0, 1.0])  # max - min overflows float32, not float64
+    inputs = packed_inputs([0.0] * 5, [0] * 5, [1.0] * 5, [0.0] * 5, [1.0] * 5, [0.0] * 5)
+    spread = draw_rows(logits, logits, inputs, DrawMode(True, False, False, False))[:, OUT_SPREAD].tolist()
+    assert [math.isfinite(s) for s in spread] == [True, False, False, False, True]
 
 
 def test_noise_depends_on_seed_and_step_only_and_is_uniform():

@@ -24,12 +24,11 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.rows, self.max_len = rows, max_len
 
-    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-              values: torch.Tensor) -> None:
-        """Store keys/values [b, kv_heads, t, head_dim] of rows [b] at positions [b, t]."""
-        index = (rows[:, None], slice(None), positions)  # -> [b, t, kv_heads, head_dim]
-        self.keys[layer][index] = keys.transpose(1, 2).to(self.keys[layer].dtype)
-        self.values[layer][index] = values.transpose(1, 2).to(self.values[layer].dtype)
+    def write(self, layer: int, where: tuple, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store keys/values [b, t, kv_heads, head_dim] at `where` = (rows [b, 1], :, positions [b, t]), the
+        index every layer of a step shares."""
+        self.keys[layer][where] = keys.to(self.keys[layer].dtype)
+        self.values[layer][where] = values.to(self.values[layer].dtype)
 
     def copy_row(self, source: int, target: int, length: int) -> None:
         """A shared prefix: row `target` gets the first `length` positions of row `source`."""

@@ -1,81 +1,130 @@
-"""Drawing the next token of many sequences at once, each with its own request's settings."""
+"""Drawing the next token of many sequences at once, each with its own request's settings: the host's side.
+
+A step's per-row inputs (token, position, settings, the uniform of this step) are packed on the host into
+one int32 array and sent in one transfer; the backend runs the forward pass and, for rows without
+penalties, the fused draw (`sampling.draw_rows`) in the same (captured) step; one transfer brings back each
+row's token, the finite check and the log-prob. Rows with repetition/presence penalties get the forward
+pass's logits and are drawn here, through the same fused draw on penalised scores.
+"""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from lmforge.generation.request import GenerationError
-from lmforge.generation.sampling import choose_tokens, counter_uniform, penalise, token_logprobs
+from lmforge.generation.sampling import (
+    INPUT_COLUMNS,
+    OUT_LOGPROB,
+    OUT_SPREAD,
+    OUT_TOKEN,
+    SCALE,
+    TEMPERATURE,
+    TOKEN,
+    TOP_K,
+    UNIFORM,
+    DrawMode,
+    draw_rows,
+    penalise,
+    token_logprobs,
+    uniforms,
+)
 from lmforge.generation.sequence import Sequence, TokenEvent
+
+PADDING_FLOATS = (0.0, 1.0, 0.0, 1.0)
+"""A padding row of a captured step: greedy, no filter, log-probs at scale 1 (its outputs are dropped)."""
+
+
+def draw_mode(sequences: list[Sequence]) -> DrawMode:
+    return DrawMode(greedy=not any(s.sampled for s in sequences), truncating=any(s.truncating for s in sequences),
+                    flooring=any(s.flooring for s in sequences), logprobs=any(s.asks_logprobs for s in sequences))
+
+
+def pack_inputs(sequences: list[Sequence], rows: int, pad_position: int) -> np.ndarray:
+    """int32 [rows, INPUT_COLUMNS] (see `sampling.TOKEN`...): each sequence's last token, its position, its
+    settings and this step's uniform; rows past the sequences are padding rows feeding token 0 at
+    `pad_position`."""
+    count = len(sequences)
+    packed = np.empty((rows, INPUT_COLUMNS), dtype=np.int32)
+    floats = packed[:, TEMPERATURE:].view(np.float32)
+    packed[:count, TOKEN:TOP_K + 1] = [(s.last or 0, s.cached, s.top_k) for s in sequences]
+    floats[:count, :SCALE - TEMPERATURE + 1] = [s.float_settings for s in sequences]
+    floats[:count, UNIFORM - TEMPERATURE] = uniforms([s.noise_key for s in sequences], [s.steps for s in sequences])
+    packed[count:, TOKEN:TOP_K + 1] = (0, pad_position, 0)
+    floats[count:, :SCALE - TEMPERATURE + 1] = PADDING_FLOATS
+    floats[count:, UNIFORM - TEMPERATURE] = 0.0
+    return packed
+
+
+def decode_tokens(backend, sequences: list[Sequence], events: list[TokenEvent]) -> None:
+    """One decoding step of rows 0..B-1 (`sequences`): feed each its last token, draw and record the next."""
+    mode = draw_mode(sequences)
+    penalised = any(s.penalised for s in sequences)
+    packed = pack_inputs(sequences, backend.step_rows(len(sequences)), backend.pad_position)
+    out, logits = backend.decode_step(packed, len(sequences), None if penalised else mode)
+    for sequence in sequences:
+        sequence.cached += 1
+    if out is None:
+        out = draw_penalised(sequences, logits, torch.from_numpy(packed[:len(sequences)]).to(logits.device), mode)
+    finish(sequences, logits, out, events)
 
 
 def draw_tokens(sequences: list[Sequence], logits: torch.Tensor, events: list[TokenEvent]) -> None:
-    """Draw each sequence's next token from its row of `logits` [B, V], record it, and add its event."""
+    """Draw each sequence's next token from its row of `logits` [B, V] (a prefill's last logits), record it,
+    and add its event."""
+    inputs = torch.from_numpy(pack_inputs(sequences, len(sequences), 0)).to(logits.device)
+    mode = draw_mode(sequences)
+    out = draw_penalised(sequences, logits, inputs, mode) if any(s.penalised for s in sequences) \
+        else draw_rows(logits, logits, inputs, mode)
+    finish(sequences, logits, out, events)
+
+
+def draw_penalised(sequences: list[Sequence], logits: torch.Tensor, inputs: torch.Tensor,
+                   mode: DrawMode) -> torch.Tensor:
+    """The fused draw on penalised scores (repetition over prompt and reply, presence over the reply)."""
+    def column(values):
+        return torch.tensor(values, dtype=torch.float32, device=logits.device)
+
     settings = [s.request.sampling for s in sequences]
-    device = logits.device
+    scores = penalise(logits, *seen_masks(sequences, logits.shape[-1], logits.device),
+                      column([s.repetition_penalty for s in settings]), column([s.presence_penalty for s in settings]))
+    return draw_rows(scores, logits, inputs, mode)
 
-    def column(values, dtype=torch.float32):
-        return torch.tensor(values, dtype=dtype, device=device)
 
-    scores = logits
-    if any(s.penalised for s in settings):
-        scores = penalise(logits, *seen_masks(sequences, logits.shape[-1], device),
-                          column([s.repetition_penalty for s in settings]),
-                          column([s.presence_penalty for s in settings]))
-    uniforms = counter_uniform(column([s.seed for s in sequences], torch.long),
-                               column([s.steps for s in sequences], torch.long))
-    # Which filters run is known here on the host: no device sync to find out.
-    tokens = choose_tokens(scores, column([s.temperature for s in settings]),
-                           column([s.top_k for s in settings], torch.long), column([s.top_p for s in settings]),
-                           column([s.min_p for s in settings]), uniforms,
-                           all_greedy=all(s.greedy for s in settings),
-                           truncating=any(s.top_k > 0 or s.top_p < 1 for s in settings),
-                           flooring=any(s.min_p > 0 for s in settings))
-    logprobs, top_ids, top_values = asked_logprobs(sequences, logits, tokens)
-    # One transfer brings the tokens and whether each row's logits were finite (a NaN would draw token 0).
-    drawn, finite = torch.stack([tokens, torch.isfinite(logits).all(-1).long()]).tolist()
-    broken = [s for s, ok in zip(sequences, finite) if not ok]
-    if broken:
-        raise GenerationError(f"the model gave non-finite logits (NaN or inf) for {len(broken)} of {len(sequences)} "
+def finish(sequences: list[Sequence], logits: torch.Tensor, out: torch.Tensor, events: list[TokenEvent]) -> None:
+    """Read the step's outputs back (one transfer), refuse non-finite logits, record every row's token."""
+    rows = out.tolist()
+    broken = sum(1 for row in rows if not math.isfinite(row[OUT_SPREAD]))
+    if broken:  # a NaN would otherwise draw some token silently
+        raise GenerationError(f"the model gave non-finite logits (NaN or inf) for {broken} of {len(sequences)} "
                               "rows: check its weights and dtype; Engine.reset() ends the requests in flight")
-    for i, (sequence, token) in enumerate(zip(sequences, drawn)):
-        wanted = sequence.request.top_logprobs
-        ranked = list(zip(top_ids[i][:wanted], top_values[i][:wanted])) if wanted else None
-        events.append(sequence.accept(token, logprobs[i], ranked))
+    tokens = [int(row[OUT_TOKEN]) for row in rows]
+    top = ranked(sequences, logits, tokens)
+    for i, (sequence, row) in enumerate(zip(sequences, rows)):
+        logprob = row[OUT_LOGPROB] if sequence.asks_logprobs else None
+        events.append(sequence.accept(tokens[i], logprob, top[i]))
         sequence.handle.check_done()
 
 
-def asked_logprobs(sequences: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list, list, list]:
-    """Per row: the drawn token's log-prob, and the ids and log-probs of its request's `top_logprobs` most likely
-    tokens (None where not asked). Computed for the rows that ask only: a vocabulary-wide log-softmax and
-    sort per row is not free at a large batch."""
-    count = len(sequences)
-    logprobs, top_ids, top_values = [None] * count, [None] * count, [None] * count
-    asking = [i for i, s in enumerate(sequences) if s.request.logprobs or s.request.top_logprobs]
+def ranked(sequences: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> list:
+    """Per row: (id, log-prob) of its request's `top_logprobs` most likely tokens, None where not asked.
+    Computed for the rows that ask only: a vocabulary-wide sort per row is not free at a large batch."""
+    asking = [i for i, s in enumerate(sequences) if s.request.top_logprobs]
+    out: list = [None] * len(sequences)
     if not asking:
-        return logprobs, top_ids, top_values
-    picked = [sequences[i] for i in asking]
-    if len(asking) < count:
-        index = torch.tensor(asking, device=logits.device)
-        logits, tokens = logits[index], tokens[index]
-    top = max(s.request.top_logprobs for s in picked)
-    chosen, ids, values = token_logprobs(tempered(logits, picked), tokens, top)
-    for i, value in zip(asking, chosen.tolist()):
-        logprobs[i] = value
-    if top:
-        for i, row_ids, row_values in zip(asking, ids.tolist(), values.tolist()):
-            top_ids[i], top_values[i] = row_ids, row_values
-    return logprobs, top_ids, top_values
-
-
-def tempered(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
-    """The logits the log-probs are read from: each row divided by its temperature where its request asks
-    for tempered log-probs (and samples at a temperature other than 0 and 1), else as they are."""
-    scales = [s.request.sampling.temperature if s.request.tempered_logprobs and s.request.sampling.temperature > 0
-              else 1.0 for s in sequences]
-    if all(scale == 1.0 for scale in scales):
-        return logits
-    return logits.float() / torch.tensor(scales, dtype=torch.float32, device=logits.device)[:, None]
+        return out
+    index = torch.tensor(asking, device=logits.device)
+    scales = torch.tensor([sequences[i].float_settings[SCALE - TEMPERATURE] for i in asking], dtype=torch.float32,
+                          device=logits.device)
+    top = max(sequences[i].request.top_logprobs for i in asking)
+    _, ids, values = token_logprobs(logits[index] / scales[:, None], torch.tensor(tokens, device=logits.device)[index],
+                                    top)
+    for i, row_ids, row_values in zip(asking, ids.tolist(), values.tolist()):
+        wanted = sequences[i].request.top_logprobs
+        out[i] = list(zip(row_ids[:wanted], row_values[:wanted]))
+    return out
 
 
 def seen_masks(sequences: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from lmforge.generation.draw import draw_tokens
+from lmforge.generation.draw import decode_tokens, draw_tokens
 from lmforge.generation.hf_fallback import HFBackend
 from lmforge.generation.llama import LlamaFamilyBackend, UnsupportedModel
 from lmforge.generation.request import Request, RequestError, Result, check_token_ids
@@ -313,10 +313,7 @@ class Engine:
 
     def _decode(self, events: list[TokenEvent]) -> None:
         live = self.rows[:self.decoding]
-        logits = self.backend.decode([s.last for s in live], [s.cached for s in live])
-        for sequence in live:
-            sequence.cached += 1
-        draw_tokens(live, logits, events)
+        decode_tokens(self.backend, live, events)
         for sequence in live:
             if sequence.out.finish_reason is not None:
                 self._leave(sequence, keep=self._keeps(sequence))

@@ -1,4 +1,4 @@
-"""CUDA graphs of the own decoder's decoding step, one per (batch bucket, span bucket).
+"""CUDA graphs of the own decoder's decoding step, one per (batch bucket, span bucket, draw mode).
 
 A small model's decoding step is bound by kernel launches, not bytes: replaying a captured graph launches
 the whole step at once. Shapes must be fixed for a graph, so the B live rows run as the next power-of-two
@@ -6,6 +6,11 @@ bucket of rows and the attention span as the next power of two of positions (at 
 padding rows are rows B.. of the cache, which belong to other sequences or to nobody: they read position
 `max_len - 1` and write their keys/values there, a position no sequence ever holds (a request needs
 prompt + max_new_tokens <= max_len and its last token is never fed), so they disturb nothing.
+
+A graph holds the whole step: the forward pass and the fused draw (`sampling.draw_rows`), reading the
+step's packed per-row inputs (tokens, positions, sampling settings, uniforms) from one static buffer and
+writing tokens, the finite check and log-probs to its output: one copy in, one replay, one copy out. Rows
+with repetition/presence penalties replay a forward-only graph (draw mode None) and are drawn outside it.
 
 Every run of the step writes the same keys/values at the same positions for the same inputs, so the
 warm-up runs that capture needs are harmless. Graphs hold the addresses of the parameters: when the
@@ -21,7 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from lmforge.generation.sampling import INPUT_COLUMNS, POSITION, DrawMode
 
 MIN_SPAN = 64
 
@@ -37,51 +45,50 @@ def bucket(count: int, limit: int, smallest: int = 1) -> int:
 @dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
+    out: torch.Tensor | None
+    """The fused draw's outputs [rows, 3] (None for a forward-only step: rows with penalties)."""
     logits: torch.Tensor
 
 
 class DecodeGraphs:
     def __init__(self, backend, rows: int, max_len: int):
         self.backend, self.rows, self.max_len = backend, rows, max_len
-        device = backend.device
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
-        self.lengths = torch.full((rows,), max_len - 1, dtype=torch.long, device=device)
-        self.row_ids = torch.arange(rows, device=device)
-        self.graphs: dict[tuple[int, int], Captured] = {}
+        self.inputs = torch.zeros((rows, INPUT_COLUMNS), dtype=torch.int32, device=backend.device)
+        """The static input buffer every graph reads: the step's packed per-row inputs, padding included."""
+        self.staging = torch.zeros((rows, INPUT_COLUMNS), dtype=torch.int32).pin_memory()
+        self.graphs: dict[tuple, Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()  # every bucket's graph shares one memory pool
         self.storage: tuple | None = None
 
-    def run(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        count = len(tokens)
-        rows = bucket(count, self.rows)
-        span = bucket(max(lengths) + 1, self.max_len, MIN_SPAN)
+    def run(self, packed: np.ndarray, count: int, mode: DrawMode | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Replay the step for `packed` (its rows a bucket, padding rows last): one host-to-device copy in,
+        the graph, and the outputs of rows 0..count-1, valid until the next replay."""
+        rows = packed.shape[0]
+        span = bucket(int(packed[:count, POSITION].max()) + 1, self.max_len, MIN_SPAN)
         storage = tuple(p.data_ptr() for p in self.backend.parameters())
         if storage != self.storage:
             self.graphs.clear()
             self.storage = storage
-        self.tokens[:count].copy_(torch.tensor(tokens), non_blocking=True)
-        self.lengths[:count].copy_(torch.tensor(lengths), non_blocking=True)
-        self.tokens[count:rows].zero_()
-        self.lengths[count:rows].fill_(self.max_len - 1)
-        mode = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        captured = self.graphs.get((rows, span, mode)) or self._capture(rows, span, mode)
+        # The previous step's results were read back (a sync), so its copy out of the staging buffer is done.
+        self.staging[:rows].numpy()[:] = packed
+        self.inputs[:rows].copy_(self.staging[:rows], non_blocking=True)
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        key = (rows, span, autocast, mode)
+        captured = self.graphs.get(key) or self._capture(key)
         captured.graph.replay()
-        return captured.logits[:count].clone()  # the next replay overwrites the graph's output
+        return (None if captured.out is None else captured.out[:count]), captured.logits[:count]
 
-    def _step(self, rows: int, span: int) -> torch.Tensor:
-        return self.backend.forward(self.tokens[:rows, None], self.lengths[:rows, None], self.row_ids[:rows],
-                                    slice(0, rows), span)
-
-    def _capture(self, rows: int, span: int, mode: tuple[bool, torch.dtype]) -> Captured:
-        uncached = torch.autocast("cuda", dtype=mode[1], enabled=mode[0], cache_enabled=False)
+    def _capture(self, key: tuple) -> Captured:
+        rows, span, (enabled, dtype), mode = key
+        uncached = torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), uncached:  # capture wants the kernels warmed up, off the default stream
+        with torch.cuda.stream(side), uncached:  # capture wants the kernels warmed up (and compiled) first
             for _ in range(2):
-                self._step(rows, span)
+                self.backend.step_fn(self.inputs[:rows], span, mode)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), uncached:
-            logits = self._step(rows, span)
-        self.graphs[(rows, span, mode)] = Captured(graph, logits)
-        return self.graphs[(rows, span, mode)]
+            out, logits = self.backend.step_fn(self.inputs[:rows], span, mode)
+        self.graphs[key] = Captured(graph, out, logits)
+        return self.graphs[key]

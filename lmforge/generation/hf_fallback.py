@@ -9,7 +9,10 @@ from __future__ import annotations
 import copy
 import inspect
 
+import numpy as np
 import torch
+
+from lmforge.generation.sampling import POSITION, TOKEN, DrawMode, draw_rows
 
 
 class HFBackend:
@@ -18,6 +21,7 @@ class HFBackend:
         self.caches: list = [None] * rows
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.pad_position = 0  # no padding rows: every step runs its live rows only
         # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name is deprecated).
         forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
         self.cache_argument = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
@@ -33,9 +37,17 @@ class HFBackend:
         self.caches[row] = out[self.cache_argument]
         return out.logits[0, -1].float()
 
-    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        return torch.stack([self._feed(row, [token], length)
-                            for row, (token, length) in enumerate(zip(tokens, lengths))])
+    def step_rows(self, count: int) -> int:
+        return count
+
+    def decode_step(self, packed: np.ndarray, count: int, mode: DrawMode | None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Each row on its own, then the fused draw (see `LlamaFamilyBackend.decode_step`)."""
+        logits = torch.stack([self._feed(row, [int(token)], int(length)) for row, (token, length)
+                              in enumerate(packed[:count, TOKEN:POSITION + 1])])
+        if mode is None:
+            return None, logits
+        return draw_rows(logits, logits, torch.from_numpy(packed[:count]).to(self.device), mode), logits
 
     def copy_row(self, source: int, target: int, length: int) -> None:
         self.caches[target] = copy.deepcopy(self.caches[source])

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmforge.generation.cache import KVCache
-from lmforge.generation.graphs import DecodeGraphs
+from lmforge.generation.graphs import MIN_SPAN, DecodeGraphs, bucket
+from lmforge.generation.sampling import POSITION, TOKEN, DrawMode, draw_rows
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 log = logging.getLogger("lmforge.generation")
@@ -45,22 +47,34 @@ def check_supported(model, max_len: int) -> None:
                                "the own decoder")
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+def attention_mask(visible: torch.Tensor, group: int) -> torch.Tensor:
+    """The SDPA mask of every layer, built once per step from visible bool [B, T, S]: the query rows of a
+    key/value head are its `group` query heads × T tokens (head-major); one token broadcasts as it is."""
+    b, t, span = visible.shape
+    if t == 1:
+        return visible[:, None]
+    return visible[:, None, None].expand(b, 1, group, t, span).reshape(b, 1, group * t, span)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
-    """q [B, H, T, D] over k, v [B, KVH, S, D]; visible bool [B, T, S]."""
+    """q [B, H, T, D] over k, v [B, KVH, S, D]; mask from `attention_mask`."""
     b, heads, t, d = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    grouped = q.reshape(b, kv_heads, group * t, d)  # query head h = kv head h // group: a view, no copy
-    mask = visible[:, None, None].expand(b, 1, group, t, visible.shape[-1]).reshape(b, 1, group * t, -1)
+    grouped = q.reshape(b, k.shape[1], -1, d)  # query head h = kv head h // group: a view, no copy
     return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).reshape(b, heads, t, d)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [B, heads, T, D] with cos/sin [B, T, D] (the half-split layout)."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def rotary(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, D] as every layer's `rotate` wants them, made once per step: a head axis, and the
+    sign of the rotated half folded into sin."""
+    half = sin.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, heads, T, D] (the half-split layout): x cos + (-x2, x1) sin, written as
+    x cos + (x2, x1) (-sin1, sin2), which rounds the same (a sign flip is exact)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def graphs_can_run(model, device: torch.device) -> bool:
@@ -72,7 +86,7 @@ def graphs_can_run(model, device: torch.device) -> bool:
 
 
 class LlamaFamilyBackend:
-    def __init__(self, model, rows: int, max_len: int, cuda_graphs: bool = True):
+    def __init__(self, model, rows: int, max_len: int, cuda_graphs: bool = True, compile: bool | str = False):
         check_supported(model, max_len)
         self.model = model
         base = base_model(model)
@@ -80,11 +94,17 @@ class LlamaFamilyBackend:
         self.layers = list(self.backbone.layers)
         attention = self.layers[0].self_attn
         self.head_dim, self.scale = attention.head_dim, attention.scaling
+        self.group = base.config.num_attention_heads // base.config.num_key_value_heads
         weight = self.backbone.embed_tokens.weight
         self.vocab_size = self.head.weight.shape[0]
         self.cache = KVCache(len(self.layers), rows, base.config.num_key_value_heads, max_len, self.head_dim,
                              weight.dtype, weight.device)
         self.device = weight.device
+        self.pad_position = max_len - 1
+        """Where padding rows of a captured step feed (see cache.py): no sequence ever holds it."""
+        self.row_ids = torch.arange(rows, device=self.device)
+        self.compiled = bool(compile)
+        self.step_fn = compiled_step(self.step, compile) if compile else self.step
         self.graphs = DecodeGraphs(self, rows, max_len) if cuda_graphs and graphs_can_run(model, self.device) \
             else None
 
@@ -96,9 +116,8 @@ class LlamaFamilyBackend:
         [B, V] after each chunk's last token. Shorter chunks are padded with tokens at position max_len - 1,
         the column no sequence holds: they are seen by no real token and overwrite nothing."""
         width = max(len(chunk) for chunk in chunks)
-        scratch = self.cache.max_len - 1
         tokens = torch.zeros(len(chunks), width, dtype=torch.long)
-        positions = torch.full((len(chunks), width), scratch, dtype=torch.long)
+        positions = torch.full((len(chunks), width), self.pad_position, dtype=torch.long)
         for i, (chunk, start) in enumerate(zip(chunks, starts)):
             tokens[i, :len(chunk)] = torch.tensor(chunk)
             positions[i, :len(chunk)] = torch.arange(start, start + len(chunk))
@@ -107,19 +126,35 @@ class LlamaFamilyBackend:
         span = max(start + len(chunk) for chunk, start in zip(chunks, starts))
         return self.forward(tokens.to(self.device), positions.to(self.device), row_ids, row_ids, span, last)
 
-    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        """One token for each of rows 0..B-1, at position lengths[b]; float logits [B, V]."""
+    def step_rows(self, count: int) -> int:
+        """Rows a decoding step of `count` sequences runs: the graph's bucket, padding rows included."""
+        return bucket(count, self.cache.rows) if self.graphs is not None else count
+
+    def decode_step(self, packed: np.ndarray, count: int, mode: DrawMode | None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One token for each of rows 0..count-1 from the step's packed inputs (`draw.pack_inputs`): the
+        fused draw's outputs [count, 3] (None when `mode` is None: the caller draws) and float logits
+        [count, V], both valid until the next step."""
         if self.graphs is not None:
             try:
-                return self.graphs.run(tokens, lengths)
+                return self.graphs.run(packed, count, mode)
             except RuntimeError as error:  # a step that cannot be captured still decodes, eagerly
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", error)
                 self.graphs = None
-        count = len(tokens)
-        positions = torch.tensor(lengths, device=self.device)[:, None]
-        rows = torch.arange(count, device=self.device)
-        return self.forward(torch.tensor(tokens, device=self.device)[:, None], positions, rows, slice(0, count),
-                             max(lengths) + 1)
+                packed = packed[:count]
+        span = int(packed[:, POSITION].max()) + 1
+        if self.compiled:  # a few span sizes keep the compiled step's shapes few
+            span = bucket(span, self.cache.max_len, MIN_SPAN)
+        out, logits = self.step_fn(torch.from_numpy(packed).to(self.device), span, mode)
+        return out, logits
+
+    def step(self, inputs: torch.Tensor, span: int, mode: DrawMode | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The decoding step (what is compiled and captured): forward rows 0..B-1 at their positions from the
+        int32 [B, 8] row inputs over `span` positions, then the fused draw unless `mode` is None."""
+        rows = inputs.shape[0]
+        logits = self.forward(inputs[:, TOKEN:TOKEN + 1].long(), inputs[:, POSITION:POSITION + 1].long(),
+                              self.row_ids[:rows], slice(0, rows), span)
+        return (None if mode is None else draw_rows(logits, logits, inputs, mode)), logits
 
     def copy_row(self, source: int, target: int, length: int) -> None:
         self.cache.copy_row(source, target, length)
@@ -131,13 +166,15 @@ class LlamaFamilyBackend:
         """Nothing to free: a row's stale positions are never visible (masked by length)."""
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-                 row_select: slice | torch.Tensor, span: int, last: torch.Tensor | None = None) -> torch.Tensor:
+                row_select: slice | torch.Tensor, span: int, last: torch.Tensor | None = None) -> torch.Tensor:
         """Float logits [b, V] after tokens [b, t] at positions [b, t] of cache rows [b], whose keys/values are
         read through `row_select` (a slice of the packed decoding rows is a view; an index tensor copies) up
-        to `span`. `last` [b] picks each row's last real token (default: the last column)."""
+        to `span`. `last` [b] picks each row's last real token (default: the last column). What is the same
+        for every layer (mask, rotary cos/sin, the cache index) is made once, before the layer loop."""
         hidden = self.backbone.embed_tokens(tokens)
-        cos, sin = self.backbone.rotary_emb(hidden, positions)
-        visible = torch.arange(span, device=self.device)[None, None] <= positions[..., None]
+        cos, sin = rotary(*self.backbone.rotary_emb(hidden, positions))
+        mask = attention_mask(torch.arange(span, device=self.device)[None, None] <= positions[..., None], self.group)
+        where = (rows[:, None], slice(None), positions)  # -> [b, t, kv_heads, head_dim] of a layer's cache
         b, t, _ = hidden.shape
         for index, layer in enumerate(self.layers):
             attention = layer.self_attn
@@ -148,12 +185,19 @@ class LlamaFamilyBackend:
                 q, k = attention.q_norm(q), attention.k_norm(k)
             q = rotate(q.transpose(1, 2), cos, sin)
             k = rotate(k.transpose(1, 2), cos, sin)
-            v = attention.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-            self.cache.write(index, rows, positions, k, v)
+            v = attention.v_proj(x).view(b, t, -1, self.head_dim)
+            self.cache.write(index, where, k.transpose(1, 2), v)
             keys = self.cache.keys[index][row_select, :, :span]
             values = self.cache.values[index][row_select, :, :span]
-            mixed = grouped_attention(q.to(keys.dtype), keys, values, visible, self.scale)
+            mixed = grouped_attention(q.to(keys.dtype), keys, values, mask, self.scale)
             hidden = hidden + attention.o_proj(mixed.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         final = hidden[:, -1] if last is None else hidden[torch.arange(b, device=self.device), last]
         return self.head(self.backbone.norm(final)).float()
+
+
+def compiled_step(step, backend: bool | str):
+    """The decoding step through torch.compile, with dynamic shapes: one compilation serves every batch and
+    span bucket (only one row, a size torch always specialises, and each `DrawMode` compile apart).
+    `backend` True is inductor; a string names another torch.compile backend."""
+    return torch.compile(step, dynamic=True, backend="inductor" if backend is True else backend)

@@ -4,40 +4,48 @@ Randomness is counter-based: the draw of a row at a step is a hash of (the sampl
 tokens it has generated), never a shared generator's state. A sample therefore gets the same tokens
 whichever other rows share its batch, whenever it joined, and on whichever device — which is what makes
 "a request that joins a running batch gets exactly the tokens it gets alone" hold for sampling, not only
-for greedy decoding. The hash is integer arithmetic on the device (no host sync, capturable in a graph).
+for greedy decoding. The hash is integer arithmetic on the host: the uniforms go to the device with the rest
+of a step's per-row inputs, one transfer (a graph-captured step reads them from its input buffer).
 
 A token is drawn by inverting the CDF of the filtered distribution at that one uniform number.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
+_SEED_SALT, _STEP_SALT = 0x9E3779B9, 0x7F4A7C15
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """(x * constant) mod 2**32 for x < 2**32 in int64, in two 16-bit halves so no product overflows."""
-    low = (x & 0xFFFF) * constant
-    high = (((x >> 16) * constant) & 0xFFFF) << 16
-    return (low + high) & MASK32
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser on uint32 arrays (products wrap mod 2**32): every input bit flips about
+    half the output bits."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+def noise_keys(seeds) -> np.ndarray:
+    """uint32 [B]: each seed (0 <= seed < 2**63) hashed once; `uniforms` then mixes in the step."""
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    low = (seeds & np.uint64(MASK32)).astype(np.uint32)
+    high = (seeds >> np.uint64(32)).astype(np.uint32)
+    return _mix32(low ^ _mix32(high ^ np.uint32(_SEED_SALT)))
 
 
-def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """One uniform number in [0, 1) per row, a function of (seed, step) only. seeds, steps: int64 [B]."""
-    low, high = seeds & MASK32, (seeds >> 32) & MASK32
-    key = _mix32(low ^ _mix32(high ^ 0x9E3779B9))
-    bits = _mix32(key ^ _mix32((steps & MASK32) ^ 0x7F4A7C15))
-    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 bits: exact in float32, always < 1
+def uniforms(keys: np.ndarray, steps) -> np.ndarray:
+    """One uniform number in [0, 1) per row, a function of (seed, step) only: float32 [B] from the rows'
+    `noise_keys` and step counters. 24 bits: exact in float32, always < 1. Computed on the host (a few
+    vectorised operations on B numbers) and sent with the other per-row inputs of a step."""
+    steps = (np.asarray(steps, dtype=np.int64) & MASK32).astype(np.uint32)
+    bits = _mix32(np.asarray(keys, dtype=np.uint32) ^ _mix32(steps ^ np.uint32(_STEP_SALT)))
+    return (bits >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / (1 << 24))
 
 
 def penalise(logits: torch.Tensor, in_context: torch.Tensor, in_reply: torch.Tensor, repetition: torch.Tensor,
@@ -100,6 +108,45 @@ def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     filtered = filter_logits(logits / scale[:, None], top_k, top_p, min_p, truncating, flooring)
     drawn = draw_from(torch.softmax(filtered, -1), uniforms)
     return torch.where(greedy, best, drawn)
+
+
+TOKEN, POSITION, TOP_K, TEMPERATURE, TOP_P, MIN_P, SCALE, UNIFORM = range(8)
+INPUT_COLUMNS = 8
+"""A decoding step's per-row inputs, one int32 [B, 8] tensor (one transfer, or a graph's input buffer): the
+token fed, its position and top-k as integers, then the float32 bits of temperature, top-p, min-p, the
+log-probs' temperature and the step's uniform number."""
+OUT_TOKEN, OUT_SPREAD, OUT_LOGPROB = range(3)
+
+
+class DrawMode(NamedTuple):
+    """What a step's draw must compute, known on the host from the rows' settings (no device sync to find
+    out); part of a captured graph's key."""
+
+    greedy: bool
+    """Every row greedy: the arg-max, no softmax."""
+    truncating: bool
+    """Some sampled row has top-k or top-p on."""
+    flooring: bool
+    """Some sampled row has min-p on."""
+    logprobs: bool
+    """Some row asks for log-probs: computed for every row (one log-softmax), the others' are dropped."""
+
+
+def draw_rows(scores: torch.Tensor, logits: torch.Tensor, inputs: torch.Tensor, mode: DrawMode) -> torch.Tensor:
+    """The fused draw of a step, capturable in a graph: float64 [B, 3] of each row's token, the spread of its
+    raw logits (max - min in float64: finite exactly when every logit is) and, under `mode.logprobs`, the
+    token's log-prob under logits / the row's log-prob temperature. `scores` [B, V] are the (penalised)
+    logits the token is chosen from, `logits` the raw ones; `inputs` the step's int32 [B, 8] row inputs."""
+    settings = inputs[:, TEMPERATURE:].view(torch.float32)  # same element size: a view, any strides
+    temperature, top_p, min_p = settings[:, 0], settings[:, TOP_P - TEMPERATURE], settings[:, MIN_P - TEMPERATURE]
+    tokens = choose_tokens(scores, temperature, inputs[:, TOP_K].long(), top_p, min_p,
+                           settings[:, UNIFORM - TEMPERATURE], mode.greedy, mode.truncating, mode.flooring)
+    low, high = torch.aminmax(logits, dim=-1)  # NaN propagates; an inf makes the spread inf
+    columns = [tokens.double(), high.double() - low.double()]
+    if mode.logprobs:  # x / 1 is x exactly: a row at scale 1 gets its raw log-probs
+        tempered = logits / settings[:, SCALE - TEMPERATURE, None]
+        columns.append(torch.log_softmax(tempered, -1).gather(-1, tokens[:, None]).squeeze(-1).double())
+    return torch.stack(columns, -1)
 
 
 def token_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, top: int

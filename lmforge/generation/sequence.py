@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass
 
 from lmforge.generation.request import Request, Result, Sample
+from lmforge.generation.sampling import noise_keys
 from lmforge.generation.text import ReplyText
 
 WAITING, PREFILL, SIBLING, DECODING, PARKED, DONE = "waiting", "prefill", "sibling", "decoding", "parked", "done"
@@ -34,6 +35,8 @@ class Sequence:
 
     def __init__(self, handle: Handle, index: int, seed: int, tokenizer, stop_ids: set[int]):
         self.handle, self.index, self.seed = handle, index, seed
+        self.noise_key = int(noise_keys([seed])[0])
+        """The seed's half of the sampling noise's hash, computed once."""
         self.stop_ids = stop_ids
         self.phase = WAITING
         self.row: int | None = None
@@ -67,6 +70,16 @@ class Sequence:
                           top_logprobs=[] if request.top_logprobs else None)
         self.text = ReplyText(self.tokenizer, request.stop_strings) if self.tokenizer is not None else None
         handle.samples.append(self.out)
+        sampling = request.sampling
+        self.top_k = min(sampling.top_k, 2**31 - 1)  # top-k past the vocabulary keeps all: int32 is plenty
+        scale = sampling.temperature if request.tempered_logprobs and sampling.temperature > 0 else 1.0
+        self.float_settings = (sampling.temperature, sampling.top_p, sampling.min_p, scale)
+        """The step inputs' float columns (temperature, top-p, min-p, log-prob temperature), fixed per segment."""
+        self.sampled = not sampling.greedy
+        self.truncating = self.sampled and (sampling.top_k > 0 or sampling.top_p < 1)
+        self.flooring = self.sampled and sampling.min_p > 0
+        self.asks_logprobs = request.logprobs or request.top_logprobs > 0
+        self.penalised = sampling.penalised
 
     @property
     def request(self) -> Request:
