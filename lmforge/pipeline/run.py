@@ -34,7 +34,7 @@ from lmforge.pipeline.state import RunState
 from lmforge.stages import STAGE_RUNNERS
 from lmforge.stages.common import MANIFEST, input_manifest_digests, parent_manifest_digest
 
-STAGE_KEYS = {"name", "stage", "config", "from", "reward_model", "eval"}
+STAGE_KEYS = {"name", "stage", "config", "from", "reward_model", "teacher", "eval"}
 
 
 @dataclass
@@ -47,6 +47,8 @@ class PipelineStage:
     """RL stages: the pipeline stage whose artifact is the reward model (`reward_model: rm`)."""
     eval: bool | dict = True
     """false: no evaluation of this stage; a mapping: changes to the pipeline's eval block for it."""
+    teacher: str | None = None
+    """distill: the pipeline stage whose artifact is the teacher (`teacher: sft`)."""
 
 
 @dataclass
@@ -79,12 +81,12 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         if not isinstance(stage_eval, (bool, dict)):
             raise ConfigError(f"{path}: stages[{i}].eval must be true, false or a mapping of eval settings")
         stages.append(PipelineStage(item.get("name", item["stage"]), item["stage"], item.get("config") or {},
-                                    item.get("from"), item.get("reward_model"), stage_eval))
+                                    item.get("from"), item.get("reward_model"), stage_eval, item.get("teacher")))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: stage names must be unique (got {', '.join(names)})")
     for stage in stages:
-        for ref in (stage.from_, stage.reward_model):
+        for ref in (stage.from_, stage.reward_model, stage.teacher):
             if ref is not None and ref not in names[:names.index(stage.name)]:
                 raise ConfigError(f"{path}: stage {stage.name} refers to {ref!r}, which is not an earlier stage "
                                   f"(earlier: {', '.join(names[:names.index(stage.name)]) or 'none'})")
@@ -135,6 +137,8 @@ def stage_config(pipeline: Pipeline, stage: PipelineStage) -> StageConfig:
         model.pop("tokenizer", None)
     if stage.reward_model:
         raw.setdefault("rl", {})["reward_model"] = str(Path(pipeline.run_dir) / stage.reward_model)
+    if stage.teacher:
+        raw.setdefault("distill", {})["teacher"] = str(Path(pipeline.run_dir) / stage.teacher)
     return from_dict(StageConfig, raw, where=f"stages.{stage.name}.config")
 
 
@@ -293,7 +297,7 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None, start: str 
                 state.update(stage.name, status="skipped" if done else "pending",
                              seconds=_manifest(cfg).get("seconds", 0.0))
                 continue
-            for needed in (stage.from_, stage.reward_model):
+            for needed in (stage.from_, stage.reward_model, stage.teacher):
                 if needed and not (run_dir / needed / MANIFEST).is_file():
                     raise ConfigError(f"stage {stage.name} needs {needed!r}, which has not finished yet: "
                                       f"run it first (lmforge run {pipeline.source} --only {needed})")

@@ -250,7 +250,10 @@ def parent_manifest_digest(model_path: str | None) -> str | None:
 
 
 def input_manifest_digests(cfg: StageConfig) -> dict:
-    """Digests of the other artifacts a stage read (RL: its reward models): retraining one makes it stale."""
+    """Digests of the other artifacts a stage read (RL: its reward models; distill: its teacher): retraining one
+    makes it stale."""
+    if cfg.stage == "distill":
+        return {cfg.distill.teacher: parent_manifest_digest(cfg.distill.teacher)}
     if cfg.stage not in RL_STAGES:
         return {}
     return {spec.path: parent_manifest_digest(spec.path) for spec in cfg.rl.reward_specs() if spec.kind == "model"}
