@@ -181,3 +181,31 @@ def test_folder_without_run_json_is_refused(tmp_path):
         write_report(folder)
     with pytest.raises(FileNotFoundError, match="not a pipeline run folder"):
         summary_lines(folder)
+
+
+def test_each_stage_shows_its_data_counts_from_its_manifest(tmp_path):
+    run_dir = write_fake_run(tmp_path / "demo")
+    manifest_path = run_dir / "sft" / "lmforge.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["data"] = {"by_file": {
+        "data/medical_sft.jsonl": {"read": 300, "kept": 150, "skipped": 148, "prompt_cut": 3, "dropped_no_room": 2,
+                                   "skipped_by_reason": {"invalid JSON": 100, "turn N is empty": 48}},
+        "data/identity.json": {"read": 20, "kept": 20, "skipped": 0, "skipped_by_reason": {}}}}
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    section = page.split("<h2>Data read, kept, skipped and cut</h2>")[1].split("<h2>")[0]
+    assert ('<tr><td>sft</td><td>data/medical_sft.jsonl</td><td class="num">300</td><td class="num">150 (50%)</td>'
+            "<td>148 (100 invalid JSON, 48 turn N is empty)</td><td>3 prompt cut, 2 dropped no room</td></tr>") in section
+    assert '<td>data/identity.json</td><td class="num">20</td><td class="num best">20 (100%)</td>' in section
+    assert "<td>ppo</td><td colspan=\"5\" class=\"note\">no manifest (not finished)</td>" in section
+    sft_line = next(line for line in summary_lines(run_dir) if line.startswith("sft "))
+    assert sft_line.endswith("data 170/320 kept")
+
+
+def test_a_stopped_stage_says_how_to_resume_in_the_summary(tmp_path):
+    run_dir = write_fake_run(tmp_path / "demo")
+    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    run["stages"][3].update(status="interrupted", note="stopped by Ctrl-C; lmforge run examples/demo.yaml resumes it")
+    (run_dir / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    line = next(line for line in summary_lines(run_dir) if line.startswith("ppo "))
+    assert "interrupted" in line and line.endswith("(stopped by Ctrl-C; lmforge run examples/demo.yaml resumes it)")

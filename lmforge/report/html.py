@@ -190,6 +190,43 @@ def samples_table(run: dict) -> str:
     return f"<table><tr><th>prompt</th><th>reference</th>{head}</tr>{''.join(body)}</table>"
 
 
+CUT_NAMES = ("prompt_cut", "reply_cut", "turns_dropped", "dropped_no_room")
+"""The kinds of truncation a stage's manifest counts per file (lmforge.data.errors.CUT_KINDS)."""
+
+
+def data_rows(stage: dict) -> list[dict]:
+    """One row per data file the stage read, from its manifest's data.by_file: file, read, kept, skipped
+    with reasons, cut by kind."""
+    by_file = ((stage.get("manifest") or {}).get("data") or {}).get("by_file") or {}
+    rows = []
+    for name, counts in by_file.items():
+        reasons = ", ".join(f"{n} {r}" for r, n in (counts.get("skipped_by_reason") or {}).items())
+        cut = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in CUT_NAMES if counts.get(k))
+        rows.append({"file": name, "read": counts.get("read", 0), "kept": counts.get("kept", 0),
+                     "skipped": counts.get("skipped", 0), "reasons": reasons, "cut": cut})
+    return rows
+
+
+def data_section(run: dict) -> str:
+    """Each stage's data counts: a stage that trained on half its data must not look like one that
+    trained on all of it."""
+    body = []
+    for stage in run["stages"]:
+        rows = data_rows(stage)
+        if not rows:
+            note = "no manifest (not finished)" if stage.get("manifest") is None else "no per-file counts recorded"
+            body.append(f'<tr><td>{_esc(stage["name"])}</td><td colspan="5" class="note">{note}</td></tr>')
+        for row in rows:
+            kept_share = row["kept"] / row["read"] if row["read"] else 1.0
+            mark = ' class="num best"' if kept_share == 1.0 else ' class="num"'
+            skipped = f"{row['skipped']}" + (f" ({_esc(row['reasons'])})" if row["reasons"] else "")
+            body.append(f'<tr><td>{_esc(stage["name"])}</td><td>{_esc(row["file"])}</td>'
+                        f'<td class="num">{row["read"]}</td><td{mark}>{row["kept"]} ({kept_share:.0%})</td>'
+                        f"<td>{skipped}</td><td>{_esc(row['cut'])}</td></tr>")
+    return ("<table><tr><th>stage</th><th>file</th><th>read</th><th>kept</th><th>skipped</th><th>cut to max_length"
+            f"</th></tr>{''.join(body)}</table>")
+
+
 def _image(fig, alt: str) -> str:
     return f'<p><img alt="{_esc(alt)}" src="{plots.png_data_uri(fig)}"></p>'
 
@@ -245,6 +282,7 @@ def header(run: dict, run_dir: Path) -> str:
 def render(run: dict, run_dir: Path) -> str:
     graph = _image(plots.pipeline_graph(run["stages"]), "pipeline graph")
     sections = [("Pipeline", graph), ("Evaluation before and after each stage", metrics_table(eval_columns(run))),
+                ("Data read, kept, skipped and cut", data_section(run)),
                 ("Training curves", curves_section(run)), ("Sample answers", samples_table(run)),
                 ("Timings", timings_section(run))]
     body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections)
@@ -280,6 +318,10 @@ def summary_lines(run_dir: str | Path) -> list[str]:
     lines = []
     for stage in stages:
         metrics = "  ".join(f"{name} {format_number(value)}" for name, value in _key_metrics(stage))
+        data = data_rows(stage)
+        read, kept = sum(r["read"] for r in data), sum(r["kept"] for r in data)
+        if read > kept:  # a stage that did not train on all it read says so in the summary too
+            metrics += f"  data {kept}/{read} kept"
         line = (f"{stage['name']:<{name_width}}  {stage.get('stage', ''):<{kind_width}}  "
                 f"{stage.get('status', '?'):<7}  {_stage_total(stage):>7.1f}s  {metrics}")
         note = f"  ({stage['note']})" if stage.get("note") and stage.get("status") != "done" else ""
