@@ -23,7 +23,7 @@ from lmforge.losses.grpo_family import (
     truncation_mask,
 )
 from lmforge.losses.rl import clipped_policy_loss, entropy_from_logits, entropy_with_grad, kl_per_token
-from lmforge.stages.grpo import grpo_advantages, grpo_loss, refuse_until_the_loop_supports
+from lmforge.stages.grpo import grpo_advantages, grpo_loss
 
 TOL = 1e-9
 G = 1e4  # what a padded entry may hold; it must never reach a real one
@@ -316,28 +316,16 @@ def test_stage_config_refuses_family_knobs_where_they_do_nothing():
     assert load_config(None, [*base, "rl.scale_rewards=batch"], stage="grpo").rl.scale_rewards == "batch"
 
 
-@pytest.mark.parametrize("setting", [{"loss_type": "grpo"}, {"loss_type": "bnpo"}, {"loss_type": "dr_grpo"},
-                                     {"mask_truncated": True}])
-def test_settings_the_online_loop_cannot_carry_yet_are_refused_in_one_line(setting):
-    with pytest.raises(ConfigError, match="not wired yet"):
-        refuse_until_the_loop_supports(RLConfig(**setting))
-    refuse_until_the_loop_supports(RLConfig(importance_sampling="sequence", clip_range_high=0.28, entropy_coef=0.01,
-                                            overlong_buffer=8))
-
-
 # ---------------------------------------------------------------- a tiny GRPO run learns with each variant
 
 STARTS_WITH_DIGIT = r"^\s*\d"
-WIRED = [["rl.importance_sampling=sequence"],  # GSPO
-         ["rl.clip_range_high=0.28", "rl.entropy_coef=0.001"],  # clip-higher and an entropy bonus
-         ["rl.overlong_buffer=4", "rl.overlong_penalty=0.5"]]  # soft overlong penalty
-PENDING = [["rl.loss_type=grpo"], ["rl.loss_type=bnpo"], ["rl.loss_type=dr_grpo"]]
+VARIANTS = [["rl.importance_sampling=sequence"],  # GSPO
+            ["rl.clip_range_high=0.28", "rl.entropy_coef=0.001"],  # clip-higher and an entropy bonus
+            ["rl.overlong_buffer=4", "rl.overlong_penalty=0.5"],  # soft overlong penalty
+            ["rl.loss_type=grpo"], ["rl.loss_type=bnpo"], ["rl.loss_type=dr_grpo"]]
 
 
-@pytest.mark.parametrize("variant", WIRED + [
-    pytest.param(v, marks=pytest.mark.xfail(raises=ConfigError, strict=True,
-                                            reason="needs the online loop to normalise by the loss's count"))
-    for v in PENDING])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0].removeprefix("rl."))
 def test_a_tiny_grpo_run_learns_with_each_variant(base, world_dir, tmp_path, variant):
     import json
 
@@ -363,3 +351,7 @@ def test_a_tiny_grpo_run_learns_with_each_variant(base, world_dir, tmp_path, var
     else:
         assert metrics["eval_reward"] > metrics["initial_eval_reward"] + 0.3  # greedy replies too
     assert "groups_without_signal" in rows[0] and "clip_high_frac" in rows[0]
+    # Each step is normalised by the loss's own count: 64 replies, 4 micro-batches of 16, or its reply tokens.
+    count = {"rl.loss_type=grpo": 64, "rl.loss_type=dr_grpo": 64, "rl.loss_type=bnpo": 4}.get(variant[0])
+    assert all(r["loss_count"] == (count or r["reply_tokens"]) for r in rows), [r["loss_count"] for r in rows]
+    assert all(r["reply_tokens"] == pytest.approx(64 * r["length"]) for r in rows)

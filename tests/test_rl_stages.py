@@ -193,3 +193,45 @@ def test_a_prompt_too_long_for_the_reply_is_a_data_error_naming_file_and_line(ba
     assert main(["train", "grpo", *args]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert f"{world_dir}/rl/arith_train.jsonl:line" in out and "leaves no room for rl.max_new_tokens=8" in out
+
+
+# ---------------------------------------------------------------- held-out grading of references with no text
+
+INVISIBLE = "\u200b\u200d "  # zero-width characters: a reference that looks filled but states nothing
+
+
+def _one_reply(text: str):
+    from lmforge.rollout.rollouts import Samples
+
+    return Samples(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+                   torch.full((1, 1), 5), torch.ones(1, 1), [text], torch.tensor([True]), seconds=0.0)
+
+
+def test_held_out_replies_skip_exact_match_when_a_reference_is_only_invisible_characters():
+    from types import SimpleNamespace
+
+    from lmforge.config.schema import RewardSpec
+    from lmforge.rollout.rewards import RewardSet
+    from lmforge.stages.online import evaluate_policy
+
+    rollouts = SimpleNamespace(sample=lambda *a, **k: _one_reply("7"))
+    rl = RLConfig(rewards=[RewardSpec(kind="regex", pattern=STARTS_WITH_DIGIT)])
+    rows = [{"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "reference": INVISIBLE, "answer": ""}]
+    out = evaluate_policy(None, None, rollouts, rows, [[1, 2]], RewardSet(rl.reward_specs()), None, rl)
+    assert out["reward"] == 1.0 and "exact_match" not in out
+    rows[0]["reference"] = "7"
+    out = evaluate_policy(None, None, rollouts, rows, [[1, 2]], RewardSet(rl.reward_specs()), None, rl)
+    assert out["exact_match"] == 1.0
+
+
+def test_eval_metrics_skip_answers_a_gsm8k_marker_leaves_empty():
+    from lmforge.eval.metrics import answer_metrics, ground_truth
+
+    record = {"prompt": [{"role": "user", "content": "How many?"}], "reference": INVISIBLE, "answer": "#### "}
+    out = answer_metrics([record], _one_reply("12"))
+    assert "exact_match" not in out and "contains" not in out and out["length"] == 1.0
+    assert ground_truth([record], ["12"]) is None
+    record.update(answer="#### 12", reference="There are 12.")
+    out = answer_metrics([record], _one_reply("There are 12."))
+    assert out["exact_match"] == 1.0 and out["contains"] == 1.0
+    assert ground_truth([record], ["12 of them", "none"][:1]) == [1.0]

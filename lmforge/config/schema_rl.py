@@ -92,6 +92,12 @@ class RLConfig:
     score falls linearly, reaching -rl.overlong_penalty at max_new_tokens; 0 turns it off."""
     overlong_penalty: float = 1.0
     """GRPO/RLOO: the largest soft overlong penalty (see overlong_buffer)."""
+    dynamic_sampling: bool = False
+    """GRPO/RLOO: DAPO's dynamic sampling. Groups whose replies all scored the same teach nothing: they are
+    dropped and more prompts are sampled until rl.prompts_per_step groups differ, for at most
+    rl.max_sampling_rounds rollouts per iteration (then the step is topped up with dropped groups)."""
+    max_sampling_rounds: int = 3
+    """GRPO/RLOO with rl.dynamic_sampling: the most rollouts one iteration samples (the first included)."""
     clip_range_value: float = 0.2
     value_coef: float = 0.1
     gamma: float = 1.0
@@ -158,7 +164,7 @@ class RLConfig:
         """The GRPO/RLOO-only settings changed from their defaults (PPO refuses them)."""
         defaults = RLConfig()
         names = ("loss_type", "importance_sampling", "scale_rewards", "clip_range_low", "clip_range_high",
-                 "entropy_coef", "mask_truncated", "overlong_buffer")
+                 "entropy_coef", "mask_truncated", "overlong_buffer", "dynamic_sampling")
         return [f"rl.{n}" for n in names if getattr(self, n) != getattr(defaults, n)]
 
     def reward_specs(self) -> list[RewardSpec]:

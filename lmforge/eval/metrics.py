@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from lmforge.data import grading
 from lmforge.data.packing import pack_stream
 from lmforge.data.tokenize import encode_text
 from lmforge.generation import Sampling
@@ -75,16 +76,16 @@ def answer_metrics(records: list[dict], replies: Samples) -> dict:
     prompts = [r["prompt"] for r in records]
     columns = decode_rows(records)
     out = {"stopped_rate": float(replies.stopped.float().mean()), "length": float(replies.lengths.mean())}
-    if all(r["reference"].strip() for r in records):
+    if all(grading.normalise(r["reference"]) for r in records):
         out["exact_match"] = sum(exact_match(prompts, replies.texts, columns)) / len(records)
-    if all((r["answer"] or r["reference"]).strip() for r in records):
+    if all(grading.final_answer(r["answer"] or r["reference"]) for r in records):
         out["contains"] = sum(answer_match(prompts, replies.texts, columns)) / len(records)
     return out
 
 
 def ground_truth(records: list[dict], texts: list[str]) -> list[float] | None:
     """1 where a reply states the record's answer, or None when the records carry no answers."""
-    if not all(r["answer"].strip() for r in records):
+    if not all(grading.final_answer(r["answer"]) for r in records):
         return None
     return answer_match([r["prompt"] for r in records], texts, decode_rows(records))
 

@@ -18,6 +18,7 @@ from lmforge.losses.grpo_family import (
     clipped_surrogate,
     groups_with_signal,
     importance_log_weights,
+    loss_count,
     overlong_penalty,
     scaled_advantages,
     truncation_mask,
@@ -77,21 +78,13 @@ def grpo_loss(model, batch: dict, cfg: RLConfig):
     return loss_sum, count, metrics
 
 
-GRPO = Algorithm("grpo", uses_critic=False, advantages=grpo_advantages, loss=grpo_loss)
+def grpo_count(batch: dict, cfg: RLConfig) -> torch.Tensor:
+    """What grpo_loss's sum is over (rl.loss_type): replies, micro-batches or reply tokens."""
+    return loss_count(batch["mask"], cfg.loss_type)
 
 
-def refuse_until_the_loop_supports(rl: RLConfig) -> None:
-    """Settings whose maths is here but whose plumbing is not yet in stages/online.py: the training loop
-    normalises every step by its reply tokens (only dapo's count) and the rollout batch carries no stop
-    flags. Refused in one line rather than run with a silently different normaliser."""
-    if rl.loss_type != "dapo":
-        raise ConfigError(f"rl.loss_type={rl.loss_type} needs the online loop to normalise by its count "
-                          "(not wired yet): use rl.loss_type=dapo")
-    if rl.mask_truncated:
-        raise ConfigError("rl.mask_truncated needs the online loop to pass each reply's stop flag (not wired yet): "
-                          "use rl.overlong_buffer or rl.missing_eos_penalty")
+GRPO = Algorithm("grpo", uses_critic=False, advantages=grpo_advantages, loss=grpo_loss, count=grpo_count)
 
 
 def run(cfg: StageConfig) -> dict:
-    refuse_until_the_loop_supports(cfg.rl)
     return run_online(cfg, GRPO)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config.schema import RLConfig, StageConfig
+from lmforge.data import grading
 from lmforge.data.build import error_at, load_splits
 from lmforge.generation import Sampling
 from lmforge.loop.trainer import Trainer, epoch_batches
@@ -29,6 +30,7 @@ from lmforge.models.reference import Reference
 from lmforge.models.value import PolicyWithValue, critic_values, reply_logits
 from lmforge.rollout.gather import whole_parameters
 from lmforge.rollout.generate import encode
+from lmforge.rollout.groups import collect_rollout
 from lmforge.rollout.rewards import RewardSet, decode_rows, exact_match
 from lmforge.rollout.rollouts import RolloutEngine
 from lmforge.stages.common import load_for_training, save_artifact, start_run
@@ -42,7 +44,11 @@ class Algorithm:
     advantages: Callable
     """(batch, cfg, kl_coef) -> (advantages [N, R], returns [N, R] or None, metrics)."""
     loss: Callable
-    """(model, micro_batch, cfg) -> (loss summed over reply tokens, reply tokens, metrics)."""
+    """(model, micro_batch, cfg) -> (loss sum, its count, metrics)."""
+    count: Callable | None = None
+    """(micro_batch, cfg) -> what the loss's sum is a sum over (GRPO/RLOO: replies, micro-batches or tokens,
+    as rl.loss_type says), counted before the forward pass so a step's micro-batches share one normaliser;
+    None: reply tokens."""
 
 
 def response_tokens(batch: dict) -> torch.Tensor:
@@ -50,6 +56,18 @@ def response_tokens(batch: dict) -> torch.Tensor:
 
 
 response_tokens.metric_name = "reply_tokens"
+
+
+def step_count(algo: Algorithm, rl: RLConfig) -> Callable[[dict], torch.Tensor]:
+    """The training loop's normaliser of a micro-batch: the algorithm's own count, else its reply tokens."""
+    if algo.count is None:
+        return response_tokens
+
+    def count(batch: dict) -> torch.Tensor:
+        return algo.count(batch, rl)
+
+    count.metric_name = "loss_count"  # replies or micro-batches under some loss types: not tokens
+    return count
 
 
 def token_logps(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -97,7 +115,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     steps_per_iteration = rl.ppo_epochs * math.ceil(rl.prompts_per_step * rl.num_generations / samples_per_step)
     train_cfg = dataclasses.replace(cfg.train, max_steps=iterations * steps_per_iteration)
     trainer = Trainer(model, train_rows, None, lambda m, b: algo.loss(m, b, rl), train_cfg, cfg.log,
-                      perplexity=False, count_fn=response_tokens)
+                      perplexity=False, count_fn=step_count(algo, rl))
     device = trainer.accelerator.device
     if reference is not None:
         reference.to(device)
@@ -121,6 +139,11 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
             return evaluate_policy(unwrapped.policy, tokenizer, rollouts, eval_set, eval_prompts, rewards,
                                    reference, rl)
 
+    def draw() -> tuple[list[dict], list[list[int]]]:
+        """The next prompts (records and token ids); dynamic sampling may draw several times an iteration."""
+        prompts = _next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
+        return [train_rows[i] for i in prompts], [train_prompts[i] for i in prompts]
+
     if state.step == 0:  # kept in every checkpoint: a resumed run reports them too
         state.extra["initial_metrics"] = evaluate()
         trainer.log({f"eval_{k}": v for k, v in state.extra["initial_metrics"].items()})
@@ -128,10 +151,8 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     last: dict = {}
     with trainer.preemption as preemption:
         while state.extra.get("iteration", 0) < iterations:
-            prompts = _next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
             last = one_iteration(trainer, unwrapped, rollouts, sampling, rewards, reference, kl_ctl, algo, rl,
-                                 [train_rows[i] for i in prompts], [train_prompts[i] for i in prompts],
-                                 samples_per_step, engine_logps=exact)
+                                 draw, samples_per_step, engine_logps=exact)
             state.extra = {**state.extra, "iteration": state.extra.get("iteration", 0) + 1, "kl": kl_ctl.state_dict()}
             done = state.extra["iteration"]
             if done % cfg.train.logging_steps == 0 or done == iterations:
@@ -187,43 +208,48 @@ def engine_logps_are_exact(policy, accelerator) -> bool:
 
 
 def one_iteration(trainer, model: PolicyWithValue, rollouts: RolloutEngine, sampling: Sampling,
-                  rewards: RewardSet, reference, kl_ctl, algo: Algorithm, rl: RLConfig, rows: list[dict],
-                  prompt_ids: list[list[int]], samples_per_step: int, engine_logps: bool = False) -> dict:
+                  rewards: RewardSet, reference, kl_ctl, algo: Algorithm, rl: RLConfig,
+                  draw: Callable[[], tuple[list[dict], list[list[int]]]], samples_per_step: int,
+                  engine_logps: bool = False) -> dict:
+    """One rollout (of one or, with dynamic sampling, several sampling rounds) and its optimizer steps."""
     device = trainer.accelerator.device
     started = time.perf_counter()
-    on_policy = on_policy_step(algo, rl, len(prompt_ids) * rl.num_generations, samples_per_step, reference)
+    on_policy = on_policy_step(algo, rl, rl.prompts_per_step * rl.num_generations, samples_per_step, reference)
     engine_logps = engine_logps and not on_policy  # an on-policy step takes its own (detached) log-probs
     with whole_parameters(trainer.prepared), trainer.accelerator.autocast():
-        samples = rollouts.sample(prompt_ids, sampling, rl.max_new_tokens, rl.num_generations, logprobs=engine_logps)
-    scored_at = time.perf_counter()
-    conversations = [r["prompt"] for r in rows for _ in range(rl.num_generations)]
-    columns = decode_rows([r for r in rows for _ in range(rl.num_generations)])
-    columns.update(response_lengths=samples.lengths.long().tolist(), stopped=samples.stopped.tolist())
-    raw, components = rewards(conversations, samples.texts, columns)
-    batch = {**samples.model_inputs(), "responses": samples.response_ids, "mask": samples.response_mask}
+        sampled, kept, sampling_metrics = collect_rollout(trainer.accelerator, rollouts, sampling, rewards, rl,
+                                                          draw, engine_logps)
+    samples = kept.samples
+    batch = {**samples.model_inputs(), "responses": samples.response_ids, "mask": samples.response_mask,
+             "stopped": samples.stopped}
     batch = {k: v.to(device) for k, v in batch.items()}
-    batch["scores"] = shape_scores(raw.to(device), samples.stopped.to(device), rl, trainer.state.extra)
+    batch["scores"] = shape_scores(kept.raw.to(device), batch["stopped"], rl, trainer.state.extra)
     inferred_at = time.perf_counter()
     if samples.logps is not None:
         batch["old_logps"] = samples.logps.to(device) * batch["mask"]
     batch.update(rollout_views(model, batch, reference, rl, trainer.cfg.batch_size,
                                old_logps=not on_policy and samples.logps is None))
     advantages_at = time.perf_counter()
+    # The advantages may drop rows from batch["mask"] (rl.mask_truncated): so from the loss, its count and the KL.
     batch["advantages"], batch["returns"], adv_metrics = algo.advantages(batch, rl, kl_ctl.coef)
     stats = _optimise(trainer, batch, rl, samples_per_step)
-    seq_kl = (kl_per_token(batch["old_logps"], batch["ref_logps"], "k1") * batch["mask"]).sum(-1).mean() \
-        if "ref_logps" in batch else torch.tensor(0.0)
+    seq_kl = torch.tensor(0.0)
+    if "ref_logps" in batch:
+        per_reply = (kl_per_token(batch["old_logps"], batch["ref_logps"], "k1") * batch["mask"]).sum(-1)
+        seq_kl = per_reply.sum() / (batch["mask"].sum(-1) > 0).sum().clamp(min=1)
     kl_ctl.update(float(seq_kl), len(samples.texts))
     ended = time.perf_counter()
     total = max(ended - started, 1e-9)
+    drawn = sampled.samples
     return {
-        **stats, **adv_metrics,
-        "reward": float(raw.mean()), **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
+        **stats, **adv_metrics, **sampling_metrics,
+        "reward": float(sampled.raw.mean()), **{f"reward/{k}": float(v.mean()) for k, v in sampled.components.items()},
         "score": float(batch["scores"].mean()), "kl": float(seq_kl), "kl_coef": kl_ctl.coef,
-        "length": float(samples.lengths.mean()), "stopped_rate": float(samples.stopped.float().mean()),
-        "time/generate_share": samples.seconds / total, "time/score_share": (inferred_at - scored_at) / total,
+        "length": float(drawn.lengths.mean()), "stopped_rate": float(drawn.stopped.float().mean()),
+        "time/generate_share": drawn.seconds / total,
+        "time/score_share": (inferred_at - started - drawn.seconds) / total,
         "time/inference_share": (advantages_at - inferred_at) / total,
-        "time/train_share": (ended - advantages_at) / total, "samples_per_s": len(samples.texts) / total,
+        "time/train_share": (ended - advantages_at) / total, "samples_per_s": len(drawn.texts) / total,
     }
 
 
@@ -304,6 +330,8 @@ def _optimise(trainer, batch: dict, rl: RLConfig, samples_per_step: int) -> dict
             micro = [{k: batch[k][picked[i:i + trainer.cfg.batch_size]] for k in keys}
                      for i in range(0, len(picked), trainer.cfg.batch_size)]
             out = trainer.step(micro)
+            # Reply tokens that carry loss, whatever the loss's normaliser counts (replies, micro-batches).
+            out.setdefault("reply_tokens", float(batch["mask"][picked].sum()))
             steps += 1
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -325,7 +353,7 @@ def evaluate_policy(policy, tokenizer, rollouts: RolloutEngine, rows: list[dict]
     total, components = rewards(prompts, samples.texts, columns)
     out = {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
            "length": float(samples.lengths.mean()), "stopped_rate": float(samples.stopped.float().mean())}
-    if all(r["reference"].strip() for r in rows):
+    if all(grading.normalise(r["reference"]) for r in rows):
         out["exact_match"] = sum(exact_match(prompts, samples.texts, columns)) / len(rows)
     if reference is not None:
         device = next(policy.parameters()).device

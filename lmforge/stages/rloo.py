@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from lmforge.config.schema import RLConfig, StageConfig
 from lmforge.losses.rl import kl_per_token, masked_whiten, rloo_advantages
-from lmforge.stages.grpo import grpo_loss, refuse_until_the_loop_supports, shaped_scores
+from lmforge.stages.grpo import grpo_count, grpo_loss, shaped_scores
 from lmforge.stages.online import Algorithm, run_online
 
 
@@ -29,9 +29,8 @@ def rloo_loss(model, batch: dict, cfg: RLConfig):
     return grpo_loss(model, {k: v for k, v in batch.items() if k != "ref_logps"}, cfg)
 
 
-RLOO = Algorithm("rloo", uses_critic=False, advantages=rloo_advantages_per_token, loss=rloo_loss)
+RLOO = Algorithm("rloo", uses_critic=False, advantages=rloo_advantages_per_token, loss=rloo_loss, count=grpo_count)
 
 
 def run(cfg: StageConfig) -> dict:
-    refuse_until_the_loop_supports(cfg.rl)
     return run_online(cfg, RLOO)
