@@ -190,7 +190,7 @@ def pref_dataset_info(tags: dict[str, str]) -> dict:
 
 def is_preferred_style(record: dict, response: str) -> bool:
     """True when `response` is exactly the pair's chosen answer (the canonical polite sentence), up to
-    surrounding whitespace. Unlike `answer_is_correct`, this rejects right-but-rude or rambling answers."""
+    whitespace and full-width forms (the one grading rule). Unlike `answer_is_correct`, this rejects right-but-rude or rambling answers."""
     return exact_match({"messages": record["chosen"]}, response)
 
 
