@@ -20,8 +20,8 @@ from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.
     LoraConfig,
     ModConfig,
 )
-from lmforge.config.schema_rl import REWARD_KINDS, RewardSpec, RLConfig  # noqa: F401  (re-exported)
 from lmforge.config.schema_distill import DistillConfig, check_distill_stage  # noqa: F401  (re-exported)
+from lmforge.config.schema_rl import REWARD_KINDS, RewardSpec, RLConfig  # noqa: F401  (re-exported)
 from lmforge.data.templates import check_template_choice
 
 STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "distill")
