@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,10 +60,16 @@ def check_baseline(root: Path | None) -> Path:
     return root.resolve()
 
 
+def tree_env(root: Path) -> dict:
+    """The environment that runs `root`'s lmforge: its folder first on PYTHONPATH, the caller's entries
+    (wheels carried to a GPU machine, say) after it."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+
+
 def served_dtype(root: Path) -> str:
     """The weights dtype `lmforge serve` of this tree loads (ModelConfig's default: serve has no option)."""
     done = subprocess.run([sys.executable, "-c", DTYPE_PROBE], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+                          env=tree_env(root), timeout=120)
     return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"
 
 
@@ -80,7 +87,7 @@ class Server:
                         "--max-connections", str(max(256, args.concurrency + 16))]
         with open(log, "wb") as sink:
             self.process = subprocess.Popen(self.command, cwd=root, stdout=sink, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"},
+                                            env={**tree_env(root), "COLUMNS": "200"},
                                             start_new_session=True)
 
     def wait_ready(self, deadline: float) -> float:
@@ -233,14 +240,19 @@ def run_side(side: str, root: Path, model: str, args, prompts: list[str], warmup
 
 
 def compare(rows: list[dict]) -> dict | None:
-    by_side = {r["side"]: r for r in rows if r.get("completed")}
-    if set(by_side) != set(SIDES):
+    """Engine over fixed-batch, from each side's median over its rounds (one round: its only row)."""
+    measured = {side: [r for r in rows if r["side"] == side and r.get("completed")] for side in SIDES}
+    if not all(measured.values()):
         return None
-    engine, fixed = by_side["engine"], by_side["fixed-batch"]
-    return {"output_tokens_per_s_engine_over_fixed": ratio(engine["output_tokens_per_s"], fixed["output_tokens_per_s"]),
-            "requests_per_s_engine_over_fixed": ratio(engine["requests_per_s"], fixed["requests_per_s"]),
-            "ttft_p99_engine_over_fixed": ratio(engine["ttft_p99_s"], fixed["ttft_p99_s"]),
-            "aim": "output tokens/s >= 5x, p99 TTFT lower (issue 20)"}
+
+    def median(side: str, key: str) -> float | None:
+        values = [r[key] for r in measured[side] if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    result = {f"{key}_engine_over_fixed": ratio(median("engine", key), median("fixed-batch", key))
+              for key in ("output_tokens_per_s", "requests_per_s", "ttft_p99_s", "per_token_p99_ms")}
+    rounds = {side: len(measured[side]) for side in SIDES}
+    return {**result, "rounds_per_side": rounds, "aim": "output tokens/s >= 5x, p99 TTFT lower (issue 20)"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -253,6 +265,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-root", type=Path,
                         help="a copy of the tree before commit 32e559d (bench/serve_baseline.sh DIR)")
     parser.add_argument("--sides", default=",".join(SIDES), help="which servers, in order: engine,fixed-batch")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each side this many times, the order alternating (a busy shared machine)")
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int,
@@ -272,8 +286,9 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--sides {','.join(args.sides)}: name one or both of {', '.join(SIDES)}")
     args.max_batch_size = args.max_batch_size or args.concurrency
     args.warmup = args.concurrency if args.warmup is None else args.warmup
-    if min(args.requests, args.concurrency, args.max_batch_size, args.max_tokens) < 1 or args.warmup < 0:
-        parser.error("--requests, --concurrency, --max-batch-size and --max-tokens must be at least 1")
+    if min(args.rounds, args.requests, args.concurrency, args.max_batch_size, args.max_tokens) < 1 \
+            or args.warmup < 0:
+        parser.error("--rounds, --requests, --concurrency, --max-batch-size and --max-tokens must be at least 1")
     try:
         args.prompt_tokens = tuple(int(v) for v in args.prompt_tokens.split(","))
         assert len(args.prompt_tokens) == 2
@@ -328,6 +343,7 @@ def run(args, deadline: float, scratch: Path) -> None:
                 "streaming": "openai client, stream=True, stream_options.include_usage",
                 "ttft": "request sent -> first chunk with content",
                 "per_token_latency": "(last content chunk - first content chunk) / (completion tokens - 1)",
+                "rounds": args.rounds,
                 "time_limit_s": args.time_limit}
     notes = ["A random-init model almost never emits an end-of-turn token, so every request runs to max_tokens "
              "(ended_before_max_tokens counts the exceptions)." if args.model.startswith("random-") else
@@ -335,13 +351,17 @@ def run(args, deadline: float, scratch: Path) -> None:
              "Both servers load the weights with ModelConfig's default dtype (served_dtype): `lmforge serve` has "
              "no dtype option, so the saved dtype only sets the folder's size."]
     result = {**machine_and_versions(), "workload": workload, "notes": notes, "rows": []}
-    for k, side in enumerate(args.sides):
+    # Rounds alternate the order (A B, B A, ...) so a machine getting busier or quieter over the run
+    # weighs on both sides alike.
+    runs = [(r, side) for r in range(args.rounds) for side in (args.sides if r % 2 == 0 else args.sides[::-1])]
+    for k, (round_index, side) in enumerate(runs):
         left = deadline - time.monotonic()
         if left < 10:
             row = {"side": side, "error": "not run: under 10 s of --time-limit left"}
-        else:  # an equal share of the time left, so a slow first side cannot starve the second
+        else:  # an equal share of the time left, so a slow first side cannot starve the others
             row = run_side(side, side_root(side, args.baseline_root), model, args, prompts, warmup,
-                           time.monotonic() + left / (len(args.sides) - k), scratch)
+                           time.monotonic() + left / (len(runs) - k), scratch)
+        row = {"round": round_index, **row}
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
         result["comparison"] = compare(result["rows"])
