@@ -144,3 +144,11 @@ def sequence_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, label
     targets = labels[:, 1:]
     token = _ChunkedTokenLogps.apply(hidden[:, :-1].reshape(-1, width), weight, targets.reshape(-1), rows)
     return token.view(batch, length - 1).sum(-1), (targets != IGNORE).sum(-1)
+
+
+def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            chunk_rows: int | None = None) -> torch.Tensor:
+    """Log-prob of each target under `hidden @ weight.T`, chunked: hidden [N, H], targets [N] -> [N] fp32.
+    For callers that pick the predicting rows themselves (DPO's shared prompt feeds one row twice)."""
+    rows = chunk_rows or max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    return _ChunkedTokenLogps.apply(hidden, weight, targets, rows)
