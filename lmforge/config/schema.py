@@ -257,6 +257,10 @@ class DPOConfig:
     copy), copy, adapter. Unused by simpo and orpo."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training, cache them on disk, and drop the reference."""
+    share_prompt: bool | None = None
+    """Run each pair as one row [prompt, chosen, rejected] under a prefix-sharing mask, so the prompt's
+    forward pass and activations exist once: true, false, or unset (on wherever it is exact: sdpa or
+    eager attention, no sliding window shorter than data.max_length, no mixture-of-depths)."""
     eval_generate: int = 64
     """Held-out prompts answered greedily before and after training (exact match vs chosen); 0 disables."""
     max_new_tokens: int = 64

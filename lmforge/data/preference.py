@@ -208,22 +208,48 @@ def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> 
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
-def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """[2B, L]: the B chosen sequences, then the B rejected ones — one forward pass for both."""
-    pairs = [pair_rows(r) for r in rows]
-    batch = pad_sequences([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+def pad_shared(prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]],
+               pad_id: int) -> dict[str, torch.Tensor]:
+    """[B, L]: each record as one row [prompt, first reply, second reply] (models.shared_prompt), with
+    `segments` [B, 3] (the three lengths) and `position_ids` that restart the second reply after the
+    prompt. `attention_mask` marks real tokens only: the model gets a prefix-sharing mask built from
+    `segments`."""
+    rows = [p + a + b for p, a, b in zip(prompts, firsts, seconds)]
+    width = max(len(r) for r in rows)
+    positions = [list(range(len(p) + len(a))) + list(range(len(p), len(p) + len(b)))
+                 for p, a, b in zip(prompts, firsts, seconds)]
+    return {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "position_ids": torch.tensor([q + [0] * (width - len(q)) for q in positions]),
+            "segments": torch.tensor([[len(p), len(a), len(b)] for p, a, b in zip(prompts, firsts, seconds)])}
+
+
+def collate_pairs(rows: list[dict], pad_id: int, share_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """[2B, L]: the B chosen sequences, then the B rejected ones — one forward pass for both; or, with
+    `share_prompt`, [B, L] rows [prompt, chosen, rejected] (see pad_shared)."""
+    if share_prompt:
+        batch = pad_shared([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows],
+                           [r["rejected_ids"] for r in rows], pad_id)
+    else:
+        pairs = [pair_rows(r) for r in rows]
+        batch = pad_sequences([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
     if "ref_chosen" in rows[0]:
         batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows], dtype=torch.float32)
         batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows], dtype=torch.float32)
     return batch
 
 
-def collate_kto(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_kto(rows: list[dict], pad_id: int, share_prompt: bool = False) -> dict[str, torch.Tensor]:
     """[2B, L]: the B judged completions, then B mismatched prompt/completion pairs (each prompt with
-    the next record's completion, fixed at tokenization) from which KTO estimates the KL term."""
-    judged = [sequence_with_labels(r["prompt_ids"], r["completion_ids"]) for r in rows]
-    mismatched = [sequence_with_labels(r["prompt_ids"], r["kl_completion_ids"]) for r in rows]
-    batch = pad_sequences(judged + mismatched, pad_id)
+    the next record's completion, fixed at tokenization) from which KTO estimates the KL term; with
+    `share_prompt`, [B, L] rows [prompt, completion, mismatched completion]."""
+    if share_prompt:
+        batch = pad_shared([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows],
+                           [r["kl_completion_ids"] for r in rows], pad_id)
+    else:
+        judged = [sequence_with_labels(r["prompt_ids"], r["completion_ids"]) for r in rows]
+        mismatched = [sequence_with_labels(r["prompt_ids"], r["kl_completion_ids"]) for r in rows]
+        batch = pad_sequences(judged + mismatched, pad_id)
     batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
     if "ref_logps" in rows[0]:
         batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows], dtype=torch.float32)

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from lmforge.losses.preference import sequence_logps
+from lmforge.models.shared_prompt import batch_logps as output_logps
+from lmforge.models.shared_prompt import model_inputs
 
 
 def _unwrap(model):
@@ -28,9 +29,9 @@ def _unwrap(model):
 
 @torch.no_grad()
 def batch_logps(model, batch: dict) -> torch.Tensor:
-    """Summed log-probs of each sequence's labelled tokens, [N]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, batch["labels"])[0]
+    """Summed log-probs of each sequence's labelled tokens, [N] (a shared-prompt batch: [2B] from B rows,
+    the prompt run once — without gradients a pure saving)."""
+    return output_logps(model(**model_inputs(_unwrap(model), batch)).logits, batch)[0]
 
 
 class Reference:

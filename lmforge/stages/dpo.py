@@ -1,6 +1,7 @@
 """DPO family: offline preference optimisation without a reward model.
 
-Pairs (or KTO's unpaired records) → chosen and rejected in one concatenated forward pass → the
+Pairs (or KTO's unpaired records) → chosen and rejected in one forward pass (by default one packed row
+[prompt, chosen, rejected] per pair, the prompt run once: models.shared_prompt) → the
 configured loss (sigmoid DPO, IPO, hinge, robust, SimPO, ORPO, KTO) against reference log-probs
 from a frozen copy, the adapter-disabled policy, or a cached pass → implicit-reward accuracy and
 margins on held-out pairs, and greedy answers compared with the chosen replies before and after.
@@ -14,20 +15,14 @@ from pathlib import Path
 import torch
 from accelerate.utils import extract_model_from_parallel
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.schema import DPOConfig, StageConfig
 from lmforge.data.build import load_splits, tokenize_preference
 from lmforge.data.preference import collate_kto, collate_pairs
-from lmforge.loop.trainer import Trainer, compile_blocks, pair_count
-from lmforge.losses.linear_ce import sequence_logps_from_hidden
-from lmforge.losses.preference import (
-    dpo_loss,
-    kto_kl_estimate,
-    kto_loss,
-    orpo_loss,
-    sequence_logps,
-    simpo_loss,
-)
+from lmforge.loop.trainer import Trainer, compile_blocks
+from lmforge.losses.preference import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
 from lmforge.models.reference import Reference, cache_key, precompute
+from lmforge.models.shared_prompt import batch_logps, is_shared, model_inputs, unsupported_reason
 from lmforge.rollout.evaluate import answer_eval
 from lmforge.stages.common import (
     fusable_output_layer,
@@ -74,14 +69,34 @@ def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | N
 
 
 def policy_logps(model, batch: dict, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    """[2B] summed log-probs and token counts: the chosen (judged) sequences, then the rejected
+    (mismatched), from a two-row or a shared-prompt batch."""
     inner = extract_model_from_parallel(model)
+    inputs = model_inputs(inner, batch)
     head = fusable_output_layer(inner) if fused else None
     if head is None:
-        return sequence_logps(model(**inputs).logits, batch["labels"])
+        return batch_logps(model(**inputs).logits, batch)
     with hidden_states_as_logits(inner, head):
         hidden = model(**inputs).logits
-    return sequence_logps_from_hidden(hidden, head.weight, batch["labels"])
+    return batch_logps(hidden, batch, head.weight)
+
+
+def preference_count(batch: dict) -> torch.Tensor:
+    """Pairs (KTO: records) in a batch of either layout."""
+    rows = batch["input_ids"].shape[0]
+    return torch.tensor(rows if is_shared(batch) else rows // 2, device=batch["input_ids"].device)
+
+
+preference_count.metric_name = "pairs"
+
+
+def share_prompt(cfg: StageConfig, model) -> bool:
+    """dpo.share_prompt resolved for this model: unset means on wherever the shared layout is exact."""
+    inner = extract_model_from_parallel(model)
+    reason = unsupported_reason(getattr(inner, "config", None), cfg.data.max_length, cfg.model.finetuning == "mod")
+    if cfg.dpo.share_prompt and reason:
+        raise ConfigError(f"dpo.share_prompt=true cannot be used here: {reason}; set dpo.share_prompt=false")
+    return reason is None if cfg.dpo.share_prompt is None else cfg.dpo.share_prompt
 
 
 def _with_sft_term(loss: torch.Tensor, metrics: dict, nll: torch.Tensor, cfg: DPOConfig) -> torch.Tensor:
@@ -138,11 +153,12 @@ def run(cfg: StageConfig) -> dict:
     train_rows = tokenize_preference(train_pairs, tokenizer, cfg.data, run_.errors, kind)
     eval_rows = tokenize_preference(eval_pairs, tokenizer, cfg.data, run_.errors, kind) \
         if eval_pairs is not None else None
-    collate = partial(collate_kto if kind == "kto" else collate_pairs, pad_id=tokenizer.pad_token_id)
+    collate = partial(collate_kto if kind == "kto" else collate_pairs, pad_id=tokenizer.pad_token_id,
+                      share_prompt=share_prompt(cfg, model))
 
     fused = use_fused_loss(cfg)
     loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=reference, fused=fused)
-    trainer = Trainer(model, train_rows, collate, loss_fn, cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False, count_fn=pair_count,
+    trainer = Trainer(model, train_rows, collate, loss_fn, cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False, count_fn=preference_count,
                       tokenizer=tokenizer)
     if reference is not None:
         reference.to(trainer.accelerator.device)
