@@ -67,7 +67,8 @@ def test_suites_that_leave_the_root_or_break_the_schema_are_refused(served, suit
 def test_artifact_must_be_a_folder_under_the_root(served):
     rules = Rules(served)
     assert checked_artifact("runs/sft", rules) == served / "runs" / "sft"
-    for bad, message in (("../", "outside"), ("data/held.txt", "not a folder"), ("runs/none", "not a folder")):
+    for bad, message in (("../", "outside"), ("data/held.txt", "not a folder"), ("runs/none", "not a folder"),
+                         ("data", "not an lmforge artifact"), ("runs/p", "not an lmforge artifact")):
         with pytest.raises(ConfigError, match=message):
             checked_artifact(bad, rules)
 

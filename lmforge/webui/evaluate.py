@@ -65,10 +65,14 @@ def suite_text(suite_file: str, values: list, rules: Rules) -> str:
 
 
 def checked_artifact(value: str, rules: Rules) -> Path:
-    """The model folder to evaluate: under the root, a folder."""
+    """The model folder to evaluate: an lmforge artifact under the root (its manifest takes the results,
+    and the log is written beside it, never into someone's model folder)."""
     path = inside(value, rules, "artifact")
     if not path.is_dir():
         raise ConfigError(f"artifact: {value} is not a folder under {rules.root}; pick one from the list")
+    if not (path / MANIFEST).is_file():
+        raise ConfigError(f"artifact: {value} has no {MANIFEST}, so it is not an lmforge artifact; pick one from "
+                          "the list (`lmforge eval` on the command line takes any model folder)")
     return path
 
 

@@ -44,8 +44,10 @@ def train_tab(ctx: Context) -> None:
             return gr.update(), f"⚠ {one_line(error)}"
 
     def load_yaml(text):
-        try:
-            form = config_to_form(from_yaml(text))
+        try:  # read through the schema first: the form's widgets then get values of their types
+            config = from_yaml(text)
+            validate(config)
+            form = config_to_form(config)
         except ConfigError as error:
             return [gr.update()] * (len(FORM_FIELDS) + len(grouped)) + [f"⚠ {one_line(error)}"]
         return ([getattr(form, name) for name in FORM_FIELDS]
