@@ -48,6 +48,8 @@ def add_use_commands(sub) -> None:
                        help="seconds a client has to send a whole request (headers and body); slower ones are cut")
     serve.add_argument("--max-connections", type=int, default=256,
                        help="connections served at once; requests beyond them get 503")
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false",
+                       help="do not write a line per request (time, client, route, status, tokens, seconds) to stderr")
 
     web = sub.add_parser("webui", help="a local web app to train, watch runs, chat and export")
     web.add_argument("--root", default=".", help="the folder whose files the app may read and write")
@@ -104,7 +106,8 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     serve(args.model, host=args.host, port=args.port, name=args.name, api_key=api_key,
           max_batch_size=args.max_batch_size, queue_size=args.queue_size, default_max_tokens=args.max_tokens,
-          request_timeout=args.request_timeout, max_connections=args.max_connections)
+          request_timeout=args.request_timeout, max_connections=args.max_connections,
+          access_log=args.access_log)
     return 0
 
 

@@ -31,17 +31,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(base):
+def server_log(tmp_path_factory) -> Path:
+    """The server's stderr and stdout (its access log among them), in a file nobody has to drain."""
+    return tmp_path_factory.mktemp("serve") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(base, server_log):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "LMFORGE_API_KEY": KEY}
-    process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(base), "--port", str(port),
-                                "--name", "tiny", "--max-batch-size", "4", "--queue-size", "2"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(server_log, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(base), "--port", str(port),
+                                    "--name", "tiny", "--max-batch-size", "4", "--queue-size", "2"],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(process.stdout.read().decode())
+            raise RuntimeError(server_log.read_text())
         try:
             if _post(url + "/health", None, method="GET")[0] == 200:
                 break
@@ -144,13 +151,12 @@ def test_api_key_and_bad_requests_get_clear_errors(server):
     assert status == 404 and "tiny" in answer["error"]["message"]
 
 
-UNSUPPORTED = {"tools": [{"type": "function", "function": {"name": "f"}}],
-               "tool_choice": "required", "response_format": {"type": "json_object"}, "presence_penalty": 0.5,
+UNSUPPORTED = {"tool_choice": "required", "response_format": {"type": "json_object"}, "presence_penalty": 0.5,
                "frequency_penalty": -1.0, "logit_bias": {"5": 10}, "functions": [{"name": "f"}]}
 
 
 def test_fields_the_server_does_not_implement_are_refused_not_ignored(server):
-    """A client that asks for tools must be told it gets none, not handed a plain reply."""
+    """A client that asks for what the server cannot do must be told so, not handed a reply without it."""
     url = server + "/v1/chat/completions"
     for field, value in UNSUPPORTED.items():
         status, answer = _post(url, {"model": "tiny", "messages": QUESTION, "max_tokens": 2, field: value})
@@ -160,6 +166,36 @@ def test_fields_the_server_does_not_implement_are_refused_not_ignored(server):
            "response_format": {"type": "text"}, "logit_bias": {}}
     status, answer = _post(url, {"model": "tiny", "messages": QUESTION, "max_tokens": 2, **off})
     assert status == 200 and answer["choices"][0]["logprobs"] is None
+
+
+def test_the_same_seed_gives_the_same_reply(server):
+    """Sampled at temperature 1: a seed fixes the reply whatever else runs; choice i draws with seed + i."""
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+    def replies(seed: int, n: int = 1) -> list[str]:
+        answer = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=1.0, max_tokens=24,
+                                                seed=seed, n=n)
+        return [c.message.content for c in answer.choices]
+
+    with ThreadPoolExecutor(3) as pool:  # the same seed while other requests share the batch
+        first, again, _ = pool.map(lambda s: replies(*s), [(7,), (7,), (99, 2)])
+    assert first == again == replies(7)
+    assert replies(6, n=2)[1] == first[0]  # choice 1 of seed 6 draws with seed 7
+    assert len({replies(s)[0] for s in (1, 2, 3, 4)}) > 1  # the seed does change the reply
+
+
+def test_access_log_writes_a_line_per_request(server, server_log):
+    """On by default: time, client, method and route, status, tokens in and out, seconds."""
+    status, answer = _post(server + "/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "max_tokens": 3})
+    assert status == 200
+    usage = answer["usage"]
+    assert _post(server + "/v1/models", None, key="wrong", method="GET")[0] == 401
+    time.sleep(0.5)
+    lines = server_log.read_text().splitlines()
+    chat = [line for line in lines if '"POST /v1/chat/completions" 200' in line]
+    wanted = f"tokens {usage['prompt_tokens']} in {usage['completion_tokens']} out"
+    assert any(wanted in line and line.startswith("20") and " 127.0.0.1:" in line for line in chat), lines[-5:]
+    assert any('"GET /v1/models" 401 tokens - in - out' in line for line in lines)
 
 
 def _forced(model, tokenizer, prompt_ids: list[int], reply_ids: list[int], k: int) -> tuple[list, list]:

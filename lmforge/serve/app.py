@@ -9,6 +9,7 @@ import copy
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 
 from fastapi import FastAPI, Request
@@ -16,19 +17,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from lmforge.data.templates import render_prompt
+from lmforge.data.replies import Reply, ReplyStream, split_reply
 from lmforge.generation import Handle, RequestError, Sampling
 from lmforge.generation import Request as GenerationRequest
 from lmforge.serve import protocol
+from lmforge.serve.access_log import AccessLog
 from lmforge.serve.batcher import Batcher, QueueFull
+from lmforge.serve.chat_prompt import ChatPrompt, chat_prompt
 from lmforge.serve.guard import RequestGuard
 from lmforge.serve.logprobs import chat_logprobs, completion_logprobs
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+from lmforge.serve.protocol import ApiError
 
 
 class Collector:
@@ -62,7 +60,7 @@ class Collector:
 
 
 def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | None = None,
-               default_max_tokens: int = 256, max_body_bytes: int = 1 << 20) -> FastAPI:
+               default_max_tokens: int = 256, max_body_bytes: int = 1 << 20, access_log: bool = True) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     context = batcher.max_len  # the engine's rows hold this many positions (prompt and reply)
     # No token is longer (in characters) than its vocabulary entry, so a prompt this long cannot fit the
@@ -76,6 +74,8 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
 
     # Added last, so it runs first: nothing is parsed for a client without the key or with too big a body.
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if access_log:  # outside the guard: its refusals are logged too
+        app.add_middleware(AccessLog)
 
     @app.exception_handler(ApiError)
     async def api_error(request, error: ApiError):
@@ -108,20 +108,16 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
     @app.post("/v1/chat/completions")
     async def chat(body: protocol.ChatRequest, request: Request):
         _check_model(body.model, name)
-        messages = [m.as_template_message() for m in body.messages]
-        return await _answer(body, request, partial(_chat_prompt_ids, messages), chat=True)
+        return await _answer(body, request, partial(_chat_prompt_ids, body), chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, name)
-        return await _answer(body, request, partial(_prompt_ids, body.prompt, "prompt"), chat=False)
+        return await _answer(body, request, lambda: (_prompt_ids(body.prompt, "prompt"), None), chat=False)
 
-    def _chat_prompt_ids(messages: list[dict]) -> list[int]:
-        try:
-            prompt = render_prompt(prompt_tokenizer, messages)
-        except Exception as error:  # the template's own rules (roles must alternate, ...)
-            raise ApiError(400, f"the chat template refused these messages: {error}", "messages") from None
-        return _prompt_ids(prompt, "messages")
+    def _chat_prompt_ids(body: protocol.ChatRequest) -> tuple[list[int], ChatPrompt]:
+        prompt = chat_prompt(prompt_tokenizer, body)
+        return _prompt_ids(prompt.text, "messages"), prompt
 
     def _prompt_ids(prompt: str, field: str) -> list[int]:
         if len(prompt) > max_prompt_chars:
@@ -130,9 +126,11 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
         return prompt_tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     async def _answer(body, request: Request, make_prompt_ids, chat: bool):
-        prompt_ids = await asyncio.get_running_loop().run_in_executor(prompt_thread, make_prompt_ids)
+        prompt_ids, prompt = await asyncio.get_running_loop().run_in_executor(prompt_thread, make_prompt_ids)
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", "prompt")
+        request.state.lmforge_tokens = [len(prompt_ids), 0]  # read by the access log (serve.access_log)
+        reading = partial(ReplyStream, prompt.opened, prompt.call_format) if chat else None
         limit = _token_limit(len(prompt_ids), body.token_limit, context, default_max_tokens)
         collector = Collector(body.n, batcher)
         logprobs, top = body.logprob_request
@@ -148,9 +146,11 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
         except QueueFull as full:
             return _error(503, f"server busy ({full}); retry later", kind="server_busy", headers={"Retry-After": "1"})
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        first_call_only = chat and not body.parallel_tool_calls
         if body.stream:
-            return StreamingResponse(_stream(collector, rid, len(prompt_ids), chat, body.include_usage,
-                                             shape if logprobs else None),
+            return StreamingResponse(_stream(collector, rid, len(prompt_ids), reading, body.include_usage,
+                                             shape if logprobs else None, request.state.lmforge_tokens,
+                                             first_call_only),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collecting = asyncio.ensure_future(_collect(collector))
         gone = asyncio.ensure_future(_client_gone(request))
@@ -163,18 +163,26 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
         if not collecting.done() or collecting.cancelled():
             return Response(status_code=499)  # nobody reads it; uvicorn drops it on a closed connection
         texts, reasons, tokens, entries = collecting.result()
+        request.state.lmforge_tokens[1] = tokens
         failed = next((r for r in reasons if r.startswith("error")), None)
         if failed:
             return _error(500, f"generation failed ({failed})", kind="server_error")
-        build = protocol.chat_response if chat else protocol.completion_response
-        return build(rid, name, texts, reasons, len(prompt_ids), tokens,
-                     [shape(e) for e in entries] if logprobs else None)
+        shaped = [shape(e) for e in entries] if logprobs else None
+        if not chat:
+            return protocol.completion_response(rid, name, texts, reasons, len(prompt_ids), tokens, shaped)
+        replies = [_first_call(split_reply(t, prompt.opened, prompt.call_format), first_call_only) for t in texts]
+        reasons = [_finish_reason(reason, reply) for reason, reply in zip(reasons, replies)]
+        return protocol.chat_response(rid, name, replies, reasons, len(prompt_ids), tokens, shaped)
 
-    async def _stream(collector: Collector, rid: str, prompt_tokens: int, chat: bool, include_usage: bool,
-                      shape=None):
+    async def _stream(collector: Collector, rid: str, prompt_tokens: int, reading, include_usage: bool,
+                      shape, counts: list[int], first_call_only: bool):
         """Server-sent chunks; with `shape` (log-probs asked for) each chunk carries the entries of the tokens
-        whose text it releases (text held back for a possible stop string comes with a later chunk)."""
+        whose text it releases (text held back for a possible stop string comes with a later chunk). A chat
+        reply (`reading` makes its ReplyStream) streams its reasoning and content apart; its tool calls come
+        whole in its last chunk."""
         tokens, pending = 0, [[] for _ in range(collector.n)]
+        chat = reading is not None
+        replies = [reading() for _ in range(collector.n)] if chat else []
         try:
             if chat:
                 for index in range(collector.n):
@@ -186,15 +194,18 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
                 if kind == "done":
                     reason, used = value
                     tokens += used
+                    counts[1] = tokens
                     if reason.startswith("error"):
                         yield _sse(protocol.error_body(f"generation failed ({reason})", "server_error"))
                         return
+                if chat:
+                    delta, reason = _chat_delta(replies[index], kind, value, first_call_only)
+                    if not delta and reason is None:
+                        continue  # held back: its log-probs wait for the text they belong to
                 logprobs = shape(pending[index]) if shape is not None and pending[index] else None
                 pending[index] = []
                 if chat:
-                    delta = {"content": value} if kind == "text" else {}
-                    chunk = protocol.chat_chunk(rid, name, index, delta, value[0] if kind == "done" else None,
-                                                logprobs)
+                    chunk = protocol.chat_chunk(rid, name, index, delta, reason, logprobs)
                 else:
                     chunk = protocol.completion_chunk(rid, name, index, value if kind == "text" else "",
                                                       value[0] if kind == "done" else None, logprobs)
@@ -207,6 +218,26 @@ def create_app(model, tokenizer, name: str, batcher: Batcher, api_key: str | Non
             collector.cancel()
 
     return app
+
+
+def _chat_delta(reply: ReplyStream, kind: str, value, first_call_only: bool) -> tuple[dict, str | None]:
+    """The delta (and, at the end, the finish reason) of one event of a streamed chat choice."""
+    if kind == "text":
+        return reply.feed(value), None
+    delta, whole = reply.finish()
+    whole = _first_call(whole, first_call_only)
+    if whole.calls:
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(whole.calls)]
+    return delta, _finish_reason(value[0], whole)
+
+
+def _first_call(reply: Reply, first_only: bool) -> Reply:
+    """parallel_tool_calls false: a reply's first call alone (OpenAI's meaning: at most one per reply)."""
+    return replace(reply, calls=reply.calls[:1]) if first_only and len(reply.calls) > 1 else reply
+
+
+def _finish_reason(engine_reason: str, reply: Reply) -> str:
+    return "tool_calls" if reply.calls and engine_reason == "stop" else engine_reason
 
 
 async def _collect(collector: Collector) -> tuple[list[str], list[str], int, list[list[dict]]]:

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmforge.data.tools import parse_calls, parse_tools
+
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 500
@@ -16,23 +18,71 @@ MAX_STOP_CHARS = 500
 text the decoder holds back while it may be the start of a stop string."""
 
 
+class ApiError(Exception):
+    """A request the server refuses: answered with `status` and OpenAI's error body naming `param`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
 
+class CallFunction(BaseModel):
+    name: str
+    arguments: str | dict = "{}"
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
 class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    model_config = ConfigDict(extra="ignore")  # `name` and other per-message fields clients send
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's calls (its content may then be null)."""
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    """An earlier reply's reasoning, rendered as the template renders it (as in training)."""
+
+    @model_validator(mode="after")
+    def _fields_of_the_role(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role!r} ones")
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise ValueError(f"reasoning_content belongs to assistant messages, not {self.role!r} ones")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls:  # the arguments must be a JSON object, as the template prints them with tojson
+            parse_calls([c.model_dump() for c in self.tool_calls], "tool_calls")
+        return self
 
     def as_template_message(self) -> dict:
+        """The message in the form SFT data is rendered in (lmforge.data.tools), so a served conversation
+        renders to the tokens the model was trained on."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = parse_calls([c.model_dump(exclude_none=True) for c in self.tool_calls])
+        if self.reasoning_content and self.reasoning_content.strip():
+            message["reasoning_content"] = self.reasoning_content
+        return message
 
 
-UNSUPPORTED_WHEN_ON = ("tools", "tool_choice", "functions", "function_call", "response_format", "presence_penalty",
-                       "frequency_penalty", "logit_bias")
+UNSUPPORTED_WHEN_ON = ("functions", "function_call", "response_format", "presence_penalty", "frequency_penalty",
+                       "logit_bias")
+TEMPLATE_ARGUMENTS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+                      "return_dict", "return_tensors", "padding", "truncation", "max_length", "chat_template"}
+"""apply_chat_template's own arguments: `chat_template_kwargs` may not set them (the request's fields do)."""
 MAX_TOP_LOGPROBS = 20
 """OpenAI's bound on alternatives per token (the engine's too)."""
 
@@ -57,8 +107,6 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     # OpenAI fields this server does not implement yet: accepted at their "off" values only, so a client
     # that asks for them is told (400 naming the field) instead of getting a reply that silently lacks them.
-    tools: list | None = None
-    tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
     response_format: dict | None = None
@@ -69,8 +117,7 @@ class _Sampling(BaseModel):
     @field_validator(*UNSUPPORTED_WHEN_ON)
     @classmethod
     def _not_implemented(cls, value, info):
-        if value in (None, False, 0, [], {}) or (info.field_name in ("tool_choice", "function_call")
-                                                 and value in ("none", "auto")) \
+        if value in (None, False, 0, [], {}) or (info.field_name == "function_call" and value in ("none", "auto")) \
                 or (info.field_name == "response_format" and value == {"type": "text"}):
             return value
         raise ValueError(f"{info.field_name} is not supported by this server yet; leave it out")
@@ -117,10 +164,50 @@ class _Sampling(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list | None = None
+    """OpenAI function schemas, rendered by the chat template's own `tools` argument."""
+    tool_choice: str | dict | None = None
+    """"auto" (the default with tools): the model may call; "none": tools are left out of the prompt.
+    "required" and a named function need constrained decoding, which this server does not do: refused."""
+    parallel_tool_calls: bool = True
+    """false: a reply's first call alone is returned."""
+    chat_template_kwargs: dict | None = None
+    """Variables for the chat template (qwen3's `enable_thinking`), as vLLM takes them."""
     logprobs: bool | None = None
     """Return each reply token's log-prob (under the model's own distribution, before temperature)."""
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     """With logprobs: also this many most likely tokens at each position."""
+
+    @field_validator("tools")
+    @classmethod
+    def _function_schemas(cls, value):
+        return parse_tools(value) or None  # a list of schemas each with a function name, else a 400
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice(cls, value):
+        if value is None or value in ("auto", "none"):
+            return value
+        if value == "required" or (isinstance(value, dict) and value.get("type") == "function"):
+            what = "'required'" if value == "required" else f"a named function ({value.get('function')!r})"
+            raise ValueError(f"tool_choice {what} is not supported by this server (it needs constrained decoding); "
+                             "send 'auto' or 'none'")
+        raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a named function, got {value!r}")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value):
+        taken = sorted(set(value or {}) & TEMPLATE_ARGUMENTS)
+        if taken:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(taken)} (the request's own fields do)")
+        if any(not isinstance(key, str) or not key.isidentifier() for key in value or {}):
+            raise ValueError("chat_template_kwargs keys must be variable names")
+        return value
+
+    @property
+    def offers_tools(self) -> bool:
+        """Tools reach the prompt and replies are read for calls ("none" renders without them)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -193,13 +280,25 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, texts: list[str], reasons: list[str], prompt_tokens: int,
+def chat_message(reply) -> dict:
+    """A choice's message from a split reply (lmforge.data.replies.Reply): `tool_calls` and `reasoning_content`
+    only when it has them."""
+    message = {"role": "assistant", "content": reply.content}
+    if reply.calls:
+        message["tool_calls"] = reply.calls
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
+    return message
+
+
+def chat_response(rid: str, model: str, replies: list, reasons: list[str], prompt_tokens: int,
                   completion_tokens: int, logprobs: list[dict | None] | None = None) -> dict:
-    """`logprobs`: each choice's, already in the chat shape (see serve.logprobs), or None."""
-    logprobs = logprobs or [None] * len(texts)
+    """`replies`: each choice's split reply; `logprobs`: each choice's, already in the chat shape (see
+    serve.logprobs), or None."""
+    logprobs = logprobs or [None] * len(replies)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                         "logprobs": lp} for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs))],
+            "choices": [{"index": i, "message": chat_message(reply), "finish_reason": reason, "logprobs": lp}
+                        for i, (reply, reason, lp) in enumerate(zip(replies, reasons, logprobs))],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
