@@ -1,0 +1,159 @@
+"""Multi-turn environments for online RL (PPO, GRPO, RLOO with `rl.environment`).
+
+An environment is a Python class; one instance plays one trajectory:
+
+* `reset(record) -> messages`: the conversation the model answers first (OpenAI-style messages), from a
+  prompt record (its `prompt`, `reference`, `answer` and extra columns);
+* `step(reply) -> (messages, reward, done)`: the model's reply (text) in; the messages that answer it (a
+  `tool` result, the next `user` turn; may be empty when done), that turn's reward, and whether it is over.
+
+A trajectory's reward is the sum of its turns' rewards. `rl.environment` names the class as
+`package.module:Class` or `path/to/file.py:Class` (built with `rl.environment_args` as keyword arguments), or
+a built-in: `tools` (`ToolEnvironment`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Protocol
+
+from lmforge.config.errors import ConfigError
+from lmforge.data import grading
+from lmforge.rollout.tools_sandbox import ToolLimits, ToolOutcome, run_tool
+
+
+class Environment(Protocol):
+    def reset(self, record: dict) -> list[dict]: ...
+
+    def step(self, reply: str) -> tuple[list[dict], float, bool]: ...
+
+
+TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+
+
+def parse_tool_calls(reply: str) -> list[dict] | None:
+    """The Hermes/Qwen tool calls of a reply (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`),
+    each as {"name", "arguments"} or {"error"} for one that is not such JSON; None when the reply has none."""
+    blocks = TOOL_CALL.findall(reply)
+    if not blocks:
+        return None
+    calls = []
+    for block in blocks:
+        try:
+            call = json.loads(block.strip())
+        except ValueError:
+            calls.append({"error": f"the tool call is not JSON: {block.strip()[:200]!r}"})
+            continue
+        arguments = call.get("arguments", {}) if isinstance(call, dict) else None
+        if isinstance(arguments, str):  # OpenAI's wire form: arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                arguments = None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
+            calls.append({"error": 'a tool call needs {"name": "<tool>", "arguments": {...}}'})
+        else:
+            calls.append({"name": call["name"], "arguments": arguments})
+    return calls
+
+
+class ToolEnvironment:
+    """The built-in tool environment. Each turn, the model's tool calls run against the registered functions
+    (`rl.tools`: `module:function` or `file.py:function`, known to the model by function name), each in a
+    separate process under `ToolLimits`; their results, errors included, come back as `tool` messages. A reply
+    without a tool call is the final answer: reward 1 when it states the record's answer (the grading rule
+    of `answer_match`), else 0, and the trajectory ends. `call_reward` is added for every call that ran
+    without an error (0 by default: a per-turn shaping term)."""
+
+    def __init__(self, tools: list[str], limits: ToolLimits | None = None, call_reward: float = 0.0):
+        self.tools = {target.rpartition(":")[2]: target for target in tools}
+        if len(self.tools) != len(tools):
+            raise ConfigError(f"rl.tools: two tools share a function name ({', '.join(tools)})")
+        self.limits, self.call_reward = limits or ToolLimits(), call_reward
+        self.record: dict = {}
+        self.outcomes: list[ToolOutcome] = []
+
+    def reset(self, record: dict) -> list[dict]:
+        self.record, self.outcomes = record, []
+        return list(record["prompt"])
+
+    def step(self, reply: str) -> tuple[list[dict], float, bool]:
+        calls = parse_tool_calls(reply)
+        if calls is None:
+            expected = self.record.get("answer") or self.record.get("reference") or ""
+            question = next((m["content"] for m in reversed(self.record["prompt"]) if m["role"] == "user"), "")
+            right = bool(grading.final_answer(expected)) and grading.answer_match(reply, expected, question)
+            return [], float(right), True
+        messages, reward = [], 0.0
+        for call in calls:
+            if "error" in call:
+                outcome = ToolOutcome("error", f"error: {call['error']}")
+            elif call["name"] not in self.tools:
+                outcome = ToolOutcome("error", f"error: no tool named {call['name']!r}; tools: {', '.join(self.tools)}")
+            else:
+                outcome = run_tool(self.tools[call["name"]], call["arguments"], self.limits)
+            self.outcomes.append(outcome)
+            reward += self.call_reward * (outcome.kind == "ok")
+            messages.append({"role": "tool", "content": outcome.text})
+        return messages, reward, False
+
+
+BUILT_IN = {"tools": ToolEnvironment}
+
+
+def load_environment(spec: str, args: dict | None = None, tools: list[str] | None = None,
+                     limits: ToolLimits | None = None):
+    """A factory of fresh environments for `rl.environment`; a bad name is a one-line ConfigError."""
+    args = dict(args or {})
+    if spec == "tools":
+        if not tools:
+            raise ConfigError("rl.environment=tools needs rl.tools: a list of module:function or file.py:function")
+        return lambda: ToolEnvironment(tools, limits, **args)
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise ConfigError(f"rl.environment={spec!r}: give package.module:Class, path/to/file.py:Class or a "
+                          f"built-in ({', '.join(BUILT_IN)})")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            loaded = importlib.util.spec_from_file_location(f"lmforge_env_{path.stem}", path)
+            module = importlib.util.module_from_spec(loaded)
+            sys.modules[loaded.name] = module
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        cls = getattr(module, name)
+    except Exception as exc:  # whatever the user's module raises while importing, reported as config
+        raise ConfigError(f"rl.environment: cannot load {spec!r} ({type(exc).__name__}: {exc})") from exc
+    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise ConfigError(f"rl.environment={spec!r} has no {' or '.join(missing)} method: an environment needs "
+                          "reset(record) -> messages and step(reply) -> (messages, reward, done)")
+    return lambda: cls(**args)
+
+
+def checked_step(env, reply: str) -> tuple[list[dict], float, bool]:
+    """env.step(reply) with its return values checked (one-line errors naming the class)."""
+    out = env.step(reply)
+    where = f"{type(env).__name__}.step"
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise ConfigError(f"rl.environment: {where} must return (messages, reward, done), got {type(out).__name__}")
+    messages, reward, done = out
+    checked_messages(messages, where)
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        raise ConfigError(f"rl.environment: {where} returned reward {reward!r}: must be a finite number")
+    return list(messages), float(reward), bool(done)
+
+
+def checked_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content", ""), str) for m in messages):
+        raise ConfigError(f"rl.environment: {where} must return a list of messages ({{'role': ..., 'content': ...}}), "
+                                f"got {str(messages)[:120]}")
+    return messages

@@ -1,0 +1,177 @@
+"""Multi-turn rollouts: the model and an environment take turns, as generation-engine sessions.
+
+Each prompt is one session request of `n` samples (the prompt prefilled once); each sample plays its own
+environment instance. After a model turn that ended with an end-of-turn token, the reply's text goes to
+`env.step`; the messages it answers with are rendered to token ids by the chat template's continuation
+(what the template prints after the model's end-of-turn token, the new messages, and the next generation
+prompt) and appended to the session with `Engine.continue_session`, so the model's own tokens are never
+decoded and re-tokenized: the trajectory is exactly the tokens the model saw. Only model-generated tokens
+carry loss and KL (the reply mask marks them); environment tokens are context.
+
+A trajectory ends when the environment says done, when a model turn hits its token limit (`stopped` is
+then False), after `max_turns` model turns, or when the next turn would pass `max_total_tokens` tokens
+after the prompt (model and environment tokens together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.config.errors import ConfigError
+from lmforge.data.templates import _render, _reply_end, end_of_turn_markers, prepare_messages
+from lmforge.generation import Engine, Request, Sampling
+from lmforge.rollout.environments import checked_messages, checked_step
+from lmforge.rollout.generate import to_generation
+from lmforge.rollout.rollouts import Samples, left_pad
+
+SENTINEL = "lmforge_reply_sentinel"
+
+
+@dataclass
+class Trajectories(Samples):
+    """Samples whose replies interleave model and environment tokens: `response_mask` marks the model's
+    (loss, KL), `reply_attention` every real token after the prompt."""
+
+    reply_attention: torch.Tensor | None = None
+    rewards: list[list[float]] = field(default_factory=list)
+    """Per trajectory, the reward of each environment step."""
+    transcripts: list[list[dict]] = field(default_factory=list)
+    """Per trajectory, the conversation after the prompt (model replies as text, environment messages)."""
+
+    def model_inputs(self) -> dict:
+        attention_mask = torch.cat([self.prompt_mask, self.reply_attention.long()], 1)
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], 1)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict]) -> list[int]:
+    """Token ids that follow a model reply's end-of-turn token when `new_messages` answer it and the model
+    speaks next: rendered by the template (the text after the reply's end marker, the messages, the
+    generation prompt), never including the reply itself. `history` is the conversation up to and
+    without that reply (for templates whose rendering depends on earlier roles)."""
+    probe = prepare_messages(tokenizer, [*history, {"role": "assistant", "content": SENTINEL}], None)
+    after_messages = prepare_messages(tokenizer, new_messages, None)
+    before = _render(tokenizer, probe, False, None)
+    after = _render(tokenizer, probe + after_messages, True, None)
+    if not after.startswith(before) or SENTINEL not in before:
+        raise ConfigError("rl.environment: the chat template does not render the conversation as a growing "
+                          "prefix, so environment turns cannot be appended as tokens; choose another template "
+                          "with model.template")
+    tail = before[before.rindex(SENTINEL):]
+    cut = _reply_end(tail, SENTINEL, end_of_turn_markers(tokenizer))
+    text = (tail[cut:] if cut is not None else "") + after[len(before):]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class _Play:
+    env: object
+    history: list[dict]
+    ids: list[int] = field(default_factory=list)
+    mask: list[float] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    transcript: list[dict] = field(default_factory=list)
+    turns: int = 0
+    stopped: bool = True
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int
+    """Per model turn."""
+    max_turns: int
+    max_total_tokens: int
+    """After the prompt, model and environment tokens together."""
+
+
+def play(engine: Engine, tokenizer, make_env: Callable, records: list[dict], sampling: Sampling, limits: Limits,
+         n: int = 1, logprobs: bool = False) -> Trajectories:
+    """`n` trajectories per record (prompt-major), each against a fresh environment."""
+    started = time.perf_counter()
+    plays, prompts, live = [], [], []
+    for record in records:
+        group = [_Play(make_env(), []) for _ in range(n)]
+        firsts = [checked_messages(p.env.reset(record), f"{type(p.env).__name__}.reset") for p in group]
+        if any(f != firsts[0] for f in firsts):
+            raise ConfigError(f"rl.environment: {type(group[0].env).__name__}.reset gave different messages for "
+                              "the same record; a group's samples must share their prompt")
+        for p in group:
+            p.history = list(firsts[0])
+        prompt = tokenizer(_render(tokenizer, prepare_messages(tokenizer, firsts[0], None), True, None),
+                           add_special_tokens=False)["input_ids"]
+        limit = min(limits.max_new_tokens, limits.max_total_tokens)
+        handle = engine.submit(Request(prompt, dataclasses.replace(sampling, seed=_seed(sampling)), limit, n=n,
+                                       logprobs=logprobs, tempered_logprobs=logprobs, session=True))
+        plays += group
+        prompts += [prompt] * n
+        live.append((handle, [(i, p) for i, p in zip(range(n), group)]))
+    while live:
+        engine.step()
+        finished = [item for item in live if item[0].done]
+        live = [item for item in live if not item[0].done]
+        for handle, members in finished:
+            live += _advance(engine, tokenizer, handle, members, limits)
+    return _layout(tokenizer, prompts, plays, time.perf_counter() - started)
+
+
+def _seed(sampling: Sampling) -> int:
+    return sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
+
+
+def _advance(engine: Engine, tokenizer, handle, members: list, limits: Limits) -> list:
+    """Record each finished sample's turn, step its environment, and continue the sessions that go on (all
+    continuations are posted before the handle's rows are released)."""
+    going = []
+    for index, p in members:
+        sample = handle.samples[index]
+        reply = to_generation(tokenizer, sample.token_ids, sample.finish_reason)
+        p.ids += sample.token_ids
+        p.mask += [1.0] * len(sample.token_ids)
+        p.logps += sample.logprobs if sample.logprobs is not None else [0.0] * len(sample.token_ids)
+        p.turns += 1
+        p.transcript.append({"role": "assistant", "content": reply.text})
+        if sample.finish_reason != "stop":  # cut at the turn's token limit: the episode ends unfinished
+            p.stopped = False
+            continue
+        messages, reward, done = checked_step(p.env, reply.text)
+        p.rewards.append(reward)
+        p.transcript += messages
+        if done or p.turns >= limits.max_turns:
+            continue
+        extra = continuation_ids(tokenizer, p.history, messages)
+        p.history += [{"role": "assistant", "content": reply.text}, *messages]
+        room = limits.max_total_tokens - len(p.ids) - len(extra)
+        if room < 1:
+            continue
+        p.ids += extra
+        p.mask += [0.0] * len(extra)
+        p.logps += [0.0] * len(extra)
+        going.append((index, p, extra, min(limits.max_new_tokens, room)))
+    continued = [(engine.continue_session(handle, extra, budget, sample=index), [(0, p)])
+                 for index, p, extra, budget in going]
+    engine.release(handle)
+    return continued
+
+
+def _layout(tokenizer, prompts: list[list[int]], plays: list[_Play], seconds: float) -> Trajectories:
+    pad = tokenizer.pad_token_id
+    width = max(1, max(len(p.ids) for p in plays))
+    ids = torch.full((len(plays), width), pad, dtype=torch.long)
+    mask, attention, logps = (torch.zeros(len(plays), width) for _ in range(3))
+    for i, p in enumerate(plays):
+        ids[i, :len(p.ids)] = torch.tensor(p.ids, dtype=torch.long)
+        mask[i, :len(p.ids)] = torch.tensor(p.mask)
+        attention[i, :len(p.ids)] = 1.0
+        logps[i, :len(p.ids)] = torch.tensor(p.logps, dtype=torch.float32)
+    prompt, prompt_mask = left_pad(prompts, pad)
+    texts = [next((m["content"] for m in reversed(p.transcript) if m["role"] == "assistant"), "") for p in plays]
+    return Trajectories(prompt, prompt_mask, ids, mask, texts, torch.tensor([p.stopped for p in plays]), seconds,
+                        logps, reply_attention=attention, rewards=[p.rewards for p in plays],
+                        transcripts=[p.transcript for p in plays])
