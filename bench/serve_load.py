@@ -68,8 +68,11 @@ def tree_env(root: Path) -> dict:
 
 def served_dtype(root: Path) -> str:
     """The weights dtype `lmforge serve` of this tree loads (ModelConfig's default: serve has no option)."""
-    done = subprocess.run([sys.executable, "-c", DTYPE_PROBE], capture_output=True, text=True,
-                          env=tree_env(root), timeout=120)
+    try:
+        done = subprocess.run([sys.executable, "-c", DTYPE_PROBE], capture_output=True, text=True,
+                              env=tree_env(root), timeout=120)
+    except subprocess.TimeoutExpired:
+        return "unknown (the probe took over 120 s)"
     return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"
 
 
