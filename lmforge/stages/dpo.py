@@ -90,10 +90,9 @@ def preference_count(batch: dict) -> torch.Tensor:
 preference_count.metric_name = "pairs"
 
 
-def share_prompt(cfg: StageConfig, model) -> bool:
+def share_prompt(cfg: StageConfig, model_config) -> bool:
     """dpo.share_prompt resolved for this model: unset means on wherever the shared layout is exact."""
-    inner = extract_model_from_parallel(model)
-    reason = unsupported_reason(getattr(inner, "config", None), cfg.data.max_length, cfg.model.finetuning == "mod")
+    reason = unsupported_reason(model_config, cfg.data.max_length, cfg.model.finetuning == "mod")
     if cfg.dpo.share_prompt and reason:
         raise ConfigError(f"dpo.share_prompt=true cannot be used here: {reason}; set dpo.share_prompt=false")
     return reason is None if cfg.dpo.share_prompt is None else cfg.dpo.share_prompt
@@ -154,7 +153,7 @@ def run(cfg: StageConfig) -> dict:
     eval_rows = tokenize_preference(eval_pairs, tokenizer, cfg.data, run_.errors, kind) \
         if eval_pairs is not None else None
     collate = partial(collate_kto if kind == "kto" else collate_pairs, pad_id=tokenizer.pad_token_id,
-                      share_prompt=share_prompt(cfg, model))
+                      share_prompt=share_prompt(cfg, model.config))
 
     fused = use_fused_loss(cfg)
     loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=reference, fused=fused)
