@@ -118,3 +118,69 @@ def test_gguf_export_refuses_other_architectures(tmp_path):
     with pytest.raises(ConfigError, match="GGUF export supports LlamaForCausalLM; this model is GPT2LMHeadModel"):
         write_gguf(model, None, tmp_path / "x.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def _string(reader, key: str) -> str:
+    field = reader.fields[key]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _tokens(reader) -> list[str]:
+    field = reader.fields["tokenizer.ggml.tokens"]
+    return [bytes(field.parts[i]).decode() for i in field.data]
+
+
+def _number(reader, key: str) -> int:
+    field = reader.fields[key]
+    return int(field.parts[field.data[0]][0])
+
+
+def test_gguf_export_carries_the_source_gguf_identity(base, world_dir, tmp_path, monkeypatch):
+    """A model that came from a GGUF (as SmolLM2 does, with tokenizer.ggml.pre = "smollm") keeps that
+    identity through SFT and export: llama.cpp picks its pre-tokenizer rules by that name."""
+    import gguf
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.models.gguf_export import write_gguf
+
+    source = tmp_path / "source" / "tiny-src.gguf"
+    source.parent.mkdir()
+    real_pre = gguf.GGUFWriter.add_tokenizer_pre
+    with monkeypatch.context() as patch:  # as llama.cpp's converter names SmolLM2's rules
+        patch.setattr(gguf.GGUFWriter, "add_tokenizer_pre", lambda self, _: real_pre(self, "smollm"))
+        write_gguf(AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base), source, name="src")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    trained = tmp_path / "sft"
+    cfg = load_config(None, [f"model.name_or_path={source.parent}", f"model.gguf_file={source.name}",
+                             "model.finetuning=lora", "lora.r=4",
+                             f"data.train={world_dir}/sft/train.jsonl", "data.eval_split=0", "data.max_length=64",
+                             "train.max_steps=2", "train.batch_size=2", f"train.output_dir={trained}",
+                             "log.progress=false", "log.report_to=[]"], stage="sft")
+    STAGE_RUNNERS["sft"](cfg)
+    out = tmp_path / "tiny-chat"
+    assert main(["export", str(trained), "--out", str(out), "--gguf"]) == 0
+    exported, original = GGUFReader(out / "model-f32.gguf"), GGUFReader(source)
+    assert _string(exported, "general.name") == "tiny-chat"  # not "tiny-chat.partial"
+    assert _string(exported, "tokenizer.ggml.pre") == "smollm"
+    assert _tokens(exported) == _tokens(original)
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        if key in original.fields:
+            assert _number(exported, key) == _number(original, key), key
+    assert _string(exported, "tokenizer.chat_template") == AutoTokenizer.from_pretrained(trained).chat_template
+
+
+def test_gguf_export_of_a_changed_vocabulary_describes_itself(adapter, tmp_path):
+    """No GGUF behind the weights (or a vocabulary that is no longer the source's): the identity comes from
+    the tokenizer itself, a plain byte-level BPE being GPT-2's rules."""
+    from gguf import GGUFReader
+
+    from lmforge.models.gguf_export import source_identity
+
+    out = tmp_path / "plain"
+    assert main(["export", str(adapter), "--out", str(out), "--gguf"]) == 0
+    reader = GGUFReader(out / "model-f32.gguf")
+    assert _string(reader, "general.name") == "plain" and _string(reader, "tokenizer.ggml.pre") == "gpt2"
+    tokens = _tokens(reader)
+    assert source_identity(out / "model-f32.gguf", tokens)["tokenizer.ggml.pre"] == "gpt2"
+    assert source_identity(out / "model-f32.gguf", ["x", *tokens[1:]]) == {}  # another vocabulary: nothing kept

@@ -12,9 +12,37 @@ from pathlib import Path
 from lmforge.config.schema import ConfigError, ModelConfig
 from lmforge.data.templates import end_of_turn_ids
 from lmforge.models.gguf_export import gguf_name, write_gguf
-from lmforge.models.load import DTYPES, load_model_and_tokenizer
+from lmforge.models.load import DTYPES, SHORT_NAMES, load_model_and_tokenizer
+from lmforge.models.load import _packaged_file as packaged_file
 
 EXPORT_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name != "auto"}
+
+
+def source_gguf(source: str) -> Path | None:
+    """The GGUF file the weights of `source` first came from, followed through the artifacts' manifests
+    (each names the model it was trained from), or None when they did not come from one."""
+    seen: set[str] = set()
+    current: str | None = source
+    while current and current not in seen:
+        seen.add(current)
+        if current in SHORT_NAMES:
+            return packaged_file(*SHORT_NAMES[current])
+        if current.endswith(".gguf") and Path(current).is_file():
+            return Path(current)
+        manifest = Path(current) / "lmforge.json"
+        if not manifest.is_file():
+            return None
+        try:
+            model = json.loads(manifest.read_text(encoding="utf-8")).get("config", {}).get("model", {})
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(model, dict):
+            return None
+        if model.get("gguf_file"):
+            found = [Path(model["gguf_file"]), Path(model.get("name_or_path") or ".") / model["gguf_file"]]
+            return next((path for path in found if path.is_file()), None)
+        current = model.get("name_or_path")
+    return None
 
 
 def export_model(source: str, out: str | Path, dtype: str | None = None, max_shard_size: str = "2GB",
@@ -38,8 +66,8 @@ def export_model(source: str, out: str | Path, dtype: str | None = None, max_sha
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if gguf:
-        write_gguf(model, tokenizer, tmp / gguf_name(model.dtype))
+    if gguf:  # named as the export is, not as its temporary folder
+        write_gguf(model, tokenizer, tmp / gguf_name(model.dtype), name=out.name, source=source_gguf(source))
     manifest = Path(source) / "lmforge.json"
     if manifest.is_file():  # where the weights came from, for whoever deploys them
         record = json.loads(manifest.read_text(encoding="utf-8"))

@@ -30,7 +30,9 @@ def gguf_name(dtype: torch.dtype) -> str:
     return f"model-{FILE_TYPES[dtype][0]}.gguf"
 
 
-def write_gguf(model, tokenizer, path: str | Path) -> Path:
+def write_gguf(model, tokenizer, path: str | Path, name: str | None = None, source: Path | None = None) -> Path:
+    """Write `path`. `name` is the model's name (general.name; default: the file's folder); `source`, the GGUF
+    the weights first came from, lends its tokenizer identity when the vocabulary is still its own."""
     import gguf  # imported on use: only this export needs it
 
     config = model.config
@@ -48,7 +50,7 @@ def write_gguf(model, tokenizer, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".partial")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(str(tmp), "llama")
-    writer.add_name(path.parent.name)
+    writer.add_name(name or path.parent.name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -61,7 +63,7 @@ def write_gguf(model, tokenizer, path: str | Path) -> Path:
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype][1]))
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     writer.add_vocab_size(vocab_rows)
-    _add_tokenizer(writer, tokenizer, vocab_rows, gguf)
+    _add_tokenizer(writer, tokenizer, vocab_rows, gguf, source)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -95,13 +97,35 @@ def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _add_tokenizer(writer, tokenizer, vocab_rows: int, gguf) -> None:
+def source_identity(source: Path | None, tokens: list[str]) -> dict:
+    """The source GGUF's tokenizer identity (`tokenizer.ggml.pre`, which picks llama.cpp's pre-tokenizer
+    rules, and `general.basename`) when `tokens` still start with its vocabulary; else nothing (a new or
+    changed tokenizer is described from itself)."""
+    if source is None or not Path(source).is_file():
+        return {}
+    from gguf import GGUFReader
+
+    reader = GGUFReader(source)
+    vocab = reader.fields.get("tokenizer.ggml.tokens")
+    theirs = [bytes(vocab.parts[i]).decode("utf-8", "replace") for i in vocab.data] if vocab else []
+    if not theirs or tokens[:len(theirs)] != theirs:
+        return {}
+    found = {}
+    for key in ("tokenizer.ggml.pre", "general.basename"):
+        field = reader.fields.get(key)
+        if field is not None:
+            found[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
+    return found
+
+
+def _add_tokenizer(writer, tokenizer, vocab_rows: int, gguf, source: Path | None = None) -> None:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
         raise ConfigError("GGUF export supports byte-level BPE tokenizers (GPT-2 style, as SmolLM2 and "
                           "lmforge's own); convert this model with llama.cpp's convert_hf_to_gguf.py")
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    identity = source_identity(source, tokens)
     special = set(tokenizer.all_special_ids)
     added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | special
     types = [gguf.TokenType.CONTROL if i in added else
@@ -111,7 +135,11 @@ def _add_tokenizer(writer, tokenizer, vocab_rows: int, gguf) -> None:
         tokens.append(f"[PAD{i}]")
         types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    # A plain byte-level pre-tokenizer splits text with GPT-2's rules, which llama.cpp calls "gpt2"; a source
+    # GGUF's own name for its rules (SmolLM2's "smollm") is kept, as llama.cpp splits text by it.
+    writer.add_tokenizer_pre(identity.get("tokenizer.ggml.pre", "gpt2"))
+    if "general.basename" in identity:
+        writer.add_basename(identity["general.basename"])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
