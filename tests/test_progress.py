@@ -4,14 +4,16 @@ goes to a file, evaluation progress, the plan before step 1, and the config that
 from __future__ import annotations
 
 import glob
+import importlib.util
 import io
 from functools import partial
 
 import datasets
+import pytest
 from rich.console import Console
 from test_loop import random_rows, tiny_model
 
-from lmforge.config.schema import LogConfig, TrainConfig
+from lmforge.config.schema import ConfigError, LogConfig, TrainConfig
 from lmforge.data.packing import collate
 from lmforge.loop.progress import ProgressDisplay, TaskBar
 from lmforge.loop.summary import example_row, start_lines, token_totals
@@ -173,12 +175,6 @@ def test_tensorboard_receives_the_run_config_as_hparams(tmp_path):
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_key(tmp_path, monkeypatch):
-    import importlib.util
-
-    import pytest
-
-    from lmforge.config.schema import ConfigError
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError) as caught:  # accelerate would only warn, and the run would track nothing
