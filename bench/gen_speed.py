@@ -3,8 +3,9 @@ decoding step) and beside the memory-bandwidth bound, on one GPU (issue 20's tab
 
 Workload (the peer's gen_speed.py shape): prompts of 128 random tokens, 256 sampled tokens each, no stop
 token, random-init models. For each model and batch size: ms per decoding step and decoded tokens/s of
-  - `engine`: lmforge.generation.Engine, own decoder, CUDA graphs (what RL, eval, chat and serve run on);
-  - `engine-compile`: the same with the decoding step through torch.compile before it is captured;
+  - `engine`: lmforge.generation.Engine, own decoder, CUDA graphs, `compile=False`;
+  - `engine-compile`: the same with `compile=True` (the engine's default on a GPU: the decoding step, forward
+    and draw, through torch.compile before it is captured);
   - `hf-static`: model.generate with cache_implementation="static" (transformers compiles its step);
 and `bound`: bytes read per step (bf16 weights + the live KV cache at the step's mean length) over the
 copy bandwidth measured on this GPU in the same run. Prefill is excluded from every figure: each side is
@@ -12,6 +13,10 @@ timed over its decoding steps only (the engine by driving its steps; generate as
 256 and 1 new tokens).
 
     python bench/gen_speed.py --models A,8b --batches 1,16,64,128 --out bench/results/gen_speed_h100.json
+
+`--ops` also counts the aten operators the host dispatches per decoding step (torch.profiler, CPU side): on
+the CPU that is the step's host work (`--models T --batches 16 --sides engine --ops`, model T is tiny);
+on a GPU with CUDA graphs it is what runs outside the captured graph.
 """
 
 from __future__ import annotations
@@ -80,32 +85,39 @@ def bytes_per_step(model, batch: int, prompt: int, new: int) -> float:
     return weights + batch * (prompt + new / 2) * per_token
 
 
-def time_engine(model, prompts: list[list[int]], new: int, compile_step: bool) -> float:
-    """Seconds per decoding step, all rows decoding (prefill not counted)."""
+def time_engine(model, prompts: list[list[int]], new: int, compile_step: bool, count_ops: bool = False
+                ) -> tuple[float, float | None]:
+    """Seconds per decoding step, all rows decoding (prefill not counted), and aten ops per step if asked."""
     from lmforge.generation import Engine, Request, Sampling
 
     engine = Engine(model, slots=len(prompts), max_len=len(prompts[0]) + new + 1, eos_ids=[],
-                    prefill_chunk=16384)
-    if compile_step:  # compiled kernels for the step, then captured like the eager one
-        engine.backend.forward = torch.compile(engine.backend.forward, dynamic=False)
+                    prefill_chunk=16384, compile=compile_step)
 
-    def run() -> float:
+    def run(profile: bool = False) -> tuple[float, float | None]:
         handles = [engine.submit(Request(prompt_ids=p, max_new_tokens=new, sampling=Sampling(temperature=1.0,
                                                                                                seed=i)))
                    for i, p in enumerate(prompts)]
         while engine.decoding < len(prompts):  # admission and prefill
             engine.step()
         sync()
-        started, steps = time.perf_counter(), 0
+        started, steps, ops = time.perf_counter(), 0, None
         while not all(h.done for h in handles):
+            if profile and steps == 8:  # a few steps in: past any capture
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for _ in range(4):
+                        engine.step()
+                steps += 4
+                ops = sum(e.name.startswith("aten::") for e in prof.events()) / 4
+                continue
             engine.step()
             steps += 1
         sync()
         assert all(len(h.result().samples[0].token_ids) == new for h in handles)
-        return (time.perf_counter() - started) / steps
+        return (time.perf_counter() - started) / steps, ops
 
     run()  # warm-up: graph capture (and compilation)
-    return run()
+    seconds = run()[0]
+    return seconds, (run(profile=True)[1] if count_ops else None)
 
 
 def time_hf_static(model, prompts: list[list[int]], new: int) -> float:
@@ -131,6 +143,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--sides", default="engine,engine-compile,hf-static")
+    parser.add_argument("--ops", action="store_true", help="also count aten ops per engine decoding step")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,8 +159,8 @@ def main() -> None:
             bound_s = bytes_per_step(model, batch, args.prompt, args.new) / bandwidth
             for side in args.sides.split(","):
                 try:
-                    seconds = (time_hf_static(model, prompts, args.new) if side == "hf-static"
-                               else time_engine(model, prompts, args.new, side == "engine-compile"))
+                    seconds, ops = (time_hf_static(model, prompts, args.new), None) if side == "hf-static" \
+                        else time_engine(model, prompts, args.new, side == "engine-compile", args.ops)
                 except Exception as error:  # one side failing must not lose the others' figures
                     rows.append({"model": name, "batch": batch, "side": side, "error": str(error)[-500:]})
                     print(json.dumps(rows[-1]), flush=True)
@@ -155,7 +168,8 @@ def main() -> None:
                 torch._dynamo.reset()
                 rows.append({"model": name, "batch": batch, "side": side, "ms_per_step": round(seconds * 1e3, 3),
                              "tokens_per_s": round(batch / seconds), "bound_ms": round(bound_s * 1e3, 3),
-                             "share_of_bound": round(bound_s / seconds, 3)})
+                             "share_of_bound": round(bound_s / seconds, 3),
+                             **({"aten_ops_per_step": ops} if ops is not None else {})})
                 print(json.dumps(rows[-1]), flush=True)
         del model
         torch.cuda.empty_cache() if device == "cuda" else None

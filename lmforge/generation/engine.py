@@ -32,14 +32,15 @@ DEFAULT_MAX_LEN = 2048
 SEED_RANGE = 2**63
 
 
-def make_backend(model, rows: int, max_len: int, kind: str = "auto", cuda_graphs: bool = True):
+def make_backend(model, rows: int, max_len: int, kind: str = "auto", cuda_graphs: bool = True,
+                 compile: bool | str = False):
     """The own decoder where it runs the model exactly, else (under "auto") the HF fallback."""
     if kind not in BACKENDS:
         raise ValueError(f"generation backend {kind!r}: choose one of {', '.join(BACKENDS)}")
     if kind == "hf":
         return HFBackend(model, rows, max_len)
     try:
-        return LlamaFamilyBackend(model, rows, max_len, cuda_graphs)
+        return LlamaFamilyBackend(model, rows, max_len, cuda_graphs, compile)
     except UnsupportedModel:
         if kind == "own":
             raise
@@ -49,7 +50,10 @@ def make_backend(model, rows: int, max_len: int, kind: str = "auto", cuda_graphs
 class Engine:
     def __init__(self, model, slots: int = 16, max_len: int | None = None, prefill_chunk: int = 512,
                  eos_ids: Iterable[int] | None = None, tokenizer=None, backend: str = "auto",
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile: bool | str | None = None):
+        """`compile`: torch.compile the own decoder's decoding step (before it is captured); None is on when
+        the model is on a GPU, off on the CPU (compiling is slow there); a string names a torch.compile
+        backend other than inductor."""
         positions = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions")
                           if isinstance(getattr(model.config, k, None), int)), None)
         if max_len is None:  # the model's positions, at most DEFAULT_MAX_LEN (the cache is allocated up front)
@@ -66,7 +70,12 @@ class Engine:
             eos = getattr(model.config, "eos_token_id", None)
             eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
         self.eos_ids = set(eos_ids)
-        self.backend = make_backend(model, slots, max_len, backend, cuda_graphs)
+        if compile is None:
+            compile = next(model.parameters()).device.type == "cuda"
+        if not isinstance(compile, (bool, str)) or compile == "":
+            raise ValueError(f"generation engine compile: must be true, false or a torch.compile backend name, "
+                             f"got {compile!r}")
+        self.backend = make_backend(model, slots, max_len, backend, cuda_graphs, compile)
         self.rows: list[Sequence | None] = [None] * slots
         self.decoding = 0
         """Rows 0..decoding-1 are the decoding sequences."""

@@ -102,9 +102,8 @@ class LlamaFamilyBackend:
         self.device = weight.device
         self.pad_position = max_len - 1
         """Where padding rows of a captured step feed (see cache.py): no sequence ever holds it."""
-        self.row_ids = torch.arange(rows, device=self.device)
         self.compiled = bool(compile)
-        self.step_fn = compiled_step(self.step, compile) if compile else self.step
+        self.step_fn = compiled_step(self.step, compile, self.cache) if compile else self.step
         self.graphs = DecodeGraphs(self, rows, max_len) if cuda_graphs and graphs_can_run(model, self.device) \
             else None
 
@@ -151,9 +150,10 @@ class LlamaFamilyBackend:
     def step(self, inputs: torch.Tensor, span: int, mode: DrawMode | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The decoding step (what is compiled and captured): forward rows 0..B-1 at their positions from the
         int32 [B, 8] row inputs over `span` positions, then the fused draw unless `mode` is None."""
-        rows = inputs.shape[0]
+        rows = inputs.shape[0]  # the row ids made here, not sliced from a tensor of `slots` rows: a compiled
+        # step would otherwise guard on rows == slots when its first call happens to have them equal
         logits = self.forward(inputs[:, TOKEN:TOKEN + 1].long(), inputs[:, POSITION:POSITION + 1].long(),
-                              self.row_ids[:rows], slice(0, rows), span)
+                              torch.arange(rows, device=inputs.device), slice(0, rows), span)
         return (None if mode is None else draw_rows(logits, logits, inputs, mode)), logits
 
     def copy_row(self, source: int, target: int, length: int) -> None:
@@ -196,8 +196,12 @@ class LlamaFamilyBackend:
         return self.head(self.backbone.norm(final)).float()
 
 
-def compiled_step(step, backend: bool | str):
+def compiled_step(step, backend: bool | str, cache: KVCache):
     """The decoding step through torch.compile, with dynamic shapes: one compilation serves every batch and
     span bucket (only one row, a size torch always specialises, and each `DrawMode` compile apart).
-    `backend` True is inductor; a string names another torch.compile backend."""
+    `backend` True is inductor; a string names another torch.compile backend. The cache's shapes are marked
+    static: they never change, and a dynamic rows dimension would otherwise be guarded equal to theirs when
+    the first compiled step happens to run `slots` rows."""
+    for stored in (*cache.keys, *cache.values):
+        torch._dynamo.mark_static(stored)
     return torch.compile(step, dynamic=True, backend="inductor" if backend is True else backend)

@@ -104,7 +104,7 @@ def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     best = logits.argmax(-1)
     if bool(greedy.all()) if all_greedy is None else all_greedy:
         return best
-    scale = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits.dtype)
+    scale = temperature.masked_fill(greedy, 1.0).to(logits.dtype)
     filtered = filter_logits(logits / scale[:, None], top_k, top_p, min_p, truncating, flooring)
     drawn = draw_from(torch.softmax(filtered, -1), uniforms)
     return torch.where(greedy, best, drawn)

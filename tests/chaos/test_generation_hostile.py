@@ -94,7 +94,9 @@ def test_requests_that_cannot_fit_the_engine_are_refused_before_they_run(model):
 @pytest.mark.parametrize(("settings", "message"), [({"slots": 0}, "slots"), ({"max_len": -1}, "max_len"),
                                                    ({"prefill_chunk": 1.5}, "prefill_chunk"),
                                                    ({"max_len": 257}, "max_len=257 is past the model's 256"),
-                                                   ({"backend": "vllm"}, "backend 'vllm'")])
+                                                   ({"backend": "vllm"}, "backend 'vllm'"),
+                                                   ({"compile": 1}, "compile: must be true, false or a torch"),
+                                                   ({"compile": ""}, "compile: must be true")])
 def test_bad_engine_settings_are_refused_naming_them(model, settings, message):
     with pytest.raises(ValueError, match=message):
         Engine(model, **settings)
