@@ -25,6 +25,8 @@ def add_use_commands(sub) -> None:
     chat = sub.add_parser("chat", help="talk to a model in the terminal (/reset, /system TEXT, /exit)")
     chat.add_argument("model", help="a model folder or artifact (a LoRA adapter is merged into its base)")
     chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--tools", help="a JSON file listing the functions the model may call (OpenAI schemas); "
+                                      "answer its calls with /tool RESULT")
     for sampler in (gen, chat):
         sampler.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
         sampler.add_argument("--temperature", type=float, default=0.0 if sampler is gen else 0.7,
@@ -91,12 +93,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from lmforge.inference.chat import chat_loop
+    from lmforge.inference.chat import chat_loop, read_tools
     from lmforge.models.load import load_for_inference
 
+    tools = read_tools(args.tools) if args.tools else None  # a bad file is refused before the model loads
     model, tokenizer = load_for_inference(args.model)
     chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, top_p=args.top_p)
+              temperature=args.temperature, top_p=args.top_p, tools=tools)
     return 0
 
 

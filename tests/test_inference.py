@@ -133,3 +133,51 @@ def test_held_out_prompts_past_the_models_positions_are_answered_not_fatal():
     assert [(len(p), n) for p, n in cases] == [(10, 32), (48, 16), (48, 16)]
     assert cases[2][0] == [3] * 48  # the end of the prompt is kept: the template opens the model's turn there
     assert all(len(p) + n <= 64 for p, n in cases)
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_chat_shows_reasoning_and_tool_calls_and_keeps_them_structured(world_tokenizer_dir, monkeypatch):
+    """The model's replies are scripted: what matters is how chat shows them and renders the next turn."""
+    import lmforge.inference.chat as chat
+
+    tokenizer = AutoTokenizer.from_pretrained(world_tokenizer_dir)  # ChatML: Hermes tool calls
+    replies = iter(['<think>\nNeed the weather.\n</think>\n\nChecking.\n<tool_call>\n{"name": "get_weather", '
+                    '"arguments": {"city": "Paris"}}\n</tool_call>', "It is sunny."])
+    prompts = []
+
+    def scripted(model, tok, messages, *args, engine=None, tools=None):
+        prompts.append(chat.chat_prompt(tok, messages, tools))
+        text = next(replies)
+        yield from (text[i:i + 4] for i in range(0, len(text), 4))
+
+    monkeypatch.setattr(chat, "reply_stream", scripted)
+    monkeypatch.setattr(chat, "chat_engine", lambda model, tok: None)
+    typed = iter(["Weather in Paris?", "hello?", "/tool {\"sky\": \"sunny\"}", "/tool again", "/exit"])
+    written: list[str] = []
+    chat.chat_loop(None, tokenizer, read=lambda _: next(typed), write=written.append, tools=WEATHER)
+    out = "".join(written)
+    assert "bot> [thinking] Need the weather.\nChecking.\n[tool call] get_weather {\"city\": \"Paris\"}" in out
+    assert "answer with /tool RESULT" in out and "answer with /tool RESULT first" in out  # "hello?" refused
+    assert "no tool call is waiting" in out  # the second /tool: the call had its result
+    trained = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "Checking.", "reasoning_content": "Need the weather.",
+                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+               {"role": "tool", "content": "{\"sky\": \"sunny\"}"}]
+    assert len(prompts) == 2 and prompts[1] == render_prompt(tokenizer, trained, tools=WEATHER)
+    assert "<tools>" in prompts[0] and "<tool_response>" in prompts[1]
+
+
+def test_chat_tools_need_a_template_with_a_tool_format(base, tmp_path):
+    from lmforge.inference.chat import read_tools
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    with pytest.raises(ConfigError, match="no tool-call format"):
+        chat_loop(model, tokenizer, tools=WEATHER, read=lambda _: "/exit", write=lambda _: None)
+    bad = tmp_path / "tools.json"
+    bad.write_text('[{"description": "no name"}]')
+    with pytest.raises(ConfigError, match=r"--tools .*tools.json: tools\[0\] has no function name"):
+        read_tools(str(bad))
+    assert main(["chat", str(base), "--tools", str(tmp_path / "missing.json")]) == 2
