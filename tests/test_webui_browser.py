@@ -1,6 +1,8 @@
 """The web UI end to end in a real browser (Playwright driving Debian's headless Chromium): fill the
-Train form for a tiny scratch SFT, see the masked-token preview, start it, watch its curve and status,
-then chat with the result. Screenshots of each step are kept in the test's folder."""
+Train form for a tiny scratch SFT (a collapsed schema group opened), see the masked-token preview, start
+it, watch one chart per metric, its progress and log, evaluate the result in the Evaluate tab, chat with
+it, and switch the whole UI to Chinese. Screenshots of each step are kept in the test's folder
+(LMFORGE_SCREENSHOTS=DIR copies them out; docs/images/webui-*.png come from there)."""
 
 from __future__ import annotations
 
@@ -66,9 +68,15 @@ def test_train_watch_and_chat_in_the_browser(app_url, tmp_path):
         page.get_by_label("datasets (files, folders, dataset_info.json entries; comma-separated)").fill("data/train.jsonl")
         page.get_by_label("method").click()
         page.get_by_role("option", name="full", exact=True).click()
-        page.get_by_label("epochs").fill("0.3")
+        page.get_by_label("epochs", exact=True).fill("0.3")
         page.get_by_label("learning rate").fill("0.003")
         page.get_by_label("max length").fill("128")
+        page.locator("#group-train").get_by_text("train: optimizer").click()  # a collapsed schema group
+        page.locator("#field-train-scheduler input").fill("constant")
+        page.locator("#field-train-scheduler input").press("Enter")
+        page.locator("#field-train-logging_steps input").fill("2")
+        page.get_by_role("button", name="Show YAML").click()
+        playwright.expect(page.locator("#config-yaml")).to_contain_text("scheduler: constant", timeout=30000)
         page.get_by_role("button", name="Preview").click()
         page.wait_for_selector("#preview mark.loss", timeout=60000)
         marked = page.locator("#preview mark.loss").first.inner_text()
@@ -82,14 +90,34 @@ def test_train_watch_and_chat_in_the_browser(app_url, tmp_path):
         page.get_by_role("tab", name="Runs").click()
         page.get_by_label("run (as listed)").fill("webui")
         page.wait_for_selector("#curves canvas, #curves svg", timeout=120000)  # the curve drew from metrics.jsonl
+        try:  # a picture of the run mid-way for the docs, if this machine is slow enough to catch one
+            playwright.expect(page.locator("#run-progress")).to_contain_text("ETA", timeout=60000)
+            page.screenshot(path=str(shots / "2-runs-running.png"), full_page=True)
+        except AssertionError:
+            pass
         deadline = time.time() + 300
         while not (root / "runs" / "webui" / "lmforge.json").is_file() and time.time() < deadline:
             time.sleep(1)
         playwright.expect(page.locator("#runs-table")).to_contain_text("done", timeout=30000)
+        for metric in ("loss", "lr", "grad_norm"):  # one chart each, each on its own axis
+            playwright.expect(page.locator(f'#curves svg[data-metric="{metric}"]')).to_have_count(1, timeout=30000)
+        playwright.expect(page.locator("#run-progress")).to_contain_text("done: step", timeout=30000)
+        assert page.locator("#run-log textarea").input_value().strip()  # the run's log, tailed
         page.screenshot(path=str(shots / "2-runs-done.png"), full_page=True)
 
+        page.get_by_role("tab", name="Evaluate").click()
+        page.locator("#eval-artifact input").fill("runs/webui")
+        page.locator("#eval-artifact input").press("Enter")
+        page.locator("#field-perplexity textarea").fill("data/train.jsonl")
+        page.locator("#field-max_samples input").fill("4")
+        page.locator("#eval-run").click()
+        playwright.expect(page.locator("#eval-message")).to_contain_text("evaluating runs/webui", timeout=30000)
+        playwright.expect(page.locator("#eval-results")).to_contain_text("perplexity", timeout=240000)
+        playwright.expect(page.locator("#eval-state")).to_contain_text("done", timeout=60000)
+        page.screenshot(path=str(shots / "4-evaluate.png"), full_page=True)
+
         page.get_by_role("tab", name="Chat").click()
-        page.get_by_label("model or artifact").first.fill("runs/webui")
+        page.get_by_label("model or artifact", exact=True).first.fill("runs/webui")
         box = page.get_by_placeholder("Type a message...").first
         box.wait_for(state="visible", timeout=30000)
         for _ in range(3):  # the freshly shown tab can swallow a first Enter while it mounts
@@ -110,6 +138,18 @@ def test_train_watch_and_chat_in_the_browser(app_url, tmp_path):
         page.wait_for_timeout(3000)  # let the stream finish before the screenshot
         assert page.locator('div[data-testid="bot"]').last.inner_text().strip()
         page.screenshot(path=str(shots / "3-chat.png"), full_page=True)
+
+        page.get_by_label("中文").check()  # the language switch: every label and tab in Chinese
+        playwright.expect(page.get_by_role("tab", name="评估")).to_be_visible(timeout=30000)
+        page.get_by_role("tab", name="训练").click()
+        playwright.expect(page.get_by_text("学习率").first).to_be_visible(timeout=30000)
+        page.screenshot(path=str(shots / "5-train-zh.png"), full_page=True)
+        page.get_by_role("tab", name="运行记录").click()
+        playwright.expect(page.get_by_text("运行名称（与列表一致）").first).to_be_visible(timeout=30000)
+        page.screenshot(path=str(shots / "6-runs-zh.png"), full_page=True)
+        page.get_by_role("tab", name="评估").click()
+        playwright.expect(page.get_by_text("评估结果").first).to_be_visible(timeout=30000)
+        page.screenshot(path=str(shots / "7-evaluate-zh.png"), full_page=True)
         browser.close()
     keep = os.environ.get("LMFORGE_SCREENSHOTS")
     if keep:

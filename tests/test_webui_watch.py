@@ -13,6 +13,7 @@ from lmforge.webui.watch import (
     Progress,
     curves_svg,
     log_tail,
+    logged_total,
     metric_series,
     progress_line,
     read_metrics,
@@ -61,6 +62,7 @@ def test_metric_names_from_the_file_are_escaped_and_a_huge_file_is_read_from_its
 def test_total_steps_and_eta():
     assert total_steps([{"step": 5, "total_steps": 80}], {"train": {"max_steps": 10}}) == 80  # as the run logged it
     assert total_steps([{"step": 5}], {"train": {"max_steps": 10}}) == 10
+    assert total_steps([{"step": 5}], {"train": {"max_steps": 10}}, stated=1250) == 1250  # the run's own count
     assert total_steps([{"step": 10, "epoch": 0}, {"step": 30, "epoch": 1}], {"train": {"epochs": 3}}) == 90
     assert total_steps([{"step": 10, "epoch": 0}], {"train": {"epochs": 3}}) is None
     clock = iter([100.0, 110.0, 130.0])
@@ -86,6 +88,8 @@ def test_log_tail_shows_the_last_lines_without_bar_redraws_or_colours(tmp_path):
     (root / "run" / "out.log").symlink_to(tmp_path / "secret.log")
     assert log_tail(root / "run" / "out.log", root) == ""  # a link that leads out of --root is not read
     assert log_tail(root / "run" / "missing.log", root) == ""
+    log.write_text("train rows: 9\noptimizer steps: 125 per epoch, 1,250 in all (8 rows per step)\n" + "x\n" * 99)
+    assert logged_total(log, root) == 1250 and logged_total(root / "run" / "out.log", root) is None
 
 
 def test_every_label_has_its_chinese_text():

@@ -24,7 +24,15 @@ from lmforge.webui.runs import (
 )
 from lmforge.webui.saving import save_pipeline as save_checked
 from lmforge.webui.ui import Context, en
-from lmforge.webui.watch import curves_svg, log_tail, metric_series, progress_line, read_metrics, total_steps
+from lmforge.webui.watch import (
+    curves_svg,
+    log_tail,
+    logged_total,
+    metric_series,
+    progress_line,
+    read_metrics,
+    total_steps,
+)
 
 FRESH_SECONDS = 120
 """A run not started here counts as running while its metrics.jsonl changed this recently."""
@@ -41,7 +49,7 @@ def watch_run(ctx: Context, run: Path) -> tuple[str, str, str]:
         status = "done" if (run / MANIFEST).is_file() else "running" if fresh else \
             run_info(run, ctx.runs_root.resolve(), ctx.launcher).status
     rate = ctx.progress.observe(run, step) if status == "running" else None
-    line = progress_line(step, total_steps(rows, recorded_config(run)), rate, status)
+    line = progress_line(step, total_steps(rows, recorded_config(run), logged_total(run / LOG, ctx.root)), rate, status)
     return curves_svg(metric_series(rows)), line, log_tail(run / LOG, ctx.root)
 
 

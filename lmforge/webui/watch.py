@@ -107,12 +107,14 @@ class Progress:
         return (s1 - s0) / (t1 - t0) if s1 > s0 and t1 > t0 else None
 
 
-def total_steps(rows: list[dict], config: dict) -> int | None:
-    """The run's step count: as the run logged it, else train.max_steps, else epochs x the steps one
-    epoch took (known once an epoch is done)."""
+def total_steps(rows: list[dict], config: dict, stated: int | None = None) -> int | None:
+    """The run's step count: as metrics.jsonl or the log (`stated`) gives it, else train.max_steps, else
+    epochs x the steps one epoch took (known once an epoch is done)."""
     for row in reversed(rows):
         if _finite(row.get("total_steps")) and row["total_steps"] > 0:
             return int(row["total_steps"])
+    if stated:
+        return stated
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     if _finite(train.get("max_steps")) and train["max_steps"] > 0:
         return int(train["max_steps"])
@@ -146,18 +148,33 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
-def log_tail(path: Path, root: Path, lines: int = 60, limit: int = 32 << 10) -> str:
-    """The last lines of a log under `root` (a link that leads out is not followed), progress-bar redraws
-    (carriage returns) and terminal colours taken out."""
+def _read(path: Path, root: Path, limit: int, end: bool) -> str:
+    """Up to `limit` bytes from the start or the end of a file under `root`; a link that leads out of it is
+    not followed, and a missing file reads as ""."""
     try:
         resolved = path.resolve()
         if root.resolve() not in resolved.parents or not resolved.is_file():
             return ""
         with resolved.open("rb") as handle:
             size = handle.seek(0, 2)
-            handle.seek(max(0, size - limit))
-            text = handle.read().decode("utf-8", errors="replace")
+            handle.seek(max(0, size - limit) if end else 0)
+            return handle.read(limit).decode("utf-8", errors="replace")
     except OSError:
         return ""
+
+
+def log_tail(path: Path, root: Path, lines: int = 60, limit: int = 32 << 10) -> str:
+    """The last lines of a log under `root`, progress-bar redraws (carriage returns) and terminal colours
+    taken out."""
+    text = _read(path, root, limit, end=True)
     shown = [ANSI.sub("", line.rstrip("\r").rsplit("\r", 1)[-1]) for line in text.rstrip("\n").split("\n")]
-    return "\n".join(shown[-lines:])
+    return "\n".join(shown[-lines:]) if text else ""
+
+
+LOGGED_TOTAL = re.compile(r"optimizer steps: (?:[\d,]+ per epoch, )?([\d,]+) in all")
+
+
+def logged_total(path: Path, root: Path) -> int | None:
+    """The step count a training run states before step 1 (`optimizer steps: ... N in all`)."""
+    match = LOGGED_TOTAL.search(_read(path, root, 64 << 10, end=False))
+    return int(match.group(1).replace(",", "")) if match else None
