@@ -224,3 +224,86 @@ def test_access_log_has_one_line_per_request(served, caplog):
         assert '"POST /v1/chat/completions" 200' in line and "testclient:" in line
         assert f"tokens {prompt_tokens} in {out_tokens} out" in line and line.endswith("s")
     assert '"POST /v1/chat/completions" 400 tokens - in - out' in lines[2]
+
+
+TOOL_RECORD = {
+    "tools": [WEATHER],
+    "messages": [{"role": "system", "content": "You help with the weather."}, *ASK,
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "call_1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"days\": 2}"}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "{\"sky\": \"sunny\", \"high\": 21}"},
+                 {"role": "assistant", "content": "Sunny, with a high of 21."}]}
+
+
+def _trainer_prompts(tokenizer, data_cfg) -> list[list[int]]:
+    """What the SFT trainer rendered (its own row normalisation and tokenizer function): the ids before each
+    reply that carries loss, i.e. the prompt the model learnt to answer at each assistant turn."""
+    from lmforge.data.build import _sft_tokens
+    from lmforge.data.errors import ErrorLog
+    from lmforge.data.formats import RowFormat, to_example
+
+    example = to_example(json.loads(json.dumps(TOOL_RECORD)), RowFormat())
+    batch = {key: [example[key]] for key in ("messages", "chat", "tools")}
+    encoded = _sft_tokens({**batch, "source": ["tools.jsonl:1"]}, tokenizer, data_cfg, ErrorLog())
+    ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+    starts = [i for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100)]
+    assert len(starts) == 2  # the call and the answer carry loss, nothing else
+    return [ids[:start] for start in starts]
+
+
+def test_train_export_serve_chat_render_the_same_tokens(base, tmp_path, monkeypatch):
+    """Issue 22's parity: for a tool conversation, the tokens the SFT trainer rendered before each reply equal
+    what `serve` renders for the same messages (sent through the openai client), what `chat` renders after
+    reading the model's call back into its history, and what the exported GGUF's embedded template renders."""
+    import gguf
+
+    import lmforge.inference.chat as chat
+    from lmforge.cli import main
+    from lmforge.config.load import load_config
+    from lmforge.stages import STAGE_RUNNERS
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps(TOOL_RECORD) + "\n", encoding="utf-8")
+    trained = tmp_path / "sft"
+    cfg = load_config(None, [f"model.name_or_path={base}", "model.finetuning=lora", "lora.r=4", f"data.train={data}",
+                             "data.eval_split=0", "data.max_length=1024", "train.max_steps=2", "train.batch_size=1",
+                             f"train.output_dir={trained}", "log.progress=false", "log.report_to=[]"], stage="sft")
+    STAGE_RUNNERS["sft"](cfg)
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    expected = _trainer_prompts(tokenizer, cfg.data)
+    call_turn, tool_turn = TOOL_RECORD["messages"][:2], TOOL_RECORD["messages"][:4]
+
+    batcher = ScriptedBatcher()  # serve: the request path up to the engine
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0,
+                           http_client=TestClient(create_app(None, tokenizer, "tiny", batcher)))
+    for messages in (call_turn, tool_turn):
+        client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER])
+    assert [r.prompt_ids for r in batcher.requests] == expected
+
+    seen, replies = [], iter(['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n'
+                              '</tool_call>', "Sunny, with a high of 21."])
+
+    class Engine:  # chat: its own history, its own rendering and tokenizing, a scripted model
+        def stream(self, request):
+            seen.append(request.prompt_ids)
+            return [SimpleNamespace(text=next(replies))]
+
+    monkeypatch.setattr(chat, "chat_engine", lambda model, tok: Engine())
+    typed = iter(["/system You help with the weather.", ASK[0]["content"], "/tool " + TOOL_RECORD["messages"][3]["content"],
+                  "/exit"])
+    chat.chat_loop(None, tokenizer, read=lambda _: next(typed), write=lambda _: None, tools=[WEATHER])
+    assert seen == expected
+
+    out = tmp_path / "exported"
+    assert main(["export", str(trained), "--out", str(out), "--gguf"]) == 0
+    field = gguf.GGUFReader(out / "model-f32.gguf").fields["tokenizer.chat_template"]
+    embedded = AutoTokenizer.from_pretrained(out)
+    embedded.chat_template = bytes(field.parts[field.data[0]]).decode()
+    trained_form = [*call_turn[:2], {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+        {"role": "tool", "content": TOOL_RECORD["messages"][3]["content"]}]
+    rendered = [embedded.apply_chat_template(m, tools=[WEATHER], add_generation_prompt=True, tokenize=False)
+                for m in (trained_form[:2], trained_form)]
+    assert [embedded(text, add_special_tokens=False)["input_ids"] for text in rendered] == expected
+    assert "<tool_call>" in rendered[1] and "<tool_response>" in rendered[1]  # the call and result are in it
