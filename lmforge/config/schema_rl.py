@@ -132,6 +132,9 @@ class RLConfig:
     Qwen2/3 and Mistral: pre-allocated KV cache, on a GPU a CUDA-graph-captured decoding step), hf (the
     engine's transformers fallback, any causal LM), auto (own where it runs the model exactly, else hf).
     lmforge is the old name of own."""
+    rollout_rows: int = 0
+    """The most samples the rollout engine decodes at once (its KV cache rows); 0: prompts_per_step ×
+    num_generations, within half the GPU memory free at the first rollout. More samples queue for rows."""
 
     def __post_init__(self) -> None:
         check_group(self, "rl")
@@ -142,6 +145,8 @@ class RLConfig:
         if self.reference == "none" and (self.kl_coef or self.kl_target):
             raise ConfigError("rl.reference=none leaves no KL to penalise: set rl.kl_coef=0 and rl.kl_target=0")
         check_choice("rl", "backend", self.backend, ("auto", "own", "hf", "lmforge"))
+        if isinstance(self.rollout_rows, bool) or not isinstance(self.rollout_rows, int) or self.rollout_rows < 0:
+            raise ConfigError(f"rl.rollout_rows={self.rollout_rows!r}: must be an integer >= 0 (0: as many as fit)")
         check_choice("rl", "loss_type", self.loss_type, LOSS_TYPES)
         check_choice("rl", "importance_sampling", self.importance_sampling, IMPORTANCE_LEVELS)
         check_choice("rl", "scale_rewards", self.scale_rewards, ("auto", *REWARD_SCALES))
