@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.config.errors import ConfigError
 from lmforge.data.templates import end_of_turn_ids
 from lmforge.generation import Engine, Request, Sampling
 from lmforge.rollout.generate import fitted, model_positions, run_all, to_generation
@@ -66,18 +67,41 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+KV_MEMORY_SHARE = 0.5
+"""Of the GPU memory free when the engine is built (the first rollout, before the optimizer has allocated its
+states), the share its KV cache may take: the rest is for the training step that follows."""
+
+
+def kv_bytes_per_row(model, max_len: int) -> int:
+    """Bytes of one cache row: keys and values of every layer for `max_len` positions, in the weights' dtype."""
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", heads)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    element = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * max_len * element
+
+
 class RolloutEngine:
     """A run's generation engine for rollouts and held-out replies, built once and reused."""
 
     def __init__(self, policy, tokenizer, rows: int, longest_prompt: int, max_new_tokens: int,
-                 backend: str = "auto"):
+                 backend: str = "auto", compile: bool | None = None, max_rows: int = 0,
+                 memory_budget: int | None = None):
         """`rows`: the most samples one rollout decodes at once (prompts per step × generations); more are
         queued and join as rows free up. The cache holds `longest_prompt + max_new_tokens` positions, within
-        the model's own; a longer prompt is cut from the left (see `rollout.generate.fitted`)."""
+        the model's own; a longer prompt is cut from the left (see `rollout.generate.fitted`). The rows are
+        capped by `max_rows` (0: no cap) and by what `memory_budget` bytes of cache hold (None: on a GPU,
+        `KV_MEMORY_SHARE` of its free memory when the engine is built; no bound on the CPU), so a large
+        model's rollout of many samples queues them instead of running out of memory. `compile` is the
+        engine's (None: on a GPU)."""
         positions = model_positions(policy)
         needed = longest_prompt + max_new_tokens
         self.policy, self.tokenizer = policy, tokenizer
         self.rows, self.max_len = max(1, rows), min(needed, positions) if positions else needed
+        self.max_rows, self.memory_budget, self.compile = max_rows, memory_budget, compile
         self.backend = "own" if backend == "lmforge" else backend  # the old name of the own decoder
         self.stop_ids = end_of_turn_ids(tokenizer)
         self.engine: Engine | None = None
@@ -85,9 +109,20 @@ class RolloutEngine:
     def get(self) -> Engine:
         """The engine, built on first use (call it with the parameters gathered, if they are sharded)."""
         if self.engine is None:
-            self.engine = Engine(self.policy, slots=self.rows, max_len=self.max_len, eos_ids=self.stop_ids,
-                                 backend=self.backend)
+            self.engine = Engine(self.policy, slots=self.cache_rows(), max_len=self.max_len, eos_ids=self.stop_ids,
+                                 backend=self.backend, compile=self.compile)
         return self.engine
+
+    def cache_rows(self) -> int:
+        """The engine's rows: the rollout's, within `max_rows` and the memory budget (at least one)."""
+        rows = min(self.rows, self.max_rows) if self.max_rows > 0 else self.rows
+        budget = self.memory_budget
+        device = next(self.policy.parameters()).device
+        if budget is None and device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * KV_MEMORY_SHARE)
+        if budget is not None:
+            rows = min(rows, budget // kv_bytes_per_row(self.policy, self.max_len))
+        return max(1, rows)
 
     def sample(self, prompt_ids: list[list[int]], sampling: Sampling, max_new_tokens: int, n: int = 1,
                logprobs: bool = False) -> Samples:
@@ -95,6 +130,10 @@ class RolloutEngine:
         in `sampling`, each prompt's seed is drawn from torch's generator, so a seeded (or resumed) run
         draws the same rollouts."""
         engine = self.get()
+        if n > engine.slots:
+            raise ConfigError(f"rl.num_generations={n} needs {n} cache rows at once, but the rollout engine holds "
+                              f"{engine.slots} of {engine.max_len} positions (rl.rollout_rows, or the GPU memory "
+                              "left): lower rl.num_generations, rl.max_new_tokens or the prompt length")
         requests = []
         for prompt, limit in fitted(prompt_ids, max_new_tokens, engine.max_len):
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
