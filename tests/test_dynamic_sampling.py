@@ -4,13 +4,14 @@ online loop (the generation engine replaced by a scripted one, so every group's 
 from __future__ import annotations
 
 import json
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lmforge.config.schema import RewardSpec, RLConfig
-from lmforge.rollout.groups import collect_rollout, merge_samples, pick_groups, take_rows
+from lmforge.rollout.groups import collect_rollout, merge_samples, pick_groups, score_rollout, take_rows
 from lmforge.rollout.rewards import RewardSet
 from lmforge.rollout.rollouts import Samples, left_pad
 
@@ -87,7 +88,8 @@ def _collect(script, rl: RLConfig, prompts: int):
         return rows, [[10 + start + i] for i in range(prompts)]
 
     accelerator = SimpleNamespace(num_processes=1)
-    return rollouts, collect_rollout(accelerator, rollouts, None, rewards, rl, draw, logprobs=False)
+    score = partial(score_rollout, rollouts, None, rewards, rl)
+    return rollouts, collect_rollout(accelerator, score, draw, rl, pad_id=0, logprobs=False)
 
 
 def test_dynamic_sampling_draws_until_enough_groups_differ():

@@ -211,3 +211,99 @@ def test_a_reset_that_differs_within_a_group_is_refused(policy):
 
     with pytest.raises(ConfigError, match="Moody.reset gave different messages for the same record"):
         play(_engine(model, tok), tok, Moody, [{"prompt": []}], Sampling(), Limits(8, 2, 50), n=2)
+
+
+# ---------------------------------------------------------------- through the online loop
+
+ENVS = textwrap.dedent("""
+    import re
+
+    from lmforge.rollout.environments import ToolEnvironment
+
+    CALLS = "".join('<tool_call>{"name": "%s", "arguments": {%s}}</tool_call>' % c
+                    for c in [("boom", '"x": 1'), ("hang", ""), ("flood", ""), ("add", '"a": 1, "b": 2')])
+
+
+    class BadTools(ToolEnvironment):
+        '''Whatever the model says, its first turn calls a raising, a hanging, a flooding and a good tool.'''
+
+        def __init__(self, **kwargs):
+            super().__init__([f"{TOOLS}:{name}" for name in ("add", "boom", "hang", "flood")], **kwargs)
+            self.schemas = None  # the tiny model's positions cannot hold the schemas' system turn
+
+        def step(self, reply):
+            if not self.outcomes:
+                return super().step(CALLS)
+            return [], float(len(reply) % 2), True
+
+
+    class Digits:
+        '''Two turns; each pays 1 when the reply starts with a digit.'''
+
+        def reset(self, record):
+            self.turn = 0
+            return list(record["prompt"])
+
+        def step(self, reply):
+            self.turn += 1
+            reward = float(bool(re.match(r"\\s*\\d", reply)))
+            return ([{"role": "user", "content": "And again?"}] if self.turn < 2 else []), reward, self.turn >= 2
+""")
+
+
+def _rl_run(base, world_dir, out, *extra):
+    import json
+
+    from lmforge.config.load import load_config
+    from lmforge.stages import STAGE_RUNNERS
+
+    cfg = load_config(None, [
+        f"model.name_or_path={base}", f"data.train={world_dir}/rl/arith_train.jsonl",
+        f"data.eval={world_dir}/rl/arith_eval.jsonl", "data.max_length=96", "rl.max_new_tokens=8",
+        "rl.kl_coef=0.0", "rl.ppo_epochs=1", "train.batch_size=16", "train.logging_steps=1",
+        f"train.output_dir={out}", "log.progress=false", "log.report_to=[]", *extra], stage="grpo")
+    metrics = STAGE_RUNNERS["grpo"](cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics, [r for r in rows if "iteration" in r]
+
+
+def test_a_run_whose_tools_raise_hang_and_flood_finishes_with_those_calls_counted(base, world_dir, tools_file,
+                                                                                    tmp_path):
+    envs = tmp_path / "envs.py"
+    envs.write_text(f"TOOLS = {str(tools_file)!r}\n" + ENVS)
+    metrics, rows = _rl_run(base, world_dir, tmp_path / "run", f"rl.environment={envs}:BadTools",
+                            "rl.prompts_per_step=2", "rl.num_generations=2", "rl.eval_prompts=2", "rl.max_turns=3",
+                            "rl.max_total_tokens=400", "rl.tool_timeout=1.0", "rl.tool_output_chars=100",
+                            "train.max_steps=2", "train.lr=1e-3")
+    for row in rows:  # 4 trajectories; those whose first turn ended (stopped) made the 4 calls
+        calls = {k: row[f"tool_calls/{k}"] for k in ("ok", "error", "timeout")}
+        assert calls["error"] == calls["timeout"] == calls["ok"] / 2 and calls["ok"] % 2 == 0
+        assert row["reward/environment"] == row["env_reward"] and 1.0 <= row["turns"] <= 3.0
+    assert sum(row["tool_calls/timeout"] for row in rows) >= 1  # the hang was really exercised
+    assert "eval_reward" in metrics and "eval_tool_calls/timeout" in metrics
+
+
+def test_grpo_learns_over_two_turns_where_only_model_tokens_train(base, world_dir, tmp_path):
+    envs = tmp_path / "envs.py"
+    envs.write_text("TOOLS = ''\n" + ENVS)
+    metrics, rows = _rl_run(base, world_dir, tmp_path / "run", f"rl.environment={envs}:Digits",
+                            "rl.prompts_per_step=8", "rl.num_generations=8", "rl.eval_prompts=16", "rl.max_turns=2",
+                            "rl.max_total_tokens=64", "train.max_steps=16", "train.lr=3e-3")
+    first, last = (sum(r["reward"] for r in part) / 4 for part in (rows[:4], rows[-4:]))
+    assert last > first + 0.2, (first, last)  # both turns' replies start with a digit more often
+    assert metrics["eval_reward"] > metrics["initial_eval_reward"] + 0.3
+    assert all(r["reply_tokens"] == pytest.approx(64 * r["length"]) for r in rows)  # model tokens only
+
+
+def test_ppo_refuses_an_environment_and_tools_need_functions():
+    from lmforge.config.load import load_config
+
+    base = ["model.scratch=test", "rl.num_generations=2"]
+    with pytest.raises(ConfigError, match="rl.environment apply to grpo and rloo, not ppo"):
+        load_config(None, [*base, "rl.environment=x:Y"], stage="ppo")
+    with pytest.raises(ConfigError, match="rl.environment=tools needs rl.tools"):
+        load_config(None, [*base, "rl.environment=tools"], stage="grpo")
+    with pytest.raises(ConfigError, match="a reward of kind environment needs rl.environment"):
+        load_config(None, [*base, "rl.rewards=[{kind: environment}]"], stage="grpo")
+    cfg = load_config(None, [*base, "rl.environment=x:Y"], stage="grpo")
+    assert [s.kind for s in cfg.rl.reward_specs()] == ["environment"]  # the environment is the reward

@@ -110,7 +110,9 @@ RANGES: dict[str, dict[str, Bound]] = {
         "reward_clip": NON_NEGATIVE, "missing_eos_penalty": NON_NEGATIVE, "target_approx_kl": NON_NEGATIVE,
         "eval_prompts": count(0), "clip_range_low": number(0, 1, low_open=True), "clip_range_high": POSITIVE,
         "entropy_coef": NON_NEGATIVE, "overlong_buffer": count(0), "overlong_penalty": NON_NEGATIVE,
-        "max_sampling_rounds": count(1),
+        "max_sampling_rounds": count(1), "max_turns": count(1), "max_total_tokens": count(1),
+        "tool_timeout": POSITIVE, "tool_memory_mb": count(64), "tool_output_chars": count(1),
+        "tool_call_reward": number(),
     },
     "DistillConfig": {
         "lambda_on_policy": RATIO, "beta": RATIO, "temperature": POSITIVE, "prompts_per_step": count(1),

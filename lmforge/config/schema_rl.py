@@ -13,7 +13,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
 REWARD_SCALES = ("group", "batch", "none")
 
-REWARD_KINDS = ("model", "exact_match", "answer_match", "think_format", "regex", "length", "function")
+REWARD_KINDS = ("model", "exact_match", "answer_match", "think_format", "regex", "length", "function", "environment")
 
 
 @dataclass
@@ -22,7 +22,8 @@ class RewardSpec:
     """model (a reward-model artifact), exact_match (the reply equals the reference), answer_match (the
     reply states the reference answer), think_format (1 for a <think> block, then an answer), regex (the
     reply matches `pattern`), length (a penalty past `target_length` tokens), function (`module:function`
-    or `file.py:function`)."""
+    or `file.py:function`), environment (the sum of rl.environment's per-turn rewards; implied when
+    rl.environment is set and no other reward is)."""
     weight: float = 1.0
     path: str = ""
     """kind=model: the reward-model folder (an RM artifact)."""
@@ -127,6 +128,24 @@ class RLConfig:
     reference and no KL: saves a model copy, needs kl_coef 0 and no kl_target)."""
     eval_prompts: int = 64
     """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
+    environment: str = ""
+    """GRPO/RLOO: a multi-turn environment, `package.module:Class`, `path/to/file.py:Class` or the built-in
+    `tools`: the model and the environment take turns (reset(record) -> messages; step(reply) -> (messages,
+    reward, done)); only the model's tokens carry loss. Empty: single-turn rollouts."""
+    tools: list[str] = field(default_factory=list)
+    """rl.environment=tools: the functions the model may call, `module:function` or `file.py:function`."""
+    max_turns: int = 4
+    """rl.environment: the most model turns of one trajectory."""
+    max_total_tokens: int = 256
+    """rl.environment: the most tokens after the prompt (model and environment turns together)."""
+    tool_timeout: float = 5.0
+    """rl.environment=tools: seconds one tool call may run (its process is killed past it)."""
+    tool_memory_mb: int = 512
+    """rl.environment=tools: address-space limit of a tool call's process."""
+    tool_output_chars: int = 2000
+    """rl.environment=tools: characters of a tool's printed output and of its result the model reads."""
+    tool_call_reward: float = 0.0
+    """rl.environment=tools: reward of every tool call that ran without an error (per-turn shaping)."""
     backend: str = "auto"
     """Generation engine backend for rollouts and held-out answers: own (lmforge's decoder for Llama,
     Qwen2/3 and Mistral: pre-allocated KV cache, on a GPU a CUDA-graph-captured decoding step), hf (the
@@ -150,6 +169,11 @@ class RLConfig:
         check_choice("rl", "loss_type", self.loss_type, LOSS_TYPES)
         check_choice("rl", "importance_sampling", self.importance_sampling, IMPORTANCE_LEVELS)
         check_choice("rl", "scale_rewards", self.scale_rewards, ("auto", *REWARD_SCALES))
+        kinds = [spec.kind for spec in self.rewards]
+        if "environment" in kinds and not self.environment:
+            raise ConfigError("a reward of kind environment needs rl.environment")
+        if self.environment == "tools" and not self.tools:
+            raise ConfigError("rl.environment=tools needs rl.tools: a list of module:function or file.py:function")
         if self.overlong_buffer > self.max_new_tokens:
             raise ConfigError(f"rl.overlong_buffer={self.overlong_buffer} is longer than rl.max_new_tokens="
                               f"{self.max_new_tokens}: the penalty ramps over the last tokens before the limit")
@@ -169,9 +193,12 @@ class RLConfig:
         """The GRPO/RLOO-only settings changed from their defaults (PPO refuses them)."""
         defaults = RLConfig()
         names = ("loss_type", "importance_sampling", "scale_rewards", "clip_range_low", "clip_range_high",
-                 "entropy_coef", "mask_truncated", "overlong_buffer", "dynamic_sampling")
+                 "entropy_coef", "mask_truncated", "overlong_buffer", "dynamic_sampling", "environment")
         return [f"rl.{n}" for n in names if getattr(self, n) != getattr(defaults, n)]
 
     def reward_specs(self) -> list[RewardSpec]:
         extra = [RewardSpec(kind="model", path=self.reward_model)] if self.reward_model else []
-        return extra + list(self.rewards)
+        specs = extra + list(self.rewards)
+        if self.environment and not specs:
+            return [RewardSpec(kind="environment")]
+        return specs

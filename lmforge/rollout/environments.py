@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import re
@@ -76,6 +77,8 @@ class ToolEnvironment:
         if len(self.tools) != len(tools):
             raise ConfigError(f"rl.tools: two tools share a function name ({', '.join(tools)})")
         self.limits, self.call_reward = limits or ToolLimits(), call_reward
+        self.schemas = [tool_schema(target) for target in tools]
+        """What the chat template's `tools=` argument renders, so the model knows what it may call."""
         self.record: dict = {}
         self.outcomes: list[ToolOutcome] = []
 
@@ -104,6 +107,40 @@ class ToolEnvironment:
         return messages, reward, False
 
 
+def tool_schema(target: str) -> dict:
+    """An OpenAI function schema for a tool: its name, its docstring's first line, and its parameters from the
+    signature (annotated int/float/bool/str mapped to JSON types, others left open). Reading a signature
+    imports the tool's module here; calling it happens only in the sandbox."""
+    name = target.rpartition(":")[2]
+    try:
+        fn = _import(target)
+        signature = inspect.signature(fn)
+        doc = (inspect.getdoc(fn) or "").strip().splitlines()
+    except Exception as exc:  # a module that cannot be imported here: the sandbox reports it per call
+        raise ConfigError(f"rl.tools: cannot load {target!r} ({type(exc).__name__}: {exc})") from exc
+    types = {int: "integer", float: "number", bool: "boolean", str: "string", "int": "integer",
+             "float": "number", "bool": "boolean", "str": "string"}
+    properties = {p.name: ({"type": types[p.annotation]} if p.annotation in types else {})
+                  for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    required = [p.name for p in signature.parameters.values() if p.default is p.empty and p.name in properties]
+    return {"type": "function", "function": {"name": name, "description": doc[0] if doc else name,
+                                             "parameters": {"type": "object", "properties": properties,
+                                                            "required": required}}}
+
+
+def _import(target: str):
+    module_name, _, name = target.rpartition(":")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        loaded = importlib.util.spec_from_file_location(f"lmforge_env_{path.stem}", path)
+        module = importlib.util.module_from_spec(loaded)
+        sys.modules[loaded.name] = module
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    return getattr(module, name)
+
+
 BUILT_IN = {"tools": ToolEnvironment}
 
 
@@ -114,21 +151,14 @@ def load_environment(spec: str, args: dict | None = None, tools: list[str] | Non
     if spec == "tools":
         if not tools:
             raise ConfigError("rl.environment=tools needs rl.tools: a list of module:function or file.py:function")
+        ToolEnvironment(tools, limits, **args)  # the tools' schemas read once now: a bad target fails here
         return lambda: ToolEnvironment(tools, limits, **args)
     module_name, _, name = spec.rpartition(":")
     if not module_name or not name:
         raise ConfigError(f"rl.environment={spec!r}: give package.module:Class, path/to/file.py:Class or a "
                           f"built-in ({', '.join(BUILT_IN)})")
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            loaded = importlib.util.spec_from_file_location(f"lmforge_env_{path.stem}", path)
-            module = importlib.util.module_from_spec(loaded)
-            sys.modules[loaded.name] = module
-            loaded.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        cls = getattr(module, name)
+        cls = _import(spec)
     except Exception as exc:  # whatever the user's module raises while importing, reported as config
         raise ConfigError(f"rl.environment: cannot load {spec!r} ({type(exc).__name__}: {exc})") from exc
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]

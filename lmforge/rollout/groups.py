@@ -26,44 +26,57 @@ def _right(t: torch.Tensor, width: int, fill) -> torch.Tensor:
     return torch.cat([t, t.new_full((t.shape[0], width - t.shape[1]), fill)], 1)
 
 
+PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
+"""[N, P] left-padded; every other [N, R] tensor field (replies, masks, log-probs) is right-padded."""
+
+
 def merge_samples(parts: list[Samples], pad_id: int) -> Samples:
-    """The rollouts of several rounds as one, in order; seconds add up. Log-probs are kept only when every
-    round has them."""
+    """The rollouts of several rounds as one, in order, whatever `Samples` subclass they are (multi-turn
+    trajectories carry more per-row fields); seconds add up. A tensor field is kept only when every round
+    has it (the engine's log-probs)."""
     if len(parts) == 1:
         return parts[0]
-    p = max(s.prompt_ids.shape[1] for s in parts)
-    r = max(s.response_ids.shape[1] for s in parts)
-    logps = None
-    if all(s.logps is not None for s in parts):
-        logps = torch.cat([_right(s.logps, r, 0.0) for s in parts])
-    return Samples(
-        prompt_ids=torch.cat([_left(s.prompt_ids, p, pad_id) for s in parts]),
-        prompt_mask=torch.cat([_left(s.prompt_mask, p, 0) for s in parts]),
-        response_ids=torch.cat([_right(s.response_ids, r, pad_id) for s in parts]),
-        response_mask=torch.cat([_right(s.response_mask, r, 0.0) for s in parts]),
-        texts=[t for s in parts for t in s.texts],
-        stopped=torch.cat([s.stopped for s in parts]),
-        seconds=sum(s.seconds for s in parts),
-        logps=logps,
-    )
+    merged = {}
+    for f in dataclasses.fields(parts[0]):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "seconds":
+            merged[f.name] = sum(values)
+        elif any(v is None for v in values):
+            merged[f.name] = None
+        elif isinstance(values[0], list):
+            merged[f.name] = [x for v in values for x in v]
+        elif values[0].dim() == 1:
+            merged[f.name] = torch.cat(values)
+        else:
+            width = max(v.shape[1] for v in values)
+            fill = pad_id if f.name in ("prompt_ids", "response_ids") else 0
+            pad = _left if f.name in PROMPT_FIELDS else _right
+            merged[f.name] = torch.cat([pad(v, width, fill) for v in values])
+    return type(parts[0])(**merged)
 
 
 def take_rows(samples: Samples, rows: torch.Tensor) -> Samples:
     """The samples at `rows`, in that order, with the prompt columns (left) and reply columns (right) that
     none of them uses cut off."""
     picked = rows.tolist()
-    prompt_mask = samples.prompt_mask[rows]
-    response_mask = samples.response_mask[rows]
-    used = prompt_mask.any(0).nonzero()
-    first = int(used[0]) if len(used) else prompt_mask.shape[1]
-    width = max(1, int(response_mask.sum(-1).max())) if len(picked) else 1
-    return dataclasses.replace(
-        samples,
-        prompt_ids=samples.prompt_ids[rows][:, first:], prompt_mask=prompt_mask[:, first:],
-        response_ids=samples.response_ids[rows][:, :width], response_mask=response_mask[:, :width],
-        texts=[samples.texts[i] for i in picked], stopped=samples.stopped[rows],
-        logps=None if samples.logps is None else samples.logps[rows][:, :width],
-    )
+    used = samples.prompt_mask[rows].any(0).nonzero()
+    first = int(used[0]) if len(used) else samples.prompt_mask.shape[1]
+    real = getattr(samples, "reply_attention", None)  # multi-turn: environment tokens are real too
+    real = (samples.response_mask if real is None else real)[rows]
+    columns = real.any(0).nonzero()
+    width = int(columns[-1]) + 1 if len(columns) else 1
+    taken = {}
+    for f in dataclasses.fields(samples):
+        value = getattr(samples, f.name)
+        if value is None or f.name == "seconds":
+            continue
+        if isinstance(value, list):
+            taken[f.name] = [value[i] for i in picked]
+        elif value.dim() == 1:
+            taken[f.name] = value[rows]
+        else:
+            taken[f.name] = value[rows][:, first:] if f.name in PROMPT_FIELDS else value[rows][:, :width]
+    return dataclasses.replace(samples, **taken)
 
 
 def pick_groups(signal: torch.Tensor, wanted: int) -> torch.Tensor:
@@ -131,25 +144,26 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).max())
 
 
-def collect_rollout(accelerator, rollouts: RolloutEngine, sampling: Sampling, rewards: RewardSet, rl: RLConfig,
-                    draw: Callable[[], tuple[list[dict], list[list[int]]]],
+def collect_rollout(accelerator, score: Callable[[list[dict], list[list[int]], bool], Scored],
+                    draw: Callable[[], tuple[list[dict], list[list[int]]]], rl: RLConfig, pad_id: int,
                     logprobs: bool) -> tuple[Scored, Scored, dict]:
-    """(everything sampled, what is trained on, metrics). Without rl.dynamic_sampling both are the one
+    """(everything sampled, what is trained on, metrics); `score(rows, prompt_ids, logprobs)` samples and scores
+    one round (`score_rollout`, or multi-turn `score_play`). Without rl.dynamic_sampling both are the one
     rollout of the next prompts. With it (DAPO), groups whose replies all scored the same are dropped and
     more prompts are drawn until as many groups as the first round had carry signal, for at most
     rl.max_sampling_rounds rounds; the kept groups are then cut to that number (topped up with dropped
     groups when too few differ, see `pick_groups`)."""
-    parts = [score_rollout(rollouts, sampling, rewards, rl, *draw(), logprobs)]
+    parts = [score(*draw(), logprobs)]
     if not rl.dynamic_sampling:
         return parts[0], parts[0], {}
     wanted = len(parts[0].rows) // rl.num_generations
     while True:
-        sampled = merge_scored(parts, rollouts.tokenizer.pad_token_id)
+        sampled = merge_scored(parts, pad_id)
         signal = groups_with_signal(signal_scores(sampled, rl), rl.num_generations).cpu()
         short = wanted - int(signal.sum())
         if len(parts) >= rl.max_sampling_rounds or not any_process(accelerator, short > 0):
             break
-        parts.append(score_rollout(rollouts, sampling, rewards, rl, *draw(), logprobs))
+        parts.append(score(*draw(), logprobs))
     keep = torch.zeros_like(signal)
     keep[pick_groups(signal, wanted)] = True
     kept = take_scored(sampled, rows_of_groups(keep, rl.num_generations))

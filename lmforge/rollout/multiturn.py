@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +28,10 @@ from lmforge.data.templates import _render, _reply_end, end_of_turn_markers, pre
 from lmforge.generation import Engine, Request, Sampling
 from lmforge.rollout.environments import checked_messages, checked_step
 from lmforge.rollout.generate import to_generation
+from lmforge.rollout.groups import Scored
+from lmforge.rollout.rewards import decode_rows
 from lmforge.rollout.rollouts import Samples, left_pad
+from lmforge.rollout.tools_sandbox import OUTCOMES
 
 SENTINEL = "lmforge_reply_sentinel"
 
@@ -42,6 +46,10 @@ class Trajectories(Samples):
     """Per trajectory, the reward of each environment step."""
     transcripts: list[list[dict]] = field(default_factory=list)
     """Per trajectory, the conversation after the prompt (model replies as text, environment messages)."""
+    turns: list[int] = field(default_factory=list)
+    """Per trajectory, the model's turns."""
+    outcomes: list[dict | None] = field(default_factory=list)
+    """Per trajectory, how its tool calls ended ({kind: count}; None for an environment without tools)."""
 
     def model_inputs(self) -> dict:
         attention_mask = torch.cat([self.prompt_mask, self.reply_attention.long()], 1)
@@ -50,15 +58,15 @@ class Trajectories(Samples):
                 "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
 
 
-def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict]) -> list[int]:
+def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict], tools: list | None = None) -> list[int]:
     """Token ids that follow a model reply's end-of-turn token when `new_messages` answer it and the model
     speaks next: rendered by the template (the text after the reply's end marker, the messages, the
     generation prompt), never including the reply itself. `history` is the conversation up to and
     without that reply (for templates whose rendering depends on earlier roles)."""
-    probe = prepare_messages(tokenizer, [*history, {"role": "assistant", "content": SENTINEL}], None)
-    after_messages = prepare_messages(tokenizer, new_messages, None)
-    before = _render(tokenizer, probe, False, None)
-    after = _render(tokenizer, probe + after_messages, True, None)
+    probe = prepare_messages(tokenizer, [*history, {"role": "assistant", "content": SENTINEL}], tools)
+    after_messages = prepare_messages(tokenizer, new_messages, tools)
+    before = _render(tokenizer, probe, False, tools)
+    after = _render(tokenizer, probe + after_messages, True, tools)
     if not after.startswith(before) or SENTINEL not in before:
         raise ConfigError("rl.environment: the chat template does not render the conversation as a growing "
                           "prefix, so environment turns cannot be appended as tokens; choose another template "
@@ -80,6 +88,8 @@ class _Play:
     transcript: list[dict] = field(default_factory=list)
     turns: int = 0
     stopped: bool = True
+    room: int = 0
+    """Tokens the trajectory may hold after its prompt: max_total_tokens within the engine's positions."""
 
 
 @dataclass(frozen=True)
@@ -102,11 +112,16 @@ def play(engine: Engine, tokenizer, make_env: Callable, records: list[dict], sam
         if any(f != firsts[0] for f in firsts):
             raise ConfigError(f"rl.environment: {type(group[0].env).__name__}.reset gave different messages for "
                               "the same record; a group's samples must share their prompt")
-        for p in group:
-            p.history = list(firsts[0])
-        prompt = tokenizer(_render(tokenizer, prepare_messages(tokenizer, firsts[0], None), True, None),
+        tools = getattr(group[0].env, "schemas", None) or None  # the template's tools= argument
+        prompt = tokenizer(_render(tokenizer, prepare_messages(tokenizer, firsts[0], tools), True, tools),
                            add_special_tokens=False)["input_ids"]
-        limit = min(limits.max_new_tokens, limits.max_total_tokens)
+        room = min(limits.max_total_tokens, engine.max_len - len(prompt))
+        if room < 1:
+            raise ConfigError(f"rl.environment: a first turn of {len(prompt)} tokens leaves no room for a reply "
+                              f"within the engine's {engine.max_len} positions; shorten the prompts")
+        for p in group:
+            p.history, p.room = list(firsts[0]), room
+        limit = min(limits.max_new_tokens, room)
         handle = engine.submit(Request(prompt, dataclasses.replace(sampling, seed=_seed(sampling)), limit, n=n,
                                        logprobs=logprobs, tempered_logprobs=logprobs, session=True))
         plays += group
@@ -145,9 +160,9 @@ def _advance(engine: Engine, tokenizer, handle, members: list, limits: Limits) -
         p.transcript += messages
         if done or p.turns >= limits.max_turns:
             continue
-        extra = continuation_ids(tokenizer, p.history, messages)
+        extra = continuation_ids(tokenizer, p.history, messages, getattr(p.env, "schemas", None) or None)
         p.history += [{"role": "assistant", "content": reply.text}, *messages]
-        room = limits.max_total_tokens - len(p.ids) - len(extra)
+        room = p.room - len(p.ids) - len(extra)
         if room < 1:
             continue
         p.ids += extra
@@ -174,4 +189,64 @@ def _layout(tokenizer, prompts: list[list[int]], plays: list[_Play], seconds: fl
     texts = [next((m["content"] for m in reversed(p.transcript) if m["role"] == "assistant"), "") for p in plays]
     return Trajectories(prompt, prompt_mask, ids, mask, texts, torch.tensor([p.stopped for p in plays]), seconds,
                         logps, reply_attention=attention, rewards=[p.rewards for p in plays],
-                        transcripts=[p.transcript for p in plays])
+                        transcripts=[p.transcript for p in plays], turns=[p.turns for p in plays],
+                        outcomes=[_outcomes(p.env) for p in plays])
+
+
+def _outcomes(env) -> dict | None:
+    """{kind: count} of a tool environment's calls; None for an environment without tools."""
+    calls = getattr(env, "outcomes", None)
+    return None if calls is None else dict(Counter(o.kind for o in calls))
+
+
+def play_metrics(out: Trajectories) -> dict:
+    """Per-rollout means: model turns, environment reward; totals: tool calls by how they ended."""
+    metrics = {"turns": sum(out.turns) / len(out.turns),
+               "env_reward": sum(map(sum, out.rewards)) / len(out.rewards)}
+    tools = [o for o in out.outcomes if o is not None]
+    if tools:
+        metrics.update({f"tool_calls/{kind}": sum(o.get(kind, 0) for o in tools) for kind in OUTCOMES})
+    return metrics
+
+
+def tools_overhead(tokenizer, make_env: Callable, messages: list[dict]) -> int:
+    """Tokens the environment's tool schemas add to a first turn (the template prints them in its system
+    turn): what the engine's cache must hold beyond the longest prompt."""
+    tools = getattr(make_env(), "schemas", None)
+    if not tools:
+        return 0
+    plain = _render(tokenizer, prepare_messages(tokenizer, messages, None), True, None)
+    with_tools = _render(tokenizer, prepare_messages(tokenizer, messages, tools), True, tools)
+    return max(0, len(tokenizer(with_tools, add_special_tokens=False)["input_ids"])
+               - len(tokenizer(plain, add_special_tokens=False)["input_ids"]))
+
+
+def score_play(rollouts, make_env: Callable, rewards, rl, sampling: Sampling, rows: list[dict],
+               prompt_ids: list[list[int]], logprobs: bool) -> Scored:
+    """rl.num_generations trajectories per record, scored: the environment's reward (summed over turns, times
+    the `environment` reward's weight) plus any other rewards of rl.rewards on the last reply."""
+    out = play(rollouts.get(), rollouts.tokenizer, make_env, rows, sampling,
+               Limits(rl.max_new_tokens, rl.max_turns, rl.max_total_tokens), n=rl.num_generations, logprobs=logprobs)
+    per_sample = [r for r in rows for _ in range(rl.num_generations)]
+    env = torch.tensor([float(sum(r)) for r in out.rewards])
+    weight = sum(spec.weight for spec in rl.reward_specs() if spec.kind == "environment")
+    raw, components = weight * env, {"environment": env}
+    if rewards is not None:
+        columns = decode_rows(per_sample)
+        columns.update(response_lengths=out.lengths.long().tolist(), stopped=out.stopped.tolist())
+        more, parts = rewards([r["prompt"] for r in per_sample], out.texts, columns)
+        raw, components = raw + more.cpu(), {**components, **parts}
+    return Scored(out, per_sample, raw, components)
+
+
+@torch.no_grad()
+def evaluate_play(rollouts, make_env: Callable, rows: list[dict], rl) -> dict:
+    """Held-out records played greedily: the environment's mean reward, turns, tool-call outcomes, length."""
+    if not rows:
+        return {}
+    out = play(rollouts.get(), rollouts.tokenizer, make_env, rows, Sampling(temperature=0.0),
+               Limits(rl.max_new_tokens, rl.max_turns, rl.max_total_tokens))
+    metrics = play_metrics(out)
+    return {"reward": metrics.pop("env_reward"), **metrics, "length": float(out.lengths.mean()),
+            "stopped_rate": float(out.stopped.float().mean()),
+            "sample": {"prompt": rows[0]["prompt"][-1]["content"], "transcript": out.transcripts[0]}}

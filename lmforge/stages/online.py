@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -28,11 +29,14 @@ from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
 from lmforge.models.reference import Reference
 from lmforge.models.value import PolicyWithValue, critic_values, reply_logits
+from lmforge.rollout.environments import load_environment
 from lmforge.rollout.gather import whole_parameters
 from lmforge.rollout.generate import encode
-from lmforge.rollout.groups import collect_rollout
+from lmforge.rollout.groups import collect_rollout, score_rollout
+from lmforge.rollout.multiturn import Trajectories, evaluate_play, play_metrics, score_play, tools_overhead
 from lmforge.rollout.rewards import RewardSet, decode_rows, exact_match
 from lmforge.rollout.rollouts import RolloutEngine
+from lmforge.rollout.tools_sandbox import ToolLimits
 from lmforge.stages.common import load_for_training, save_artifact, start_run
 from lmforge.stages.critic import load_critic
 
@@ -119,7 +123,11 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     device = trainer.accelerator.device
     if reference is not None:
         reference.to(device)
-    rewards = RewardSet(rl.reward_specs(), device=device)
+    specs = [spec for spec in rl.reward_specs() if spec.kind != "environment"]  # the environment pays that one
+    rewards = RewardSet(specs, device=device) if specs else None
+    make_env = load_environment(rl.environment, tools=rl.tools, limits=tool_limits(rl),
+                                args={"call_reward": rl.tool_call_reward} if rl.environment == "tools" else None) \
+        if rl.environment else None
     sampling = Sampling(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon) if rl.kl_target > 0 \
         else FixedKLController(rl.kl_coef)
@@ -130,12 +138,20 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
         kl_ctl.load_state_dict(state.extra["kl"])
     unwrapped = trainer.accelerator.unwrap_model(trainer.prepared)
     # One engine for the whole run (rollouts and held-out replies): its cache holds a rollout's rows.
-    rollouts = RolloutEngine(unwrapped.policy, tokenizer, rl.prompts_per_step * rl.num_generations,
-                             max(map(len, train_prompts + eval_prompts)), rl.max_new_tokens, rl.backend)
+    # A multi-turn trajectory holds every turn after the prompt in the engine's cache.
+    longest = max(map(len, train_prompts + eval_prompts))
+    if make_env:
+        longest += tools_overhead(tokenizer, make_env, train_rows[0]["prompt"])
+    rollouts = RolloutEngine(unwrapped.policy, tokenizer, rl.prompts_per_step * rl.num_generations, longest,
+                             rl.max_total_tokens if make_env else rl.max_new_tokens, rl.backend)
     exact = engine_logps_are_exact(unwrapped.policy, trainer.accelerator)
+    score = partial(score_play, rollouts, make_env, rewards, rl, sampling) if make_env \
+        else partial(score_rollout, rollouts, sampling, rewards, rl)
 
     def evaluate() -> dict:
         with whole_parameters(trainer.prepared):
+            if make_env:
+                return evaluate_play(rollouts, make_env, eval_set, rl)
             return evaluate_policy(unwrapped.policy, tokenizer, rollouts, eval_set, eval_prompts, rewards,
                                    reference, rl)
 
@@ -151,8 +167,8 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     last: dict = {}
     with trainer.preemption as preemption:
         while state.extra.get("iteration", 0) < iterations:
-            last = one_iteration(trainer, unwrapped, rollouts, sampling, rewards, reference, kl_ctl, algo, rl,
-                                 draw, samples_per_step, engine_logps=exact)
+            last = one_iteration(trainer, unwrapped, score, reference, kl_ctl, algo, rl, draw, samples_per_step,
+                                 engine_logps=exact, pad_id=tokenizer.pad_token_id)
             state.extra = {**state.extra, "iteration": state.extra.get("iteration", 0) + 1, "kl": kl_ctl.state_dict()}
             done = state.extra["iteration"]
             if done % cfg.train.logging_steps == 0 or done == iterations:
@@ -171,6 +187,10 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
                    **{f"initial_eval_{k}": v for k, v in before.items()}, "iterations": iterations}
         save_artifact(run_, trainer, tokenizer, parent, fingerprint, metrics, model=unwrapped.policy)
     return metrics
+
+
+def tool_limits(rl: RLConfig) -> ToolLimits:
+    return ToolLimits(seconds=rl.tool_timeout, memory_mb=rl.tool_memory_mb, output_chars=rl.tool_output_chars)
 
 
 def _encode(tokenizer, rows, cfg: StageConfig) -> list[list[int]]:
@@ -207,18 +227,20 @@ def engine_logps_are_exact(policy, accelerator) -> bool:
     return fp32 and str(accelerator.mixed_precision) == "no" and not tf32
 
 
-def one_iteration(trainer, model: PolicyWithValue, rollouts: RolloutEngine, sampling: Sampling,
-                  rewards: RewardSet, reference, kl_ctl, algo: Algorithm, rl: RLConfig,
-                  draw: Callable[[], tuple[list[dict], list[list[int]]]], samples_per_step: int,
-                  engine_logps: bool = False) -> dict:
-    """One rollout (of one or, with dynamic sampling, several sampling rounds) and its optimizer steps."""
+def one_iteration(trainer, model: PolicyWithValue, score: Callable, reference, kl_ctl, algo: Algorithm,
+                  rl: RLConfig, draw: Callable[[], tuple[list[dict], list[list[int]]]], samples_per_step: int,
+                  engine_logps: bool = False, pad_id: int = 0) -> dict:
+    """One rollout (of one or, with dynamic sampling, several sampling rounds; single- or multi-turn, as
+    `score` samples them) and its optimizer steps."""
     device = trainer.accelerator.device
     started = time.perf_counter()
     on_policy = on_policy_step(algo, rl, rl.prompts_per_step * rl.num_generations, samples_per_step, reference)
     engine_logps = engine_logps and not on_policy  # an on-policy step takes its own (detached) log-probs
     with whole_parameters(trainer.prepared), trainer.accelerator.autocast():
-        sampled, kept, sampling_metrics = collect_rollout(trainer.accelerator, rollouts, sampling, rewards, rl,
-                                                          draw, engine_logps)
+        sampled, kept, sampling_metrics = collect_rollout(trainer.accelerator, score, draw, rl, pad_id,
+                                                          engine_logps)
+    if isinstance(sampled.samples, Trajectories):
+        sampling_metrics.update(play_metrics(sampled.samples))
     samples = kept.samples
     batch = {**samples.model_inputs(), "responses": samples.response_ids, "mask": samples.response_mask,
              "stopped": samples.stopped}
