@@ -67,3 +67,17 @@ def test_rows_with_penalties_beside_plain_rows_leave_the_plain_rows_tokens_alone
     assert together[1].samples[0].token_ids == tokens_alone(model, penalised, eos_ids=[])[0]
     assert together[1].samples[0].token_ids != tokens_alone(
         model, Request(prompts()[2], Sampling(temperature=0.8, seed=4), max_new_tokens=15), eos_ids=[])[0]
+
+
+def test_a_step_that_fails_to_compile_decodes_uncompiled_with_the_same_tokens(caplog):
+    @torch._dynamo.register_backend(name="lmforge_test_no_compiler")
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    model = model_of("llama")
+    request = Request(prompts()[1], Sampling(temperature=0.9, top_p=0.9, seed=2), max_new_tokens=12)
+    torch._dynamo.reset()
+    engine = Engine(model, slots=2, max_len=64, eos_ids=[], compile="lmforge_test_no_compiler")
+    assert engine.generate([request])[0].samples[0].token_ids == tokens_alone(model, request, eos_ids=[])[0]
+    assert not engine.backend.compiled and "compiling the decoding step failed" in caplog.text
+    torch._dynamo.reset()

@@ -75,6 +75,9 @@ class Engine:
         if not isinstance(compile, (bool, str)) or compile == "":
             raise ValueError(f"generation engine compile: must be true, false or a torch.compile backend name, "
                              f"got {compile!r}")
+        if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"generation engine compile={compile!r}: not a torch.compile backend; choose true, "
+                             f"false or one of {', '.join(torch._dynamo.list_backends())}")
         self.backend = make_backend(model, slots, max_len, backend, cuda_graphs, compile)
         self.rows: list[Sequence | None] = [None] * slots
         self.decoding = 0

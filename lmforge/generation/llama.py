@@ -134,18 +134,33 @@ class LlamaFamilyBackend:
         """One token for each of rows 0..count-1 from the step's packed inputs (`draw.pack_inputs`): the
         fused draw's outputs [count, 3] (None when `mode` is None: the caller draws) and float logits
         [count, V], both valid until the next step."""
-        if self.graphs is not None:
+        while self.graphs is not None:
             try:
                 return self.graphs.run(packed, count, mode)
             except RuntimeError as error:  # a step that cannot be captured still decodes, eagerly
-                log.warning("CUDA graph capture failed (%s); decoding without graphs", error)
-                self.graphs = None
-                packed = packed[:count]
+                if not self.stop_compiling(error):
+                    log.warning("CUDA graph capture failed (%s); decoding without graphs", error)
+                    self.graphs = None
+                    packed = packed[:count]
+        inputs = torch.from_numpy(packed).to(self.device)
         span = int(packed[:, POSITION].max()) + 1
         if self.compiled:  # a few span sizes keep the compiled step's shapes few
-            span = bucket(span, self.cache.max_len, MIN_SPAN)
-        out, logits = self.step_fn(torch.from_numpy(packed).to(self.device), span, mode)
-        return out, logits
+            try:
+                return self.step_fn(inputs, bucket(span, self.cache.max_len, MIN_SPAN), mode)
+            except RuntimeError as error:
+                if not self.stop_compiling(error):
+                    raise
+        return self.step(inputs, span, mode)
+
+    def stop_compiling(self, error: RuntimeError) -> bool:
+        """After a compilation failure (no compiler, an operator the backend lacks), decode uncompiled: True
+        when `error` was one and compiling is now off."""
+        if not self.compiled or not type(error).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return False
+        log.warning("compiling the decoding step failed (%s); decoding without torch.compile",
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+        self.compiled, self.step_fn = False, self.step
+        return True
 
     def step(self, inputs: torch.Tensor, span: int, mode: DrawMode | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The decoding step (what is compiled and captured): forward rows 0..B-1 at their positions from the

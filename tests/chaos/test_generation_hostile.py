@@ -96,7 +96,8 @@ def test_requests_that_cannot_fit_the_engine_are_refused_before_they_run(model):
                                                    ({"max_len": 257}, "max_len=257 is past the model's 256"),
                                                    ({"backend": "vllm"}, "backend 'vllm'"),
                                                    ({"compile": 1}, "compile: must be true, false or a torch"),
-                                                   ({"compile": ""}, "compile: must be true")])
+                                                   ({"compile": ""}, "compile: must be true"),
+                                                   ({"compile": "max-autotune"}, "'max-autotune': not a torch")])
 def test_bad_engine_settings_are_refused_naming_them(model, settings, message):
     with pytest.raises(ValueError, match=message):
         Engine(model, **settings)
