@@ -93,6 +93,15 @@ def test_evaluation_progress_without_a_terminal():
                                            "eval: 90/100 (0:01:30)", "eval: 100/100 done in 0:01:40"]
 
 
+def test_a_slow_last_unit_is_said_once():
+    clock = Clock()
+    console, out = file_console()
+    with TaskBar("eval", 1, console=console, clock=clock) as bar:
+        clock.now += 66
+        bar.advance()
+    assert out.getvalue().splitlines() == ["eval: 0/1", "eval: 1/1 done in 0:01:06"]
+
+
 def test_an_evaluation_during_training_shows_under_the_training_bar():
     console = Console(file=io.StringIO(), force_terminal=True)
     display = ProgressDisplay(5, 0, console=console)

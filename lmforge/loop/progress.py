@@ -108,7 +108,7 @@ class TaskBar:
         self.done += units
         self.progress.update(self.task, completed=self.done)
         now = self.clock()
-        if self.enabled and self.plain and now - self.last_line >= self.every:
+        if self.enabled and self.plain and now - self.last_line >= self.every and self.done < self.total:
             self.last_line = now
             self.console.print(f"{self.label}: {self.done}/{self.total} ({clock_text(now - self.started)})",
                                highlight=False, soft_wrap=True)
