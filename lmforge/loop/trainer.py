@@ -21,7 +21,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lmforge.config.schema import LogConfig, TrainConfig
 from lmforge.loop.batching import chunks, epoch_batches, row_lengths, shard_size
@@ -38,6 +37,7 @@ from lmforge.loop.checkpoint import (
     save_sharded_checkpoint,
     saved_step,
 )
+from lmforge.loop.compile import compile_blocks
 from lmforge.loop.evaluation import eval_metrics, eval_sums
 from lmforge.loop.metrics_log import LINES_KEY, MetricsLog
 from lmforge.loop.preemption import Preempted, PreemptionGuard
@@ -47,7 +47,7 @@ from lmforge.loop.summary import start_lines
 from lmforge.loop.trackers import make_accelerator
 from lmforge.models.optimizers import build_optimizer
 
-__all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "make_accelerator", "row_lengths", "shard_size"]
+__all__ = ["Trainer", "TrainingDiverged", "compile_blocks", "epoch_batches", "make_accelerator", "row_lengths", "shard_size"]
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -61,17 +61,6 @@ class TrainResult:
     state: LoopState
     metrics: dict
     """Final train and eval metrics."""
-
-
-def compile_blocks(model) -> int:
-    """torch.compile every transformer block in place (parameter names unchanged). The blocks share one
-    compiled graph, so compiling costs about one block's worth, once. Shapes are symbolic from the start
-    (dynamic=True): batch widths and document counts change from step to step, and a recompilation
-    whenever a new one appears would cost seconds in the middle of training."""
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for block in blocks:
-        block.compile(dynamic=True)
-    return len(blocks)
 
 
 def label_token_count(batch: dict) -> torch.Tensor:
