@@ -230,3 +230,17 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(student, chat_t
     message = str(caught.value)
     assert "\n" not in message and f"distill.teacher={other}" in message and "model.name_or_path" in message
     assert "its tokenizer differs from the student's" in message and "(token, id) pairs differ" in message
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_a_model_distilled_into_itself_does_not_change(base, task, tmp_path, estimator):
+    """Teacher = student: every divergence is 0 (the full one exactly, the sampled estimate up to rounding), so
+    no gradient moves a weight."""
+    out = tmp_path / estimator
+    metrics = STAGE_RUNNERS["distill"](load_config(None, distill_args(
+        base, base, task, out, "train.max_steps=2", "distill.eval_prompts=4", f"distill.estimator={estimator}",
+        "distill.prompts_per_step=4"), stage="distill"))
+    assert abs(metrics["train_divergence"]) < 1e-5 and metrics["eval_reverse_kl"] < 1e-5
+    assert metrics["train_grad_norm"] < 1e-4
+    before, after = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (base, out))
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
