@@ -75,6 +75,7 @@ def test_total_steps_and_eta():
     assert progress_line(30, 120, rate, "running") == "step 30 / 120 (25%) · 0.667 steps/s · ETA 2 min 15 s"
     assert progress_line(30, None, rate, "running").endswith("ETA once the first epoch ends (or set train.max_steps)")
     assert progress_line(120, 120, None, "done") == "done: step 120 / 120"
+    assert progress_line(0, None, None, "running").startswith("starting:")
 
 
 def test_log_tail_shows_the_last_lines_without_bar_redraws_or_colours(tmp_path):
@@ -102,8 +103,11 @@ def test_every_label_has_its_chinese_text():
         assert CJK.search(chinese) and not CJK.search(english.replace("语言", "")), key
     groups = {f.group for f in schema_fields(StageConfig) if f.group}
     assert {f"group.{g}" for g in groups} <= set(TEXTS)  # every collapsed group has a title in both
-    keys = {f.key for f in schema_fields(StageConfig)}
-    assert set(HELP_ZH) <= keys and all(CJK.search(v) for v in HELP_ZH.values())
+    from lmforge.eval.spec import EvalSpec
+
+    keys = {f.key for f in schema_fields(StageConfig)} | {f.key for f in schema_fields(EvalSpec)}
+    assert set(HELP_ZH) <= keys and all(CJK.search(v) for v in HELP_ZH.values())  # no help for a field gone
+    assert {f.key for f in schema_fields(EvalSpec)} <= set(HELP_ZH)  # the Evaluate tab wholly in Chinese
     assert text("tab.evaluate", LANGUAGES[1]) == "评估" and text("tab.evaluate") == "Evaluate"
 
 

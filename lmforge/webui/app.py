@@ -43,9 +43,10 @@ def build_app(root: Path, runs_root: Path, allow_code: bool = False) -> gr.Block
 
     with gr.Blocks(title="lmforge") as app:
         with gr.Row():
-            gr.Markdown(f"## lmforge\nServing files under `{root}`; runs under `{runs_root}`.")
-            language = gr.Radio(list(LANGUAGES), value=LANGUAGES[0], label="Language / 语言", elem_id="language",
-                                scale=0, min_width=220)
+            header = tuple(words.format(root=root, runs=runs_root) for words in TEXTS["header"])
+            ctx.words(gr.Markdown(header[0]), value=header)
+            language = ctx.words(gr.Radio(list(LANGUAGES), value=LANGUAGES[0], label=TEXTS["language"][0],
+                                          elem_id="language", scale=0, min_width=220), label="language")
         for key, build in TABS:
             with ctx.words(gr.Tab(TEXTS[key][0], elem_id=key.replace(".", "-")), label=key):
                 build(ctx)

@@ -16,6 +16,8 @@ TEXTS: dict[str, tuple[str, str]] = {
     "tab.chat": ("Chat", "对话"),
     "tab.export": ("Export", "导出"),
     "language": ("Language / 语言", "语言 / Language"),
+    "header": ("## lmforge\nServing files under `{root}`; runs under `{runs}`.",
+               "## lmforge\n服务目录：`{root}`；运行记录目录：`{runs}`。"),
     # Train: up-front fields
     "stage": ("stage", "训练阶段"),
     "model": ("model (folder, GGUF, short name, artifact, scratch:PRESET)",
@@ -132,6 +134,21 @@ HELP_ZH: dict[str, str] = {
     "rl.temperature": "采样温度。",
     "rl.max_new_tokens": "每条回复最多生成的词元数。",
     "log.report_to": "实验跟踪器：tensorboard、wandb、mlflow 等；留空则只写 metrics.jsonl。",
+    # the Evaluate tab's fields (lmforge/eval/spec.py)
+    "perplexity": "留出文本（或对话）：按 block_size 个词元分块计算困惑度。",
+    "answers": "带参考回复的提示：贪心解码的精确匹配，以及 contains（回复中是否给出记录的简短答案或参考回复）。",
+    "choice": "C-Eval / CMMLU / MMLU 格式的选择题，按各选项的对数似然打分。",
+    "pairs": "偏好对：奖励模型的成对准确率。",
+    "prompts": "用于奖励、KL 和胜率评估的提示（默认使用 answers 文件）。",
+    "reward_model": "评判模型：对贪心回复打分，并计算相对 baseline 的胜率。",
+    "reference": "参考模型：在策略模型采样的回复上计算 KL(策略 ‖ 参考)。",
+    "baseline": "胜率的比较对象：该模型的贪心回复。",
+    "max_samples": "每个文件最多读取的记录数。",
+    "max_new_tokens": "每条回复最多生成的词元数。",
+    "block_size": "困惑度计算的分块长度（词元）。",
+    "perplexity_tokens": "困惑度文本最多使用的词元数（长文档在 CPU 上很慢）。",
+    "show_samples": "保留到报告中的留出提示及其回复的条数。",
+    "seed": "随机种子。",
 }
 
 

@@ -129,6 +129,8 @@ def progress_line(step: float, total: int | None, rate: float | None, status: st
     """`step 40 / 120 (33%) · 0.52 steps/s · ETA 2 min 34 s`, or what is known of it."""
     if status != "running":
         return f"{status}: step {step:g}" + (f" / {total}" if total else "")
+    if not step and not total:
+        return "starting: loading the model and the data (no step logged yet)"
     parts = [f"step {step:g}" + (f" / {total} ({100 * step / total:.0f}%)" if total else "")]
     if rate:
         parts.append(f"{rate:.3g} steps/s")
