@@ -112,7 +112,7 @@ RANGES: dict[str, dict[str, Bound]] = {
         "entropy_coef": NON_NEGATIVE, "overlong_buffer": count(0), "overlong_penalty": NON_NEGATIVE,
         "max_sampling_rounds": count(1), "max_turns": count(1), "max_total_tokens": count(1),
         "tool_timeout": POSITIVE, "tool_memory_mb": count(64), "tool_output_chars": count(1),
-        "tool_call_reward": number(),
+        "tool_call_reward": number(), "rollout_rows": count(0),
     },
     "DistillConfig": {
         "lambda_on_policy": RATIO, "beta": RATIO, "temperature": POSITIVE, "prompts_per_step": count(1),
