@@ -244,3 +244,22 @@ def test_a_model_distilled_into_itself_does_not_change(base, task, tmp_path, est
     assert metrics["train_grad_norm"] < 1e-4
     before, after = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (base, out))
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+def test_a_pipeline_stage_names_its_teacher(tmp_path):
+    from lmforge.pipeline.run import load_pipeline, stage_config
+
+    def pipeline(teacher: str):
+        path = tmp_path / f"{teacher}.yaml"
+        stages = [{"name": "sft", "stage": "sft", "config": {"model": {"scratch": "test"}}},
+                  {"name": "small", "stage": "sft", "config": {"model": {"scratch": "test"}}},
+                  {"name": "distill", "stage": "distill", "from": "small", "teacher": teacher}]
+        path.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "stages": stages}), encoding="utf-8")
+        return load_pipeline(path)
+
+    loaded = pipeline("sft")
+    cfg = stage_config(loaded, loaded.stages[2])
+    assert cfg.distill.teacher == str(tmp_path / "run" / "sft")
+    assert cfg.model.name_or_path == str(tmp_path / "run" / "small")
+    with pytest.raises(ConfigError, match="stage distill refers to 'later', which is not an earlier stage"):
+        pipeline("later")

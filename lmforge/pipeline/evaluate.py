@@ -15,7 +15,7 @@ from lmforge.stages.common import MANIFEST, write_json_atomic
 
 START_EVAL = "start_eval.json"
 
-POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo")
+POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo", "distill")
 """Stages that tune a policy away from a parent: they get KL to it and a win-rate against the baseline."""
 JUDGE_ROLES = ("reward_model", "baseline", "reference")
 
