@@ -8,8 +8,8 @@ prompt) and appended to the session with `Engine.continue_session`, so the model
 decoded and re-tokenized: the trajectory is exactly the tokens the model saw. Only model-generated tokens
 carry loss and KL (the reply mask marks them); environment tokens are context.
 
-A trajectory ends when the environment says done, when a model turn hits its token limit (`stopped` is
-then False), after `max_turns` model turns, or when the next turn would pass `max_total_tokens` tokens
+A trajectory ends when the environment says done, when a model turn hits its token limit (the environment
+still scores that turn; `stopped` is then False), after `max_turns` model turns, or when the next turn would pass `max_total_tokens` tokens
 after the prompt (model and environment tokens together).
 """
 
@@ -152,13 +152,12 @@ def _advance(engine: Engine, tokenizer, handle, members: list, limits: Limits) -
         p.logps += sample.logprobs if sample.logprobs is not None else [0.0] * len(sample.token_ids)
         p.turns += 1
         p.transcript.append({"role": "assistant", "content": reply.text})
-        if sample.finish_reason != "stop":  # cut at the turn's token limit: the episode ends unfinished
-            p.stopped = False
-            continue
+        # A turn cut at its token limit is still scored (as a single-turn reply would be), then the episode ends.
+        p.stopped = sample.finish_reason == "stop"
         messages, reward, done = checked_step(p.env, reply.text)
         p.rewards.append(reward)
         p.transcript += messages
-        if done or p.turns >= limits.max_turns:
+        if done or not p.stopped or p.turns >= limits.max_turns:
             continue
         extra = continuation_ids(tokenizer, p.history, messages, getattr(p.env, "schemas", None) or None)
         p.history += [{"role": "assistant", "content": reply.text}, *messages]

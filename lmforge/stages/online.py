@@ -2,7 +2,9 @@
 
 One iteration: the next prompts → replies sampled by the run's generation engine (each prompt one request
 of rl.num_generations samples sharing its prefix; with fp32 numerics the engine also returns each token's
-log-prob, the "old" log-probs) → rewards (reward models, built-ins, user functions) shaped by the config →
+log-prob, the "old" log-probs; with rl.environment, multi-turn trajectories played against an environment
+as engine sessions; with rl.dynamic_sampling, more prompts until enough groups differ) → rewards (reward
+models, built-ins, user functions, the environment's) shaped by the config →
 in inference mode, each reply token's log-prob under the reference, under the policy where the engine's
 are not exact, and (PPO) its value → the algorithm's advantages → a few epochs of minibatches, each one
 optimizer step of the shared training loop (`Trainer.step`).
