@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import torch
 from test_generation_engine import model_of, prompts, tokens_alone
 from torch._dynamo.utils import counters
 
 from lmforge.generation import Engine, Request, Sampling
+from lmforge.generation.rows import RowTable
 
 
 def aten_ops(fn) -> Counter:
@@ -61,7 +63,8 @@ def test_a_compiled_step_compiles_once_for_every_batch_and_span_bucket():
 def test_rows_with_penalties_beside_plain_rows_leave_the_plain_rows_tokens_alone():
     model = model_of("llama")
     plain = Request(prompts()[1], Sampling(temperature=0.8, top_k=20, seed=3), max_new_tokens=15, logprobs=True)
-    penalised = Request(prompts()[2], Sampling(temperature=0.8, repetition_penalty=1.3, seed=4), max_new_tokens=15)
+    penalised = Request(prompts()[2], Sampling(temperature=0.8, repetition_penalty=3.0, presence_penalty=1.5, seed=4),
+                        max_new_tokens=15)
     together = Engine(model, slots=3, max_len=64, eos_ids=[]).generate([plain, penalised])
     assert together[0].samples[0].token_ids == tokens_alone(model, plain, eos_ids=[])[0]
     assert together[1].samples[0].token_ids == tokens_alone(model, penalised, eos_ids=[])[0]
@@ -81,3 +84,30 @@ def test_a_step_that_fails_to_compile_decodes_uncompiled_with_the_same_tokens(ca
     assert engine.generate([request])[0].samples[0].token_ids == tokens_alone(model, request, eos_ids=[])[0]
     assert not engine.backend.compiled and "compiling the decoding step failed" in caplog.text
     torch._dynamo.reset()
+
+
+def test_the_row_table_mirrors_the_decoding_sequences_through_joins_leaves_cancels_and_sessions():
+    """The engine keeps each decoding row's step inputs in a table written only when a row changes hands and
+    advanced in place each step: after every step it must equal a table built afresh from the sequences."""
+    model = model_of("llama")
+    engine = Engine(model, slots=5, max_len=128, prefill_chunk=8, eos_ids=[])
+    mixed = [Sampling(temperature=0.0), Sampling(temperature=0.7, top_p=0.9, seed=1),
+             Sampling(temperature=1.0, min_p=0.1, repetition_penalty=1.2, seed=2), Sampling(top_k=5, seed=3)]
+    handles = [engine.submit(Request(p, mixed[i % 4], max_new_tokens=6 + 5 * i, n=1 + i % 2, logprobs=i == 1))
+               for i, p in enumerate(prompts())]
+    session = engine.submit(Request(prompts()[0], mixed[1], max_new_tokens=4, session=True))
+    checked = 0
+    for step in range(80):
+        engine.step()
+        if step == 6:
+            engine.cancel(handles[3])
+        if session.done and not session.result().samples[0].token_ids[4:] and step < 60:
+            session = engine.continue_session(session, [7, 8, 9], max_new_tokens=5)
+        count = engine.decoding
+        if count:
+            fresh = RowTable.of(engine.rows[:count])
+            assert np.array_equal(engine.table.pack(count, count, 0), fresh.pack(count, count, 0)), step
+            assert engine.table.mode(count) == fresh.mode(count)
+            checked += 1
+    assert all(h.done for h in handles) and checked > 20
+    assert handles[3].result().samples[0].finish_reason == "cancelled"

@@ -1,7 +1,7 @@
 """Drawing the next token of many sequences at once, each with its own request's settings: the host's side.
 
 A step's per-row inputs (token, position, settings, the uniform of this step) are packed on the host into
-one int32 array and sent in one transfer; the backend runs the forward pass and, for rows without
+one int32 array from the `RowTable` (rows.py) and sent in one transfer; the backend runs the forward pass and, for rows without
 penalties, the fused draw (`sampling.draw_rows`) in the same (captured) step; one transfer brings back each
 row's token, the finite check and the log-prob. Rows with repetition/presence penalties get the forward
 pass's logits and are drawn here, through the same fused draw on penalised scores.
@@ -15,69 +15,43 @@ import numpy as np
 import torch
 
 from lmforge.generation.request import GenerationError
+from lmforge.generation.rows import RowTable
 from lmforge.generation.sampling import (
-    INPUT_COLUMNS,
     OUT_LOGPROB,
     OUT_SPREAD,
     OUT_TOKEN,
     SCALE,
     TEMPERATURE,
-    TOKEN,
-    TOP_K,
-    UNIFORM,
     DrawMode,
     draw_rows,
     penalise,
     token_logprobs,
-    uniforms,
 )
 from lmforge.generation.sequence import Sequence, TokenEvent
 
-PADDING_FLOATS = (0.0, 1.0, 0.0, 1.0)
-"""A padding row of a captured step: greedy, no filter, log-probs at scale 1 (its outputs are dropped)."""
 
-
-def draw_mode(sequences: list[Sequence]) -> DrawMode:
-    return DrawMode(greedy=not any(s.sampled for s in sequences), truncating=any(s.truncating for s in sequences),
-                    flooring=any(s.flooring for s in sequences), logprobs=any(s.asks_logprobs for s in sequences))
-
-
-def pack_inputs(sequences: list[Sequence], rows: int, pad_position: int) -> np.ndarray:
-    """int32 [rows, INPUT_COLUMNS] (see `sampling.TOKEN`...): each sequence's last token, its position, its
-    settings and this step's uniform; rows past the sequences are padding rows feeding token 0 at
-    `pad_position`."""
+def decode_tokens(backend, table: RowTable, sequences: list[Sequence], events: list[TokenEvent]) -> None:
+    """One decoding step of rows 0..B-1 (`sequences`, whose inputs `table` holds): feed each its last token,
+    draw and record the next."""
     count = len(sequences)
-    packed = np.empty((rows, INPUT_COLUMNS), dtype=np.int32)
-    floats = packed[:, TEMPERATURE:].view(np.float32)
-    packed[:count, TOKEN:TOP_K + 1] = [(s.last or 0, s.cached, s.top_k) for s in sequences]
-    floats[:count, :SCALE - TEMPERATURE + 1] = [s.float_settings for s in sequences]
-    floats[:count, UNIFORM - TEMPERATURE] = uniforms([s.noise_key for s in sequences], [s.steps for s in sequences])
-    packed[count:, TOKEN:TOP_K + 1] = (0, pad_position, 0)
-    floats[count:, :SCALE - TEMPERATURE + 1] = PADDING_FLOATS
-    floats[count:, UNIFORM - TEMPERATURE] = 0.0
-    return packed
-
-
-def decode_tokens(backend, sequences: list[Sequence], events: list[TokenEvent]) -> None:
-    """One decoding step of rows 0..B-1 (`sequences`): feed each its last token, draw and record the next."""
-    mode = draw_mode(sequences)
-    penalised = any(s.penalised for s in sequences)
-    packed = pack_inputs(sequences, backend.step_rows(len(sequences)), backend.pad_position)
-    out, logits = backend.decode_step(packed, len(sequences), None if penalised else mode)
+    mode, penalised = table.mode(count)
+    packed = table.pack(count, backend.step_rows(count), backend.pad_position)
+    out, logits = backend.decode_step(packed, count, None if penalised else mode)
     for sequence in sequences:
         sequence.cached += 1
     if out is None:
-        out = draw_penalised(sequences, logits, torch.from_numpy(packed[:len(sequences)]).to(logits.device), mode)
-    finish(sequences, logits, out, events)
+        out = draw_penalised(sequences, logits, torch.from_numpy(packed[:count]).to(logits.device), mode)
+    tokens = finish(sequences, logits, out, events)
+    table.advance(np.array(tokens, dtype=np.int32))
 
 
 def draw_tokens(sequences: list[Sequence], logits: torch.Tensor, events: list[TokenEvent]) -> None:
     """Draw each sequence's next token from its row of `logits` [B, V] (a prefill's last logits), record it,
     and add its event."""
-    inputs = torch.from_numpy(pack_inputs(sequences, len(sequences), 0)).to(logits.device)
-    mode = draw_mode(sequences)
-    out = draw_penalised(sequences, logits, inputs, mode) if any(s.penalised for s in sequences) \
-        else draw_rows(logits, logits, inputs, mode)
+    table = RowTable.of(sequences)
+    inputs = torch.from_numpy(table.pack(len(sequences), len(sequences), 0)).to(logits.device)
+    mode, penalised = table.mode(len(sequences))
+    out = draw_penalised(sequences, logits, inputs, mode) if penalised else draw_rows(logits, logits, inputs, mode)
     finish(sequences, logits, out, events)
 
 
@@ -93,8 +67,9 @@ def draw_penalised(sequences: list[Sequence], logits: torch.Tensor, inputs: torc
     return draw_rows(scores, logits, inputs, mode)
 
 
-def finish(sequences: list[Sequence], logits: torch.Tensor, out: torch.Tensor, events: list[TokenEvent]) -> None:
-    """Read the step's outputs back (one transfer), refuse non-finite logits, record every row's token."""
+def finish(sequences: list[Sequence], logits: torch.Tensor, out: torch.Tensor, events: list[TokenEvent]) -> list[int]:
+    """Read the step's outputs back (one transfer), refuse non-finite logits, record every row's token;
+    the tokens."""
     rows = out.tolist()
     broken = sum(1 for row in rows if not math.isfinite(row[OUT_SPREAD]))
     if broken:  # a NaN would otherwise draw some token silently
@@ -104,8 +79,11 @@ def finish(sequences: list[Sequence], logits: torch.Tensor, out: torch.Tensor, e
     top = ranked(sequences, logits, tokens)
     for i, (sequence, row) in enumerate(zip(sequences, rows)):
         logprob = row[OUT_LOGPROB] if sequence.asks_logprobs else None
-        events.append(sequence.accept(tokens[i], logprob, top[i]))
-        sequence.handle.check_done()
+        event = sequence.accept(tokens[i], logprob, top[i])
+        events.append(event)
+        if event.finish_reason is not None:
+            sequence.handle.check_done()
+    return tokens
 
 
 def ranked(sequences: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> list:

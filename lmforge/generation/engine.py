@@ -25,6 +25,7 @@ from lmforge.generation.draw import decode_tokens, draw_tokens
 from lmforge.generation.hf_fallback import HFBackend
 from lmforge.generation.llama import LlamaFamilyBackend, UnsupportedModel
 from lmforge.generation.request import Request, RequestError, Result, check_token_ids
+from lmforge.generation.rows import RowTable
 from lmforge.generation.sequence import DECODING, DONE, PARKED, PREFILL, SIBLING, Handle, Sequence, TokenEvent
 
 BACKENDS = ("auto", "own", "hf")
@@ -80,6 +81,8 @@ class Engine:
                              f"false or one of {', '.join(torch._dynamo.list_backends())}")
         self.backend = make_backend(model, slots, max_len, backend, cuda_graphs, compile)
         self.rows: list[Sequence | None] = [None] * slots
+        self.table = RowTable(slots)
+        """The decoding rows' step inputs, written when a row changes hands (see rows.py)."""
         self.decoding = 0
         """Rows 0..decoding-1 are the decoding sequences."""
         self.waiting: deque[Handle] = deque()
@@ -325,7 +328,7 @@ class Engine:
 
     def _decode(self, events: list[TokenEvent]) -> None:
         live = self.rows[:self.decoding]
-        decode_tokens(self.backend, live, events)
+        decode_tokens(self.backend, self.table, live, events)
         for sequence in live:
             if sequence.out.finish_reason is not None:
                 self._leave(sequence, keep=self._keeps(sequence))
@@ -339,6 +342,7 @@ class Engine:
     def _join(self, sequence: Sequence) -> None:
         """Move the sequence to row `decoding` (the end of the packed decoding rows)."""
         self._swap(sequence.row, self.decoding)
+        self.table.set(self.decoding, sequence)  # also when it was there already: its inputs are new
         self.decoding += 1
         sequence.phase = DECODING
 
@@ -366,6 +370,7 @@ class Engine:
         for row, sequence in ((a, second), (b, first)):
             if sequence is not None:
                 sequence.row = row
+            self.table.set(row, sequence)
 
     def _free_row(self, sequence: Sequence) -> None:
         if sequence.row is not None:
