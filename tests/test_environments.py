@@ -295,12 +295,57 @@ def test_grpo_learns_over_two_turns_where_only_model_tokens_train(base, world_di
     assert all(r["reply_tokens"] == pytest.approx(64 * r["length"]) for r in rows)  # model tokens only
 
 
-def test_ppo_refuses_an_environment_and_tools_need_functions():
+def test_ppo_advantages_run_over_the_model_tokens_and_skip_the_environments():
+    from lmforge.config.schema import RLConfig
+    from lmforge.losses.rl import gae, masked_whiten
+    from lmforge.stages.ppo import ppo_advantages, token_rewards
+
+    cfg = RLConfig(gamma=0.9, lam=0.8)
+    # Row 0: model, model, environment, environment, model; row 1: a single-turn reply of 2 tokens.
+    mask = torch.tensor([[1.0, 1, 0, 0, 1], [1, 1, 0, 0, 0]])
+    values = torch.tensor([[0.5, -0.2, 9.0, 9.0, 0.3], [0.1, 0.4, 9.0, 9.0, 9.0]])
+    batch = {"mask": mask, "old_values": values * mask, "scores": torch.tensor([1.0, -1.0])}
+    advantages, returns, _ = ppo_advantages(batch, cfg, kl_coef=0.0)
+    # By hand: the same GAE over the packed model tokens [0.5, -0.2, 0.3] and [0.1, 0.4].
+    packed_mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    packed_values = torch.tensor([[0.5, -0.2, 0.3], [0.1, 0.4, 0.0]])
+    expected, expected_returns = gae(token_rewards(batch["scores"], packed_mask, None, 0.0), packed_values,
+                                     packed_mask, 0.9, 0.8)
+    expected = masked_whiten(expected, packed_mask)
+    assert torch.allclose(advantages[0, [0, 1, 4]], expected[0]) and (advantages[0, 2:4] == 0).all()
+    assert torch.allclose(advantages[1, :2], expected[1, :2]) and (advantages[1, 2:] == 0).all()
+    assert torch.allclose(returns[0, [0, 1, 4]], expected_returns[0]) and returns[0, 2] == 0
+    # A prefix mask (every single-turn rollout) gives exactly what GAE on the reply gives.
+    single = {"mask": mask[1:], "old_values": (values * mask)[1:], "scores": torch.tensor([-1.0])}
+    plain, _ = gae(token_rewards(single["scores"], mask[1:], None, 0.0), single["old_values"], mask[1:], 0.9, 0.8)
+    assert torch.equal(ppo_advantages(single, cfg, 0.0)[0], masked_whiten(plain, mask[1:]))
+
+
+def test_ppo_with_an_environment_and_a_shared_critic(base, world_dir, tmp_path):
+    import json
+
+    from lmforge.config.load import load_config
+    from lmforge.stages import STAGE_RUNNERS
+
+    envs = tmp_path / "envs.py"
+    envs.write_text("TOOLS = ''\n" + ENVS)
+    out = tmp_path / "ppo"
+    cfg = load_config(None, [
+        f"model.name_or_path={base}", f"data.train={world_dir}/rl/arith_train.jsonl", "data.max_length=96",
+        f"rl.environment={envs}:Digits", "rl.critic=shared", "rl.max_new_tokens=8", "rl.max_turns=2",
+        "rl.max_total_tokens=64", "rl.prompts_per_step=4", "rl.eval_prompts=0", "train.max_steps=2",
+        "train.lr=1e-4", "train.batch_size=8", "train.logging_steps=1", f"train.output_dir={out}",
+        "log.progress=false", "log.report_to=[]"], stage="ppo")
+    STAGE_RUNNERS["ppo"](cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "iteration" in r]
+    assert len(rows) == 2 and all("explained_variance" in r and r["turns"] >= 1.0 for r in rows)
+
+
+def test_an_environment_is_the_reward_and_tools_need_functions():
     from lmforge.config.load import load_config
 
     base = ["model.scratch=test", "rl.num_generations=2"]
-    with pytest.raises(ConfigError, match="rl.environment apply to grpo and rloo, not ppo"):
-        load_config(None, [*base, "rl.environment=x:Y"], stage="ppo")
     with pytest.raises(ConfigError, match="rl.environment=tools needs rl.tools"):
         load_config(None, [*base, "rl.environment=tools"], stage="grpo")
     with pytest.raises(ConfigError, match="a reward of kind environment needs rl.environment"):

@@ -129,7 +129,7 @@ class RLConfig:
     eval_prompts: int = 64
     """Held-out prompts answered greedily before, during (train.eval_steps iterations) and after."""
     environment: str = ""
-    """GRPO/RLOO: a multi-turn environment, `package.module:Class`, `path/to/file.py:Class` or the built-in
+    """PPO/GRPO/RLOO: a multi-turn environment, `package.module:Class`, `path/to/file.py:Class` or the built-in
     `tools`: the model and the environment take turns (reset(record) -> messages; step(reply) -> (messages,
     reward, done)); only the model's tokens carry loss. Empty: single-turn rollouts."""
     tools: list[str] = field(default_factory=list)
@@ -193,7 +193,7 @@ class RLConfig:
         """The GRPO/RLOO-only settings changed from their defaults (PPO refuses them)."""
         defaults = RLConfig()
         names = ("loss_type", "importance_sampling", "scale_rewards", "clip_range_low", "clip_range_high",
-                 "entropy_coef", "mask_truncated", "overlong_buffer", "dynamic_sampling", "environment")
+                 "entropy_coef", "mask_truncated", "overlong_buffer", "dynamic_sampling")
         return [f"rl.{n}" for n in names if getattr(self, n) != getattr(defaults, n)]
 
     def reward_specs(self) -> list[RewardSpec]:

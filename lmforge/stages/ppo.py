@@ -30,16 +30,30 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | N
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
 
+def model_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [N, T], mask [N, T]): the positions of each row's model tokens, in order, packed to the left.
+    A multi-turn reply has environment tokens between the model's turns (holes in the mask); GAE runs over
+    the model's tokens alone, so an environment turn is one step between two of the model's, not an end."""
+    lengths = mask.sum(-1).long()
+    width = max(int(lengths.max()), 1) if len(lengths) else 1
+    order = torch.argsort((mask <= 0).to(torch.int8), dim=1, stable=True)[:, :width]
+    return order, (torch.arange(width, device=mask.device)[None] < lengths[:, None]).to(mask.dtype)
+
+
 def ppo_advantages(batch: dict, cfg: RLConfig, kl_coef: float):
-    mask = batch["mask"]
-    kl = kl_per_token(batch["old_logps"], batch["ref_logps"], cfg.kl_estimator) if "ref_logps" in batch else None
+    full_mask = batch["mask"]
+    index, mask = model_positions(full_mask)
+    values = batch["old_values"].gather(1, index) * mask
+    kl = kl_per_token(batch["old_logps"], batch["ref_logps"], cfg.kl_estimator).gather(1, index) \
+        if "ref_logps" in batch else None
     rewards = token_rewards(batch["scores"], mask, kl, kl_coef)
-    advantages, returns = gae(rewards, batch["old_values"], mask, cfg.gamma, cfg.lam)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     metrics = {"reward_with_kl": float((rewards * mask).sum(-1).mean()),
-               "explained_variance": float(explained_variance(batch["old_values"], returns, mask))}
-    return advantages, returns, metrics
+               "explained_variance": float(explained_variance(values, returns, mask))}
+    spread = torch.zeros_like(full_mask)  # back to the reply's positions; 0 on environment tokens and padding
+    return spread.scatter(1, index, advantages * mask), spread.scatter(1, index, returns * mask), metrics
 
 
 def ppo_loss(model, batch: dict, cfg: RLConfig):
