@@ -13,7 +13,13 @@ from lmforge.config.errors import ConfigError
 from lmforge.data.templates import end_of_turn_ids, render_prompt
 from lmforge.generation import Engine, Sampling
 from lmforge.losses.rl import gather_logps
-from lmforge.rollout.environments import ToolEnvironment, checked_step, load_environment, parse_tool_calls
+from lmforge.rollout.environments import (
+    ToolEnvironment,
+    checked_reset,
+    checked_step,
+    load_environment,
+    parse_tool_calls,
+)
 from lmforge.rollout.multiturn import Limits, continuation_ids, play
 from lmforge.rollout.tools_sandbox import ToolLimits, run_tool
 
@@ -113,6 +119,13 @@ def test_load_environment_names_the_key_in_one_line(tmp_path):
         load_environment(f"{path}:Half")
     with pytest.raises(ConfigError, match=r"rl.environment: Bad.step must return \(messages, reward, done\)"):
         checked_step(load_environment(f"{path}:Bad")(), "hi")
+    path.write_text("class Raises:\n    def reset(self, record):\n        return record['missing']\n"
+                    "    def step(self, reply):\n        return [], float('nan'), True\n")
+    env = load_environment(f"{path}:Raises")()
+    with pytest.raises(ConfigError, match=rf"Raises.reset raised KeyError: 'missing' \({path}:3\)"):
+        checked_reset(env, {"prompt": []})
+    with pytest.raises(ConfigError, match="Raises.step returned reward nan: must be a finite number"):
+        checked_step(env, "hi")
 
 
 # ---------------------------------------------------------------- sessions on the engine

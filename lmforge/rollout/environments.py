@@ -21,6 +21,7 @@ import json
 import math
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Protocol
 
@@ -168,9 +169,27 @@ def load_environment(spec: str, args: dict | None = None, tools: list[str] | Non
     return lambda: cls(**args)
 
 
+def _call(env, method: str, argument):
+    """env.<method>(argument); an exception the user's class raises becomes one line naming the class and
+    the file and line it was raised at."""
+    try:
+        return getattr(env, method)(argument)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the user's code: reported as configuration, not as lmforge's traceback
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ConfigError(f"rl.environment: {type(env).__name__}.{method} raised {type(exc).__name__}: {exc} "
+                          f"({frame.filename}:{frame.lineno})") from exc
+
+
+def checked_reset(env, record: dict) -> list[dict]:
+    """env.reset(record), checked."""
+    return checked_messages(_call(env, "reset", record), f"{type(env).__name__}.reset")
+
+
 def checked_step(env, reply: str) -> tuple[list[dict], float, bool]:
     """env.step(reply) with its return values checked (one-line errors naming the class)."""
-    out = env.step(reply)
+    out = _call(env, "step", reply)
     where = f"{type(env).__name__}.step"
     if not (isinstance(out, tuple) and len(out) == 3):
         raise ConfigError(f"rl.environment: {where} must return (messages, reward, done), got {type(out).__name__}")

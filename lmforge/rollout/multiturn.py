@@ -26,7 +26,7 @@ import torch
 from lmforge.config.errors import ConfigError
 from lmforge.data.templates import _render, _reply_end, end_of_turn_markers, prepare_messages
 from lmforge.generation import Engine, Request, Sampling
-from lmforge.rollout.environments import checked_messages, checked_step
+from lmforge.rollout.environments import checked_reset, checked_step
 from lmforge.rollout.generate import to_generation
 from lmforge.rollout.groups import Scored
 from lmforge.rollout.rewards import decode_rows
@@ -108,7 +108,7 @@ def play(engine: Engine, tokenizer, make_env: Callable, records: list[dict], sam
     plays, prompts, live = [], [], []
     for record in records:
         group = [_Play(make_env(), []) for _ in range(n)]
-        firsts = [checked_messages(p.env.reset(record), f"{type(p.env).__name__}.reset") for p in group]
+        firsts = [checked_reset(p.env, record) for p in group]
         if any(f != firsts[0] for f in firsts):
             raise ConfigError(f"rl.environment: {type(group[0].env).__name__}.reset gave different messages for "
                               "the same record; a group's samples must share their prompt")
