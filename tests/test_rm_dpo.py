@@ -165,3 +165,25 @@ def test_sft_weight_adds_the_chosen_nll(base, world_dir):
     assert float(mixed) / 4 == pytest.approx(float(plain) / 4 + 0.5 * nll, rel=1e-5)
     assert float(simpo_metrics["nll"]) == pytest.approx(nll, rel=1e-5)  # CPO-SimPO
     assert float(cpo_simpo) / 4 == pytest.approx(float(simpo) / 4 + 2.0 * nll, rel=1e-5)
+
+
+def test_shared_prompt_trains_to_the_same_model(base, world_dir, tmp_path):
+    """The stage with the prompt shared (the default here: sdpa) and with two rows per pair: same losses,
+    the same pair count (a wrong count would scale the loss), the same weights after a few steps."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for share in ("true", "false"):
+        out = tmp_path / share
+        cfg = load_config(None, [f"model.name_or_path={base}", "dpo.eval_generate=0", *pref_args(world_dir, out),
+                                 "train.max_steps=3", "train.batch_size=4", "train.lr=1e-3",
+                                 f"dpo.share_prompt={share}"], stage="dpo")
+        runs[share] = STAGE_RUNNERS["dpo"](cfg), load_file(str(out / "model.safetensors"))
+    (shared, shared_weights), (plain, plain_weights) = runs["true"], runs["false"]
+    for key in ("train_loss", "train_pairs", "eval_loss", "eval_rewards/margin", "initial_eval_loss"):
+        assert shared[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+    assert shared["train_pairs"] == 4
+    start = load_file(str(base / "model.safetensors"))
+    # the steps moved the weights, so equal weights mean equal updates
+    assert max(float((plain_weights[k] - start[k]).abs().max()) for k in plain_weights) > 1e-4
+    assert all(torch.allclose(shared_weights[k], plain_weights[k], atol=1e-5) for k in plain_weights)

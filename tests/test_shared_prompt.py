@@ -191,3 +191,24 @@ def test_models_that_cannot_share_are_refused_or_left_alone():
     forced = load_config(None, ["model.scratch=tiny", "train.output_dir=x", "dpo.share_prompt=true"], stage="dpo")
     with pytest.raises(ConfigError, match=r"dpo\.share_prompt=true .*flash_attention_2.*dpo\.share_prompt=false"):
         share_prompt(forced, flash)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_only_scored_positions_reach_the_output_layer(monkeypatch, share):
+    """From hidden states, the [tokens × vocab] projection runs over reply tokens only, in both layouts:
+    the prompt's positions carry no label."""
+    import lmforge.models.shared_prompt as shared_prompt
+
+    seen = []
+    real = shared_prompt.token_logps_from_hidden
+
+    def counting(hidden, weight, targets):
+        seen.append(hidden.shape[0])
+        return real(hidden, weight, targets)
+
+    monkeypatch.setattr(shared_prompt, "token_logps_from_hidden", counting)
+    batch = collate(records(), "pair", share, ref=False)
+    fused_sums, lengths = policy_logps(tiny(seed=8), batch, fused=True)
+    plain_sums, _ = policy_logps(tiny(seed=8), batch, fused=False)
+    assert seen == [int(lengths.sum())] == [37]
+    assert torch.allclose(fused_sums, plain_sums, atol=1e-5, rtol=0)

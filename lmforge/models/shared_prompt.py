@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.losses.linear_ce import sequence_logps_from_hidden, token_logps_from_hidden
+from lmforge.losses.linear_ce import token_logps_from_hidden
+from lmforge.losses.lm import IGNORE
 from lmforge.losses.preference import sequence_logps
 
 ATTENTION = ("sdpa", "eager", "lmforge_varlen")
@@ -100,11 +101,28 @@ def scored_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return (row * width + predictor)[scored], ids[scored], owner[scored]
 
 
-def shared_logps(output: torch.Tensor, batch: dict, weight: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2B] summed log-probs and token counts of both replies from a shared batch's output: logits
-    [B, L, V], or final hidden states [B, L, H] with the output `weight` (chunked: no [tokens × vocab])."""
-    index, targets, owner = scored_positions(batch)
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scored_positions for the two-row layout: every position whose next label is not IGNORE."""
+    rows, width = labels.shape
+    shifted = labels[:, 1:]
+    scored = shifted != IGNORE
+    row = torch.arange(rows, device=labels.device)[:, None].expand(-1, width - 1)
+    position = row * width + torch.arange(width - 1, device=labels.device)[None, :]
+    return position[scored], shifted[scored], row[scored]
+
+
+def batch_logps(output: torch.Tensor, batch: dict, weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2B] summed log-probs and token counts of a batch in either layout, from logits [rows, L, V] or
+    from final hidden states [rows, L, H] with the output `weight`. From hidden states only the scored
+    positions go through the output layer, in chunks: a prompt's positions carry no label, so the
+    [tokens × vocab] projection (often the largest matmul of a small model) skips them."""
+    if is_shared(batch):
+        (index, targets, owner), sequences = scored_positions(batch), 2 * batch["input_ids"].shape[0]
+    elif weight is None:
+        return sequence_logps(output, batch["labels"])
+    else:
+        (index, targets, owner), sequences = labelled_positions(batch["labels"]), batch["labels"].shape[0]
     flat = output.reshape(-1, output.shape[-1])
     if weight is None:
         # logsumexp over every row once, then one gathered logit per scored token: no second [N, V] copy.
@@ -112,17 +130,5 @@ def shared_logps(output: torch.Tensor, batch: dict, weight: torch.Tensor | None 
         token = logits[index, targets] - logits.logsumexp(-1)[index]
     else:
         token = token_logps_from_hidden(flat.index_select(0, index), weight, targets)
-    sequences = 2 * batch["input_ids"].shape[0]
     sums = torch.zeros(sequences, dtype=torch.float32, device=output.device).index_add(0, owner, token.float())
     return sums, torch.bincount(owner, minlength=sequences)
-
-
-def batch_logps(output: torch.Tensor, batch: dict, weight: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed log-probs and counts, [2B], of a batch in either layout."""
-    if is_shared(batch):
-        return shared_logps(output, batch, weight)
-    if weight is None:
-        return sequence_logps(output, batch["labels"])
-    return sequence_logps_from_hidden(output, weight, batch["labels"])
-
