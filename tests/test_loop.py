@@ -325,3 +325,27 @@ def test_sigterm_in_the_final_evaluation_stops_at_once_and_the_resume_trains_not
                        eval_rows=rows[:16]).train()
     assert {k: v for k, v in result.metrics.items() if "tokens_per_s" not in k} == \
         {k: v for k, v in straight.metrics.items() if "tokens_per_s" not in k}
+
+
+def test_ctrl_c_during_the_evaluation_before_training_stops_before_step_1_and_saves_nothing(tmp_path):
+    from lmforge.loop.preemption import INTERRUPT_STATUS, Preempted
+
+    steps = {"n": 0}
+
+    def loss(model, batch):
+        if model.training:
+            steps["n"] += 1
+        elif not steps.get("signalled"):  # the evaluation before training
+            steps["signalled"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return lm_loss(model, batch)
+
+    rows = random_rows(40)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, max_steps=6, save_steps=2)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Preempted) as stop:
+        Trainer(tiny_model(), rows, partial(collate, pad_id=0), loss, cfg, NO_LOG, eval_rows=rows[:8]).train()
+    assert stop.value.code == INTERRUPT_STATUS == 130 and stop.value.interrupted
+    assert str(stop.value) == "Ctrl-C: stopped before step 1; nothing was trained or saved"
+    assert steps["n"] == 0 and not (tmp_path / "run" / "checkpoints").exists()
+    assert signal.getsignal(signal.SIGINT) is before
