@@ -111,3 +111,21 @@ def test_the_row_table_mirrors_the_decoding_sequences_through_joins_leaves_cance
             checked += 1
     assert all(h.done for h in handles) and checked > 20
     assert handles[3].result().samples[0].finish_reason == "cancelled"
+
+
+def test_the_graphs_storage_check_sees_a_replaced_parameter_and_moved_data_but_not_an_in_place_update():
+    """Captured graphs hold parameter addresses: they are recaptured when the storage check changes."""
+    from lmforge.generation.graphs import storage_of
+
+    model = model_of("qwen3")
+    holders = Engine(model, slots=2, max_len=64, eos_ids=[]).backend.parameter_holders()
+    before = storage_of(holders)
+    assert len(before) == len(list(model.parameters()))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.add_(1.0)  # an optimizer step: same storage
+    assert storage_of(holders) == before
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # a reload
+    replaced = storage_of(holders)
+    assert replaced != before
+    model.model.layers[0].self_attn.q_norm.weight.data = torch.ones(24)  # new data behind the same Parameter
+    assert storage_of(holders) != replaced

@@ -42,6 +42,11 @@ def bucket(count: int, limit: int, smallest: int = 1) -> int:
     return min(size, limit)
 
 
+def storage_of(holders: list[dict]) -> tuple[int, ...]:
+    """Where every parameter's data lives (see `LlamaFamilyBackend.parameter_holders`)."""
+    return tuple(p.data_ptr() for held in holders for p in held.values() if p is not None)
+
+
 @dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
@@ -59,13 +64,14 @@ class DecodeGraphs:
         self.graphs: dict[tuple, Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()  # every bucket's graph shares one memory pool
         self.storage: tuple | None = None
+        self.holders = backend.parameter_holders()
 
     def run(self, packed: np.ndarray, count: int, mode: DrawMode | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Replay the step for `packed` (its rows a bucket, padding rows last): one host-to-device copy in,
         the graph, and the outputs of rows 0..count-1, valid until the next replay."""
         rows = packed.shape[0]
         span = bucket(int(packed[:count, POSITION].max()) + 1, self.max_len, MIN_SPAN)
-        storage = tuple(p.data_ptr() for p in self.backend.parameters())
+        storage = storage_of(self.holders)
         if storage != self.storage:
             self.graphs.clear()
             self.storage = storage

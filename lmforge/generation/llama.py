@@ -107,8 +107,12 @@ class LlamaFamilyBackend:
         self.graphs = DecodeGraphs(self, rows, max_len) if cuda_graphs and graphs_can_run(model, self.device) \
             else None
 
-    def parameters(self):
-        return self.model.parameters()
+    def parameter_holders(self) -> list[dict]:
+        """The `_parameters` dicts of the model's modules that hold any: reading them each step finds a
+        replaced parameter or moved storage at a tenth of the cost of walking `model.parameters()` (an 8B
+        model's 291 parameters: ~0.7 ms of host time a step). A module swapped for another after the engine is
+        built is not seen: build a new engine then."""
+        return [module._parameters for module in self.model.modules() if module._parameters]
 
     def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feed chunks[i] at positions starts[i].. of rows[i], all rows in one forward; the float logits
