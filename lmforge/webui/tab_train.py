@@ -101,6 +101,7 @@ def _common_fields(ctx: Context) -> dict:
         add("model", gr.Textbox(defaults.model, label=en("model"), scale=2))
         add("tokenizer", gr.Textbox(defaults.tokenizer, label=en("tokenizer")))
         add("template", gr.Dropdown(list(template_names()), value=defaults.template, label=en("template"),
+                                    allow_custom_value=True,  # a .jinja file under --root, loaded from a YAML
                                     info=en("help.template"), elem_id="template"), "help.template")
     with gr.Row():
         add("data", gr.Textbox(defaults.data, scale=3, label=en("data"), info=en("help.data")), "help.data")
