@@ -147,7 +147,7 @@ def _run(base, world_dir, tmp_path, monkeypatch, script, stage="grpo", *extra):
     from lmforge.stages import STAGE_RUNNERS, online
 
     scripted = ScriptedRollouts(script)
-    monkeypatch.setattr(online, "RolloutEngine", lambda policy, tokenizer, *a: setattr(
+    monkeypatch.setattr(online, "RolloutEngine", lambda policy, tokenizer, *a, **k: setattr(
         scripted, "tokenizer", tokenizer) or scripted)
     out = tmp_path / stage
     cfg = load_config(None, [

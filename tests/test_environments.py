@@ -14,11 +14,12 @@ from lmforge.data.templates import end_of_turn_ids, render_prompt
 from lmforge.generation import Engine, Sampling
 from lmforge.losses.rl import gather_logps
 from lmforge.rollout.environments import (
+    UNREADABLE,
     ToolEnvironment,
     checked_reset,
     checked_step,
     load_environment,
-    parse_tool_calls,
+    tool_calls,
 )
 from lmforge.rollout.multiturn import Limits, continuation_ids, play
 from lmforge.rollout.tools_sandbox import ToolLimits, run_tool
@@ -60,15 +61,16 @@ def tools_file(tmp_path_factory):
     return path
 
 
-def test_parse_tool_calls_hermes_form_and_bad_ones():
-    assert parse_tool_calls("The answer is 4.") is None
-    reply = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' \
+def test_tool_calls_by_the_servers_rule_and_unreadable_ones():
+    assert tool_calls("The answer is 4.") is None
+    reply = 'Let me add.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' \
             '<tool_call>{"name": "add", "arguments": "{\\"a\\": 3, \\"b\\": 4}"}</tool_call>'
-    assert parse_tool_calls(reply) == [{"name": "add", "arguments": {"a": 1, "b": 2}},
-                                       {"name": "add", "arguments": {"a": 3, "b": 4}}]
-    bad = parse_tool_calls('<tool_call>{"name": "add", "arguments": {"a": 1</tool_call><tool_call>[1]</tool_call>'
-                           '<tool_call>{"name": "add"}')  # unclosed at the end of the reply: still a call
-    assert [list(c) for c in bad] == [["error"], ["error"], ["name", "arguments"]] and bad[2]["arguments"] == {}
+    assert tool_calls(reply) == [{"name": "add", "arguments": {"a": 1, "b": 2}},
+                                 {"name": "add", "arguments": {"a": 3, "b": 4}}]
+    for broken in ('<tool_call>{"name": "add", "arguments": {"a": 1</tool_call>',  # bad JSON
+                   '<tool_call>{"name": "add", "arguments": {}}</tool_call> and then some text',
+                   '<tool_call>{"name": "add", "argum'):  # cut by the token limit
+        assert tool_calls(broken) == [], broken
 
 
 @pytest.mark.parametrize("function, kind, text", [
@@ -94,11 +96,14 @@ def test_tool_environment_counts_bad_calls_as_finished_turns(tools_file):
     calls = "".join(f'<tool_call>{{"name": "{n}", "arguments": {a}}}</tool_call>'
                     for n, a in [("boom", '{"x": 1}'), ("hang", "{}"), ("flood", "{}"), ("nope", "{}"),
                                  ("add", '{"a": 20, "b": 22}')])
-    messages, reward, done = checked_step(env, calls + "<tool_call>not json</tool_call>")
-    assert not done and len(messages) == 6 and all(m["role"] == "tool" for m in messages)
-    assert [o.kind for o in env.outcomes] == ["error", "timeout", "ok", "error", "ok", "error"]
+    messages, reward, done = checked_step(env, calls)
+    assert not done and len(messages) == 5 and all(m["role"] == "tool" for m in messages)
+    assert [o.kind for o in env.outcomes] == ["error", "timeout", "ok", "error", "ok"]
     assert "no tool named 'nope'" in messages[3]["content"] and messages[4]["content"] == "42"
     assert len(messages[2]["content"]) < 400 and reward == pytest.approx(0.2)  # two calls ran cleanly
+    unreadable, reward, done = checked_step(env, calls + "<tool_call>not json</tool_call>")
+    assert unreadable == [{"role": "tool", "content": UNREADABLE}] and (reward, done) == (0.0, False)
+    assert env.outcomes[-1].kind == "error" and len(env.outcomes) == 6  # counted, and the episode goes on
     assert checked_step(env, "It is 42.") == ([], 1.0, True)
     env.reset(record)
     assert checked_step(env, "It is 41.") == ([], 0.0, True)
@@ -365,3 +370,12 @@ def test_an_environment_is_the_reward_and_tools_need_functions():
         load_config(None, [*base, "rl.rewards=[{kind: environment}]"], stage="grpo")
     cfg = load_config(None, [*base, "rl.environment=x:Y"], stage="grpo")
     assert [s.kind for s in cfg.rl.reward_specs()] == ["environment"]  # the environment is the reward
+
+
+def test_a_group_larger_than_the_engines_rows_is_refused_not_left_waiting(policy):
+    model, tok = policy
+    engine = Engine(model, slots=2, max_len=64, eos_ids=end_of_turn_ids(tok), backend="hf")
+    records = [{"prompt": [{"role": "user", "content": "hi"}]}]
+    with pytest.raises(ConfigError, match="rl.num_generations=4 needs 4 cache rows at once, but the rollout engine "
+                                          "holds 2"):
+        play(engine, tok, Countdown, records, Sampling(), Limits(8, 2, 32), n=4)

@@ -19,7 +19,6 @@ import importlib.util
 import inspect
 import json
 import math
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Protocol
 
 from lmforge.config.errors import ConfigError
 from lmforge.data import grading
+from lmforge.data.tool_calls import call_marker, parse_tool_calls
 from lmforge.rollout.tools_sandbox import ToolLimits, ToolOutcome, run_tool
 
 
@@ -36,37 +36,24 @@ class Environment(Protocol):
     def step(self, reply: str) -> tuple[list[dict], float, bool]: ...
 
 
-TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+UNREADABLE = ('error: the tool call could not be read; write each call as <tool_call>{"name": "<tool>", '
+              '"arguments": {...}}</tool_call>, with nothing after the calls')
 
 
-def parse_tool_calls(reply: str) -> list[dict] | None:
-    """The Hermes/Qwen tool calls of a reply (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`),
-    each as {"name", "arguments"} or {"error"} for one that is not such JSON; None when the reply has none."""
-    blocks = TOOL_CALL.findall(reply)
-    if not blocks:
-        return None
-    calls = []
-    for block in blocks:
-        try:
-            call = json.loads(block.strip())
-        except ValueError:
-            calls.append({"error": f"the tool call is not JSON: {block.strip()[:200]!r}"})
-            continue
-        arguments = call.get("arguments", {}) if isinstance(call, dict) else None
-        if isinstance(arguments, str):  # OpenAI's wire form: arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                arguments = None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
-            calls.append({"error": 'a tool call needs {"name": "<tool>", "arguments": {...}}'})
-        else:
-            calls.append({"name": call["name"], "arguments": arguments})
-    return calls
+def tool_calls(reply: str, fmt: str = "hermes") -> list[dict] | None:
+    """The reply's tool calls as {"name", "arguments"} by the one parsing rule of `lmforge.data.tool_calls`
+    (the server's); [] when it opens a call that rule cannot read (broken JSON, text after it, cut off),
+    None when it opens none (a final answer)."""
+    parsed = parse_tool_calls(reply, fmt)
+    if not parsed.calls:
+        return [] if call_marker(fmt) in reply else None
+    return [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+            for c in parsed.calls]
 
 
 class ToolEnvironment:
-    """The built-in tool environment. Each turn, the model's tool calls run against the registered functions
+    """The built-in tool environment (Hermes/Qwen `<tool_call>` format). Each turn, the model's tool calls run
+    against the registered functions
     (`rl.tools`: `module:function` or `file.py:function`, known to the model by function name), each in a
     separate process under `ToolLimits`; their results, errors included, come back as `tool` messages. A reply
     without a tool call is the final answer: reward 1 when it states the record's answer (the grading rule
@@ -88,7 +75,10 @@ class ToolEnvironment:
         return list(record["prompt"])
 
     def step(self, reply: str) -> tuple[list[dict], float, bool]:
-        calls = parse_tool_calls(reply)
+        calls = tool_calls(reply)
+        if calls == []:  # a call the model did not finish or wrote wrong: told so, a counted turn
+            self.outcomes.append(ToolOutcome("error", UNREADABLE))
+            return [{"role": "tool", "content": UNREADABLE}], 0.0, False
         if calls is None:
             expected = self.record.get("answer") or self.record.get("reference") or ""
             question = next((m["content"] for m in reversed(self.record["prompt"]) if m["role"] == "user"), "")
@@ -96,9 +86,7 @@ class ToolEnvironment:
             return [], float(right), True
         messages, reward = [], 0.0
         for call in calls:
-            if "error" in call:
-                outcome = ToolOutcome("error", f"error: {call['error']}")
-            elif call["name"] not in self.tools:
+            if call["name"] not in self.tools:
                 outcome = ToolOutcome("error", f"error: no tool named {call['name']!r}; tools: {', '.join(self.tools)}")
             else:
                 outcome = run_tool(self.tools[call["name"]], call["arguments"], self.limits)

@@ -105,6 +105,10 @@ def play(engine: Engine, tokenizer, make_env: Callable, records: list[dict], sam
          n: int = 1, logprobs: bool = False) -> Trajectories:
     """`n` trajectories per record (prompt-major), each against a fresh environment."""
     started = time.perf_counter()
+    if n > engine.slots:  # a group's samples are admitted together: more than the rows would never start
+        raise ConfigError(f"rl.num_generations={n} needs {n} cache rows at once, but the rollout engine holds "
+                          f"{engine.slots} (rl.rollout_rows, or the GPU memory left): lower rl.num_generations "
+                          "or rl.max_total_tokens")
     plays, prompts, live = [], [], []
     for record in records:
         group = [_Play(make_env(), []) for _ in range(n)]

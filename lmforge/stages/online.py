@@ -145,7 +145,8 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     if make_env:
         longest += tools_overhead(tokenizer, make_env, train_rows[0]["prompt"])
     rollouts = RolloutEngine(unwrapped.policy, tokenizer, rl.prompts_per_step * rl.num_generations, longest,
-                             rl.max_total_tokens if make_env else rl.max_new_tokens, rl.backend)
+                             rl.max_total_tokens if make_env else rl.max_new_tokens, rl.backend,
+                             max_rows=rl.rollout_rows)
     exact = engine_logps_are_exact(unwrapped.policy, trainer.accelerator)
     score = partial(score_play, rollouts, make_env, rewards, rl, sampling) if make_env \
         else partial(score_rollout, rollouts, sampling, rewards, rl)
