@@ -146,7 +146,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
         longest += tools_overhead(tokenizer, make_env, train_rows[0]["prompt"])
     rollouts = RolloutEngine(unwrapped.policy, tokenizer, rl.prompts_per_step * rl.num_generations, longest,
                              rl.max_total_tokens if make_env else rl.max_new_tokens, rl.backend,
-                             max_rows=rl.rollout_rows)
+                             max_rows=rl.rollout_rows, compile=cfg.train.compile or None)
     exact = engine_logps_are_exact(unwrapped.policy, trainer.accelerator)
     score = partial(score_play, rollouts, make_env, rewards, rl, sampling) if make_env \
         else partial(score_rollout, rollouts, sampling, rewards, rl)
