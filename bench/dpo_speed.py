@@ -18,7 +18,7 @@ allocator keeps no statistics and tracemalloc does not see tensor memory), also 
 set at the first step:
 
     python bench/dpo_speed.py --model S --modes precompute:eager --prompt 256 --reply 64 --share-prompt on,off \
-        --steps 6 --warmup 2 --out bench/results/dpo_share_prompt_cpu.json
+        --pairs 24 --steps 3 --warmup 1 --out bench/results/dpo_speed_share_prompt_cpu.json
 """
 
 from __future__ import annotations
