@@ -330,3 +330,14 @@ def test_runs_table_survives_damaged_and_hostile_run_folders(tmp_path):
     assert stages == {"good-manifest": "dpo", "good-config": "sft", **{n: "?" for n in list(cases)[2:]}}
     listed = sorted(r.stage for r in list_runs(runs, Launcher()))  # the whole table, not one error
     assert listed == sorted(stages.values())
+
+
+def test_a_run_stopped_from_outside_the_ui_shows_as_stopped_not_failed(tmp_path):
+    from lmforge.webui.runs import Launcher
+
+    launcher = Launcher()
+    for code, state in ((130, "stopped"), (143, "stopped"), (1, "failed"), (0, "done")):
+        run = tmp_path / str(code)
+        launcher.processes[run.resolve()] = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+        launcher.processes[run.resolve()].wait()
+        assert launcher.state(run) == state

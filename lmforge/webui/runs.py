@@ -33,6 +33,10 @@ class RunInfo:
     loss: float | None
 
 
+STOPPED_EXIT_CODES = (130, 143)
+"""What a run exits with when SIGTERM or Ctrl-C stopped it cleanly (lmforge/loop/preemption.py)."""
+
+
 class Launcher:
     """Starts `python -m lmforge.cli train STAGE CONFIG` in a subprocess per run; tracks, stops, resumes.
     Each process runs a private copy of the config text it was given (the text the UI checked), not a file
@@ -95,6 +99,8 @@ class Launcher:
         if code is None:
             return "running"
         if output_dir.resolve() in self.stopped:
+            return "stopped"
+        if code in STOPPED_EXIT_CODES:  # stopped by SIGTERM/Ctrl-C from outside, after saving a checkpoint
             return "stopped"
         return "done" if code == 0 else "failed"
 
