@@ -296,7 +296,7 @@ def cmd_data(args) -> int:
             pairs, _ = load_examples(cfg.data.train, cfg.data, errors, cache, kind="pair")
             inspect_pairs(tokenizer, pairs, args.num, cfg.data.max_length, console)
             return 0
-        if cfg.stage in ("ppo", "grpo", "rloo"):  # prompt data, read as the online RL stages read it
+        if cfg.stage in ("ppo", "grpo", "rloo", "distill"):  # prompt data, read as the online RL and distill stages read it
             from lmforge.data.inspect import inspect_prompts
 
             prompts, _ = load_examples(cfg.data.train, cfg.data, errors, cache, kind="prompt")

@@ -144,6 +144,9 @@ def test_data_inspect_reads_every_file(files, world_tokenizer_dir, capsys):
                    "rl.num_generations=2",
                    f"data.train={files['grpo']}"], capsys)
     assert "reference: 2" in out
+    out = run_cli(["data", "inspect", "--stage", "distill", "-n", "1", *common, "distill.teacher=teacher",
+                   f"data.train={files['grpo']}"], capsys)
+    assert "reference: 2" in out  # distill reads prompts as the RL stages do, not as SFT dialogues
     out = run_cli(["data", "inspect", "--stage", "pt", "-n", "1", *common, "data.text_split=blank",
                    f"data.train={files['pt']}"], capsys)
     assert f"{files['pt']}:line 1" in out

@@ -200,7 +200,8 @@ def run(cfg: StageConfig) -> dict:
     state = trainer.state
     unwrapped = trainer.accelerator.unwrap_model(trainer.prepared)
     rollouts = RolloutEngine(unwrapped, tokenizer, d.prompts_per_step * d.num_generations,
-                             max(map(len, train_prompts + eval_prompts)), d.max_new_tokens, d.backend)
+                             max(map(len, train_prompts + eval_prompts)), d.max_new_tokens, d.backend,
+                             compile=cfg.train.compile or None)
 
     def evaluate() -> dict:
         with whole_parameters(trainer.prepared):
