@@ -68,22 +68,25 @@ def test_missing_model_or_tokenizer_folder_is_one_line(tmp_path, model_lines, ke
         assert word in line, line
 
 
-@pytest.mark.parametrize("name", ["llama3", "Chatml", "llama-3", "../templates/chatml", "chatml.jinja"])
-def test_unknown_template_is_refused_when_the_config_is_read(tmp_path, name):
-    """Before: `llama3` passed validation and crashed with a traceback after the model loaded."""
+@pytest.mark.parametrize("name, says", [("llama4", "is not a template"), ("Chatml", "is not a template"),
+                                        ("llama-3", "is not a template"), ("../templates/chatml", "no such file"),
+                                        ("chatml.jinja", "no such file")])
+def test_unknown_template_is_refused_when_the_config_is_read(tmp_path, name, says):
+    """Before: an unknown name passed validation and crashed with a traceback after the model loaded. A name
+    with a slash or a .jinja suffix is a path to the user's own template, refused when it does not exist."""
     from lmforge.config.load import load_config
     from lmforge.config.schema import ConfigError
 
-    with pytest.raises(ConfigError, match=r"model\.template.*auto, chatml, plain"):
+    with pytest.raises(ConfigError, match=rf"model\.template.*{says}.*auto, baichuan2, chatml"):
         load_config(None, [f"model.template={name}", "model.scratch=tiny", "data.train=x.jsonl",
                            f"train.output_dir={tmp_path}"], stage="sft")
 
 
 def test_unknown_template_in_a_yaml_file_is_one_cli_line_before_any_loading(tmp_path):
     config = write(tmp_path / "c.yaml", "stage: sft\nmodel:\n  scratch: tiny\n  tokenizer: nowhere\n"
-                                        "  template: llama3\ndata:\n  train: [x.jsonl]\ntrain:\n  output_dir: out\n")
+                                        "  template: llama4\ndata:\n  train: [x.jsonl]\ntrain:\n  output_dir: out\n")
     line = one_line_error(run_cli(tmp_path, "train", "sft", str(config)))
-    assert "model.template" in line and "llama3" in line and "chatml" in line, line
+    assert "model.template" in line and "llama4" in line and "chatml" in line, line
     assert "no such folder" not in line  # refused when read, before the tokenizer folder is looked at
 
 
