@@ -136,8 +136,10 @@ def test_the_examples_run_their_first_step_from_a_clone(clone, base, world_token
             if name == "pt_demo" else [f"model.name_or_path={base}"]
         rl = [f"rl.reward_model={runs / 'rm_demo'}", "rl.critic=shared"] if name == "ppo_demo" else []
         generations = ["rl.num_generations=2"] if name in ("grpo_demo", "rloo_demo") else []
+        # tool records carry their function schemas in the system turn: longer than SHRINK's 128 tokens
+        longer = ["data.max_length=1024"] if name == "sft_alpaca_lora" else []
         cfg = load_config(clone / "examples" / f"{name}.yaml",
-                          [*model, *SHRINK, *rl, *generations, f"train.output_dir={runs / name}"])
+                          [*model, *SHRINK, *rl, *generations, *longer, f"train.output_dir={runs / name}"])
         STAGE_RUNNERS[cfg.stage](cfg)
         manifest = json.loads((runs / name / "lmforge.json").read_text(encoding="utf-8"))
         files = manifest["data"]["by_file"]

@@ -226,15 +226,17 @@ def test_a_stage_on_a_full_disk_says_so_in_one_line_and_resumes(small_disk, worl
         capsys.readouterr()
         assert cli_main(args) == 2
     printed = capsys.readouterr().out.strip()
-    assert printed.startswith(f"error: disk full while saving {out / 'checkpoints' / 'checkpoint-4'}: it needs "), \
+    # the run's plan (data counts, steps) comes first; the failure is its last line, and the only error line
+    *before, last = printed.splitlines()
+    assert last.startswith(f"error: disk full while saving {out / 'checkpoints' / 'checkpoint-4'}: it needs "), \
         printed
-    assert len(printed.splitlines()) == 1, printed
+    assert not any(line.startswith("error") or "Traceback" in line for line in before), printed
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
     assert not list((out / "checkpoints").glob(".tmp-*")) and not (out / MANIFEST).exists()
 
     assert cli_main([*args, "train.resume=true"]) == 2  # still full: refused, one line
-    printed = capsys.readouterr().out.strip()
-    assert printed.startswith("error: disk full ") and len(printed.splitlines()) == 1, printed
+    *before, last = capsys.readouterr().out.strip().splitlines()
+    assert last.startswith("error: disk full ") and not any(line.startswith("error") for line in before), last
 
     small_disk.fill_completely()  # not even room for the run's config: the whole-run guard names the folder
     assert cli_main([*args, "train.resume=true"]) == 2

@@ -308,7 +308,8 @@ def test_a_stage_run_records_the_counts_in_its_manifest(chat_tokenizer_dir, tmp_
     path = write(file, tmp_path, "sft")
     out = tmp_path / "run"
     cfg = load_config(None, ["model.scratch=test", f"model.tokenizer={chat_tokenizer_dir}", f"data.train={path}",
-                             "data.on_error=skip", "data.eval_split=0", "sft.eval_generate=0", "train.max_steps=1",
+                             "data.on_error=skip", "data.max_bad_fraction=1", "data.eval_split=0", "sft.eval_generate=0",
+                             "train.max_steps=1",
                              "train.batch_size=4", f"train.output_dir={out}", "log.report_to=[]",
                              "log.progress=false"], stage="sft")
     STAGE_RUNNERS["sft"](cfg)
