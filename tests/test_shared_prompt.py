@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_fast_paths import tiny  # the same 2-layer Llama (vocabulary 64)
 
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import DPOConfig
@@ -16,16 +16,6 @@ from lmforge.stages.dpo import policy_logps, preference_count, preference_loss
 # (prompt, chosen, rejected) lengths: uneven so rows pad differently; a 1-token prompt and reply; an
 # empty prompt (its first reply token is unscored in both layouts).
 SHAPES = ((4, 6, 9), (7, 3, 2), (1, 11, 1), (0, 2, 5))
-
-
-def tiny(seed: int = 0, attention: str = "sdpa", tied: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                         tie_word_embeddings=tied)
-    model = LlamaForCausalLM(config)
-    model.set_attn_implementation(attention)
-    return model
 
 
 def records(kind: str = "pair", seed: int = 5) -> list[dict]:
