@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_rl_losses import GARBAGE as G  # what a padded entry may hold; it must never reach a real one
+from test_rl_losses import TOL, t
 
 from lmforge.config.schema import ConfigError, RLConfig
 from lmforge.losses import rl
@@ -24,14 +26,6 @@ from lmforge.losses.grpo_family import (
 )
 from lmforge.losses.rl import clipped_policy_loss, entropy_from_logits, entropy_with_grad, kl_per_token
 from lmforge.stages.grpo import grpo_advantages, grpo_loss
-
-TOL = 1e-9
-G = 1e4  # what a padded entry may hold; it must never reach a real one
-
-
-def t(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
 
 MASK = t([[1, 1, 1, 0], [1, 0, 0, 0]])  # replies of 3 and 1 tokens, right-padded to 4
 
