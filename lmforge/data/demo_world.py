@@ -320,11 +320,13 @@ def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0,
     from lmforge.data.demo_prefs import add_style_noise, pref_files
     from lmforge.data.demo_rl import rl_files
     from lmforge.data.demo_sft import sft_records
+    from lmforge.data.demo_tools import tool_files
 
     sft_train, sft_eval = sft_records(world)
 
     sft_train = add_style_noise(sft_train, sft_noise, seed, sft_noise_style)
-    more = {**pref_files(world), **rl_files(world, sft_train, sft_eval), **choice_files(world, sft_eval)}
+    more = {**pref_files(world), **rl_files(world, sft_train, sft_eval), **choice_files(world, sft_eval),
+            **tool_files(world)}
     names = {
         "world": "world.json",
         "pt_train": "pt/train.txt",
