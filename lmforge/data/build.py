@@ -23,7 +23,7 @@ import datasets
 from datasets.exceptions import DatasetGenerationError
 
 from lmforge.config.schema import DataConfig, DatasetSpec
-from lmforge.data.errors import DataError, ErrorLog
+from lmforge.data.errors import NUMBER, DataError, ErrorLog, file_order
 from lmforge.data.formats import RowFormat, to_example
 from lmforge.data.packing import pack_samples, pack_stream
 from lmforge.data.preference import PromptTooLong, encode_kto, encode_pair, to_kto, to_pair
@@ -129,6 +129,8 @@ def load_examples(specs: list[DatasetSpec], cfg: DataConfig, errors: ErrorLog, c
                 split = part.train_test_split(test_size=holdout, seed=cfg.seed)
                 part = split["train"]
                 held.append(split["test"])
+                if errors.on_error == "raise":
+                    errors.held_out.append(split["test"])
         parts.append(part)
         weights.append(spec.weight)
     if not parts:
@@ -193,6 +195,36 @@ def error_at(source: str, problem: str) -> DataError:
     return DataError(path, where, problem)
 
 
+def _map_in_file_order(dataset, fn, errors: ErrorLog, streaming: bool, **fn_kwargs):
+    """`dataset.map(fn)` for tokenization. Under on_error: raise, the error names the file's first bad record
+    in file order, as reading does: the held-out split shuffled the records, so the bad ones are gathered,
+    the held-out tables searched for an earlier bad line of the same file, and the first raised."""
+    kwargs = {"batched": True, "remove_columns": dataset.column_names, "fn_kwargs": {**fn_kwargs, "errors": errors}}
+    if errors.on_error != "raise" or streaming:
+        return dataset.map(fn, **kwargs)
+    errors.deferred = []
+    try:
+        tokens = dataset.map(fn, **kwargs)
+        if errors.deferred:
+            first = file_order(errors.deferred, list(errors.loaded))
+            for other in errors.held_out:
+                if other is dataset or other._fingerprint == dataset._fingerprint:
+                    continue
+                earlier = other.filter(lambda s: _before(s, first), input_columns="source")
+                if len(earlier):
+                    earlier.map(fn, **{**kwargs, "remove_columns": earlier.column_names})
+            raise file_order(errors.deferred, list(errors.loaded))
+    finally:
+        errors.deferred = None
+    return tokens
+
+
+def _before(source: str, error: DataError) -> bool:
+    path, where = source.rsplit(":", 1)
+    number, limit = NUMBER.search(where), NUMBER.search(error.where)
+    return path == error.source and bool(number and limit) and int(number.group()) < int(limit.group())
+
+
 def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> dict:
     out = {"input_ids": [], "labels": []}
     for messages, chat, tools, source in zip(batch["messages"], batch["chat"], batch["tools"], batch["source"]):
@@ -215,10 +247,8 @@ def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> di
 
 
 def tokenize_sft(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, pack: bool):
-    columns = ["text", "messages", "tools", "chat", "source"]
     with _counts_after_tokenization(errors, cfg):
-        tokens = dataset.map(_sft_tokens, batched=True, remove_columns=columns,
-                             fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "errors": errors})
+        tokens = _map_in_file_order(dataset, _sft_tokens, errors, cfg.streaming, tokenizer=tokenizer, cfg=cfg)
     if pack and not cfg.streaming:
         rows = pack_samples(list(tokens), cfg.max_length)
         return datasets.Dataset.from_list(rows)
@@ -298,8 +328,9 @@ def _preference_tokens(batch: dict, tokenizer, max_length: int, errors: ErrorLog
                 encode_kto(tokenizer, record, max_length)
         except PromptTooLong as exc:
             if errors.on_error == "raise":
-                raise error_at(source, f"{exc}; raise data.max_length, or set data.on_error: skip to drop "
-                                       "such records") from None
+                errors.report(error_at(source, f"{exc}; raise data.max_length, or set data.on_error: skip to "
+                                               "drop such records"))
+                continue
             errors.count_cuts(source, {"dropped_no_room"})
             continue
         except ValueError as exc:
@@ -319,9 +350,8 @@ def tokenize_preference(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, k
     record's completion as the mismatched one for the KL estimate (fixed here, so a cached reference
     pass and the training pass see the same pairs)."""
     with _counts_after_tokenization(errors, cfg):
-        tokens = dataset.map(_preference_tokens, batched=True, remove_columns=dataset.column_names,
-                             fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.max_length, "errors": errors,
-                                        "kind": kind})
+        tokens = _map_in_file_order(dataset, _preference_tokens, errors, cfg.streaming, tokenizer=tokenizer,
+                                    max_length=cfg.max_length, kind=kind)
     if kind == "kto" and len(tokens) > 0:
         completions = tokens["completion_ids"]
         room = [cfg.max_length - len(p) for p in tokens["prompt_ids"]]

@@ -56,9 +56,18 @@ class ErrorLog:
     """file -> the lowest few bad places (line or record numbers) with their problems: records are read
     shuffled, and a user fixes a file from its top."""
 
+    deferred: list | None = field(default=None, repr=False)
+    """Under `raise`, while tokenization runs: the bad records found, of which the first in file order is
+    raised at the end (tokenization sees records in the held-out split's shuffled order)."""
+    held_out: list = field(default_factory=list, repr=False)
+    """Under `raise`: the held-out tables split from train, searched for an earlier bad line (see deferred)."""
+
     def report(self, error: DataError) -> None:
         if self.on_error == "raise":
-            raise error
+            if self.deferred is None:
+                raise error
+            self.deferred.append(error)
+            return
         self.skipped[error.source] += 1
         keep_lowest(self.first_bad.setdefault(error.source, []), error)
         self.reasons[(error.source, reason_of(error.problem))] += 1
@@ -178,6 +187,18 @@ class ErrorLog:
             cut = [f"{counts[k]} {k.replace('_', ' ')}" for k in CUT_KINDS if counts.get(k)]
             lines.append(line + (f", {', '.join(cut)}" if cut else ""))
         return lines
+
+
+def file_order(errors: list[DataError], files: list[str]) -> DataError:
+    """The error of the first bad place in file order: the first file (in `files`' order), then the lowest
+    line or record number."""
+    rank = {name: i for i, name in enumerate(files)}
+
+    def place(error: DataError) -> tuple[int, int]:
+        number = NUMBER.search(error.where)
+        return rank.get(error.source, len(rank)), int(number.group()) if number else -1
+
+    return min(errors, key=place)
 
 
 FIRST_BAD = 3
