@@ -60,6 +60,9 @@ class ToolEnvironment:
     of `answer_match`), else 0, and the trajectory ends. `call_reward` is added for every call that ran
     without an error (0 by default: a per-turn shaping term)."""
 
+    concurrent_steps = True
+    """Instances share nothing, so the trajectories of a group step on threads (see multiturn._steps)."""
+
     def __init__(self, tools: list[str], limits: ToolLimits | None = None, call_reward: float = 0.0):
         self.tools = {target.rpartition(":")[2]: target for target in tools}
         if len(self.tools) != len(tools):

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,8 @@ from lmforge.rollout.rollouts import Samples, left_pad
 from lmforge.rollout.tools_sandbox import OUTCOMES
 
 SENTINEL = "lmforge_reply_sentinel"
+STEP_THREADS = 8
+"""Environment steps run at once (tool processes waited on side by side), for environments that allow it."""
 
 
 @dataclass
@@ -147,7 +150,7 @@ def _seed(sampling: Sampling) -> int:
 def _advance(engine: Engine, tokenizer, handle, members: list, limits: Limits) -> list:
     """Record each finished sample's turn, step its environment, and continue the sessions that go on (all
     continuations are posted before the handle's rows are released)."""
-    going = []
+    going, replies = [], []
     for index, p in members:
         sample = handle.samples[index]
         reply = to_generation(tokenizer, sample.token_ids, sample.finish_reason)
@@ -158,13 +161,15 @@ def _advance(engine: Engine, tokenizer, handle, members: list, limits: Limits) -
         p.transcript.append({"role": "assistant", "content": reply.text})
         # A turn cut at its token limit is still scored (as a single-turn reply would be), then the episode ends.
         p.stopped = sample.finish_reason == "stop"
-        messages, reward, done = checked_step(p.env, reply.text)
+        replies.append(reply.text)
+    outcomes = _steps([p.env for _, p in members], replies)
+    for (index, p), text, (messages, reward, done) in zip(members, replies, outcomes):
         p.rewards.append(reward)
         p.transcript += messages
         if done or not p.stopped or p.turns >= limits.max_turns:
             continue
         extra = continuation_ids(tokenizer, p.history, messages, getattr(p.env, "schemas", None) or None)
-        p.history += [{"role": "assistant", "content": reply.text}, *messages]
+        p.history += [{"role": "assistant", "content": text}, *messages]
         room = p.room - len(p.ids) - len(extra)
         if room < 1:
             continue
@@ -176,6 +181,16 @@ def _advance(engine: Engine, tokenizer, handle, members: list, limits: Limits) -
                  for index, p, extra, budget in going]
     engine.release(handle)
     return continued
+
+
+def _steps(envs: list, replies: list[str]) -> list[tuple[list[dict], float, bool]]:
+    """Each environment's `step` on its reply. Environments whose class sets `concurrent_steps = True` (the
+    tool environment: its steps wait on tool processes) step on worker threads, so a group's tool calls run
+    side by side instead of one after another; any other class steps here, in order."""
+    if len(envs) < 2 or not all(getattr(env, "concurrent_steps", False) for env in envs):
+        return [checked_step(env, reply) for env, reply in zip(envs, replies)]
+    with ThreadPoolExecutor(max_workers=min(STEP_THREADS, len(envs))) as pool:
+        return list(pool.map(checked_step, envs, replies))
 
 
 def _layout(tokenizer, prompts: list[list[int]], plays: list[_Play], seconds: float) -> Trajectories:
