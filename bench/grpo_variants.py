@@ -1,0 +1,182 @@
+"""The GRPO loss family on the demo world's held-out sums: `grpo`, `dr_grpo`, `dapo`, DAPO with clip-higher and
+dynamic sampling, and GSPO, each from the same SFT checkpoint with the same seed and budget.
+
+Each run is `lmforge train grpo examples/grpo_demo.yaml` in its own process (one CPU thread), with only the
+variant's `rl.*` keys changed, plus `rl.minibatch_size=128`: two optimizer steps per rollout, so the second
+step is off-policy and the clip ranges and the sequence-level ratio have something to act on (with one
+on-policy step per rollout every ratio is 1, and GSPO's gradient equals `grpo`'s). The held-out exact match
+and KL to the SFT model come from the stage's own evaluations (`eval_*` rows of metrics.jsonl, every
+`--eval-every` rollouts); the script collects them, writes one JSON file and draws the curves.
+
+    lmforge data demo demo --sft-noise 0.25 --arith-reps 4    # then PT and SFT as in docs/rl.md
+    python bench/grpo_variants.py --model runs/sft_demo --world demo --work /tmp/grpo_variants \\
+        --out bench/results/grpo_variants_cpu.json --png docs/images/grpo_variants.png
+
+`--replot` redraws the PNG and reprints the table from an existing `--out` file without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "examples" / "grpo_demo.yaml"
+SHARED = ["rl.minibatch_size=128"]
+PROMPTS_PER_STEP = 16  # examples/grpo_demo.yaml's rl.prompts_per_step
+VARIANTS = {
+    "grpo": ["rl.loss_type=grpo"],
+    "dr_grpo": ["rl.loss_type=dr_grpo"],
+    "dapo": ["rl.loss_type=dapo"],
+    "dapo_clip_higher_dynamic": ["rl.loss_type=dapo", "rl.clip_range_high=0.28", "rl.dynamic_sampling=true"],
+    # GSPO's paper setup: per-sequence mean aggregation and its own (much narrower) clip range, since a
+    # length-normalised sequence ratio stays far closer to 1 than a token's ratio (Zheng et al. 2025).
+    "gspo": ["rl.loss_type=grpo", "rl.importance_sampling=sequence", "rl.clip_range_low=3e-4",
+             "rl.clip_range_high=4e-4"],
+}
+
+
+def read_curves(metrics: Path, prompts_per_step: int) -> dict:
+    """The run's evaluations (rollout -> held-out exact match, KL to the SFT model, reward, reply length) and
+    per-rollout training figures (sampled reward, KL, entropy, clipped share, groups sampled)."""
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    evals, train, done = [], [], 0
+    for row in rows:
+        if "iteration" in row:
+            done = row["iteration"]
+            train.append(row)
+        if "eval_exact_match" in row:
+            evals.append({"rollout": done, "exact_match": row["eval_exact_match"], "kl": row.get("eval_kl"),
+                          "reward": row.get("eval_reward"), "length": row.get("eval_length")})
+    per_rollout = {key: [r.get(key) for r in train]
+                   for key in ("reward", "kl", "entropy", "clipfrac", "groups_with_signal", "groups_sampled")}
+    return {"evals": evals, "train": per_rollout,
+            # Without dynamic sampling a rollout samples rl.prompts_per_step groups and logs no count.
+            "groups_sampled": sum(r.get("groups_sampled", prompts_per_step) for r in train)}
+
+
+def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
+    out_dir = Path(args.work) / f"{name}-seed{seed}"
+    command = [sys.executable, "-m", "lmforge.cli", "train", "grpo", str(RECIPE), "--threads", "1",
+               f"model.name_or_path={args.model}", f"data.train=[{args.world}/rl/arith_train.jsonl]",
+               f"data.eval=[{args.world}/rl/arith_eval.jsonl]", f"train.output_dir={out_dir}",
+               f"train.seed={seed}", f"train.max_steps={args.rollouts}", f"train.eval_steps={args.eval_every}",
+               "log.progress=false", "log.report_to=[]", *SHARED, *VARIANTS[name]]
+    log = out_dir.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with log.open("w", encoding="utf-8") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    row = {"variant": name, "seed": seed, "overrides": [*SHARED, *VARIANTS[name]],
+           "seconds": round(time.time() - start, 1)}
+    if done.returncode != 0:
+        return {**row, "error": log.read_text(encoding="utf-8")[-2000:]}
+    return {**row, **read_curves(out_dir / "metrics.jsonl", PROMPTS_PER_STEP)}
+
+
+def last_mean(values: list, n: int = 10) -> float:
+    tail = [v for v in values[-n:] if v is not None]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Held-out exact match at each evaluation, one line per run, then the end KL, the training reward over
+    the last 10 rollouts (thousands of sampled replies, so less noisy than 32 held-out sums) and the cost."""
+    ok = [r for r in rows if "evals" in r]
+    points = [e["rollout"] for e in ok[0]["evals"]] if ok else []
+    head = ["variant", "seed", *[f"rollout {p}" for p in points], "held-out KL at end", "train reward, last 10",
+            "groups sampled", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "evals" not in r:
+            lines.append(f"| {r['variant']} | {r['seed']} | failed: {r['error'].strip().splitlines()[-1]} |")
+            continue
+        cells = [f"{100 * e['exact_match']:.1f}%" for e in r["evals"]]
+        lines.append("| " + " | ".join([r["variant"], str(r["seed"]), *cells, f"{r['evals'][-1]['kl']:.2f}",
+                                        f"{last_mean(r['train']['reward']):.3f}", str(r["groups_sampled"]),
+                                        f"{r['seconds']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    """Held-out exact match and KL to the SFT model per evaluation, and the sampled training reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for r in (r for r in rows if "evals" in r):
+        style = {"color": colours.get(r["variant"]), "linestyle": "-" if r["seed"] == 0 else "--",
+                 "label": f"{r['variant']} (seed {r['seed']})"}
+        x = [e["rollout"] for e in r["evals"]]
+        axes[0].plot(x, [100 * e["exact_match"] for e in r["evals"]], marker="o", **style)
+        axes[1].plot(x, [e["kl"] for e in r["evals"]], marker="o", **style)
+        reward = r["train"]["reward"]
+        axes[2].plot(range(1, len(reward) + 1), reward, **style)
+    titles = ("held-out exact match (32 sums, greedy), %", "KL to the SFT model on held-out replies (nats)",
+              "training reward (mean over sampled replies)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("rollout")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="the SFT checkpoint every run starts from")
+    parser.add_argument("--world", help="the demo world folder (lmforge data demo ... --arith-reps 4)")
+    parser.add_argument("--work", default="/tmp/grpo_variants", help="a folder for the runs")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated train.seed values")
+    parser.add_argument("--rollouts", type=int, default=40, help="train.max_steps of every run")
+    parser.add_argument("--eval-every", type=int, default=10, help="train.eval_steps of every run")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one CPU thread each)")
+    parser.add_argument("--keep", help="a result file whose rows are kept (runs of the same variant and seed redone)")
+    parser.add_argument("--out", help="the result JSON")
+    parser.add_argument("--png", help="the curves")
+    parser.add_argument("--replot", action="store_true", help="only redraw --png and reprint the table from --out")
+    args = parser.parse_args()
+    if args.replot:
+        rows = json.loads(Path(args.out).read_text(encoding="utf-8"))["rows"]
+    else:
+        if not (args.model and args.world):
+            parser.error("--model and --world are needed to train (or --replot with --out)")
+        unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+        if unknown:
+            parser.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+        plan = [(v, int(s)) for s in args.seeds.split(",") for v in args.variants.split(",")]
+        kept = json.loads(Path(args.keep).read_text(encoding="utf-8"))["rows"] if args.keep else []
+        kept = [r for r in kept if (r["variant"], r["seed"]) not in plan]
+        workload = {"recipe": str(RECIPE.relative_to(ROOT)), "shared_overrides": SHARED, "rollouts": args.rollouts,
+                    "eval_every": args.eval_every, "model": args.model, "world": args.world,
+                    "threads_per_run": 1, "runs_at_a_time": args.parallel}
+        rows = list(kept)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            # Written as each run ends, so a stopped sweep keeps what it measured.
+            for future in as_completed([pool.submit(run_variant, v, s, args) for v, s in plan]):
+                rows.append(future.result())
+                rows.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
+                write_result(args.out, workload, rows)
+    print(markdown_table(rows))
+    if args.png:
+        plot(rows, Path(args.png))
+
+
+if __name__ == "__main__":
+    main()
