@@ -118,7 +118,7 @@ def test_the_smollm2_examples_read_llamafactory_data_as_their_headers_say(name, 
 
 # The single-stage examples that need no GPU, in the order their headers chain them, each run for its
 # first step from the clone (models shrunk to the suite's tiny base; the data is the example's own).
-FIRST_STEPS = ["pt_demo", "sft_demo", "rm_demo", "dpo_demo", "ppo_demo", "grpo_demo", "rloo_demo",
+FIRST_STEPS = ["pt_demo", "sft_demo", "rm_demo", "dpo_demo", "ppo_demo", "grpo_demo", "rloo_demo", "grpo_tools_demo",
                "sft_smollm2_identity", "sft_alpaca_lora", "dpo_smollm2_lora"]
 SHRINK = ["train.max_steps=1", "train.eval_steps=0", "train.batch_size=2", "train.grad_accum=1", "log.report_to=[]",
           "log.progress=false", "sft.eval_generate=0", "dpo.eval_generate=0", "rl.prompts_per_step=2",
@@ -128,14 +128,14 @@ SHRINK = ["train.max_steps=1", "train.eval_steps=0", "train.batch_size=2", "trai
 def test_the_examples_run_their_first_step_from_a_clone(clone, base, world_tokenizer_dir, monkeypatch):
     from lmforge.stages import STAGE_RUNNERS
 
-    assert set(FIRST_STEPS) | {"demo", "smollm2"} == {p.stem for p in EXAMPLES}  # a new example is listed here
+    assert set(FIRST_STEPS) | {"demo", "smollm2", "demo_tools"} == {p.stem for p in EXAMPLES}  # a new example is listed here
     monkeypatch.chdir(clone)
     runs = clone / "first-steps"
     for name in FIRST_STEPS:
         model = [f"model.tokenizer={world_tokenizer_dir}", "model.scratch=test", "model.name_or_path=null"] \
             if name == "pt_demo" else [f"model.name_or_path={base}"]
         rl = [f"rl.reward_model={runs / 'rm_demo'}", "rl.critic=shared"] if name == "ppo_demo" else []
-        generations = ["rl.num_generations=2"] if name in ("grpo_demo", "rloo_demo") else []
+        generations = ["rl.num_generations=2"] if name in ("grpo_demo", "rloo_demo", "grpo_tools_demo") else []
         # tool records carry their function schemas in the system turn: longer than SHRINK's 128 tokens
         longer = ["data.max_length=1024"] if name == "sft_alpaca_lora" else []
         cfg = load_config(clone / "examples" / f"{name}.yaml",
