@@ -184,7 +184,7 @@ def test_mistral_system_prompt_opens_the_first_turn(tok):
     assert render_prompt(tokenizer, CONVERSATION[1:]) == (
         "<s>[INST] What is 2+2?[/INST] 2+2 is 4.</s>[INST] And in Chinese? 用中文回答。[/INST]")
     assert render_prompt(tokenizer, [{"role": "system", "content": ""}, CONVERSATION[1]]) == (
-        "<s>[INST] \n\nWhat is 2+2?[/INST]")  # an empty system prompt is printed as Mistral's template does
+        "<s>[INST] What is 2+2?[/INST]")  # an empty system message is no system prompt (data.system_prompt: "")
 
 
 def test_qwen_default_system_prompt_and_how_to_suppress_it(tok):
@@ -193,7 +193,7 @@ def test_qwen_default_system_prompt_and_how_to_suppress_it(tok):
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert render_prompt(tokenizer, [{"role": "system", "content": ""}, CONVERSATION[1]]) == (
-        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")  # no system turn, no default
     qwen3 = family_tokenizer(tok, "qwen3")  # Qwen3 has no default system prompt
     assert render_prompt(qwen3, CONVERSATION[1:2]) == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
 

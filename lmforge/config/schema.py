@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmforge.config.checkpointing import check_setting as check_checkpointing
 from lmforge.config.constraints import check_choice, check_group
 
 # ConfigError and the fine-tuning method groups live in their own modules, re-exported here.
@@ -55,7 +56,9 @@ class ModelConfig:
     expansion); see docs/finetuning.md."""
     freeze_trainable_layers: int = 2
     """With finetuning=freeze: how many of the last decoder layers train."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | int | str = False
+    """Activation checkpointing (non-reentrant): false, true (every block), k (the first k blocks) or
+    every-N (every N-th block); see docs/performance.md."""
     attn_implementation: str = "auto"
     """auto: sdpa, and for training on a GPU lmforge_varlen (packed documents kept apart through
     variable-length flash attention, no dense mask); or any transformers name (sdpa, eager, ...)."""
@@ -72,6 +75,7 @@ class ModelConfig:
         check_choice("model", "finetuning", self.finetuning, FINETUNING)
         check_template_choice(self.template)
         check_choice("model", "parent_adapter", self.parent_adapter, ("merge", "continue"))
+        check_checkpointing(self.gradient_checkpointing)
         if self.parent_adapter == "continue" and self.finetuning not in ("lora", "dora"):
             raise ConfigError("model.parent_adapter=continue trains the parent's adapter further: "
                               "set model.finetuning=lora (or dora)")
@@ -135,12 +139,18 @@ class DataConfig:
     enable_thinking: bool | None = None
     """Passed to the chat template as `enable_thinking` (Qwen3's thinking switch) when set; None leaves
     the template's default."""
+    system_prompt: str | None = None
+    """The system prompt of every record that has none of its own (SFT, preference and RL prompt data): unset
+    keeps the chat template's behaviour (some add a default one, SmolLM2's and qwen do); a string is the
+    system turn; "" is none, not even the template's default. See docs/data.md."""
     seed: int = 42
 
     def __post_init__(self) -> None:
         check_group(self, "data")
         check_choice("data", "text_split", self.text_split, ("line", "blank", "file"))
         check_choice("data", "on_error", self.on_error, ("raise", "skip"))
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ConfigError(f"data.system_prompt must be a string (\"\" for none), got {self.system_prompt!r}")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from lmforge.data.preference import PromptTooLong, encode_kto, encode_pair, to_k
 from lmforge.data.prompts import to_prompt
 from lmforge.data.readers import read_file, resolve_files
 from lmforge.data.registry import resolve_spec
+from lmforge.data.templates import with_system_prompt
 from lmforge.data.tokenize import encode_sft, encode_text, messages_as_text, sft_render_options
 from lmforge.data.tools import example_messages
 
@@ -80,6 +81,8 @@ def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorL
             except (ValueError, TypeError, KeyError) as exc:
                 errors.report(exc if isinstance(exc, DataError) else DataError(raw.source, raw.where, str(exc)))
                 continue
+            if cfg.system_prompt is not None:
+                example = _with_system_prompt(example, kind, cfg.system_prompt)
             errors.mark_loaded(raw.source)
             if kind == "sft" and example["text"]:
                 errors.text_chars[raw.source] += len(example["text"])
@@ -89,6 +92,18 @@ def _examples(files: list[Path], fmt: RowFormat, cfg: DataConfig, errors: ErrorL
                 return
     if count == 0:  # a streamed data set would otherwise train on nothing without a word
         raise errors.no_usable_records(spec_path or str(files[0]), files)
+
+
+def _with_system_prompt(example: dict, kind: str, system_prompt: str) -> dict:
+    """data.system_prompt on a normalised record: SFT dialogues (and their structured `chat` copy), the
+    prompts of pairs, KTO records and RL prompts; a plain-text record has no dialogue to give one to."""
+    if kind != "sft":
+        return {**example, "prompt": with_system_prompt(example["prompt"], system_prompt)}
+    if not example["messages"]:
+        return example
+    chat = json.dumps(with_system_prompt(json.loads(example["chat"]), system_prompt), ensure_ascii=False) \
+        if example.get("chat") else example.get("chat")
+    return {**example, "messages": with_system_prompt(example["messages"], system_prompt), "chat": chat}
 
 
 def fingerprint_files(files: list[Path]) -> str:

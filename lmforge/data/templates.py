@@ -263,18 +263,95 @@ def _fold_reasoning(message: dict) -> dict:
     return {**rest, "content": f"{OPEN}\n{reasoning.strip()}\n{CLOSE}\n\n{message['content'].lstrip()}"}
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None,
-            template_kwargs: dict | None = None) -> str:
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`data.system_prompt` applied to a record's messages: None leaves them; a string becomes the system turn
+    of a conversation without one ("" included: an empty system message, which renders as no system prompt)."""
+    if system_prompt is None or not messages or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None,
+           template_kwargs: dict | None = None) -> str:
     kwargs = {"tools": tools} if tools else {}
     try:
         return tokenizer.apply_chat_template(
-            chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs,
-            **(template_kwargs or {})
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs, **(template_kwargs or {})
         )
     except jinja2.TemplateError as exc:
         # A template's own rules (Gemma 2's "System role not supported", roles that must alternate) refuse
         # a record: a ValueError, so the data pipeline counts it as a bad record instead of a traceback.
         raise ValueError(f"the chat template refused this conversation: {exc}") from exc
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None,
+            template_kwargs: dict | None = None) -> str:
+    """The template's text for the messages. An empty system message first means no system prompt at all:
+    neither an empty system turn nor the default some templates add to a conversation without one (SmolLM2's
+    English one would otherwise open every Chinese dialogue); how to get that from this template is probed once."""
+    messages = chat_messages(messages)
+    if not (messages and messages[0]["role"] == "system" and messages[0]["content"] == ""):
+        return _apply(tokenizer, messages, add_generation_prompt, tools, template_kwargs)
+    way = _no_system_way(tokenizer, tools, template_kwargs)
+    if way == "drop":
+        return _apply(tokenizer, messages[1:], add_generation_prompt, tools, template_kwargs)
+    full = _apply(tokenizer, messages, add_generation_prompt, tools, template_kwargs)
+    if way == "strip":
+        empty = _apply(tokenizer, messages[:1], False, tools, template_kwargs)
+        if full.startswith(empty):
+            bare = _bare(tokenizer, tools, template_kwargs, empty)
+            return bare + full[len(empty):]
+    return full
+
+
+def _no_system_way(tokenizer, tools: list | None, template_kwargs: dict | None) -> str:
+    """How this template renders a conversation with no system prompt: `drop` the empty system message (a
+    template without a default), `strip` the empty system turn it prints (one with a default), or `keep` it
+    (neither works). The shortest rendering of a probe conversation wins: it has the least system text."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    key = (template, bool(tools), repr(template_kwargs))
+    known = tokenizer.__dict__.setdefault("_lmforge_no_system", {})
+    if key in known:
+        return known[key]
+    talk = [{"role": "user", "content": "lmforge probe"}, {"role": "assistant", "content": "lmforge reply"}]
+    empty = [{"role": "system", "content": ""}]
+    found = {}
+    for way, render in (("drop", lambda: _apply(tokenizer, talk, False, tools, template_kwargs)),
+                        ("strip", lambda: _stripped(tokenizer, empty, talk, tools, template_kwargs)),
+                        ("keep", lambda: _apply(tokenizer, empty + talk, False, tools, template_kwargs))):
+        try:
+            text = render()
+        except (ValueError, TypeError, IndexError):
+            continue
+        if text is not None:
+            found[way] = text
+    way = min(found, key=lambda w: len(found[w])) if found else "keep"  # ties: the first, the simplest
+    known[key] = way
+    return way
+
+
+def _bare(tokenizer, tools: list | None, template_kwargs: dict | None, alone: str) -> str:
+    """What the template prints before any turn (a BOS, say): its text for no messages (apply_chat_template
+    refuses an empty list) when the empty system turn `alone` starts with it, else nothing (a template that
+    prints its default system turn for no messages, as qwen's does)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, _ = render_jinja_template([[]], tools=tools or None, chat_template=tokenizer.chat_template,
+                                            **tokenizer.special_tokens_map, **(template_kwargs or {}))
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"the chat template cannot render an empty conversation: {exc}") from exc
+    return rendered[0] if alone.startswith(rendered[0]) else ""
+
+
+def _stripped(tokenizer, empty: list[dict], talk: list[dict], tools, template_kwargs) -> str | None:
+    """The probe with the empty system turn cut out, when the template prints one of its own."""
+    alone = _apply(tokenizer, empty, False, tools, template_kwargs)
+    full = _apply(tokenizer, empty + talk, False, tools, template_kwargs)
+    bare = _bare(tokenizer, tools, template_kwargs, alone)
+    if alone == bare or not full.startswith(alone):
+        return None
+    return bare + full[len(alone):]
 
 
 def render_prompt(tokenizer, messages: list[dict], tools: list | None = None,
