@@ -50,6 +50,18 @@ TOOLS = textwrap.dedent("""
 
     def leave():
         raise SystemExit(3)
+
+    def nap():
+        time.sleep(60)
+
+    def odd_signal():
+        import os
+        os.kill(os.getpid(), 40)  # a real-time signal: no name in Python's signal enum
+
+    def scribble():
+        with open("result.json", "w") as f:  # the child's own result file, by its name in the working folder
+            f.write("[" + " " * 200 + "]")
+        return 1
 """)
 LIMITS = ToolLimits(seconds=1.5, memory_mb=256, output_chars=200)
 
@@ -81,6 +93,9 @@ def test_tool_calls_by_the_servers_rule_and_unreadable_ones():
     ("hog", "memory", "ran out of memory (limit 256 MB)"),
     ("fetch", "error", "network access is disabled for tools"),
     ("leave", "error", "SystemExit: 3"),
+    ("nap", "timeout", "did not finish within 1.5 s"),
+    ("odd_signal", "crashed", "was killed (signal 40)"),
+    ("scribble", "ok", "1"),
 ])
 def test_a_tool_runs_in_a_limited_process_and_every_failure_is_an_observation(tools_file, function, kind, text):
     arguments = {"a": 2, "b": 3} if function == "add" else {"x": 2} if function == "boom" else {}
@@ -239,14 +254,15 @@ ENVS = textwrap.dedent("""
     from lmforge.rollout.environments import ToolEnvironment
 
     CALLS = "".join('<tool_call>{"name": "%s", "arguments": {%s}}</tool_call>' % c
-                    for c in [("boom", '"x": 1'), ("hang", ""), ("flood", ""), ("add", '"a": 1, "b": 2')])
+                    for c in [("boom", '"x": 1'), ("hang", ""), ("nap", ""), ("flood", ""), ("add", '"a": 1, "b": 2')])
 
 
     class BadTools(ToolEnvironment):
-        '''Whatever the model says, its first turn calls a raising, a hanging, a flooding and a good tool.'''
+        '''Whatever the model says, its first turn calls a raising, a spinning, a sleeping, a flooding and a good
+        tool.'''
 
         def __init__(self, **kwargs):
-            super().__init__([f"{TOOLS}:{name}" for name in ("add", "boom", "hang", "flood")], **kwargs)
+            super().__init__([f"{TOOLS}:{name}" for name in ("add", "boom", "hang", "nap", "flood")], **kwargs)
             self.schemas = None  # the tiny model's positions cannot hold the schemas' system turn
 
         def step(self, reply):
@@ -293,9 +309,9 @@ def test_a_run_whose_tools_raise_hang_and_flood_finishes_with_those_calls_counte
                             "rl.prompts_per_step=2", "rl.num_generations=2", "rl.eval_prompts=2", "rl.max_turns=3",
                             "rl.max_total_tokens=400", "rl.tool_timeout=1.0", "rl.tool_output_chars=100",
                             "train.max_steps=2", "train.lr=1e-3")
-    for row in rows:  # 4 trajectories; those whose first turn ended (stopped) made the 4 calls
+    for row in rows:  # 4 trajectories; those whose first turn ended (stopped) made the 5 calls
         calls = {k: row[f"tool_calls/{k}"] for k in ("ok", "error", "timeout")}
-        assert calls["error"] == calls["timeout"] == calls["ok"] / 2 and calls["ok"] % 2 == 0
+        assert calls["error"] == calls["timeout"] / 2 == calls["ok"] / 2 and calls["ok"] % 2 == 0
         assert row["reward/environment"] == row["env_reward"] and 1.0 <= row["turns"] <= 3.0
     assert sum(row["tool_calls/timeout"] for row in rows) >= 1  # the hang was really exercised
     assert "eval_reward" in metrics and "eval_tool_calls/timeout" in metrics

@@ -49,12 +49,16 @@ def run_tool(target: str, arguments: dict, limits: ToolLimits, path: list[str] |
                "memory_mb": limits.memory_mb, "output_chars": limits.output_chars,
                "cpu_seconds": max(1, int(limits.seconds) + 1)}
     with tempfile.TemporaryDirectory(prefix="lmforge-tool-") as folder:
+        # The tool works in a folder of its own: a file it writes by a common name (result.json, out) cannot
+        # overwrite the result or the output this side reads.
+        work = os.path.join(folder, "work")
+        os.mkdir(work)
         result_path = os.path.join(folder, "result.json")
         request["result"] = result_path
         with open(os.path.join(folder, "out"), "w+b") as out:
             child = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)], stdin=subprocess.PIPE,
-                                     stdout=out, stderr=out, cwd=folder, start_new_session=True,
-                                     env={"PATH": os.defpath, "HOME": folder, "PYTHONDONTWRITEBYTECODE": "1"})
+                                     stdout=out, stderr=out, cwd=work, start_new_session=True,
+                                     env={"PATH": os.defpath, "HOME": work, "PYTHONDONTWRITEBYTECODE": "1"})
             try:
                 child.communicate(json.dumps(request).encode(), timeout=limits.seconds)
             except subprocess.TimeoutExpired:
@@ -67,12 +71,20 @@ def run_tool(target: str, arguments: dict, limits: ToolLimits, path: list[str] |
                 result = json.load(f)
         except (OSError, ValueError):
             result = None
-    if result is None:
+    if not (isinstance(result, dict) and result.get("kind") in OUTCOMES and isinstance(result.get("text"), str)):
         if child.returncode < 0:
-            return ToolOutcome("crashed", f"error: the tool {target} was killed ({signal.Signals(-child.returncode).name})")
+            return ToolOutcome("crashed", f"error: the tool {target} was killed ({_signal_name(-child.returncode)})")
         tail = raw.strip().splitlines()[-1:] or ["no output"]
         return ToolOutcome("crashed", f"error: the tool {target} exited without a result ({tail[0][:200]})")
     return ToolOutcome(result["kind"], result["text"])
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL, ...; a signal Python has no name for (a real-time one) by its number."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _kill(child: subprocess.Popen) -> None:
