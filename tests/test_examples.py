@@ -99,6 +99,7 @@ LLAMAFACTORY_ALTERNATIVES = {
     "sft_smollm2_identity.yaml": [],
     "sft_alpaca_lora.yaml": ["data.train=[alpaca_en_demo, alpaca_zh_demo, glaive_toolcall_en_demo]"],
     "dpo_smollm2_lora.yaml": ["data.train=[dpo_en_demo]"],
+    "sft_smollm2_tools.yaml": ["data.train=[glaive_toolcall_en_demo]"],
 }
 
 
@@ -119,7 +120,7 @@ def test_the_smollm2_examples_read_llamafactory_data_as_their_headers_say(name, 
 # The single-stage examples that need no GPU, in the order their headers chain them, each run for its
 # first step from the clone (models shrunk to the suite's tiny base; the data is the example's own).
 FIRST_STEPS = ["pt_demo", "sft_demo", "rm_demo", "dpo_demo", "ppo_demo", "grpo_demo", "rloo_demo", "grpo_tools_demo",
-               "sft_smollm2_identity", "sft_alpaca_lora", "dpo_smollm2_lora"]
+               "sft_smollm2_identity", "sft_alpaca_lora", "dpo_smollm2_lora", "sft_smollm2_tools"]
 SHRINK = ["train.max_steps=1", "train.eval_steps=0", "train.batch_size=2", "train.grad_accum=1", "log.report_to=[]",
           "log.progress=false", "sft.eval_generate=0", "dpo.eval_generate=0", "rl.prompts_per_step=2",
           "rl.max_new_tokens=4", "rl.eval_prompts=0", "rl.minibatch_size=0", "data.max_length=128"]
@@ -137,7 +138,7 @@ def test_the_examples_run_their_first_step_from_a_clone(clone, base, world_token
         rl = [f"rl.reward_model={runs / 'rm_demo'}", "rl.critic=shared"] if name == "ppo_demo" else []
         generations = ["rl.num_generations=2"] if name in ("grpo_demo", "rloo_demo", "grpo_tools_demo") else []
         # tool records carry their function schemas in the system turn: longer than SHRINK's 128 tokens
-        longer = ["data.max_length=1024"] if name == "sft_alpaca_lora" else []
+        longer = ["data.max_length=1024"] if name in ("sft_alpaca_lora", "sft_smollm2_tools") else []
         cfg = load_config(clone / "examples" / f"{name}.yaml",
                           [*model, *SHRINK, *rl, *generations, *longer, f"train.output_dir={runs / name}"])
         STAGE_RUNNERS[cfg.stage](cfg)
