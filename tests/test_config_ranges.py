@@ -164,7 +164,8 @@ def _numeric_fields() -> list[tuple[type, str, type]]:
     for cls in schema_dataclasses():
         for name, tp in typing.get_type_hints(cls).items():
             kinds = _scalar_kinds(tp)
-            if kinds & {int, float}:
+            # a switch that also takes a count (model.gradient_checkpointing: true or k) checks itself
+            if kinds & {int, float} and bool not in kinds:
                 found.append((cls, name, float if float in kinds else int))
     return found
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmforge.config.checkpointing import check_setting as check_checkpointing
 from lmforge.config.constraints import check_choice, check_group
 
 # ConfigError and the fine-tuning method groups live in their own modules, re-exported here.
@@ -55,7 +56,9 @@ class ModelConfig:
     expansion); see docs/finetuning.md."""
     freeze_trainable_layers: int = 2
     """With finetuning=freeze: how many of the last decoder layers train."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | int | str = False
+    """Activation checkpointing (non-reentrant): false, true (every block), k (the first k blocks) or
+    every-N (every N-th block); see docs/performance.md."""
     attn_implementation: str = "auto"
     """auto: sdpa, and for training on a GPU lmforge_varlen (packed documents kept apart through
     variable-length flash attention, no dense mask); or any transformers name (sdpa, eager, ...)."""
@@ -72,6 +75,7 @@ class ModelConfig:
         check_choice("model", "finetuning", self.finetuning, FINETUNING)
         check_template_choice(self.template)
         check_choice("model", "parent_adapter", self.parent_adapter, ("merge", "continue"))
+        check_checkpointing(self.gradient_checkpointing)
         if self.parent_adapter == "continue" and self.finetuning not in ("lora", "dora"):
             raise ConfigError("model.parent_adapter=continue trains the parent's adapter further: "
                               "set model.finetuning=lora (or dora)")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lmforge.config.schema import ConfigError, ExpandConfig, GaloreConfig, LoraConfig, ModConfig, ModelConfig
+from lmforge.models.checkpointing import enable_checkpointing
 
 # Heads that stay out of LoRA targeting: adapting the output projection rarely helps and
 # breaks weight tying. A Mixture-of-Depths router is a one-output linear layer: no target either.
@@ -51,16 +52,20 @@ def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra
     their defaults when a caller does not pass them. `seed` (the run's train.seed) fixes every random
     initialisation a method makes — LoRA/DoRA A matrices, gaussian and PiSSA's randomised SVD, a reward
     head kept to train, Mixture-of-Depths routers — so one config gives one artifact; None leaves the
-    generators as they are.
+    generators as they are. Activation checkpointing (`cfg.gradient_checkpointing`) is applied last, to
+    the blocks the method leaves (LLaMA-Pro's added blocks counted).
     """
-    from lmforge.models.optimizers import OptimizerPlan, attach_plan  # optimizers imports the config only
-
     if seed is not None:
         torch.manual_seed(derived_seed(seed, f"finetuning:{cfg.finetuning}"))  # every device's generator
+    model = _apply_method(model, cfg, lora, extra_trainable, task_type, galore, mod, expand)
+    enable_checkpointing(model, cfg.gradient_checkpointing)
+    return model
 
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+
+def _apply_method(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...], task_type: str,
+                  galore: GaloreConfig | None, mod: ModConfig | None, expand: ExpandConfig | None):
+    from lmforge.models.optimizers import OptimizerPlan, attach_plan  # optimizers imports the config only
+
     if cfg.finetuning in ("full", "galore", "mod"):
         if cfg.finetuning == "galore":
             galore = galore or GaloreConfig()
@@ -110,8 +115,6 @@ def _wrap_lora(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple
     if getattr(model, "lmforge_vocab_grew", False):
         extra_trainable = (*extra_trainable, "embed_tokens", "lm_head")
     targets = _targets(model, lora.target_modules)
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
     peft_config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
         use_dora=cfg.finetuning == "dora", use_rslora=lora.use_rslora, init_lora_weights=lora.peft_init(),

@@ -74,7 +74,8 @@ def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: 
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, cfg.model.gradient_checkpointing)
+        # checkpointing is apply_finetuning's (per block, non-reentrant), not peft's all-or-nothing switch
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
     reference = None
     if frozen_copy:
