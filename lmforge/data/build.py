@@ -41,8 +41,8 @@ MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.
 TEXT = datasets.Value("string")
 FEATURES = {
     "sft": datasets.Features({"text": TEXT, "messages": MESSAGES, "tools": TEXT, "chat": TEXT, "source": TEXT}),
-    "pair": datasets.Features({"prompt": MESSAGES, "chosen": TEXT, "rejected": TEXT, "source": TEXT}),
-    "kto": datasets.Features({"prompt": MESSAGES, "completion": TEXT, "label": datasets.Value("bool"),
+    "pair": datasets.Features({"prompt": MESSAGES, "chosen": TEXT, "rejected": TEXT, "tools": TEXT, "source": TEXT}),
+    "kto": datasets.Features({"prompt": MESSAGES, "completion": TEXT, "label": datasets.Value("bool"), "tools": TEXT,
                               "source": TEXT}),
     "prompt": datasets.Features({"prompt": MESSAGES, "reference": TEXT, "answer": TEXT, "tools": TEXT,
                                  "extra": TEXT, "source": TEXT}),

@@ -23,6 +23,7 @@ import torch
 from lmforge.data.formats import RowFormat, check_dialogue
 from lmforge.data.templates import render_segments
 from lmforge.data.tokenize import IGNORE
+from lmforge.data.tools import parse_tools, tools_text
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
               "observation": "tool", "tool": "tool", "function_call": "assistant"}
@@ -117,7 +118,7 @@ def to_pair(row: dict, fmt: RowFormat) -> dict:
         raise ValueError("empty response: chosen and rejected must both have text")
     if good.strip() == bad.strip():
         raise ValueError("chosen and rejected are identical")
-    return {"prompt": prompt, "chosen": good, "rejected": bad}
+    return _with_tools({"prompt": prompt, "chosen": good, "rejected": bad}, row, fmt)
 
 
 def to_kto(row: dict, fmt: RowFormat) -> dict:
@@ -146,7 +147,14 @@ def to_kto(row: dict, fmt: RowFormat) -> dict:
     _check_prompt(prompt)
     if not completion.strip():
         raise ValueError("empty completion")
-    return {"prompt": prompt, "completion": completion, "label": label}
+    return _with_tools({"prompt": prompt, "completion": completion, "label": label}, row, fmt)
+
+
+def _with_tools(record: dict, row: dict, fmt: RowFormat) -> dict:
+    """The row's function schemas (a `tools` column, JSON text or a list) as JSON text, for the template's
+    tools= argument as in SFT: a pair about tool use is judged with the tools in view."""
+    tools = parse_tools(row.get(fmt.columns.get("tools", "tools")))
+    return {**record, "tools": tools_text(tools)} if tools else record
 
 
 def _check_prompt(prompt: list[dict]) -> None:
@@ -155,9 +163,10 @@ def _check_prompt(prompt: list[dict]) -> None:
     check_dialogue([*prompt, {"role": "assistant", "content": "x"}])
 
 
-def encode_response(tokenizer, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids incl. the end-of-turn token) with the chat template."""
-    segments = render_segments(tokenizer, [*prompt, {"role": "assistant", "content": response}])
+def encode_response(tokenizer, prompt: list[dict], response: str,
+                    tools: list | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids incl. the end-of-turn token) with the chat template (and its tools=)."""
+    segments = render_segments(tokenizer, [*prompt, {"role": "assistant", "content": response}], tools)
     reply_at = max(i for i, s in enumerate(segments) if s.is_assistant)
     prompt_text = "".join(s.text for s in segments[:reply_at])
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
@@ -171,8 +180,9 @@ class PromptTooLong(ValueError):
 
 def encode_pair(tokenizer, pair: dict, max_length: int) -> dict:
     """Token ids of prompt+chosen and prompt+rejected; responses cut to fit, prompt never cut."""
-    prompt_ids, chosen = encode_response(tokenizer, pair["prompt"], pair["chosen"])
-    _, rejected = encode_response(tokenizer, pair["prompt"], pair["rejected"])
+    tools = parse_tools(pair.get("tools")) or None
+    prompt_ids, chosen = encode_response(tokenizer, pair["prompt"], pair["chosen"], tools)
+    _, rejected = encode_response(tokenizer, pair["prompt"], pair["rejected"], tools)
     room = max_length - len(prompt_ids)
     if room < 1:
         raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens, no room left under max_length={max_length}")
@@ -183,7 +193,8 @@ def encode_pair(tokenizer, pair: dict, max_length: int) -> dict:
 
 
 def encode_kto(tokenizer, record: dict, max_length: int) -> dict:
-    prompt_ids, completion = encode_response(tokenizer, record["prompt"], record["completion"])
+    prompt_ids, completion = encode_response(tokenizer, record["prompt"], record["completion"],
+                                             parse_tools(record.get("tools")) or None)
     room = max_length - len(prompt_ids)
     if room < 1:
         raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens, no room left under max_length={max_length}")

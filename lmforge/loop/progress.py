@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 PLAIN_EVERY_S = 30.0
 """Seconds between plain progress lines when output goes to a file."""
+QUIET_S = 1.0
+"""Data tokenization and evaluation suites show progress only once they have run this long."""
 
 
 def clock_text(seconds: float | None) -> str:
@@ -79,12 +81,14 @@ class ProgressDisplay:
 class TaskBar:
     """Progress of a counted task (evaluation batches, records tokenized): its own bar, a line under the
     training bar while that one runs, or plain lines (start, every PLAIN_EVERY_S seconds, end) without a
-    terminal. Used as a context manager; `advance()` after each unit."""
+    terminal. Used as a context manager; `advance()` after each unit. With `quiet_s`, nothing shows until the
+    task has run that long: a small file's tokenization says nothing."""
 
     def __init__(self, label: str, total: int, enabled: bool = True, console: Console | None = None,
                  clock: Callable[[], float] = time.monotonic, every: float = PLAIN_EVERY_S,
-                 progress: Progress | None = None):
-        self.label, self.total, self.enabled = label, total, enabled
+                 progress: Progress | None = None, quiet_s: float = 0.0):
+        self.label, self.total, self.enabled, self.quiet_s = label, total, enabled, quiet_s
+        self.shown = False
         self.console = console or Console()
         self.plain = not self.console.is_terminal
         self.clock, self.every = clock, every
@@ -97,23 +101,35 @@ class TaskBar:
 
     def __enter__(self) -> TaskBar:
         self.started = self.last_line = self.clock()
+        if self.quiet_s <= 0:
+            self._show()
+        return self
+
+    def _show(self) -> None:
+        self.shown = True
         if self.enabled and self.plain:
-            self.console.print(f"{self.label}: 0/{self.total}", highlight=False, soft_wrap=True)
+            self.console.print(f"{self.label}: {self.done}/{self.total}", highlight=False, soft_wrap=True)
         if not self.shared:
             self.progress.__enter__()
-        self.task = self.progress.add_task(self.label, total=self.total, eta="", stats="")
-        return self
+        self.task = self.progress.add_task(self.label, total=self.total, completed=self.done, eta="", stats="")
 
     def advance(self, units: int = 1) -> None:
         self.done += units
-        self.progress.update(self.task, completed=self.done)
         now = self.clock()
+        if not self.shown:
+            if now - self.started < self.quiet_s:
+                return
+            self.last_line = now
+            self._show()
+        self.progress.update(self.task, completed=self.done)
         if self.enabled and self.plain and now - self.last_line >= self.every and self.done < self.total:
             self.last_line = now
             self.console.print(f"{self.label}: {self.done}/{self.total} ({clock_text(now - self.started)})",
                                highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:
+        if not self.shown:
+            return
         self.progress.remove_task(self.task)
         if not self.shared:
             self.progress.__exit__(*exc)
