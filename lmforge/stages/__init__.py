@@ -1,20 +1,27 @@
-"""Training stages; each is a short module with a `run(cfg) -> metrics` function."""
+"""Training stages; each is a short module with a `run(cfg) -> metrics` function.
+
+`STAGE_RUNNERS` maps a stage name to its module's `run`, guarded so a full disk ends as one line. The CLI
+imports this package only when a command trains, so `lmforge --help` does not pay for torch.
+"""
 
 from __future__ import annotations
 
-import importlib
+from typing import Callable
 
 from lmforge.config.schema import STAGES
+from lmforge.loop.checkpoint import CheckpointError
+from lmforge.loop.diskspace import disk_full_message
+from lmforge.stages import distill, dpo, grpo, ppo, pt, rloo, rm, sft
+
+STAGE_MODULES = {"pt": pt, "sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo, "grpo": grpo, "rloo": rloo,
+                 "distill": distill}
+assert set(STAGE_MODULES) == set(STAGES), "every stage the config accepts has a module here"
 
 
-def _runner(name: str):
-    def run(cfg):
-        # Imported on use: `lmforge --help` should not pay for torch and transformers.
-        from lmforge.loop.checkpoint import CheckpointError
-        from lmforge.loop.diskspace import disk_full_message
-
+def _guarded(run: Callable) -> Callable:
+    def guarded_run(cfg):
         try:
-            return importlib.import_module(f"lmforge.stages.{name}").run(cfg)
+            return run(cfg)
         except CheckpointError:
             raise
         except Exception as exc:
@@ -26,7 +33,7 @@ def _runner(name: str):
                 raise
             raise CheckpointError(message) from exc
 
-    return run
+    return guarded_run
 
 
-STAGE_RUNNERS = {name: _runner(name) for name in STAGES}
+STAGE_RUNNERS = {name: _guarded(module.run) for name, module in STAGE_MODULES.items()}
