@@ -91,3 +91,25 @@ def start_lines(trainer) -> list[str]:
         lines.append(f"example row ({len(example[0])} tokens; [[...]] carries loss): "
                      f"{text[:EXAMPLE_CHARS]!r}{cut}")
     return lines
+
+
+def rl_plan_lines(tokenizer, prompts: list[list[int]], held_out: int, rl, iterations: int, steps_per_iteration: int,
+                  samples_per_step: int) -> list[str]:
+    """What an online RL run (ppo, grpo, rloo) says before its first iteration, as an offline stage says its
+    rows and steps: prompts and their tokens, rollouts per iteration and in all, optimizer steps, one prompt as
+    the policy sees it. `rl` is the run's RLConfig."""
+    lengths = [len(p) for p in prompts]
+    rollouts = rl.prompts_per_step * rl.num_generations
+    lines = [f"prompts: {len(prompts):,} train ({sum(lengths):,} tokens, {sum(lengths) / max(len(lengths), 1):,.0f} "
+             f"per prompt, {max(lengths, default=0):,} at most), {held_out:,} held out",
+             f"iterations: {iterations:,} ({iterations * rl.prompts_per_step / max(len(prompts), 1):.2g} epochs over "
+             f"the prompts), each {rl.prompts_per_step} prompts x {rl.num_generations} replies = {rollouts} rollouts "
+             f"of up to {rl.max_new_tokens} new tokens; {iterations * rollouts:,} rollouts in all",
+             f"optimizer steps: {steps_per_iteration} per iteration ({rl.ppo_epochs} epochs x "
+             f"{steps_per_iteration // max(rl.ppo_epochs, 1)} minibatches of {samples_per_step} rollouts), "
+             f"{iterations * steps_per_iteration:,} in all"]
+    if prompts:
+        text = tokenizer.decode(prompts[0])
+        cut = f" ... ({len(text) - EXAMPLE_CHARS:,} more characters)" if len(text) > EXAMPLE_CHARS else ""
+        lines.append(f"example prompt ({len(prompts[0])} tokens): {text[:EXAMPLE_CHARS]!r}{cut}")
+    return lines

@@ -27,6 +27,7 @@ from lmforge.config.schema import RLConfig, StageConfig
 from lmforge.data import grading
 from lmforge.data.build import error_at, load_splits
 from lmforge.generation import Sampling
+from lmforge.loop.summary import rl_plan_lines
 from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
 from lmforge.models.reference import Reference
@@ -122,6 +123,10 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     train_cfg = dataclasses.replace(cfg.train, max_steps=iterations * steps_per_iteration)
     trainer = Trainer(model, train_rows, None, lambda m, b: algo.loss(m, b, rl), train_cfg, cfg.log,
                       perplexity=False, count_fn=step_count(algo, rl))
+    if trainer.accelerator.is_main_process:  # the plan before step 1, as offline stages say theirs
+        for line in rl_plan_lines(tokenizer, train_prompts, len(eval_set), rl, iterations, steps_per_iteration,
+                                  samples_per_step):
+            trainer.accelerator.print(line)
     device = trainer.accelerator.device
     if reference is not None:
         reference.to(device)
