@@ -246,6 +246,18 @@ def test_a_model_distilled_into_itself_does_not_change(base, task, tmp_path, est
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
 
 
+def test_the_mini_student_preset_sits_between_test_and_tiny(world_tokenizer_dir):
+    """docs/distill.md's student: with the demo tokenizer (tied embeddings) a few times smaller than the `tiny`
+    teacher, several times larger than `test` (too small to learn the world's facts)."""
+    from transformers import AutoTokenizer
+
+    from lmforge.models.load import build_scratch_model, count_parameters
+
+    tokenizer = AutoTokenizer.from_pretrained(world_tokenizer_dir)
+    size = {p: count_parameters(build_scratch_model(p, tokenizer, seed=0))[0] for p in ("test", "mini", "tiny")}
+    assert 3 * size["test"] < size["mini"] < size["tiny"] / 2, size
+
+
 def test_a_pipeline_stage_names_its_teacher(tmp_path):
     from lmforge.pipeline.run import load_pipeline, stage_config
 
