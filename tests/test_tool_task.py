@@ -91,3 +91,30 @@ def test_a_played_trace_is_paid_only_for_the_right_sum(demo_files):
     assert checked_step(env, f"{a} plus {b} equals {a + b + 1}.") == ([], 0.0, True)
     env.reset(record)
     assert checked_step(env, f"{a} plus {b} equals {a}.")[1] == 0.0  # restating an operand is no answer
+
+
+FIRST_STEPS = ["stages.pt.config.model.scratch=test", "stages.pt.config.train.epochs=1",
+               "stages.pt.config.train.max_steps=4", "stages.sft.config.train.max_steps=4",
+               *[f"stages.{s}.config.{k}" for s in ("grpo_tools", "grpo_plain")
+                 for k in ("train.max_steps=1", "rl.prompts_per_step=2", "rl.num_generations=2", "rl.eval_prompts=4",
+                           "rl.max_new_tokens=8", "train.eval_steps=0", "train.save_steps=0")],
+               "tokenizer.vocab_size=600", "eval.max_new_tokens=4"]
+
+
+def test_the_tool_pipeline_runs_its_first_steps_and_plays_the_held_out_sums_with_the_tool(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lmforge.pipeline.run import load_pipeline, run_pipeline
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the example names its template relative to the repository, as its users run it
+    run = tmp_path / "demo_tools"
+    run_pipeline(load_pipeline(root / "examples" / "demo_tools.yaml", [f"run_dir={run}", *FIRST_STEPS]))
+    stages = {s["name"]: s["status"] for s in json.loads((run / "run.json").read_text())["stages"]}
+    assert set(stages) == {"pt", "sft", "grpo_tools", "grpo_plain"} and set(stages.values()) == {"done"}, stages
+    tools = json.loads((run / "grpo_tools" / "lmforge.json").read_text())["metrics"]
+    plain = json.loads((run / "grpo_plain" / "lmforge.json").read_text())["metrics"]
+    # the tool run played the held-out sums in the environment, before and after; the other answered them once
+    assert {"initial_eval_reward", "eval_reward", "eval_turns", "eval_tool_calls/error"} <= set(tools)
+    assert "eval_turns" not in plain and "eval_reward/answer_match" in plain
+    assert "one-line-per-tool list" in (run / "sft" / "chat_template.jinja").read_text()  # the template travels on
