@@ -12,16 +12,13 @@ import pytest
 
 from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config
+from lmforge.config.templates import check_template_choice, template_info, template_names, template_text
 from lmforge.data.templates import (
     apply_template_choice,
-    check_template_choice,
     end_of_turn_ids,
     end_of_turn_markers,
     render_prompt,
     render_segments,
-    template_info,
-    template_names,
-    template_text,
 )
 from lmforge.data.tokenize import IGNORE, encode_sft
 
@@ -335,7 +332,7 @@ def test_the_config_accepts_a_jinja_path_and_refuses_a_missing_one(tmp_path):
     from lmforge.config.schema import ModelConfig
 
     own = tmp_path / "mine.jinja"
-    from lmforge.data.templates import template_text
+    from lmforge.config.templates import template_text
 
     own.write_text(template_text("chatml"), encoding="utf-8")
     assert ModelConfig(name_or_path="x", template=str(own)).template == str(own)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from lmforge.config.templates import builtin_template
 from lmforge.data.inspect import render_record
 from lmforge.data.templates import (
     Segment,
     apply_template_choice,
-    builtin_template,
     end_of_turn_ids,
     end_of_turn_markers,
     render_prompt,

@@ -13,9 +13,10 @@ from test_chat_templates import family_tokenizer
 from test_readers import load
 
 from lmforge.config.schema import DataConfig, DatasetSpec
+from lmforge.config.templates import template_text
 from lmforge.data.build import tokenize_sft
 from lmforge.data.formats import RowFormat, to_example
-from lmforge.data.templates import apply_template_choice, render_prompt, render_segments, template_text
+from lmforge.data.templates import apply_template_choice, render_prompt, render_segments
 from lmforge.data.tokenize import IGNORE, encode_sft
 from lmforge.data.tools import example_messages, parse_tools
 

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
+from lmforge.config.templates import builtin_template
 from lmforge.data.replies import ReplyStream, split_reply
-from lmforge.data.templates import builtin_template
 from lmforge.data.tool_calls import call_format, parse_tool_calls
 from lmforge.serve.app import create_app
 

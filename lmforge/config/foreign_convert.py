@@ -203,7 +203,7 @@ def _val_size(ctx: Ctx, value: Any) -> None:
 
 
 def _template(ctx: Ctx, value: Any) -> None:
-    from lmforge.data.templates import template_names
+    from lmforge.config.templates import template_names
 
     installed = template_names()
     target = TEMPLATES.get(value) if isinstance(value, str) else None

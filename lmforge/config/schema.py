@@ -23,7 +23,7 @@ from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.
 )
 from lmforge.config.schema_distill import DistillConfig, check_distill_stage  # noqa: F401  (re-exported)
 from lmforge.config.schema_rl import REWARD_KINDS, RewardSpec, RLConfig  # noqa: F401  (re-exported)
-from lmforge.data.templates import check_template_choice
+from lmforge.config.templates import check_template_choice
 
 STAGES = ("pt", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "distill")
 RL_STAGES = ("ppo", "grpo", "rloo")

@@ -18,7 +18,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lmforge.data.templates import CHATML_SPECIAL_TOKENS, builtin_template
+from lmforge.config.templates import builtin_template
+from lmforge.data.templates import CHATML_SPECIAL_TOKENS
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_SPECIAL_TOKENS = [EOS_TOKEN, *CHATML_SPECIAL_TOKENS]

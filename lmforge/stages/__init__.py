@@ -6,7 +6,7 @@ imports this package only when a command trains, so `lmforge --help` does not pa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from lmforge.config.schema import STAGES
 from lmforge.loop.checkpoint import CheckpointError

@@ -110,7 +110,7 @@ def _choices(cls: type, group: str, name: str, tp: Any) -> tuple:
     """The values the group's own check accepts for a text field, read from its refusal of a probe:
     `group.name='...' is not one of a, b, c`. The template's are the named templates lmforge ships."""
     if (group, name) == ("model", "template"):
-        from lmforge.data.templates import template_names
+        from lmforge.config.templates import template_names
 
         return template_names()
     text_list = typing.get_origin(tp) is list and typing.get_args(tp) == (str,)

@@ -8,7 +8,7 @@ import html
 import gradio as gr
 
 from lmforge.config.schema import DPO_LOSSES, STAGES, ConfigError
-from lmforge.data.templates import template_names
+from lmforge.config.templates import template_names
 from lmforge.webui.confine import check_stage
 from lmforge.webui.forms import (
     FORM_FIELDS,
