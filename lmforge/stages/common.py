@@ -102,8 +102,21 @@ def lm_loss(model, batch: dict, fused: bool = False) -> tuple[torch.Tensor, torc
     else:  # no logits from the model: its final hidden states go through the head in chunks
         with hidden_states_as_logits(inner, head):
             hidden = model(**inputs, use_cache=False).logits
-        loss_sum, tokens = causal_lm_loss_from_hidden(hidden.reshape(*shape, -1), head.weight, batch["labels"])
+        loss_sum, tokens = causal_lm_loss_from_hidden(hidden.reshape(*shape, -1), head.weight, batch["labels"],
+                                                      chunk_rows(head.weight))
     return loss_sum, tokens, {}
+
+
+CPU_LOGITS_PER_CHUNK = 1 << 24
+"""Elements of one chunk's logits on the CPU (64 MiB in fp32). A chunk's logits exist three times at once
+(logits, softmax, its gradient), and on a CPU that is the host's memory: the loss's own default (512 MiB
+chunks) made one SmolLM2 SFT batch of 8 x 256 tokens a single 0.4 GB chunk, the peak of the whole step.
+Smaller chunks cost nothing measurable on a CPU, whose matmuls are efficient at a few hundred rows."""
+
+
+def chunk_rows(weight: torch.Tensor) -> int | None:
+    """Rows per chunk of the chunked loss: small chunks on the CPU, the loss's default elsewhere."""
+    return max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]) if weight.device.type == "cpu" else None
 
 
 @contextmanager
@@ -133,7 +146,9 @@ def fusable_output_layer(model):
 
 
 def use_fused_loss(cfg: StageConfig) -> bool:
-    return torch.cuda.is_available() if cfg.train.fused_loss is None else cfg.train.fused_loss
+    """train.fused_loss, unset meaning on: the chunked loss does the same matmuls as the full logits and
+    never holds them (on the CPU the full [tokens x 49152] logits of SmolLM2 took most of SFT's peak)."""
+    return True if cfg.train.fused_loss is None else cfg.train.fused_loss
 
 
 def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: str, metrics: dict,
