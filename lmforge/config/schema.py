@@ -187,7 +187,7 @@ class TrainConfig:
     num_workers: int = 0
     fused_loss: bool | None = None
     """Loss and log-probs straight from hidden states in chunks, never the whole [tokens x vocab]
-    logits: true, false, or unset (on with a GPU)."""
+    logits: true, false, or unset (on)."""
     compile: bool = False
     """torch.compile each transformer block (compiled once, shared by all blocks)."""
     group_by_length: bool = False
