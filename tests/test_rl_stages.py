@@ -10,11 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.config.load import load_config
 from lmforge.config.schema import RLConfig
-from lmforge.data.templates import end_of_turn_ids
+from lmforge.data.templates import encode_prompts, end_of_turn_ids
 from lmforge.generation import Sampling
 from lmforge.loop.checkpoint import list_checkpoints
 from lmforge.models.load import as_reward_model
-from lmforge.rollout.generate import encode
 from lmforge.rollout.rollouts import RolloutEngine
 from lmforge.stages import STAGE_RUNNERS
 from lmforge.stages.online import shape_scores
@@ -49,7 +48,7 @@ def rows_of(path) -> list[dict]:
 def test_sample_keeps_the_stop_token_and_pads_after_it(base):
     model = AutoModelForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    prompts = encode(tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}],
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}],
                                  [{"role": "user", "content": "Where is it?"}]])
     ends = end_of_turn_ids(tokenizer)
     torch.manual_seed(0)

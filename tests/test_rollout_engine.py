@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import RLConfig
+from lmforge.data.templates import encode_prompts
 from lmforge.generation import Sampling
 from lmforge.generation.hf_fallback import HFBackend
 from lmforge.generation.llama import LlamaFamilyBackend
 from lmforge.models.value import reply_logits
-from lmforge.rollout.generate import encode
 from lmforge.rollout.rollouts import RolloutEngine
 from lmforge.stages.online import engine_logps_are_exact, token_logps
 
@@ -37,7 +37,7 @@ def policy(base):
 
 
 def prompts_of(tokenizer) -> list[list[int]]:
-    return encode(tokenizer, [[{"role": "user", "content": q}] for q in QUESTIONS])
+    return encode_prompts(tokenizer, [[{"role": "user", "content": q}] for q in QUESTIONS])
 
 
 def teacher_forced(model, samples, temperature: float) -> torch.Tensor:

@@ -78,17 +78,17 @@ def test_preference_prompts_get_the_setting(smol, tmp_path, kind, record, settin
 
 
 def test_an_rl_prompt_gets_a_grpo_system_prompt_through_the_template(smol, tmp_path):
-    from lmforge.rollout.generate import encode
+    from lmforge.data.templates import encode_prompts
 
     path = write(tmp_path, "rl.jsonl", [{"question": "2+2?", "answer": "4"},
                                         {"question": "3+3?", "answer": "6", "system": "Be brief."}])
     _, rows = read(path, "prompt", tmp_path, THINK)
     assert [r["prompt"][0] for r in rows] == [{"role": "system", "content": THINK},
                                               {"role": "system", "content": "Be brief."}]
-    assert smol.decode(encode(smol, [rows[0]["prompt"]])[0]) == \
+    assert smol.decode(encode_prompts(smol, [rows[0]["prompt"]])[0]) == \
         f"<|im_start|>system\n{THINK}<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
     _, rows = read(path, "prompt", tmp_path, "")
-    assert smol.decode(encode(smol, [rows[0]["prompt"]])[0]) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert smol.decode(encode_prompts(smol, [rows[0]["prompt"]])[0]) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.mark.parametrize("name", ["chatml", "qwen", "llama3", "gemma", "mistral", "plain"])

@@ -125,13 +125,13 @@ def inspect_prompts(tokenizer, prompts, limit: int, console: Console | None = No
     """RL prompt records as ppo, grpo and rloo read them: the prompt as rendered for sampling (ending
     where the reply starts) and the reference the exact/answer-match rewards compare replies with."""
     # Imported on use: only prompt stages need the rollout code.
-    from lmforge.rollout.generate import encode
+    from lmforge.data.templates import encode_prompts
 
     console = console or Console()
     for index, record in enumerate(prompts):
         if index >= limit:
             break
-        ids = encode(tokenizer, [record["prompt"]])[0]
+        ids = encode_prompts(tokenizer, [record["prompt"]])[0]
         heading(console, f"{record.get('source', f'record {index}')}  prompt: {len(ids)} tokens")
         console.print(Text(tokenizer.decode(ids), style="dim"))
         console.print(Text(f"reference: {record['reference'] or '(none)'}", style="bold green"))

@@ -257,6 +257,11 @@ def render_prompt(tokenizer, messages: list[dict], tools: list | None = None,
     return _render(tokenizer, prepare_messages(tokenizer, messages, tools), True, tools, template_kwargs)
 
 
+
+def encode_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation rendered for the model to answer (the template's generation prompt), as token ids."""
+    return [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
+
 def render_segments(tokenizer, messages: list[dict], tools: list | None = None, template_kwargs: dict | None = None,
                     reasoning_loss: bool = True) -> list[Segment]:
     """Split the rendered conversation into context and assistant-reply segments.

@@ -13,12 +13,12 @@ import torch
 
 from lmforge.data import grading
 from lmforge.data.packing import pack_stream
+from lmforge.data.templates import encode_prompts
 from lmforge.data.tokenize import encode_text
 from lmforge.generation import Sampling
 from lmforge.losses.lm import causal_lm_loss
 from lmforge.losses.rl import gather_logps
 from lmforge.models.value import reply_logits
-from lmforge.rollout.generate import encode
 from lmforge.rollout.rewards import answer_match, decode_rows, exact_match
 from lmforge.rollout.rollouts import RolloutEngine, Samples
 from lmforge.rollout.score import score_responses
@@ -61,7 +61,7 @@ def perplexity(model, tokenizer, texts: list[str], block_size: int, batch_size: 
 def replies(model, tokenizer, records: list[dict], max_new_tokens: int, temperature: float = 0.0,
             rows: int = 64) -> Samples:
     """The model's replies to each record's prompt from the generation engine (greedy by default)."""
-    prompt_ids = encode(tokenizer, [r["prompt"] for r in records])
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records])
     engine = RolloutEngine(model, tokenizer, min(rows, len(prompt_ids)), max(map(len, prompt_ids)), max_new_tokens)
     return engine.sample(prompt_ids, Sampling(temperature=temperature), max_new_tokens)
 

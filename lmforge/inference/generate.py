@@ -11,8 +11,9 @@ from pathlib import Path
 from rich.progress import Progress
 
 from lmforge.config.schema import ConfigError
+from lmforge.data.templates import encode_prompts
 from lmforge.generation import Request, RequestError, Sampling
-from lmforge.rollout.generate import answer_engine, encode, run_all, to_generation
+from lmforge.rollout.generate import answer_engine, run_all, to_generation
 
 
 def generate_file(model, tokenizer, records: list[dict], out: str | Path, params,
@@ -30,7 +31,7 @@ def generate_file(model, tokenizer, records: list[dict], out: str | Path, params
         sampling = Sampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
     except RequestError as error:
         raise ConfigError(f"generate sampling settings: {error}") from None
-    prompt_ids = encode(tokenizer, [r["prompt"] for r in records])
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in records])
     requests = []
     for i, ids in enumerate(prompt_ids):
         try:

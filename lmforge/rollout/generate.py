@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lmforge.data.templates import end_of_turn_ids, render_prompt
+from lmforge.data.templates import encode_prompts, end_of_turn_ids
 from lmforge.generation import Engine, Request, Result, Sampling
 
 
@@ -18,11 +18,6 @@ class Generation:
     token_ids: list[int]
     stopped: bool
     """True when the model ended its turn itself (an end-of-turn/EOS token), not at the length limit."""
-
-
-def encode(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    """Each conversation rendered for the model to answer, as token ids."""
-    return [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
 
 
 @dataclass
@@ -100,7 +95,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     """Answer each conversation (a list of messages ending with a user turn); greedy by default."""
     if not conversations:
         return []
-    prompt_ids = encode(tokenizer, conversations)
+    prompt_ids = encode_prompts(tokenizer, conversations)
     engine = answer_engine(model, tokenizer, prompt_ids, max_new_tokens, batch_size)
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
     requests = [Request(p, sampling, n) for p, n in fitted(prompt_ids, max_new_tokens, engine.max_len)]

@@ -22,7 +22,7 @@ import torch
 from lmforge.config.schema import ConfigError, DistillConfig, ModelConfig, StageConfig
 from lmforge.data.build import error_at, load_splits
 from lmforge.data.grading import exact_match
-from lmforge.data.templates import end_of_turn_ids, render_segments
+from lmforge.data.templates import encode_prompts, end_of_turn_ids, render_segments
 from lmforge.generation import Sampling
 from lmforge.loop.trainer import Trainer
 from lmforge.losses.distill import distill_token_loss, generalized_jsd, reverse_kl, sampled_reverse_kl
@@ -31,7 +31,6 @@ from lmforge.models.reference import Reference
 from lmforge.models.value import reply_logits
 from lmforge.rollout.evaluate import answer_eval
 from lmforge.rollout.gather import whole_parameters
-from lmforge.rollout.generate import encode
 from lmforge.rollout.rollouts import RolloutEngine, Samples, layout
 from lmforge.stages.common import load_for_training, save_artifact, start_run
 from lmforge.stages.online import _encode, _next_prompts, reference_logps, response_tokens, token_logps
@@ -188,7 +187,7 @@ def run(cfg: StageConfig) -> dict:
     train_prompts = _encode(tokenizer, train_rows, dataclasses.replace(cfg, rl=rollout))
     replies = dataset_replies(tokenizer, train_rows, d.max_new_tokens) if d.lambda_on_policy < 1 else None
     eval_set = list(eval_rows.select(range(min(d.eval_prompts, len(eval_rows))))) if eval_rows else []
-    eval_prompts = encode(tokenizer, [r["prompt"] for r in eval_set])
+    eval_prompts = encode_prompts(tokenizer, [r["prompt"] for r in eval_set])
     iterations = cfg.train.max_steps if cfg.train.max_steps > 0 else \
         math.ceil(cfg.train.epochs * len(train_prompts) / d.prompts_per_step)
     vocab = len(tokenizer)

@@ -26,6 +26,7 @@ import torch
 from lmforge.config.schema import RLConfig, StageConfig
 from lmforge.data import grading
 from lmforge.data.build import error_at, load_splits
+from lmforge.data.templates import encode_prompts
 from lmforge.generation import Sampling
 from lmforge.loop.summary import rl_plan_lines
 from lmforge.loop.trainer import Trainer, epoch_batches
@@ -34,7 +35,6 @@ from lmforge.models.reference import Reference
 from lmforge.models.value import PolicyWithValue, critic_values, reply_logits
 from lmforge.rollout.environments import load_environment
 from lmforge.rollout.gather import whole_parameters
-from lmforge.rollout.generate import encode
 from lmforge.rollout.groups import collect_rollout, score_rollout
 from lmforge.rollout.multiturn import Trajectories, evaluate_play, play_metrics, score_play, tools_overhead
 from lmforge.rollout.rewards import RewardSet, decode_rows, exact_match
@@ -115,7 +115,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     train_rows, eval_rows, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind="prompt")
     train_prompts = _encode(tokenizer, train_rows, cfg)
     eval_set = list(eval_rows.select(range(min(rl.eval_prompts, len(eval_rows))))) if eval_rows else []
-    eval_prompts = encode(tokenizer, [r["prompt"] for r in eval_set])
+    eval_prompts = encode_prompts(tokenizer, [r["prompt"] for r in eval_set])
     iterations = cfg.train.max_steps if cfg.train.max_steps > 0 else \
         math.ceil(cfg.train.epochs * len(train_prompts) / rl.prompts_per_step)
     samples_per_step = rl.minibatch_size or rl.prompts_per_step * rl.num_generations
@@ -203,7 +203,7 @@ def tool_limits(rl: RLConfig) -> ToolLimits:
 
 def _encode(tokenizer, rows, cfg: StageConfig) -> list[list[int]]:
     """Token ids of each prompt; a prompt leaving no room for the reply within data.max_length is an error."""
-    encoded = encode(tokenizer, rows["prompt"])
+    encoded = encode_prompts(tokenizer, rows["prompt"])
     room = cfg.data.max_length - cfg.rl.max_new_tokens
     too_long = [(row["source"], len(ids)) for row, ids in zip(rows, encoded) if len(ids) > room]
     if too_long:

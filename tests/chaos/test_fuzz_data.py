@@ -29,8 +29,7 @@ from transformers import AutoTokenizer
 from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.build import load_splits, tokenize_preference, tokenize_pt, tokenize_sft
 from lmforge.data.errors import DataError, ErrorLog
-from lmforge.data.templates import apply_template_choice
-from lmforge.rollout.generate import encode as encode_prompts
+from lmforge.data.templates import apply_template_choice, encode_prompts
 
 SEED = 20261124
 RECORDS_PER_FILE = trials(16, 70)  # 16 files + 5 through dataset_info: ~340 records in CI, ~1,500 in full
