@@ -42,6 +42,8 @@ VARIANTS = {
     # length-normalised sequence ratio stays far closer to 1 than a token's ratio (Zheng et al. 2025).
     "gspo": ["rl.loss_type=grpo", "rl.importance_sampling=sequence", "rl.clip_range_low=3e-4",
              "rl.clip_range_high=4e-4"],
+    # GSPO's sequence ratio with the token-level default clip (0.2): what the narrow range itself does.
+    "gspo_clip_0.2": ["rl.loss_type=grpo", "rl.importance_sampling=sequence"],
 }
 
 
