@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -123,3 +124,30 @@ def test_the_bench_holds_out_requests_it_never_trains_on_and_scores_them_strictl
     assert bench.summary(rows) == {"call_requests": 3, "parsed_right_name_valid_json": 2,
                                    "of_which_exact_arguments": 1, "any_parsed_call": 3,
                                    "text_requests": 1, "text_requests_answered_without_call": 1}
+
+
+def test_data_inspect_shows_a_tool_record_as_the_trainer_renders_it(world_tokenizer_dir, tmp_path, capsys):
+    """`lmforge data inspect` once rendered glaive records without their tools and with each call as plain
+    reply text: not what the trainer trains on. Now its tokens and loss marks are the trainer's."""
+    from transformers import AutoTokenizer
+
+    from lmforge.cli import main
+    from lmforge.config.schema import DataConfig
+    from lmforge.data.build import _sft_tokens
+    from lmforge.data.errors import ErrorLog
+    from lmforge.data.formats import RowFormat, to_example
+    from lmforge.data.inspect import plain_marked
+
+    data = tmp_path / "glaive.json"
+    data.write_text(json.dumps([GLAIVE]), encoding="utf-8")
+    assert main(["data", "inspect", "--stage", "sft", "-n", "1", f"model.name_or_path={world_tokenizer_dir}",
+                 "model.template=chatml", f"data.train={data}", "data.max_length=2048"]) == 0
+    shown = re.sub(r"\s", "", capsys.readouterr().out)  # the console wraps long lines
+    tokenizer = AutoTokenizer.from_pretrained(world_tokenizer_dir)
+    example = to_example(json.loads(json.dumps(GLAIVE)), RowFormat(formatting="sharegpt"))
+    trained = _sft_tokens({**{k: [example[k]] for k in ("messages", "chat", "tools")}, "source": ["g:1"]},
+                          tokenizer, DataConfig(max_length=2048), ErrorLog())
+    ids, labels = trained["input_ids"][0], trained["labels"][0]
+    assert f"{len(ids)}tokens,{sum(label != -100 for label in labels)}withloss" in shown
+    assert "<tools>" in shown and "[[<tool_call>" in shown
+    assert re.sub(r"\s", "", plain_marked(tokenizer, ids, labels)) in shown

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from lmforge.data.preference import PromptTooLong, encode_pair, pair_rows
 from lmforge.data.tokenize import IGNORE, encode_sft, encode_text, messages_as_text
+from lmforge.data.tools import example_messages, parse_tools
 
 
 def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bool = False,
@@ -22,7 +23,9 @@ def render_record(tokenizer, example: dict, max_length: int, train_on_prompt: bo
         ids = encode_text(tokenizer, example["text"] or messages_as_text(example["messages"]))[:max_length]
         labels = list(ids)
     elif example["messages"]:
-        encoded = encode_sft(tokenizer, example["messages"], max_length, train_on_prompt, mask_history)
+        # as the trainer renders it: tool calls from the `chat` column, the record's tools to the template
+        encoded = encode_sft(tokenizer, example_messages(example), max_length, train_on_prompt, mask_history,
+                             tools=parse_tools(example.get("tools")) or None)
         if encoded is None:
             return Text("(dropped: nothing left to learn after truncation)", style="red"), {"tokens": 0, "loss_tokens": 0}
         ids, labels = encoded["input_ids"], encoded["labels"]
