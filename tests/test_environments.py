@@ -395,36 +395,3 @@ def test_a_group_larger_than_the_engines_rows_is_refused_not_left_waiting(policy
     with pytest.raises(ConfigError, match="rl.num_generations=4 needs 4 cache rows at once, but the rollout engine "
                                           "holds 2"):
         play(engine, tok, Countdown, records, Sampling(), Limits(8, 2, 32), n=4)
-
-
-def test_tool_environments_of_a_group_step_side_by_side_and_others_in_order():
-    import threading
-
-    from lmforge.rollout.multiturn import _steps
-
-    class Waits:
-        """Each step waits for the other trajectory's step: only steps run side by side get through."""
-
-        concurrent_steps = True
-
-        def __init__(self, barrier, order):
-            self.barrier, self.order = barrier, order
-
-        def step(self, reply):
-            self.barrier.wait(timeout=5)
-            self.order.append(reply)
-            return [{"role": "tool", "content": reply}], float(len(reply)), False
-
-    order: list[str] = []
-    barrier = threading.Barrier(2)
-    out = _steps([Waits(barrier, order), Waits(barrier, order)], ["a", "bb"])
-    assert out == [([{"role": "tool", "content": "a"}], 1.0, False), ([{"role": "tool", "content": "bb"}], 2.0, False)]
-    assert ToolEnvironment.concurrent_steps is True
-
-    class Serial(Waits):
-        concurrent_steps = False
-
-    lone = threading.Barrier(1)  # in order, each step passes alone
-    order.clear()
-    assert [r for _, r, _ in _steps([Serial(lone, order), Serial(lone, order), Serial(lone, order)], ["x", "y", "z"])] \
-        == [1.0, 1.0, 1.0] and order == ["x", "y", "z"]
