@@ -140,7 +140,7 @@ def test_truncation_mask_and_group_signal_on_hand_made_groups():
 
 
 def test_entropy_with_grad_matches_autograd_in_several_chunks(monkeypatch):
-    monkeypatch.setattr(rl, "_LOGSOFTMAX_CHUNK_ELEMENTS", 7 * 2)  # 2 rows per chunk over 6 rows
+    monkeypatch.setattr(rl, "LOGSOFTMAX_CHUNK_ELEMENTS", 7 * 2)  # 2 rows per chunk over 6 rows
     logits = torch.randn(2, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
     weights = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for temperature in (1.0, 0.7):

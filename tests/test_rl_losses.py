@@ -227,7 +227,7 @@ def test_gather_logps_and_entropy_match_log_softmax():
 def test_gather_logps_large_vocab_in_several_chunks(monkeypatch):
     vocab = 50_000
     # two rows per chunk, so the six rows of [2, 3] go through three chunks
-    monkeypatch.setattr(rl, "_LOGSOFTMAX_CHUNK_ELEMENTS", 2 * vocab)
+    monkeypatch.setattr(rl, "LOGSOFTMAX_CHUNK_ELEMENTS", 2 * vocab)
     gen = torch.Generator().manual_seed(7)
     logits = 3.0 * torch.randn(2, 3, vocab, generator=gen)
     tokens = torch.randint(0, vocab, (2, 3), generator=gen)

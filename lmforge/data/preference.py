@@ -41,7 +41,7 @@ def _message(turn, where: str) -> dict:
     return {"role": ROLE_NAMES[role], "content": content}
 
 
-def _messages(value, where: str) -> list[dict]:
+def prompt_messages(value, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, dict):
@@ -51,11 +51,11 @@ def _messages(value, where: str) -> list[dict]:
     raise ValueError(f"{where} must be a string or a non-empty list of messages")
 
 
-def _response(value, where: str) -> str:
+def response_text(value, where: str) -> str:
     """A response given as a string, a message object or a one-message list (assistant)."""
     if isinstance(value, str):
         return value
-    messages = _messages(value, where)
+    messages = prompt_messages(value, where)
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where} must end with an assistant message")
     return messages[-1]["content"]
@@ -75,7 +75,7 @@ def _prompt(row: dict, fmt: RowFormat) -> list[dict]:
     elif key is None:
         raise ValueError(f"no prompt column found (keys: {', '.join(sorted(row))})")
     else:
-        prompt = _messages(row[key], key)
+        prompt = prompt_messages(row[key], key)
     if isinstance(system, str) and system and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
     return prompt
@@ -109,11 +109,11 @@ def to_pair(row: dict, fmt: RowFormat) -> dict:
     has_prompt = any(k in row for k in (cols.get("messages"), cols.get("prompt"), "prompt", "conversations",
                                          "instruction", "question", "messages") if k)
     if not has_prompt and isinstance(chosen, list) and isinstance(rejected, list):
-        prompt, good, bad = _split_implicit(_messages(chosen, chosen_key), _messages(rejected, rejected_key))
+        prompt, good, bad = _split_implicit(prompt_messages(chosen, chosen_key), prompt_messages(rejected, rejected_key))
     else:
         prompt = _prompt(row, fmt)
-        good, bad = _response(chosen, chosen_key), _response(rejected, rejected_key)
-    _check_prompt(prompt)
+        good, bad = response_text(chosen, chosen_key), response_text(rejected, rejected_key)
+    check_prompt(prompt)
     if not good.strip() or not bad.strip():
         raise ValueError("empty response: chosen and rejected must both have text")
     if good.strip() == bad.strip():
@@ -130,7 +130,7 @@ def to_kto(row: dict, fmt: RowFormat) -> dict:
     if not isinstance(label, bool):
         raise ValueError(f"field {label_key!r} must be true or false, got {label!r}")
     if "completion" in row:
-        prompt, completion = _prompt(row, fmt), _response(row["completion"], "completion")
+        prompt, completion = _prompt(row, fmt), response_text(row["completion"], "completion")
     else:
         key = fmt.columns.get("messages") or ("messages" if "messages" in row else "conversations")
         turns = row.get(key)
@@ -144,7 +144,7 @@ def to_kto(row: dict, fmt: RowFormat) -> dict:
         if messages[-1]["role"] != "assistant":
             raise ValueError("a KTO record must end with the assistant reply being judged")
         prompt, completion = messages[:-1], messages[-1]["content"]
-    _check_prompt(prompt)
+    check_prompt(prompt)
     if not completion.strip():
         raise ValueError("empty completion")
     return _with_tools({"prompt": prompt, "completion": completion, "label": label}, row, fmt)
@@ -157,7 +157,7 @@ def _with_tools(record: dict, row: dict, fmt: RowFormat) -> dict:
     return {**record, "tools": tools_text(tools)} if tools else record
 
 
-def _check_prompt(prompt: list[dict]) -> None:
+def check_prompt(prompt: list[dict]) -> None:
     if not prompt or prompt[-1]["role"] not in ("user", "tool"):
         raise ValueError("the prompt must end with a user turn")
     check_dialogue([*prompt, {"role": "assistant", "content": "x"}])

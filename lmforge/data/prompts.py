@@ -27,7 +27,7 @@ import json
 # they are module-private because SFT insists on a final assistant reply, which a prompt need not have.
 from lmforge.data import formats
 from lmforge.data.formats import ALPACA_COLUMNS, SHAREGPT_COLUMNS, RowFormat, detect_format
-from lmforge.data.preference import _check_prompt, _messages, _response
+from lmforge.data.preference import check_prompt, prompt_messages, response_text
 from lmforge.data.tools import plain_messages
 
 REFERENCE_KEYS = ("completion", "reference", "solution", "ground_truth", "answer", "response")
@@ -44,14 +44,14 @@ def to_prompt(row: dict, fmt: RowFormat) -> dict:
     if _is_sft_shaped(row, fmt):
         prompt, reply, used, tools = _dialogue_prompt(row, fmt)
     elif "prompt" in row:
-        prompt, reply, used = _with_system(_messages(row["prompt"], "prompt"), row), None, {"prompt", "system"}
+        prompt, reply, used = _with_system(prompt_messages(row["prompt"], "prompt"), row), None, {"prompt", "system"}
     elif "question" in row:
-        prompt, reply, used = _with_system(_messages(row["question"], "question"), row), None, {"question", "system"}
+        prompt, reply, used = _with_system(prompt_messages(row["question"], "question"), row), None, {"question", "system"}
     else:
         keys = ", ".join(sorted(row)) or "none"
         raise ValueError(f"no prompt found in the keys ({keys}): expected prompt, question, instruction, messages "
                          "or conversations")
-    _check_prompt(prompt)
+    check_prompt(prompt)
     prompt = plain_messages(prompt)  # prompt rows are {role, content}: a tool call is its JSON text
     reference_key = None
     if reply is None:
@@ -121,5 +121,5 @@ def _reply_text(value, key: str) -> str:
     """A reference given as text or a number; completions and chosen replies may also be assistant
     messages (TRL conversational form, LLaMA-Factory ranking data)."""
     if isinstance(value, (dict, list)) and key not in ("reference", "solution", "ground_truth", "answer", "response"):
-        return _response(value, key)
+        return response_text(value, key)
     return _scalar_text(value, key)

@@ -96,7 +96,7 @@ def _lone_surrogate(value) -> str | None:
     return None
 
 
-def _decoded_lines(path: Path, errors: ErrorLog, lone_cr: bool = True) -> Iterator[tuple[int, str]]:
+def decoded_lines(path: Path, errors: ErrorLog, lone_cr: bool = True) -> Iterator[tuple[int, str]]:
     """Lines decoded one by one, so invalid UTF-8 names its line instead of failing the file.
 
     A line ends at \\n, \\r\\n or a lone \\r (old Mac files): every editor shows those as line
@@ -151,20 +151,20 @@ def _read_txt(path: Path, errors: ErrorLog, text_split: str) -> Iterator[RawReco
         # One document per file (a book, an article): dropping an undecodable line from its middle would
         # join the text around it, so the file is reported as one bad record instead.
         first = _FirstError()
-        lines = [line for _, line in _decoded_lines(path, first)]
+        lines = [line for _, line in decoded_lines(path, first)]
         if first.error is not None:
             errors.report(first.error)
         elif any(line.strip() for line in lines):
             yield RawRecord({"text": "\n".join(lines).strip("\n")}, str(path), "line 1")
         return
     if text_split == "line":
-        for number, line in _decoded_lines(path, errors):
+        for number, line in decoded_lines(path, errors):
             if line.strip():
                 yield RawRecord({"text": line}, str(path), f"line {number}")
         return
     block: list[str] = []
     start = 0
-    for number, line in _decoded_lines(path, errors):
+    for number, line in decoded_lines(path, errors):
         if line.strip():
             start = start or number
             block.append(line)
@@ -176,7 +176,7 @@ def _read_txt(path: Path, errors: ErrorLog, text_split: str) -> Iterator[RawReco
 
 
 def _read_jsonl(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
-    for number, line in _decoded_lines(path, errors):
+    for number, line in decoded_lines(path, errors):
         if not line.strip():
             continue
         try:
@@ -257,7 +257,7 @@ def _read_csv(path: Path, errors: ErrorLog) -> Iterator[RawRecord]:
     physical: list[int] = []  # the file line of each line handed to the csv module
 
     def lines() -> Iterator[str]:
-        for number, text in _decoded_lines(path, errors, lone_cr=False):
+        for number, text in decoded_lines(path, errors, lone_cr=False):
             physical.append(number)
             yield text + "\n"  # the csv module needs line ends to join quoted multi-line fields
 

@@ -179,7 +179,7 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: 
         raise ValueError(f"the chat template refused this conversation: {exc}") from exc
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None,
+def render_template(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None,
             template_kwargs: dict | None = None) -> str:
     """The template's text for the messages. An empty system message first means no system prompt at all:
     neither an empty system turn nor the default some templates add to a conversation without one (SmolLM2's
@@ -254,7 +254,7 @@ def render_prompt(tokenizer, messages: list[dict], tools: list | None = None,
     """The text a model sees before it answers: the conversation plus the generation prompt.
     `tools` (OpenAI function schemas) reach the template's own `tools` argument; `template_kwargs`
     reach it as variables (qwen3's `enable_thinking`)."""
-    return _render(tokenizer, prepare_messages(tokenizer, messages, tools), True, tools, template_kwargs)
+    return render_template(tokenizer, prepare_messages(tokenizer, messages, tools), True, tools, template_kwargs)
 
 
 
@@ -278,12 +278,12 @@ def render_segments(tokenizer, messages: list[dict], tools: list | None = None, 
     turns = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            prompt = _render(tokenizer, messages[:i], True, tools, template_kwargs)
-            full = _render(tokenizer, messages[: i + 1], False, tools, template_kwargs)
+            prompt = render_template(tokenizer, messages[:i], True, tools, template_kwargs)
+            full = render_template(tokenizer, messages[: i + 1], False, tools, template_kwargs)
             if not full.startswith(prompt):
                 raise ValueError(REWRITES)
             turns.append((prompt, full, message))
-    final = _render(tokenizer, messages, False, tools, template_kwargs)
+    final = render_template(tokenizer, messages, False, tools, template_kwargs)
     markers = end_of_turn_markers(tokenizer)
     segments: list[Segment] = []
     done = ""
@@ -308,14 +308,14 @@ def _reply_segments(tokenizer, reply: str, message: dict, markers: list[str], re
         if block.has_block and block.closed:
             out.append(Segment(reply[: block.end], False))
             reply = reply[block.end:]
-    cut = _reply_end(reply, message["content"], markers)
+    cut = reply_end(reply, message["content"], markers)
     if cut is None:
         # Templates that print no end marker (rare): append EOS so the model learns to stop.
         return [*out, Segment(reply + (tokenizer.eos_token or ""), True)]
     return [*out, Segment(reply[:cut], True), Segment(reply[cut:], False)]
 
 
-def _reply_end(reply: str, content: str, markers: list[str]) -> int | None:
+def reply_end(reply: str, content: str, markers: list[str]) -> int | None:
     """Index just past the end-of-turn marker that follows the reply's content."""
     start = reply.find(content) + len(content) if content and content in reply else 0
     best = None

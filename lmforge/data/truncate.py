@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmforge.data.templates import _render, end_of_turn_markers, prepare_messages, render_segments
+from lmforge.data.templates import end_of_turn_markers, prepare_messages, render_segments, render_template
 
 KEPT_WHOLE = ("frame", "header", "end")
 SENTINEL = re.compile("\ue000(\\d+)\ue001")
@@ -72,7 +72,7 @@ def _content_spans(tokenizer, messages: list[dict], full: str, tools: list | Non
     the context is then cut, and a turn that cannot fit is dropped rather than cut blind."""
     marked = [m if m["role"] == "assistant" else {**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
     try:
-        template = _render(tokenizer, marked, False, tools, template_kwargs)
+        template = render_template(tokenizer, marked, False, tools, template_kwargs)
     except Exception:  # noqa: BLE001 - a template may reject odd content; fall back to no spans
         return []
     pieces = SENTINEL.split(template)

@@ -29,7 +29,7 @@ import torch
 
 from lmforge.data.errors import DataError, ErrorLog
 from lmforge.data.preference import pad_sequences, sequence_with_labels
-from lmforge.data.readers import _decoded_lines
+from lmforge.data.readers import decoded_lines
 from lmforge.data.templates import render_prompt
 from lmforge.losses.preference import sequence_logps
 
@@ -121,7 +121,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     physical: list[int] = []
 
     def lines() -> Iterator[str]:
-        for number, text in _decoded_lines(path, ErrorLog("raise")):  # utf-8-sig, CRLF, bad bytes name a line
+        for number, text in decoded_lines(path, ErrorLog("raise")):  # utf-8-sig, CRLF, bad bytes name a line
             physical.append(number)
             yield text + "\n"
 
@@ -209,7 +209,7 @@ def _record_question(path: Path, line: int, index: int, record) -> ChoiceQuestio
 
 def _read_jsonl(path: Path) -> Iterator[ChoiceQuestion]:
     index = 0
-    for number, text in _decoded_lines(path, ErrorLog("raise")):
+    for number, text in decoded_lines(path, ErrorLog("raise")):
         if not text.strip():
             continue
         try:

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from lmforge.losses.rl import _LOGSOFTMAX_CHUNK_ELEMENTS, masked_mean
+from lmforge.losses.rl import LOGSOFTMAX_CHUNK_ELEMENTS, masked_mean
 
 Metrics = dict[str, torch.Tensor]
 
@@ -56,7 +56,7 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(logits: torch.Tensor) -> int:
-    return max(1, _LOGSOFTMAX_CHUNK_ELEMENTS // logits.shape[-1])
+    return max(1, LOGSOFTMAX_CHUNK_ELEMENTS // logits.shape[-1])
 
 
 class _GeneralizedJSD(torch.autograd.Function):

@@ -21,7 +21,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 Metrics = dict[str, torch.Tensor]
 
 # Rows of a [*, V] chunk are picked so one float32 chunk holds about this many elements (64 MiB).
-_LOGSOFTMAX_CHUNK_ELEMENTS = 1 << 24
+LOGSOFTMAX_CHUNK_ELEMENTS = 1 << 24
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -69,7 +69,7 @@ def _map_row_chunks(logits: torch.Tensor, fn) -> torch.Tensor:
     """
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
-    rows_per_chunk = max(1, _LOGSOFTMAX_CHUNK_ELEMENTS // vocab)
+    rows_per_chunk = max(1, LOGSOFTMAX_CHUNK_ELEMENTS // vocab)
     pieces = [fn(chunk.float()) for chunk in flat.split(rows_per_chunk, dim=0)]
     out = torch.cat(pieces) if pieces else flat.new_zeros(0, dtype=torch.float32)
     return out.reshape(logits.shape[:-1])
@@ -118,7 +118,7 @@ class _Entropy(torch.autograd.Function):
     def backward(ctx, grad_entropy: torch.Tensor):
         logits, entropy = ctx.saved_tensors
         vocab = logits.shape[-1]
-        rows = max(1, _LOGSOFTMAX_CHUNK_ELEMENTS // vocab)
+        rows = max(1, LOGSOFTMAX_CHUNK_ELEMENTS // vocab)
         grad = torch.empty_like(logits).reshape(-1, vocab)
         pairs = zip(logits.reshape(-1, vocab).split(rows), entropy.reshape(-1, 1).split(rows),
                     grad_entropy.reshape(-1, 1).split(rows), grad.split(rows))

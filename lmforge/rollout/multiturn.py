@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.config.errors import ConfigError
-from lmforge.data.templates import _render, _reply_end, end_of_turn_markers, prepare_messages
+from lmforge.data.templates import end_of_turn_markers, prepare_messages, render_template, reply_end
 from lmforge.generation import Engine, Request, Sampling
 from lmforge.rollout.environments import checked_reset, checked_step
 from lmforge.rollout.generate import to_generation
@@ -68,14 +68,14 @@ def continuation_ids(tokenizer, history: list[dict], new_messages: list[dict], t
     without that reply (for templates whose rendering depends on earlier roles)."""
     probe = prepare_messages(tokenizer, [*history, {"role": "assistant", "content": SENTINEL}], tools)
     after_messages = prepare_messages(tokenizer, new_messages, tools)
-    before = _render(tokenizer, probe, False, tools)
-    after = _render(tokenizer, probe + after_messages, True, tools)
+    before = render_template(tokenizer, probe, False, tools)
+    after = render_template(tokenizer, probe + after_messages, True, tools)
     if not after.startswith(before) or SENTINEL not in before:
         raise ConfigError("rl.environment: the chat template does not render the conversation as a growing "
                           "prefix, so environment turns cannot be appended as tokens; choose another template "
                           "with model.template")
     tail = before[before.rindex(SENTINEL):]
-    cut = _reply_end(tail, SENTINEL, end_of_turn_markers(tokenizer))
+    cut = reply_end(tail, SENTINEL, end_of_turn_markers(tokenizer))
     text = (tail[cut:] if cut is not None else "") + after[len(before):]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -120,7 +120,7 @@ def play(engine: Engine, tokenizer, make_env: Callable, records: list[dict], sam
             raise ConfigError(f"rl.environment: {type(group[0].env).__name__}.reset gave different messages for "
                               "the same record; a group's samples must share their prompt")
         tools = getattr(group[0].env, "schemas", None) or None  # the template's tools= argument
-        prompt = tokenizer(_render(tokenizer, prepare_messages(tokenizer, firsts[0], tools), True, tools),
+        prompt = tokenizer(render_template(tokenizer, prepare_messages(tokenizer, firsts[0], tools), True, tools),
                            add_special_tokens=False)["input_ids"]
         room = min(limits.max_total_tokens, engine.max_len - len(prompt))
         if room < 1:
@@ -233,8 +233,8 @@ def tools_overhead(tokenizer, make_env: Callable, messages: list[dict]) -> int:
     tools = getattr(make_env(), "schemas", None)
     if not tools:
         return 0
-    plain = _render(tokenizer, prepare_messages(tokenizer, messages, None), True, None)
-    with_tools = _render(tokenizer, prepare_messages(tokenizer, messages, tools), True, tools)
+    plain = render_template(tokenizer, prepare_messages(tokenizer, messages, None), True, None)
+    with_tools = render_template(tokenizer, prepare_messages(tokenizer, messages, tools), True, tools)
     return max(0, len(tokenizer(with_tools, add_special_tokens=False)["input_ids"])
                - len(tokenizer(plain, add_special_tokens=False)["input_ids"]))
 

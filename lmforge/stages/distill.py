@@ -33,7 +33,13 @@ from lmforge.rollout.evaluate import answer_eval
 from lmforge.rollout.gather import whole_parameters
 from lmforge.rollout.rollouts import RolloutEngine, Samples, layout
 from lmforge.stages.common import load_for_training, save_artifact, start_run
-from lmforge.stages.online import _encode, _next_prompts, reference_logps, response_tokens, token_logps
+from lmforge.stages.online import (
+    encode_rl_prompts,
+    next_prompts,
+    reference_logps,
+    response_tokens,
+    token_logps,
+)
 
 
 def load_teacher(cfg: StageConfig, tokenizer):
@@ -184,7 +190,7 @@ def run(cfg: StageConfig) -> dict:
     student, tokenizer, parent, _ = load_for_training(cfg)
     teacher = load_teacher(cfg, tokenizer)
     train_rows, eval_rows, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind="prompt")
-    train_prompts = _encode(tokenizer, train_rows, dataclasses.replace(cfg, rl=rollout))
+    train_prompts = encode_rl_prompts(tokenizer, train_rows, dataclasses.replace(cfg, rl=rollout))
     replies = dataset_replies(tokenizer, train_rows, d.max_new_tokens) if d.lambda_on_policy < 1 else None
     eval_set = list(eval_rows.select(range(min(d.eval_prompts, len(eval_rows))))) if eval_rows else []
     eval_prompts = encode_prompts(tokenizer, [r["prompt"] for r in eval_set])
@@ -228,7 +234,7 @@ def train_iterations(trainer, teacher, rollouts, tokenizer, d: DistillConfig, ro
     last: dict = {}
     while state.extra.get("iteration", 0) < iterations:
         done = state.extra.get("iteration", 0)
-        chosen = _next_prompts(state, len(train_prompts), rollout, cfg.seed, trainer.accelerator)
+        chosen = next_prompts(state, len(train_prompts), rollout, cfg.seed, trainer.accelerator)
         own = on_policy(done, d.lambda_on_policy) or replies is None
         last = one_iteration(trainer, teacher, rollouts, tokenizer, d, [train_prompts[i] for i in chosen],
                              None if own else [replies[i] for i in chosen])

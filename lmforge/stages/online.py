@@ -113,7 +113,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     reference = Reference(kind, frozen) if kind else None
 
     train_rows, eval_rows, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind="prompt")
-    train_prompts = _encode(tokenizer, train_rows, cfg)
+    train_prompts = encode_rl_prompts(tokenizer, train_rows, cfg)
     eval_set = list(eval_rows.select(range(min(rl.eval_prompts, len(eval_rows))))) if eval_rows else []
     eval_prompts = encode_prompts(tokenizer, [r["prompt"] for r in eval_set])
     iterations = cfg.train.max_steps if cfg.train.max_steps > 0 else \
@@ -165,7 +165,7 @@ def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
 
     def draw() -> tuple[list[dict], list[list[int]]]:
         """The next prompts (records and token ids); dynamic sampling may draw several times an iteration."""
-        prompts = _next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
+        prompts = next_prompts(state, len(train_prompts), rl, cfg.train.seed, trainer.accelerator)
         return [train_rows[i] for i in prompts], [train_prompts[i] for i in prompts]
 
     if state.step == 0:  # kept in every checkpoint: a resumed run reports them too
@@ -201,7 +201,7 @@ def tool_limits(rl: RLConfig) -> ToolLimits:
     return ToolLimits(seconds=rl.tool_timeout, memory_mb=rl.tool_memory_mb, output_chars=rl.tool_output_chars)
 
 
-def _encode(tokenizer, rows, cfg: StageConfig) -> list[list[int]]:
+def encode_rl_prompts(tokenizer, rows, cfg: StageConfig) -> list[list[int]]:
     """Token ids of each prompt; a prompt leaving no room for the reply within data.max_length is an error."""
     encoded = encode_prompts(tokenizer, rows["prompt"])
     room = cfg.data.max_length - cfg.rl.max_new_tokens
@@ -214,7 +214,7 @@ def _encode(tokenizer, rows, cfg: StageConfig) -> list[list[int]]:
     return encoded
 
 
-def _next_prompts(state, n_prompts: int, rl: RLConfig, seed: int, accelerator) -> list[int]:
+def next_prompts(state, n_prompts: int, rl: RLConfig, seed: int, accelerator) -> list[int]:
     """The next prompts of a seeded epoch order (a resumed run continues it); this process's share."""
     batches = epoch_batches(n_prompts, rl.prompts_per_step, seed, state.epoch)
     chosen = batches[state.batch_in_epoch]

@@ -175,9 +175,9 @@ def check_pipeline_text(text: str, rules: Rules, where: str):
     for stage in pipeline.stages:
         check_stage(stage_config(pipeline, stage), rules, f"{where}: stages.{stage.name}")
         if isinstance(stage.eval, dict):
-            _check_eval(stage.eval, [], rules, f"{where}: stages.{stage.name}.eval")
+            check_eval_paths(stage.eval, [], rules, f"{where}: stages.{stage.name}.eval")
     if pipeline.eval is not None:
-        _check_eval(pipeline.resolved.get("eval") or {}, names, rules, f"{where}: eval")
+        check_eval_paths(pipeline.resolved.get("eval") or {}, names, rules, f"{where}: eval")
     corpus = (pipeline.resolved.get("tokenizer") or {}).get("train") or []
     for i, item in enumerate(corpus if isinstance(corpus, list) else [corpus]):
         data_files(item, rules, f"{where}: tokenizer.train[{i}]")
@@ -188,7 +188,7 @@ EVAL_FILES = ("perplexity", "answers", "choice", "pairs", "prompts")
 EVAL_JUDGES = ("reward_model", "reference", "baseline")
 
 
-def _check_eval(block: dict, stage_names: list[str], rules: Rules, where: str) -> None:
+def check_eval_paths(block: dict, stage_names: list[str], rules: Rules, where: str) -> None:
     """Evaluation files under the root; judges are stage names (the pipeline's block) or folders under it."""
     for key in (*EVAL_FILES, *EVAL_JUDGES):
         value = block.get(key)

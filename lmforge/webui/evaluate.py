@@ -17,7 +17,7 @@ import yaml
 from lmforge.config.load import from_dict
 from lmforge.config.schema import ConfigError
 from lmforge.eval.spec import EvalSpec
-from lmforge.webui.confine import Rules, _check_eval, inside
+from lmforge.webui.confine import Rules, check_eval_paths, inside
 from lmforge.webui.forms import checked_path, from_yaml
 from lmforge.webui.runs import MANIFEST, Launcher
 from lmforge.webui.schema_fields import FormField, from_widget, schema_fields
@@ -60,7 +60,7 @@ def suite_text(suite_file: str, values: list, rules: Rules) -> str:
         if parsed is not dataclasses.MISSING:
             raw[spec.key] = parsed
     from_dict(EvalSpec, json.loads(json.dumps(raw)), where=suite_file.strip() if suite_file else "the suite")
-    _check_eval(raw, [], rules, "eval")
+    check_eval_paths(raw, [], rules, "eval")
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
 
 
