@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
 
 def _train_arguments(first: str, config: str | None, overrides: list[str]) -> tuple[str | None, str | None, list[str]]:
     """(stage, config, overrides) of `lmforge train STAGE [CONFIG] ...` or `lmforge train CONFIG ...`."""
-    from lmforge.config.schema import ConfigError
+    from lmforge.config.errors import ConfigError
 
     if first in STAGES:
         return (first, *_split_config(config, overrides))
@@ -148,9 +148,9 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def cmd_convert(args) -> int:
+    from lmforge.config.errors import ConfigError
     from lmforge.config.foreign import convert_foreign, detect_format, render_yaml, stage_config
     from lmforge.config.load import read_yaml
-    from lmforge.config.schema import ConfigError
 
     raw = read_yaml(args.config)
     fmt = detect_format(raw, args.config)
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)  # before any work: the pools are sized on first use
-    from lmforge.config.schema import ConfigError
+    from lmforge.config.errors import ConfigError
     from lmforge.data.errors import DataError
     from lmforge.loop.checkpoint import CheckpointError
     from lmforge.loop.trainer import TrainingDiverged

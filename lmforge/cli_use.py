@@ -121,7 +121,7 @@ def cmd_webui(args) -> int:
     try:
         from lmforge.webui.app import launch
     except ImportError as error:
-        from lmforge.config.schema import ConfigError
+        from lmforge.config.errors import ConfigError
 
         raise ConfigError(f"the web UI needs Gradio: pip install 'lmforge[webui]' ({error})") from None
 

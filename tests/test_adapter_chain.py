@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config
-from lmforge.config.schema import ConfigError, ModelConfig
+from lmforge.config.schema import ModelConfig
 from lmforge.models.load import load_model_and_tokenizer
 from lmforge.stages import STAGE_RUNNERS
 

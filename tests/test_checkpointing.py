@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config
-from lmforge.config.schema import ConfigError, LoraConfig, ModelConfig
+from lmforge.config.schema import LoraConfig, ModelConfig
 from lmforge.data.packing import collate
 from lmforge.models.adapters import apply_finetuning
 from lmforge.models.checkpointing import checkpointable_blocks, enable_checkpointing

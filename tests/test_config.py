@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config, to_dict
-from lmforge.config.schema import STAGES, ConfigError, DatasetSpec, StageConfig
+from lmforge.config.schema import STAGES, DatasetSpec, StageConfig
 from lmforge.pipeline.run import load_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -11,9 +11,10 @@ import typing
 import pytest
 
 from lmforge.config.constraints import RANGES, Bound
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config
 from lmforge.config.load import schema_dataclasses as stage_dataclasses
-from lmforge.config.schema import ConfigError, StageConfig, TrainConfig
+from lmforge.config.schema import StageConfig, TrainConfig
 from lmforge.eval.spec import EvalSpec
 
 

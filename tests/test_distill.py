@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config
-from lmforge.config.schema import ConfigError
 from lmforge.losses.distill import distill_token_loss, generalized_jsd, reverse_kl, sampled_reverse_kl
 from lmforge.stages import STAGE_RUNNERS
 from lmforge.stages.distill import on_policy, summary

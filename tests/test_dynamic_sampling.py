@@ -129,8 +129,8 @@ def test_dynamic_sampling_counts_penalties_as_signal_and_is_off_by_default():
 
 
 def test_ppo_refuses_dynamic_sampling_and_rounds_are_range_checked():
+    from lmforge.config.errors import ConfigError
     from lmforge.config.load import load_config
-    from lmforge.config.schema import ConfigError
 
     base = ["model.scratch=test", "rl.rewards=[{kind: answer_match}]", "rl.num_generations=2"]
     with pytest.raises(ConfigError, match="rl.dynamic_sampling apply to grpo and rloo, not ppo"):

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.cli import main
-from lmforge.config.schema import ConfigError, RewardSpec
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import RewardSpec
 from lmforge.data import demo_grading
 from lmforge.eval import metrics
 from lmforge.eval.spec import EvalSpec

@@ -111,7 +111,7 @@ def test_gguf_export_reads_back_with_the_same_tokens_and_logits(adapter, tmp_pat
 def test_gguf_export_refuses_other_architectures(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmforge.config.schema import ConfigError
+    from lmforge.config.errors import ConfigError
     from lmforge.models.gguf_export import write_gguf
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))

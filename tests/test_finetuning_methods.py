@@ -10,15 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaConfig
 
-from lmforge.config.schema import (
-    ConfigError,
-    ExpandConfig,
-    GaloreConfig,
-    LoraConfig,
-    ModConfig,
-    ModelConfig,
-    TrainConfig,
-)
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import ExpandConfig, GaloreConfig, LoraConfig, ModConfig, ModelConfig, TrainConfig
 from lmforge.models.adapters import apply_finetuning, decoder_layers
 from lmforge.models.galore import GaLoreAdamW, galore_state_numel
 from lmforge.models.mod import apply_mod

@@ -15,11 +15,12 @@ from conftest import SHARED_DATA
 
 import lmforge
 from lmforge.cli import main
+from lmforge.config.errors import ConfigError
 from lmforge.config.foreign import detect_format, load_stage_config
 from lmforge.config.foreign_docs import mapping_markdown
 from lmforge.config.foreign_keys import COMMON, LLAMAFACTORY, TRL, Special, Target
 from lmforge.config.load import load_config, schema_dataclasses, to_dict
-from lmforge.config.schema import ConfigError, StageConfig
+from lmforge.config.schema import StageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="LLaMA-Factory's demo data is not beside the repo")

@@ -11,7 +11,8 @@ import torch
 from test_rl_losses import GARBAGE as G  # what a padded entry may hold; it must never reach a real one
 from test_rl_losses import TOL, t
 
-from lmforge.config.schema import ConfigError, RLConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import RLConfig
 from lmforge.losses import rl
 from lmforge.losses.grpo_family import (
     aggregate,

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.cli import main
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.data.templates import end_of_turn_ids, render_prompt
 from lmforge.eval.suite import read_records
 from lmforge.inference.chat import chat_loop

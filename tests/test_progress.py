@@ -13,7 +13,8 @@ import pytest
 from rich.console import Console
 from test_loop import random_rows, tiny_model
 
-from lmforge.config.schema import ConfigError, LogConfig, TrainConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import LogConfig, TrainConfig
 from lmforge.data.packing import collate
 from lmforge.loop.progress import ProgressDisplay, TaskBar
 from lmforge.loop.summary import example_row, start_lines, token_totals

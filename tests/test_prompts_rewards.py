@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from lmforge.config.schema import ConfigError, DataConfig, DatasetSpec, RewardSpec
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import DataConfig, DatasetSpec, RewardSpec
 from lmforge.data.build import load_examples
 from lmforge.data.errors import DataError, ErrorLog
 from lmforge.data.formats import RowFormat

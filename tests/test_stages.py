@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config
-from lmforge.config.schema import ConfigError
 from lmforge.stages import STAGE_RUNNERS
 
 QUIET = ["log.report_to=[]", "log.progress=false"]

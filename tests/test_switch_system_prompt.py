@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from lmforge.config.schema import ConfigError, DataConfig, DatasetSpec
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.build import load_examples, tokenize_preference, tokenize_sft
 from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import apply_template_choice, render_prompt, render_segments

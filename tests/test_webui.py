@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.webui.forms import (
     TrainForm,
     checked_path,

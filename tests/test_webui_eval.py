@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.eval.spec import EvalSpec
 from lmforge.webui.confine import Rules
 from lmforge.webui.evaluate import EvalLauncher, artifacts, checked_artifact, eval_fields, results, suite_text

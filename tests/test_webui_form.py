@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from lmforge.config import schema
-from lmforge.config.schema import ConfigError, StageConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import StageConfig
 from lmforge.webui.confine import Rules
 from lmforge.webui.forms import (
     COMMON_KEYS,

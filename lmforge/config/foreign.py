@@ -13,11 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.foreign_convert import convert_settings, lf_stage
 from lmforge.config.foreign_keys import FORMAT_NAMES, LLAMAFACTORY, TRL, foreign_rule, lmforge_keys_of
 from lmforge.config.foreign_rules import Conversion, Unmappable
 from lmforge.config.load import apply_override, from_dict, read_yaml
-from lmforge.config.schema import STAGES, ConfigError, StageConfig
+from lmforge.config.schema import STAGES, StageConfig
 
 LMFORGE_TOP = tuple(f.name for f in dataclasses.fields(StageConfig))
 LF_ONLY = set(LLAMAFACTORY) - set(TRL)

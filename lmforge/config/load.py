@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 import yaml
 
 from lmforge.config.constraints import check_field, range_of, shown
+from lmforge.config.errors import ConfigError
 from lmforge.config.foreign_keys import foreign_rule, lmforge_keys_of
 from lmforge.config.safe_yaml import RefusedYAMLError, safe_load
-from lmforge.config.schema import ConfigError, DatasetSpec, StageConfig
+from lmforge.config.schema import DatasetSpec, StageConfig
 
 T = TypeVar("T")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from lmforge.config.checkpointing import check_setting as check_checkpointing
 from lmforge.config.constraints import check_choice, check_group
 
-# ConfigError and the fine-tuning method groups live in their own modules, re-exported here.
-from lmforge.config.errors import ConfigError  # noqa: F401
+# The fine-tuning method groups live in their own module, re-exported here.
+from lmforge.config.errors import ConfigError
 from lmforge.config.methods import (  # noqa: F401  (re-exported: `from lmforge.config.schema import ...`)
     FINETUNING,
     LORA_METHODS,

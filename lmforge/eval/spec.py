@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 
 SUITE_JUDGES = {"reward": ("reward_model",), "kl": ("reference",), "win_rate": ("reward_model", "baseline")}
 

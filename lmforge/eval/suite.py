@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.config.schema import ConfigError, DataConfig, DatasetSpec
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.build import load_examples
 from lmforge.data.errors import ErrorLog
 from lmforge.eval import metrics

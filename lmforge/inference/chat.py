@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.data.reasoning import OPEN
 from lmforge.data.replies import Reply, ReplyStream
 from lmforge.data.templates import end_of_turn_ids, render_prompt

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.data.templates import encode_prompts
 from lmforge.generation import Request, RequestError, Sampling
 from lmforge.rollout.generate import answer_engine, run_all, to_generation

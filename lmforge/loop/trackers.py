@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 from accelerate import Accelerator
 
-from lmforge.config.schema import ConfigError, LogConfig, TrainConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import LogConfig, TrainConfig
 
 RUN_CONFIG = "config.yaml"
 MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "comet_ml": ("comet_ml",), "clearml": ("clearml",)}

@@ -9,7 +9,8 @@ import hashlib
 import torch
 from torch import nn
 
-from lmforge.config.schema import ConfigError, ExpandConfig, GaloreConfig, LoraConfig, ModConfig, ModelConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import ExpandConfig, GaloreConfig, LoraConfig, ModConfig, ModelConfig
 from lmforge.models.checkpointing import enable_checkpointing
 
 # Heads that stay out of LoRA targeting: adapting the output projection rarely helps and

@@ -13,7 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from lmforge.config.schema import ConfigError, ExpandConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import ExpandConfig
 from lmforge.models.adapters import decoder_layers
 
 # Output projections of a block, by the names Llama-style models use.

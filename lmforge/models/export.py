@@ -9,7 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-from lmforge.config.schema import ConfigError, ModelConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import ModelConfig
 from lmforge.data.templates import end_of_turn_ids
 from lmforge.models.gguf_export import gguf_name, write_gguf
 from lmforge.models.load import DTYPES, SHORT_NAMES, load_model_and_tokenizer

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM"}
 FILE_TYPES = {torch.float32: ("f32", "ALL_F32"), torch.float16: ("f16", "MOSTLY_F16"),

@@ -21,7 +21,8 @@ from transformers import (
     LlamaConfig,
 )
 
-from lmforge.config.schema import ConfigError, ModConfig, ModelConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import ModConfig, ModelConfig
 from lmforge.data.templates import apply_template_choice
 from lmforge.models.attention import VARLEN
 from lmforge.models.attention import register as register_varlen

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config.schema import ConfigError, ModConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import ModConfig
 from lmforge.models.adapters import decoder_layers
 
 SUPPORTED_TYPES = ("llama",)

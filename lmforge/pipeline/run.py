@@ -24,8 +24,9 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import apply_override, from_dict, read_yaml, to_dict
-from lmforge.config.schema import ConfigError, StageConfig
+from lmforge.config.schema import StageConfig
 from lmforge.eval.spec import EvalSpec
 from lmforge.eval.suite import EvalCache
 from lmforge.loop.checkpoint import latest_checkpoint

@@ -22,7 +22,8 @@ from typing import Protocol
 
 import torch
 
-from lmforge.config.schema import ConfigError, RewardSpec
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import RewardSpec
 from lmforge.data import grading
 from lmforge.data.reasoning import is_think_then_answer
 from lmforge.rollout.score import score_responses

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.data.templates import end_of_turn_ids
 from lmforge.models.load import load_for_inference
 from lmforge.serve.access_log import log_to_stderr

@@ -17,8 +17,9 @@ import torch
 import yaml
 from accelerate.utils import DistributedType, extract_model_from_parallel
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import to_dict
-from lmforge.config.schema import RL_STAGES, ConfigError, StageConfig
+from lmforge.config.schema import RL_STAGES, StageConfig
 from lmforge.data.build import data_cache_dir
 from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids

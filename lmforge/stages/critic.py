@@ -8,7 +8,8 @@ import dataclasses
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from lmforge.config.schema import ConfigError, StageConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import StageConfig
 from lmforge.models.adapters import apply_finetuning
 from lmforge.models.load import as_reward_model, load_model_and_tokenizer, local_folder, require_safetensors
 

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
-from lmforge.config.schema import ConfigError, DistillConfig, ModelConfig, StageConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import DistillConfig, ModelConfig, StageConfig
 from lmforge.data.build import error_at, load_splits
 from lmforge.data.grading import exact_match
 from lmforge.data.templates import encode_prompts, end_of_turn_ids, render_segments

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.config.schema import ConfigError, RLConfig, StageConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import RLConfig, StageConfig
 from lmforge.losses.grpo_family import (
     aggregate,
     clipped_surrogate,

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 from starlette.middleware import Middleware
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.webui.confine import Rules
 from lmforge.webui.hosts import HostGuard, allowed_names, check_exposure, login
 from lmforge.webui.i18n import LANGUAGES, TEXTS

@@ -18,7 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.config.schema import ConfigError, StageConfig
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import StageConfig
 from lmforge.webui.forms import MAX_CONFIG_BYTES, checked_path, from_yaml  # noqa: F401  (re-exported)
 
 MAX_MATCHES = 10_000

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import from_dict
-from lmforge.config.schema import ConfigError
 from lmforge.eval.spec import EvalSpec
 from lmforge.webui.confine import Rules, check_eval_paths, inside
 from lmforge.webui.forms import checked_path, from_yaml

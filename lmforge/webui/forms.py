@@ -13,9 +13,10 @@ from typing import Any
 
 import yaml
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import from_dict
 from lmforge.config.safe_yaml import safe_load
-from lmforge.config.schema import FINETUNING, LORA_METHODS, STAGES, ConfigError, StageConfig
+from lmforge.config.schema import FINETUNING, LORA_METHODS, STAGES, StageConfig
 from lmforge.webui.schema_fields import FormField, from_widget, parse_yaml_value, schema_fields, to_widget
 
 METHODS = list(FINETUNING)

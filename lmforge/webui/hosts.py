@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 AUTH_VARIABLE = "LMFORGE_WEBUI_AUTH"

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.webui.confine import (
     LMFORGE_MARKS,
     MAX_CONFIG_BYTES,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.webui.evaluate import EVAL_LOG, artifacts, checked_artifact, eval_fields, results, suite_text
 from lmforge.webui.forms import one_line
 from lmforge.webui.ui import Context, en, field_widgets

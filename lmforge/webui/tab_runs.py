@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.webui.confine import check_pipeline_text, check_stage_text, inside
 from lmforge.webui.forms import checked_path, one_line, read_config
 from lmforge.webui.runs import (

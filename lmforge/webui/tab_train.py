@@ -7,7 +7,8 @@ import html
 
 import gradio as gr
 
-from lmforge.config.schema import DPO_LOSSES, STAGES, ConfigError
+from lmforge.config.errors import ConfigError
+from lmforge.config.schema import DPO_LOSSES, STAGES
 from lmforge.config.templates import template_names
 from lmforge.webui.confine import check_stage
 from lmforge.webui.forms import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.models.load import SHORT_NAMES
 from lmforge.webui.confine import owned_output
 from lmforge.webui.forms import checked_path, one_line

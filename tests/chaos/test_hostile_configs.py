@@ -19,8 +19,8 @@ import pytest
 from chaos_trials import FULL
 
 from lmforge.config.constraints import RANGES
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config, schema_dataclasses
-from lmforge.config.schema import ConfigError
 
 HOSTILE = [".nan", ".inf", "-.inf", "-1", "0", "1", "2.5", "-0.5", str(2**64), str(-2**64), "1e400", "true",
            "'12'", "word", "[]", "{}", "[1, 2]", "null", "0x10", "1_000", "1" + "0" * 400, "-" + "9" * 400,

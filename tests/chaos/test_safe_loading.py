@@ -15,8 +15,9 @@ import torch
 import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from lmforge.config.errors import ConfigError
 from lmforge.config.load import load_config
-from lmforge.config.schema import ConfigError, ModelConfig
+from lmforge.config.schema import ModelConfig
 from lmforge.loop.checkpoint import CHECKSUMS, CheckpointError, LoopState, load_checkpoint, save_checkpoint
 from lmforge.models.load import load_for_inference, load_model_and_tokenizer
 

@@ -74,8 +74,8 @@ def test_missing_model_or_tokenizer_folder_is_one_line(tmp_path, model_lines, ke
 def test_unknown_template_is_refused_when_the_config_is_read(tmp_path, name, says):
     """Before: an unknown name passed validation and crashed with a traceback after the model loaded. A name
     with a slash or a .jinja suffix is a path to the user's own template, refused when it does not exist."""
+    from lmforge.config.errors import ConfigError
     from lmforge.config.load import load_config
-    from lmforge.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=rf"model\.template.*{says}.*auto, baichuan2, chatml"):
         load_config(None, [f"model.template={name}", "model.scratch=tiny", "data.train=x.jsonl",

@@ -328,7 +328,7 @@ def test_uploads_are_small_and_land_outside_root(webui, tree):
 
 
 def test_non_loopback_without_login_is_refused(tree):
-    from lmforge.config.schema import ConfigError
+    from lmforge.config.errors import ConfigError
     from lmforge.webui.hosts import check_exposure, login
 
     base, root, outside = tree

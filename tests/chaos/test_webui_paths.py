@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from client_harness import free_port, request, trials
 
-from lmforge.config.schema import ConfigError
+from lmforge.config.errors import ConfigError
 from lmforge.webui.forms import FORM_FIELDS, TrainForm, checked_path, form_to_config, grouped_fields
 
 MARKER = "TOPSECRET-7f3a"
