@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from bench.common import write_result
-from lmforge.config.load import load_config
-from lmforge.models.load import count_parameters
-from lmforge.stages import STAGE_RUNNERS
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import write_result  # noqa: E402
+
+from lmforge.config.load import load_config  # noqa: E402
+from lmforge.models.load import count_parameters  # noqa: E402
+from lmforge.stages import STAGE_RUNNERS  # noqa: E402
 
 # mode -> distill.* overrides: GKD's on-policy reverse KL, its 50/50 mix with the data's replies, and
 # supervised KD (forward KL on the data's replies only: the off-policy baseline).
@@ -38,7 +43,8 @@ def distill(mode: str, args, out: Path) -> dict:
     """One distill stage run from the student's SFT; its figures as the stage's artifact records them."""
     world = Path(args.world or Path(args.run) / "world")
     overrides = [f"model.name_or_path={args.student}", f"distill.teacher={args.teacher}", *MODES[mode],
-                 f"data.train={world}/rl/train.jsonl", f"data.eval={world}/rl/eval.jsonl", "data.max_length=160",
+                 f"data.train=[{','.join(f'{world}/{name}/train.jsonl' for name in args.prompts.split(','))}]",
+                 f"data.eval={world}/rl/eval.jsonl", "data.max_length=160",
                  "distill.prompts_per_step=16", "distill.max_new_tokens=48", "distill.eval_prompts=88",
                  f"train.max_steps={args.steps}", "train.batch_size=16", f"train.lr={args.lr}",
                  f"train.seed={args.seed}", "train.logging_steps=5", f"train.output_dir={out}",
@@ -49,7 +55,7 @@ def distill(mode: str, args, out: Path) -> dict:
     metrics = json.loads((out / "lmforge.json").read_text(encoding="utf-8"))["metrics"]
     curve = [{k: r[k] for k in ("iteration", "divergence", "length")}
              for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "iteration" in r]
-    return {"mode": mode, "settings": MODES[mode], "iterations": args.steps, "lr": args.lr, "seed": args.seed,
+    return {"mode": mode, "settings": MODES[mode], "prompts": args.prompts, "iterations": args.steps, "lr": args.lr, "seed": args.seed,
             **{k: metrics.get(k) for k in FIGURES}, "seconds": round(seconds, 1),
             "sample": metrics.get("eval_sample"), "curve": curve}
 
@@ -62,6 +68,8 @@ def main() -> None:
     parser.add_argument("--student", help="the student's own SFT (default: RUN/student_sft)")
     parser.add_argument("--work", default="/tmp/distill_demo", help="where the distilled students are written")
     parser.add_argument("--modes", default="on_policy,mix")
+    parser.add_argument("--prompts", default="rl", help="the world's train sets whose prompts are distilled on: "
+                        "rl (rl/train.jsonl), or rl,sft (also the SFT data's 1048 prompts)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=42)
