@@ -37,6 +37,9 @@ def test_returns_every_file(demo_files: dict[str, Path]) -> None:
         "rl_arith_train",
         "rl_arith_eval",
         "choice_eval",
+        "tools_sft",
+        "tools_train",
+        "tools_eval",
         "dataset_info",
     }
     root = demo_files["world"].parent
