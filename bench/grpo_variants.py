@@ -44,7 +44,12 @@ VARIANTS = {
              "rl.clip_range_high=4e-4"],
     # GSPO's sequence ratio with the token-level default clip (0.2): what the narrow range itself does.
     "gspo_clip_0.2": ["rl.loss_type=grpo", "rl.importance_sampling=sequence"],
+    # Controls for the DAPO row: dynamic sampling alone (clip_range_high left at 0.2), and plain dapo sampling as
+    # many groups as dynamic sampling does (32 prompts a rollout, still two optimizer steps), without the filter.
+    "dapo_dynamic": ["rl.loss_type=dapo", "rl.dynamic_sampling=true"],
+    "dapo_32_prompts": ["rl.loss_type=dapo", "rl.prompts_per_step=32", "rl.minibatch_size=256"],
 }
+CORE = ("grpo", "dr_grpo", "dapo", "dapo_clip_higher_dynamic", "gspo", "gspo_clip_0.2")
 
 
 def read_curves(metrics: Path, prompts_per_step: int) -> dict:
@@ -73,7 +78,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
                f"data.eval=[{args.world}/rl/arith_eval.jsonl]", f"train.output_dir={out_dir}",
                f"train.seed={seed}", f"train.max_steps={args.rollouts}", f"train.eval_steps={args.eval_every}",
                "log.progress=false", "log.report_to=[]", *SHARED, *VARIANTS[name]]
-    log = out_dir.with_suffix(".log")
+    log = out_dir.parent / f"{out_dir.name}.log"  # not with_suffix: "gspo_clip_0.2" has a dot
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with log.open("w", encoding="utf-8") as handle:
@@ -83,7 +88,8 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
            "seconds": round(time.time() - start, 1)}
     if done.returncode != 0:
         return {**row, "error": log.read_text(encoding="utf-8")[-2000:]}
-    return {**row, **read_curves(out_dir / "metrics.jsonl", PROMPTS_PER_STEP)}
+    prompts = [int(o.split("=")[1]) for o in VARIANTS[name] if o.startswith("rl.prompts_per_step=")]
+    return {**row, **read_curves(out_dir / "metrics.jsonl", prompts[-1] if prompts else PROMPTS_PER_STEP)}
 
 
 def last_mean(values: list, n: int = 10) -> float:
@@ -144,7 +150,7 @@ def main() -> None:
     parser.add_argument("--model", help="the SFT checkpoint every run starts from")
     parser.add_argument("--world", help="the demo world folder (lmforge data demo ... --arith-reps 4)")
     parser.add_argument("--work", default="/tmp/grpo_variants", help="a folder for the runs")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(CORE), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated train.seed values")
     parser.add_argument("--rollouts", type=int, default=40, help="train.max_steps of every run")
     parser.add_argument("--eval-every", type=int, default=10, help="train.eval_steps of every run")
