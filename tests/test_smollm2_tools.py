@@ -118,7 +118,9 @@ def test_the_bench_holds_out_requests_it_never_trains_on_and_scores_them_strictl
     assert [bench.score(call, r)["ok"] for r in wrong] == [False] * 4
     loose = bench.score(call, reply("get_weather", '{"city": "paris"}'))
     assert (loose["ok"], loose["exact_arguments"]) == (True, False)
-    assert [bench.score(text, r)["ok"] for r in (reply(content="Which city?"), reply("get_weather"))] == [True, False]
+    cut = reply(content='<tool_call>\n{"name": "get_weather", "arguments": {')  # max_tokens ended it
+    assert [bench.score(text, r)["ok"] for r in (reply(content="Which city?"), reply("get_weather"), cut)] == \
+        [True, False, False]
     rows = [bench.score(call, reply("get_weather", json.dumps(CALL["arguments"]))), loose,
             bench.score(call, wrong[0]), bench.score(text, reply(content="ok"))]
     assert bench.summary(rows) == {"call_requests": 3, "parsed_right_name_valid_json": 2,
