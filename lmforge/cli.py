@@ -185,10 +185,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from lmforge.artifacts import MANIFEST
     from lmforge.config.load import from_dict, read_yaml
     from lmforge.eval.spec import EvalSpec
     from lmforge.eval.suite import evaluate_model, is_reward_model, record_eval, wanted_suites
-    from lmforge.stages.common import MANIFEST
 
     raw = read_yaml(args.suite) if args.suite else {}
     for key in ("perplexity", "answers", "choice", "pairs", "prompts", "reward_model", "reference", "baseline",

@@ -121,8 +121,8 @@ def test_pipeline_killed_in_ppo_resumes_to_the_uninterrupted_result(tmp_path, ca
 def test_a_field_added_since_a_stage_ran_does_not_make_it_stale():
     import copy
 
+    from lmforge.artifacts import comparable_config as _comparable
     from lmforge.config.load import load_config, to_dict
-    from lmforge.pipeline.run import _comparable
 
     recorded = to_dict(load_config(None, ["model.scratch=test", "model.tokenizer=tok", "data.train=x.jsonl"],
                                    stage="sft"))

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.artifacts import MANIFEST, parent_manifest_digest, write_json_atomic
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import DataConfig, DatasetSpec
 from lmforge.data.build import load_examples
@@ -20,7 +21,6 @@ from lmforge.data.errors import ErrorLog
 from lmforge.eval import metrics
 from lmforge.eval.spec import EvalSpec
 from lmforge.models.load import inference_device, load_for_inference
-from lmforge.stages.common import MANIFEST, parent_manifest_digest, write_json_atomic
 
 
 def is_reward_model(path: str) -> bool:

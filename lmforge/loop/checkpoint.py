@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.artifacts import STATE_FILE, checkpoint_dir, latest_checkpoint, list_checkpoints
 from lmforge.loop.diskspace import (
     SAVE_ERRORS,
     error_chain,
@@ -35,7 +36,6 @@ from lmforge.loop.diskspace import (
     tensor_bytes,
 )
 
-STATE_FILE = "trainer_state.json"  # its presence marks a complete checkpoint
 CHECKSUMS = "checksums.json"  # the sha256 of every other file, written last
 
 
@@ -57,10 +57,6 @@ class LoopState:
 
 SHARDED = "sharded"
 """The accelerate-written part of a checkpoint saved under FSDP or DeepSpeed."""
-
-
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -234,14 +230,6 @@ def discard(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written temporary folders are ignored."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints; sweep what killed runs left (partial saves, half deletions)."""
     for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".trash-*")]:
@@ -250,11 +238,6 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             discard(old)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(checkpoint_dir(output_dir))
-    return found[-1] if found else None
 
 
 def resume_path(resume: bool, resume_from: str | None, output_dir: str | Path) -> Path | None:

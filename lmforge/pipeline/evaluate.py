@@ -7,11 +7,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+from lmforge.artifacts import MANIFEST, write_json_atomic
 from lmforge.config.errors import ConfigError
 from lmforge.config.load import from_dict
 from lmforge.eval.spec import EvalSpec
 from lmforge.eval.suite import EvalCache, evaluate_model, record_eval
-from lmforge.stages.common import MANIFEST, write_json_atomic
 
 START_EVAL = "start_eval.json"
 

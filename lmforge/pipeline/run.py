@@ -24,16 +24,22 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from lmforge.artifacts import (
+    MANIFEST,
+    is_done,
+    latest_checkpoint,
+    read_manifest,
+    same_config_started,
+    set_aside,
+)
 from lmforge.config.errors import ConfigError
-from lmforge.config.load import apply_override, from_dict, read_yaml, to_dict
+from lmforge.config.load import apply_override, from_dict, read_yaml
 from lmforge.config.schema import StageConfig
 from lmforge.eval.spec import EvalSpec
 from lmforge.eval.suite import EvalCache
-from lmforge.loop.checkpoint import latest_checkpoint
 from lmforge.pipeline.evaluate import evaluate_stage, evaluate_start, load_eval_block
 from lmforge.pipeline.state import RunState
 from lmforge.stages import STAGE_RUNNERS
-from lmforge.stages.common import MANIFEST, input_manifest_digests, parent_manifest_digest
 
 STAGE_KEYS = {"name", "stage", "config", "from", "reward_model", "teacher", "eval"}
 
@@ -143,52 +149,6 @@ def stage_config(pipeline: Pipeline, stage: PipelineStage) -> StageConfig:
     return from_dict(StageConfig, raw, where=f"stages.{stage.name}.config")
 
 
-def _is_done(cfg: StageConfig) -> bool:
-    """Done when the artifact exists with the same config and was built from the parent as it is now
-    (a retrained parent makes every stage after it stale)."""
-    manifest = Path(cfg.train.output_dir) / MANIFEST
-    if not manifest.is_file():
-        return False
-    recorded = json.loads(manifest.read_text(encoding="utf-8"))
-    same_config = _comparable(recorded.get("config")) == _comparable(to_dict(cfg))
-    same_inputs = recorded.get("input_manifests", {}) == input_manifest_digests(cfg)
-    return same_config and same_inputs and \
-        recorded.get("parent_manifest") == parent_manifest_digest(cfg.model.name_or_path)
-
-
-def _same_config_started(cfg: StageConfig) -> bool:
-    """Whether the checkpoints in the output folder were written under this config."""
-    started = Path(cfg.train.output_dir) / "config.yaml"
-    if not started.is_file():
-        return False
-    return _comparable(read_yaml(started)) == _comparable(to_dict(cfg))
-
-
-def _set_aside(folder: Path) -> Path:
-    """Move an outdated stage folder out of the way instead of deleting anyone's work."""
-    n = 1
-    while folder.with_name(f"{folder.name}.old-{n}").exists():
-        n += 1
-    target = folder.with_name(f"{folder.name}.old-{n}")
-    folder.rename(target)
-    return target
-
-
-def _comparable(config: dict | None) -> dict | None:
-    """The config without the resume switches, which say how a run got done, not what it did. A recorded
-    config is read back through the schema first, so a field added to lmforge since (at its default)
-    does not make every finished stage look changed after an upgrade."""
-    if config is None:
-        return None
-    try:
-        config = to_dict(from_dict(StageConfig, copy.deepcopy(config), where="recorded config"))
-    except (ConfigError, TypeError, ValueError):
-        config = copy.deepcopy(config)  # a field since removed or renamed: compare as written
-    config.get("train", {}).pop("resume", None)
-    config.get("train", {}).pop("resume_from", None)
-    return config
-
-
 def _selected(pipeline: Pipeline, start: str | None, only: str | None) -> tuple[set[str], set[str]]:
     """(stages to visit, stages forced to run again) for `--from STAGE` / `--only STAGE`."""
     names = [s.name for s in pipeline.stages]
@@ -252,7 +212,7 @@ def _needs_build(folder: Path, settings: dict, console: Console) -> bool:
         return False
     if not marker.is_file() and any(folder.iterdir()):
         return False  # built by an older lmforge that left no record: keep using it
-    console.print(f"[yellow]{folder.name}: settings changed; old folder kept as {_set_aside(folder)}[/]")
+    console.print(f"[yellow]{folder.name}: settings changed; old folder kept as {set_aside(folder)}[/]")
     return True
 
 
@@ -262,16 +222,16 @@ def _mark_built(folder: Path, settings: dict) -> None:
 
 def _run_stage(stage: PipelineStage, cfg: StageConfig, forced: bool, console: Console) -> tuple[dict, bool]:
     """(the stage's metrics, whether it was skipped as done)."""
-    if not forced and _is_done(cfg):
+    if not forced and is_done(cfg):
         console.print(f"[bold]{stage.name}[/]: done before with the same config, skipped")
         return json.loads((Path(cfg.train.output_dir) / MANIFEST).read_text())["metrics"], True
     out = Path(cfg.train.output_dir)
     if out.exists() and forced:
-        console.print(f"[yellow]{stage.name}: run again as asked; old folder kept as {_set_aside(out)}[/]")
-    elif out.exists() and not _same_config_started(cfg):
-        console.print(f"[yellow]{stage.name}: config or inputs changed; old folder kept as {_set_aside(out)}[/]")
+        console.print(f"[yellow]{stage.name}: run again as asked; old folder kept as {set_aside(out)}[/]")
+    elif out.exists() and not same_config_started(cfg):
+        console.print(f"[yellow]{stage.name}: config or inputs changed; old folder kept as {set_aside(out)}[/]")
     elif out.exists() and (out / MANIFEST).is_file():
-        console.print(f"[yellow]{stage.name}: its parent changed; old folder kept as {_set_aside(out)}[/]")
+        console.print(f"[yellow]{stage.name}: its parent changed; old folder kept as {set_aside(out)}[/]")
     elif latest_checkpoint(out) is not None:
         cfg.train.resume = True
     console.rule(f"[bold]{stage.name}[/] ({stage.stage})")
@@ -296,7 +256,7 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None, start: str 
             if stage.name not in visit:
                 done = (Path(cfg.train.output_dir) / MANIFEST).is_file()
                 state.update(stage.name, status="skipped" if done else "pending",
-                             seconds=_manifest(cfg).get("seconds", 0.0))
+                             seconds=read_manifest(cfg.train.output_dir).get("seconds", 0.0))
                 continue
             for needed in (stage.from_, stage.reward_model, stage.teacher):
                 if needed and not (run_dir / needed / MANIFEST).is_file():
@@ -310,7 +270,7 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None, start: str 
                 state.stopped(stage.name, exc, round(time.time() - started, 1), f"lmforge run {pipeline.source}")
                 raise
             # A skipped stage shows the time it took when it ran (its manifest's), not the check's.
-            seconds = _manifest(cfg).get("seconds", 0.0) if skipped else round(time.time() - started, 1)
+            seconds = read_manifest(cfg.train.output_dir).get("seconds", 0.0) if skipped else round(time.time() - started, 1)
             state.update(stage.name, status="skipped" if skipped else "done", seconds=seconds)
             _evaluate(pipeline, stage, state, cache, console)
         for stage in pipeline.stages:  # what became possible later: the SFT model's reward once the RM exists
@@ -326,15 +286,10 @@ def run_pipeline(pipeline: Pipeline, console: Console | None = None, start: str 
     return results
 
 
-def _manifest(cfg: StageConfig) -> dict:
-    path = Path(cfg.train.output_dir) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def _evaluate(pipeline: Pipeline, stage: PipelineStage, state: RunState, cache: EvalCache, console: Console) -> None:
     evaluate_stage(pipeline.eval, stage, Path(pipeline.run_dir), cache,
                    lambda message: console.print(f"[dim]{message}[/]"))
-    recorded = _manifest(stage_config(pipeline, stage)).get("eval") or {}
+    recorded = read_manifest(stage_config(pipeline, stage).train.output_dir).get("eval") or {}
     state.update(stage.name, eval_seconds=round(recorded.get("seconds", 0.0), 1))
 
 

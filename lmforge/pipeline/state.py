@@ -4,12 +4,12 @@ so a report (or the web UI) can show a run that is still going or that broke."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
 
-from lmforge.loop.preemption import Preempted
-from lmforge.stages.common import write_json_atomic
+from lmforge.artifacts import write_json_atomic
 
 RUN_STATE = "run.json"
 
@@ -55,6 +55,9 @@ def read_state(run_dir: Path) -> dict | None:
 def stop_status(exc: BaseException) -> str:
     """run.json's status of a stage that raised `exc`: a person's Ctrl-C and a scheduler's SIGTERM are
     stops, resumable as they are, not failures."""
-    if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, Preempted) and exc.interrupted):
+    # The loop stops on a signal by raising SystemExit with the status a shell reports for that signal
+    # (130 Ctrl-C, 143 SIGTERM): read from the status, the pipeline needs nothing of the loop.
+    code = exc.code if isinstance(exc, SystemExit) else None
+    if isinstance(exc, KeyboardInterrupt) or code == 128 + signal.SIGINT:
         return "interrupted"
-    return "preempted" if isinstance(exc, Preempted) else "failed"
+    return "preempted" if code == 128 + signal.SIGTERM else "failed"

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
-import platform
 import shutil
 import time
 from contextlib import contextmanager
@@ -17,9 +14,17 @@ import torch
 import yaml
 from accelerate.utils import DistributedType, extract_model_from_parallel
 
+from lmforge.artifacts import (
+    MANIFEST,
+    chain_adapter,
+    input_manifest_digests,
+    library_versions,
+    parent_manifest_digest,
+    write_json_atomic,
+)
 from lmforge.config.errors import ConfigError
 from lmforge.config.load import to_dict
-from lmforge.config.schema import RL_STAGES, StageConfig
+from lmforge.config.schema import StageConfig
 from lmforge.data.build import data_cache_dir
 from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids
@@ -32,7 +37,6 @@ from lmforge.models.attention import VARLEN, packed_inputs
 from lmforge.models.attention import register as register_varlen
 from lmforge.models.load import as_reward_model, count_parameters, load_model_and_tokenizer
 
-MANIFEST = "lmforge.json"
 INITIAL_ANSWERS = "initial_answers"
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                 "pytorch_model.bin.index.json", "adapter_model.*", "adapter_config.json")
@@ -174,7 +178,7 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
     if merge_adapter and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if accelerator.is_main_process:
-        _chain_adapter(model, run.cfg)
+        chain_adapter(model, run.cfg)
         model.config.use_cache = True
         stop = end_of_turn_ids(tokenizer)
         if getattr(model, "generation_config", None) is not None:
@@ -195,7 +199,7 @@ def save_artifact(run: Run, trainer, tokenizer, parent: str, data_fingerprint: s
             "metrics": metrics,
             "parameters": {"total": total, "trainable": trainable},
             "seconds": round(time.time() - run.started, 1),
-            "versions": _versions(),
+            "versions": library_versions(),
         }
         write_json_atomic(run.output_dir / MANIFEST, manifest)
     shutil.rmtree(run.cache_dir, ignore_errors=True)
@@ -244,50 +248,3 @@ def keep_initial_answers(trainer, answer) -> None:
 
 def initial_answers(trainer) -> dict:
     return trainer.state.extra.get(INITIAL_ANSWERS, {})
-
-
-def _chain_adapter(model, cfg: StageConfig) -> None:
-    """An adapter trained on a merged parent adapter is an adapter over that parent, not over the
-    original base: record the parent folder as its base, so loading it merges the whole chain."""
-    parent = cfg.model.name_or_path
-    if hasattr(model, "peft_config") and cfg.model.parent_adapter == "merge" and parent \
-            and (Path(parent) / "adapter_config.json").is_file():
-        for adapter in model.peft_config.values():
-            adapter.base_model_name_or_path = parent
-
-
-def parent_manifest_digest(model_path: str | None) -> str | None:
-    """A digest of the parent artifact's manifest: it changes whenever the parent is retrained, and not
-    when evaluation results are added to it (its "eval" entry)."""
-    if not model_path or not (Path(model_path) / MANIFEST).is_file():
-        return None
-    manifest = json.loads((Path(model_path) / MANIFEST).read_text(encoding="utf-8"))
-    manifest.pop("eval", None)
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def input_manifest_digests(cfg: StageConfig) -> dict:
-    """Digests of the other artifacts a stage read (RL: its reward models; distill: its teacher): retraining one
-    makes it stale."""
-    if cfg.stage == "distill":
-        return {cfg.distill.teacher: parent_manifest_digest(cfg.distill.teacher)}
-    if cfg.stage not in RL_STAGES:
-        return {}
-    return {spec.path: parent_manifest_digest(spec.path) for spec in cfg.rl.reward_specs() if spec.kind == "model"}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
-
-    import lmforge
-
-    return {"lmforge": lmforge.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from lmforge.loop.checkpoint import latest_checkpoint
+from lmforge.artifacts import latest_checkpoint
 from lmforge.webui.watch import read_metrics
 
 MANIFEST = "lmforge.json"

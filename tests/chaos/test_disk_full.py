@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from test_faults import rows, tiny_model
 
+from lmforge.artifacts import MANIFEST
 from lmforge.cli import main as cli_main
 from lmforge.config.schema import LogConfig, TrainConfig
 from lmforge.data.packing import collate
@@ -32,8 +33,8 @@ from lmforge.loop.checkpoint import (
 )
 from lmforge.loop.diskspace import folder_bytes, free_bytes
 from lmforge.loop.trainer import Trainer
-from lmforge.stages.common import MANIFEST, write_model_files
 from lmforge.stages.common import lm_loss as plain_lm_loss
+from lmforge.stages.common import write_model_files
 
 NO_LOG = LogConfig(report_to=[], progress=False)
 STEPS = 8
