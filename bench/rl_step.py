@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmforge.config.load import load_config
-from lmforge.data.demo_world import write_demo_world
+from lmforge.demo.write import write_demo_world
 from lmforge.models.load import as_reward_model, count_parameters
 from lmforge.models.tokenizer import train_tokenizer
 from lmforge.stages import STAGE_RUNNERS

@@ -270,7 +270,7 @@ def cmd_score(args) -> int:
 
 def cmd_data(args) -> int:
     if args.data_command == "demo":
-        from lmforge.data.demo_world import write_demo_world
+        from lmforge.demo.write import write_demo_world
 
         files = write_demo_world(Path(args.out_dir), seed=args.seed, sft_noise=args.sft_noise,
                                  arith_reps=args.arith_reps, sft_noise_style=args.sft_noise_style)

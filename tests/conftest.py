@@ -37,7 +37,7 @@ def assistant_replies(record: dict) -> list[str]:
 @pytest.fixture(scope="session")
 def demo_files(tmp_path_factory) -> dict[str, Path]:
     """The demo world (seed 0), written once: name -> path, as write_demo_world returns it."""
-    from lmforge.data.demo_world import write_demo_world
+    from lmforge.demo.write import write_demo_world
 
     return write_demo_world(tmp_path_factory.mktemp("world"), seed=0)
 

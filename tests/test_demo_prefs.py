@@ -11,16 +11,10 @@ from conftest import assistant_replies as _assistant
 from conftest import jsonl_records as _jsonl
 from conftest import lang_of as _lang
 
-from lmforge.data.demo_prefs import FLAW_SHARES, PREF_TEMPLATES, is_preferred_style, pref_files
-from lmforge.data.demo_world import (
-    ATTRIBUTES,
-    SYLLABLES,
-    TEMPLATES,
-    answer_is_correct,
-    build_world,
-    load_world,
-    write_demo_world,
-)
+from lmforge.demo.grading import answer_is_correct
+from lmforge.demo.prefs import FLAW_SHARES, PREF_TEMPLATES, is_preferred_style, pref_files
+from lmforge.demo.world import ATTRIBUTES, SYLLABLES, TEMPLATES, build_world, load_world
+from lmforge.demo.write import write_demo_world
 
 PAIR_KEYS = ["prompt", "chosen", "rejected", "answer", "lang", "kind", "id", "subject", "distractors", "flaw"]
 

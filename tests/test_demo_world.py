@@ -9,15 +9,9 @@ from pathlib import Path
 from conftest import assistant_replies as _assistant
 from conftest import lang_of as _lang
 
-from lmforge.data.demo_world import (
-    ATTRIBUTES,
-    TEMPLATES,
-    answer_is_correct,
-    build_world,
-    exact_match,
-    load_world,
-    write_demo_world,
-)
+from lmforge.demo.grading import answer_is_correct, exact_match
+from lmforge.demo.world import ATTRIBUTES, TEMPLATES, build_world, load_world
+from lmforge.demo.write import write_demo_world
 from lmforge.eval.choice import read_choice_file
 
 
@@ -271,7 +265,7 @@ def test_rl_prompts_ask_what_sft_did_not_and_hold_out_what_sft_held_out(demo_fil
 
 
 def test_arith_reps_states_every_sum_that_many_more_times() -> None:
-    from lmforge.data.demo_world import build_world, pt_corpus
+    from lmforge.demo.world import build_world, pt_corpus
 
     world = build_world(0)
     once, thrice = pt_corpus(world)[0], pt_corpus(world, arith_reps=3)[0]

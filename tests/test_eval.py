@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmforge.cli import main
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import RewardSpec
-from lmforge.data import demo_grading
+from lmforge.demo import grading as demo_grading
 from lmforge.eval import metrics
 from lmforge.eval.spec import EvalSpec
 from lmforge.eval.suite import evaluate_model, read_records, wanted_suites

@@ -17,10 +17,10 @@ from conftest import SHARED_DATA
 from lmforge.config.load import load_config
 from lmforge.config.schema import DatasetSpec, StageConfig
 from lmforge.data.build import load_examples
-from lmforge.data.demo_world import write_demo_world
 from lmforge.data.errors import ErrorLog
 from lmforge.data.readers import resolve_files
 from lmforge.data.registry import resolve_spec
+from lmforge.demo.write import write_demo_world
 from lmforge.pipeline.run import load_pipeline, stage_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,10 +9,10 @@ import pytest
 from conftest import jsonl_records
 from transformers import AutoTokenizer
 
-from lmforge.data.demo_tools import ADD_SCHEMA, HIGH, LOW, TOOL
 from lmforge.data.templates import apply_template_choice
 from lmforge.data.tokenize import IGNORE, encode_sft
 from lmforge.data.tools import parse_tools
+from lmforge.demo.tool_data import ADD_SCHEMA, HIGH, LOW, TOOL
 from lmforge.rollout.environments import ToolEnvironment, checked_step, tool_schema
 from lmforge.rollout.tools_sandbox import ToolLimits, run_tool
 

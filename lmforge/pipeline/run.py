@@ -168,7 +168,7 @@ def _prepare(pipeline: Pipeline, state: RunState, console: Console) -> None:
     settings change, so a changed `sft_noise` never trains on the old data."""
     run_dir = Path(pipeline.run_dir)
     if pipeline.demo_world is not None and _needs_build(run_dir / "world", pipeline.demo_world, console):
-        from lmforge.data.demo_world import write_demo_world
+        from lmforge.demo.write import write_demo_world
 
         started, seed = time.time(), int(pipeline.demo_world.get("seed", 0))
         with _built_in_place(run_dir / "world", pipeline.demo_world) as partial:

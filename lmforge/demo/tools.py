@@ -3,7 +3,7 @@
 The demo model learns arithmetic only on numbers 0-10 (the sums its pre-training text states). Its tool
 task asks sums of two-digit numbers (`lmforge data demo` writes them to `tools/*.jsonl`): with `add`
 the model only has to copy the operands into a call and the result into its answer. Name it in a run as
-`rl.tools: [lmforge.rollout.demo_tools:add]` (examples/grpo_tools_demo.yaml); it runs in the tool
+`rl.tools: [lmforge.demo.tools:add]` (examples/grpo_tools_demo.yaml); it runs in the tool
 sandbox like any user's function, so it is also a short example of what a tool looks like: a plain
 function whose signature and docstring become the schema the model reads, that raises on bad input
 (the model then reads the error as the tool's answer).

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-from lmforge.data.demo_world import LANGS, SYSTEM, TEMPLATES, Fact, Problem, World, _say, _say_arith, _solve
+from lmforge.demo.world import LANGS, SYSTEM, TEMPLATES, Fact, Problem, World, say, say_arith, solve
 
 
-def _record(
+def chat_record(
     rid: str,
     lang: str,
     kind: str,
@@ -33,20 +33,20 @@ def _record(
 
 
 def _fact_qa(world: World, fact: Fact, lang: str, question: str) -> tuple[str, str]:
-    return _say(world, fact, lang, question), world.answer(fact, lang)
+    return say(world, fact, lang, question), world.answer(fact, lang)
 
 
-def _fact_record(world: World, fact: Fact, lang: str, question: str, rid: str, system: bool = False) -> dict:
+def fact_record(world: World, fact: Fact, lang: str, question: str, rid: str, system: bool = False) -> dict:
     turn = _fact_qa(world, fact, lang, question)
     wrong = [world.term(v, lang) for v in world.wrong_values(fact)]
     value, subject = world.term(fact.value, lang), world.term(fact.entity, lang)
-    return _record(rid, lang, fact.attribute, turn, value, subject, wrong, system)
+    return chat_record(rid, lang, fact.attribute, turn, value, subject, wrong, system)
 
 
-def _arith_record(problem: Problem, lang: str, question: str, rid: str, system: bool = False) -> dict:
+def arith_record(problem: Problem, lang: str, question: str, rid: str, system: bool = False) -> dict:
     a, op, b = problem
-    turn = (_say_arith(problem, question), _say_arith(problem, TEMPLATES["sum", op, lang][0]))
-    return _record(rid, lang, "arith", turn, str(_solve(problem)), f"{a} {op} {b}", [], system)
+    turn = (say_arith(problem, question), say_arith(problem, TEMPLATES["sum", op, lang][0]))
+    return chat_record(rid, lang, "arith", turn, str(solve(problem)), f"{a} {op} {b}", [], system)
 
 
 def _multi_turn(world: World, rng: random.Random, count: int) -> list[dict]:
@@ -61,7 +61,7 @@ def _multi_turn(world: World, rng: random.Random, count: int) -> list[dict]:
         first, second = rng.sample(by_entity[rng.choice(names)], 2)
         lang = rng.choice(LANGS)
         question, rid = rng.choice(TEMPLATES["ask", second.attribute, lang]), f"train-{lang}-multi-{i}"
-        record = _fact_record(world, second, lang, question, rid, rng.random() < 0.2)
+        record = fact_record(world, second, lang, question, rid, rng.random() < 0.2)
         q, a = _fact_qa(world, first, lang, rng.choice(TEMPLATES["ask", first.attribute, lang]))
         at = len(record["messages"]) - 2  # the first exchange goes before the final one, after any system
         record["messages"][at:at] = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -79,24 +79,24 @@ def sft_records(world: World, arith_train: int = 100) -> tuple[list[dict], list[
             slug = f"{lang}-{fact.entity.lower()}-{fact.attribute}"
             questions = TEMPLATES["ask", fact.attribute, lang]
             if fact.heldout:
-                held.append(_fact_record(world, fact, lang, rng.choice(questions), f"eval-{slug}"))
+                held.append(fact_record(world, fact, lang, rng.choice(questions), f"eval-{slug}"))
                 continue
             for k, question in enumerate(questions):
                 train.append(
-                    _fact_record(world, fact, lang, question, f"train-{slug}-{k}", rng.random() < 0.2)
+                    fact_record(world, fact, lang, question, f"train-{slug}-{k}", rng.random() < 0.2)
                 )
     for problem in world.arith_heldout:
         for lang in LANGS:
             question = rng.choice(TEMPLATES["asksum", problem[1], lang])
             held.append(
-                _arith_record(problem, lang, question, f"eval-{lang}-arith-{''.join(map(str, problem))}")
+                arith_record(problem, lang, question, f"eval-{lang}-arith-{''.join(map(str, problem))}")
             )
     pool = [p for p in world.arith_problems() if p not in set(world.arith_heldout)]
     for problem in sorted(rng.sample(pool, arith_train)):
         for lang in LANGS:
             question = rng.choice(TEMPLATES["asksum", problem[1], lang])
             rid = f"train-{lang}-arith-{''.join(map(str, problem))}"
-            train.append(_arith_record(problem, lang, question, rid, rng.random() < 0.2))
+            train.append(arith_record(problem, lang, question, rid, rng.random() < 0.2))
     train += _multi_turn(world, rng, len(train) // 9)  # about 10% of the final train set
     rng.shuffle(train)
     return train, held

@@ -12,7 +12,7 @@ import csv
 import io
 import random
 
-from lmforge.data.demo_world import World
+from lmforge.demo.world import World
 
 CHOICE_FILE = "choice/eval.csv"
 OPTION_LETTERS = "ABCD"

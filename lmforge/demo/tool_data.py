@@ -1,6 +1,6 @@
 """The demo world's tool task: sums of two-digit numbers, which the tiny model cannot do from memory
 (its pre-training text states sums of 0-10 only) but can do with the `add` tool
-(`lmforge.rollout.demo_tools:add`) by copying the operands into a call and the result into its answer.
+(`lmforge.demo.tools:add`) by copying the operands into a call and the result into its answer.
 
 - `tools/sft_train.jsonl`: SFT traces on training sums. Each is a conversation with the tool's schema in
   its `tools` column: the question, the model's `add` call (`tool_calls`), the tool's result (a `tool`
@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import random
 
-from lmforge.data.demo_sft import _record
-from lmforge.data.demo_world import LANGS, TEMPLATES, World
+from lmforge.demo.sft import chat_record
+from lmforge.demo.world import LANGS, TEMPLATES, World
 
-TOOL = "lmforge.rollout.demo_tools:add"
+TOOL = "lmforge.demo.tools:add"
 """The `rl.tools` entry of the task's one tool."""
 ADD_SCHEMA = {"type": "function", "function": {
     "name": "add", "description": "Add two whole numbers.",
@@ -60,7 +60,7 @@ def _question(rng: random.Random, a: int, b: int, lang: str) -> tuple[str, str]:
 
 def _prompt_record(rng: random.Random, a: int, b: int, lang: str, rid: str) -> dict:
     turn = _question(rng, a, b, lang)
-    return _record(rid, lang, "tool_sum", turn, str(a + b), f"{a} + {b}", [], False)
+    return chat_record(rid, lang, "tool_sum", turn, str(a + b), f"{a} + {b}", [], False)
 
 
 def _trace(rng: random.Random, a: int, b: int, lang: str, rid: str) -> dict:

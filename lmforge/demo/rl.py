@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import random
 
-from lmforge.data.demo_sft import _arith_record, _fact_record
-from lmforge.data.demo_world import LANGS, TEMPLATES, World
+from lmforge.demo.sft import arith_record, fact_record
+from lmforge.demo.world import LANGS, TEMPLATES, World
 
 RL_FILES = {
     "rl_train": "rl/train.jsonl",
@@ -37,14 +37,14 @@ def rl_prompts(world: World, sft_train: list[dict], sft_eval: list[dict]) -> dic
             continue
         for lang in LANGS:
             question = rng.choice(TEMPLATES["asksum", op, lang])
-            arith.append(_arith_record(problem, lang, question, f"rl-{lang}-arith-{a}{op}{b}"))
+            arith.append(arith_record(problem, lang, question, f"rl-{lang}-arith-{a}{op}{b}"))
     facts = []
     for fact in world.facts:
         if fact.heldout:
             continue
         for lang in LANGS:
             question = rng.choice(TEMPLATES["ask", fact.attribute, lang])
-            facts.append(_fact_record(world, fact, lang, question, f"rl-{lang}-{fact.entity.lower()}-{fact.attribute}"))
+            facts.append(fact_record(world, fact, lang, question, f"rl-{lang}-{fact.entity.lower()}-{fact.attribute}"))
     train = arith + facts
     rng.shuffle(train)
     return {

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-# Pure wording (value tables, name syllables, system prompts, templates) lives in demo_world.yaml.
-_WORDING = yaml.safe_load((resources.files("lmforge") / "data" / "demo_world.yaml").read_text("utf-8"))
+# Pure wording (value tables, name syllables, system prompts, templates) lives in world.yaml.
+WORDING = yaml.safe_load((resources.files("lmforge") / "demo" / "world.yaml").read_text("utf-8"))
 
 
 def _pairs(table: dict) -> tuple[tuple[str, str], ...]:
@@ -29,11 +29,11 @@ def _pairs(table: dict) -> tuple[tuple[str, str], ...]:
 
 
 # Closed value sets (English, Chinese); see demo_world.yaml for the wording and its constraints.
-COLOURS = _pairs(_WORDING["colours"])
-FOODS = _pairs(_WORDING["foods"])
-PROFESSIONS = _pairs(_WORDING["professions"])
-REGIONS = _pairs(_WORDING["regions"])
-AGES = _pairs(_WORDING["ages"])
+COLOURS = _pairs(WORDING["colours"])
+FOODS = _pairs(WORDING["foods"])
+PROFESSIONS = _pairs(WORDING["professions"])
+REGIONS = _pairs(WORDING["regions"])
+AGES = _pairs(WORDING["ages"])
 
 # attribute -> (kinds of entity that have it, its closed value set or the kind of entity its values name)
 ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...] | str]] = {
@@ -52,17 +52,17 @@ ARITH_MAX = 10
 ARITH_HELDOUT = 16
 
 # Name syllables (English, Chinese), whose Chinese characters appear in no template or value.
-SYLLABLES = _pairs(_WORDING["syllables"])
+SYLLABLES = _pairs(WORDING["syllables"])
 
 # (table, key, lang) -> templates, e.g. ("say", "colour", "en"). The FIRST `say` and `sum` template is the
 # canonical SFT answer, so the answer a model must give is a sentence it has already read in pre-training.
 TEMPLATES: dict[tuple[str, str, str], list[str]] = {
     (table, key, lang): list(texts)
-    for table, keys in _WORDING["templates"].items()
+    for table, keys in WORDING["templates"].items()
     for key, langs in keys.items()
     for lang, texts in langs.items()
 }
-SYSTEM: dict[str, str] = dict(_WORDING["system"])
+SYSTEM: dict[str, str] = dict(WORDING["system"])
 LANGS = ("en", "zh")
 
 
@@ -208,23 +208,23 @@ def build_world(seed: int = 0) -> World:
     return world
 
 
-def _say(world: World, fact: Fact, lang: str, template: str) -> str:
+def say(world: World, fact: Fact, lang: str, template: str) -> str:
     return template.format(s=world.term(fact.entity, lang), v=world.term(fact.value, lang))
 
 
-def _solve(problem: Problem) -> int:
+def solve(problem: Problem) -> int:
     a, op, b = problem
     return a + b if op == "+" else a - b
 
 
-def _say_arith(problem: Problem, template: str) -> str:
-    return template.format(a=problem[0], b=problem[2], c=_solve(problem))
+def say_arith(problem: Problem, template: str) -> str:
+    return template.format(a=problem[0], b=problem[2], c=solve(problem))
 
 
 def _entity_doc(world: World, ent: Entity, facts: list[Fact], lang: str, rng: random.Random) -> str:
     facts = list(facts)
     rng.shuffle(facts)
-    sentences = [_say(world, f, lang, rng.choice(TEMPLATES["say", f.attribute, lang])) for f in facts]
+    sentences = [say(world, f, lang, rng.choice(TEMPLATES["say", f.attribute, lang])) for f in facts]
     intro = rng.choice(TEMPLATES["intro", ent.kind, lang]).format(s=world.term(ent.name, lang))
     if rng.random() < 0.7:
         sentences.insert(0, intro)
@@ -257,7 +257,7 @@ def _arith_docs(problems: list[Problem], rng: random.Random, canonical: bool) ->
             chunk, todo = todo[:n], todo[n:]
             forms = [TEMPLATES["sum", p[1], lang] for p in chunk]
             docs.append(
-                " ".join(_say_arith(p, f[0] if canonical else rng.choice(f)) for p, f in zip(chunk, forms))
+                " ".join(say_arith(p, f[0] if canonical else rng.choice(f)) for p, f in zip(chunk, forms))
             )
     return docs
 
@@ -285,71 +285,3 @@ def pt_corpus(world: World, reps: int = 10, arith_reps: int = 1) -> tuple[list[s
     held += [d for d in _arith_docs(rng.sample(problems, 60), rng, False) if d not in seen]
     rng.shuffle(held)
     return train, held
-
-
-def dataset_info() -> dict:
-    """LLaMA-Factory `dataset_info.json` entries for the corpus and preference files."""
-    from lmforge.data.demo_prefs import pref_dataset_info  # imported here: demo_prefs imports this module
-
-    tags = {f"{name}_tag": name for name in ("role", "content", "user", "assistant", "system")}
-    sharegpt = {"formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags}
-    return {
-        "demo_pt": {"file_name": "pt/train.txt", "columns": {"prompt": "text"}},
-        "demo_pt_eval": {"file_name": "pt/eval.txt", "columns": {"prompt": "text"}},
-        "demo_sft": {"file_name": "sft/train.jsonl", **sharegpt},
-        "demo_sft_eval": {"file_name": "sft/eval.jsonl", **sharegpt},
-        **pref_dataset_info(tags),
-    }
-
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Bytes with "\n", not text mode: the same seed must give byte-identical files on every platform.
-    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
-
-
-def write_demo_world(out_dir: str | Path, seed: int = 0, sft_noise: float = 0.0, arith_reps: int = 1,
-                     sft_noise_style: str = "mixed") -> dict[str, Path]:
-    """Generate the demo world under `out_dir`; returns name -> path of every file written.
-    `sft_noise`: share of single-turn SFT train replies given a bad style; `sft_noise_style`: how
-    (see `add_style_noise`: mixed rude/rambling, or one rude habit)."""
-    out_dir = Path(out_dir)
-    world = build_world(seed)
-    pt_train, pt_eval = pt_corpus(world, arith_reps=arith_reps)
-    from lmforge.data.demo_choice import choice_files  # these modules import this one
-    from lmforge.data.demo_prefs import add_style_noise, pref_files
-    from lmforge.data.demo_rl import rl_files
-    from lmforge.data.demo_sft import sft_records
-    from lmforge.data.demo_tools import tool_files
-
-    sft_train, sft_eval = sft_records(world)
-
-    sft_train = add_style_noise(sft_train, sft_noise, seed, sft_noise_style)
-    more = {**pref_files(world), **rl_files(world, sft_train, sft_eval), **choice_files(world, sft_eval),
-            **tool_files(world)}
-    names = {
-        "world": "world.json",
-        "pt_train": "pt/train.txt",
-        "pt_eval": "pt/eval.txt",
-        "sft_train": "sft/train.jsonl",
-        "sft_eval": "sft/eval.jsonl",
-        **{name: rel for name, (rel, _) in more.items()},
-        "dataset_info": "dataset_info.json",
-    }
-    contents = {
-        "world": [json.dumps(world.to_dict(), ensure_ascii=False, indent=1)],
-        "pt_train": pt_train,
-        "pt_eval": pt_eval,
-        "sft_train": [json.dumps(r, ensure_ascii=False) for r in sft_train],
-        "sft_eval": [json.dumps(r, ensure_ascii=False) for r in sft_eval],
-        **{name: lines for name, (_, lines) in more.items()},
-        "dataset_info": [json.dumps(dataset_info(), ensure_ascii=False, indent=2)],
-    }
-    paths = {key: out_dir / rel for key, rel in names.items()}
-    for key, path in paths.items():
-        _write_lines(path, contents[key])
-    return paths
-
-
-# Grading lives in its own module; re-exported here because it belongs to the world's API.
-from lmforge.data.demo_grading import answer_is_correct, exact_match  # noqa: E402, F401

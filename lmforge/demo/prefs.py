@@ -15,21 +15,21 @@ from __future__ import annotations
 import json
 import random
 
-from lmforge.data.demo_grading import exact_match
-from lmforge.data.demo_sft import _arith_record, _fact_record
-from lmforge.data.demo_world import (
-    _WORDING,
+from lmforge.demo.grading import exact_match
+from lmforge.demo.sft import arith_record, fact_record
+from lmforge.demo.world import (
     LANGS,
     TEMPLATES,
+    WORDING,
     Fact,
     Problem,
     World,
-    _solve,
+    solve,
 )
 
 # flaw -> (language -> templates), from the `prefs` section of demo_world.yaml
 PREF_TEMPLATES: dict[str, dict[str, list[str]]] = {
-    kind: {lang: list(texts) for lang, texts in langs.items()} for kind, langs in _WORDING["prefs"].items()
+    kind: {lang: list(texts) for lang, texts in langs.items()} for kind, langs in WORDING["prefs"].items()
 }
 FLAW_SHARES = {"wrong": 0.50, "rude": 0.20, "rambling": 0.15, "hedged": 0.15}
 EVAL_PHRASINGS = 2  # question phrasings per held-out fact and language (train pairs use every phrasing)
@@ -54,7 +54,7 @@ def _flaw_plan(count: int, rng: random.Random) -> list[str]:
 
 
 def _wrong_sum(problem: Problem, rng: random.Random) -> int:
-    right = _solve(problem)
+    right = solve(problem)
     return rng.choice([right + d for d in (-2, -1, 1, 2) if right + d >= 0])
 
 
@@ -108,7 +108,7 @@ def pref_pairs(world: World) -> tuple[list[dict], list[dict]]:
                     questions = sorted(rng.sample(questions, EVAL_PHRASINGS))
                 for k, question in questions:
                     rid = f"pref-{split}-{lang}-{fact.entity.lower()}-{fact.attribute}-{k}"
-                    items.append((fact, _fact_record(world, fact, lang, question, rid)))
+                    items.append((fact, fact_record(world, fact, lang, question, rid)))
         problems = (
             world.arith_heldout if split == "eval" else [p for p in world.arith_problems() if p not in held]
         )
@@ -116,7 +116,7 @@ def pref_pairs(world: World) -> tuple[list[dict], list[dict]]:
             for lang in LANGS:
                 question = rng.choice(TEMPLATES["asksum", problem[1], lang])
                 rid = f"pref-{split}-{lang}-arith-{''.join(map(str, problem))}"
-                items.append((problem, _arith_record(problem, lang, question, rid)))
+                items.append((problem, arith_record(problem, lang, question, rid)))
         plan = _flaw_plan(len(items), rng)
         pairs = [_pair(world, item, record, flaw, rng) for (item, record), flaw in zip(items, plan)]
         if split == "train":
@@ -139,12 +139,12 @@ def seen_fact_pairs(world: World, train: list[dict], sums: int = 40) -> list[dic
         for lang in LANGS:
             k, question = rng.choice(list(enumerate(TEMPLATES["ask", fact.attribute, lang])))
             rid = f"pref-seen-{lang}-{fact.entity.lower()}-{fact.attribute}-{k}"
-            items.append((fact, _fact_record(world, fact, lang, question, rid)))
+            items.append((fact, fact_record(world, fact, lang, question, rid)))
     held = set(world.arith_heldout)
     for problem in rng.sample([p for p in world.arith_problems() if p not in held], sums):
         lang = rng.choice(LANGS)
         question = rng.choice(TEMPLATES["asksum", problem[1], lang])
-        items.append((problem, _arith_record(problem, lang, question, f"pref-seen-{lang}-arith-"
+        items.append((problem, arith_record(problem, lang, question, f"pref-seen-{lang}-arith-"
                                              f"{''.join(map(str, problem))}")))
     pairs = [_pair(world, item, record, flaw, rng) for (item, record), flaw in zip(items, _flaw_plan(len(items), rng))]
     return [p for p in pairs if (json.dumps(p["prompt"], ensure_ascii=False),
