@@ -52,9 +52,18 @@ VARIANTS = {
 CORE = ("grpo", "dr_grpo", "dapo", "dapo_clip_higher_dynamic", "gspo", "gspo_clip_0.2")
 
 
-def read_curves(metrics: Path, prompts_per_step: int) -> dict:
+def scheduled_groups(n_prompts: int, prompts_per_step: int, rollouts: int) -> int:
+    """Prompts drawn by `rollouts` plain rollouts: an epoch's last rollout takes only the prompts left
+    (n_prompts mod prompts_per_step), as the stage's epoch order cuts it."""
+    sizes = [prompts_per_step] * (n_prompts // prompts_per_step) + ([n_prompts % prompts_per_step] if
+                                                                     n_prompts % prompts_per_step else [])
+    return sum(sizes[i % len(sizes)] for i in range(rollouts))
+
+
+def read_curves(metrics: Path, plain_groups: int) -> dict:
     """The run's evaluations (rollout -> held-out exact match, KL to the SFT model, reward, reply length) and
-    per-rollout training figures (sampled reward, KL, entropy, clipped share, groups sampled)."""
+    per-rollout training figures (sampled reward, KL, entropy, clipped shares, groups with signal). Groups
+    sampled: the dynamic-sampling count where the run logged one, else `plain_groups`."""
     rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     evals, train, done = [], [], 0
     for row in rows:
@@ -64,11 +73,10 @@ def read_curves(metrics: Path, prompts_per_step: int) -> dict:
         if "eval_exact_match" in row:
             evals.append({"rollout": done, "exact_match": row["eval_exact_match"], "kl": row.get("eval_kl"),
                           "reward": row.get("eval_reward"), "length": row.get("eval_length")})
-    per_rollout = {key: [r.get(key) for r in train]
-                   for key in ("reward", "kl", "entropy", "clipfrac", "groups_with_signal", "groups_sampled")}
-    return {"evals": evals, "train": per_rollout,
-            # Without dynamic sampling a rollout samples rl.prompts_per_step groups and logs no count.
-            "groups_sampled": sum(r.get("groups_sampled", prompts_per_step) for r in train)}
+    keys = ("reward", "kl", "entropy", "clipfrac", "clip_high_frac", "groups_with_signal", "groups_sampled")
+    per_rollout = {key: [r.get(key) for r in train] for key in keys}
+    logged = [r["groups_sampled"] for r in train if "groups_sampled" in r]
+    return {"evals": evals, "train": per_rollout, "groups_sampled": sum(logged) if logged else plain_groups}
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -89,7 +97,9 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict:
     if done.returncode != 0:
         return {**row, "error": log.read_text(encoding="utf-8")[-2000:]}
     prompts = [int(o.split("=")[1]) for o in VARIANTS[name] if o.startswith("rl.prompts_per_step=")]
-    return {**row, **read_curves(out_dir / "metrics.jsonl", prompts[-1] if prompts else PROMPTS_PER_STEP)}
+    n_prompts = sum(1 for line in open(f"{args.world}/rl/arith_train.jsonl", encoding="utf-8") if line.strip())
+    plain = scheduled_groups(n_prompts, prompts[-1] if prompts else PROMPTS_PER_STEP, args.rollouts)
+    return {**row, **read_curves(out_dir / "metrics.jsonl", plain)}
 
 
 def last_mean(values: list, n: int = 10) -> float:
