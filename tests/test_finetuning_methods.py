@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, LlamaCo
 
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import ExpandConfig, GaloreConfig, LoraConfig, ModConfig, ModelConfig, TrainConfig
-from lmforge.models.adapters import apply_finetuning, decoder_layers
+from lmforge.models.adapters import apply_finetuning
 from lmforge.models.galore import GaLoreAdamW, galore_state_numel
+from lmforge.models.layers import decoder_layers
 from lmforge.models.mod import apply_mod
 from lmforge.models.neftune import add_neftune_noise
 from lmforge.models.optimizers import build_optimizer, find_plan, optimizer_state_numel

@@ -12,6 +12,10 @@ from torch import nn
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import ExpandConfig, GaloreConfig, LoraConfig, ModConfig, ModelConfig
 from lmforge.models.checkpointing import enable_checkpointing
+from lmforge.models.expand import expand_blocks
+from lmforge.models.layers import decoder_layers
+from lmforge.models.mod import apply_mod
+from lmforge.models.optimizers import OptimizerPlan, attach_plan
 
 # Heads that stay out of LoRA targeting: adapting the output projection rarely helps and
 # breaks weight tying. A Mixture-of-Depths router is a one-output linear layer: no target either.
@@ -29,13 +33,6 @@ def find_linear_targets(model: nn.Module) -> list[str]:
     if not names:
         raise ConfigError("no linear layers found to adapt; set lora.target_modules")
     return sorted(names)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and "DecoderLayer" in type(module[0]).__name__:
-            return module
-    raise ConfigError("finetuning=freeze needs a model with decoder layers it can find")
 
 
 def derived_seed(seed: int, purpose: str) -> int:
@@ -65,21 +62,15 @@ def apply_finetuning(model: nn.Module, cfg: ModelConfig, lora: LoraConfig, extra
 
 def _apply_method(model, cfg: ModelConfig, lora: LoraConfig, extra_trainable: tuple[str, ...], task_type: str,
                   galore: GaloreConfig | None, mod: ModConfig | None, expand: ExpandConfig | None):
-    from lmforge.models.optimizers import OptimizerPlan, attach_plan  # optimizers imports the config only
-
     if cfg.finetuning in ("full", "galore", "mod"):
         if cfg.finetuning == "galore":
             galore = galore or GaloreConfig()
             attach_plan(model, OptimizerPlan(galore=galore, galore_targets=tuple(_targets(model, galore.target_modules))))
         if cfg.finetuning == "mod":
-            from lmforge.models.mod import apply_mod
-
             apply_mod(model, mod or ModConfig())
         return model
     if cfg.finetuning in ("freeze", "llama_pro"):
         if cfg.finetuning == "llama_pro":
-            from lmforge.models.expand import expand_blocks
-
             trainable = expand_blocks(model, expand or ExpandConfig())
         else:
             count = len(decoder_layers(model))

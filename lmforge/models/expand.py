@@ -15,7 +15,7 @@ from torch import nn
 
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import ExpandConfig
-from lmforge.models.adapters import decoder_layers
+from lmforge.models.layers import decoder_layers
 
 # Output projections of a block, by the names Llama-style models use.
 ZEROED = ("o_proj", "down_proj")

@@ -28,7 +28,7 @@ from torch import nn
 
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import ModConfig
-from lmforge.models.adapters import decoder_layers
+from lmforge.models.layers import decoder_layers
 
 SUPPORTED_TYPES = ("llama",)
 CONFIG_KEY = "lmforge_mod"
