@@ -12,7 +12,10 @@ and KL to the SFT model come from the stage's own evaluations (`eval_*` rows of 
     python bench/grpo_variants.py --model runs/sft_demo --world demo --work /tmp/grpo_variants \\
         --out bench/results/grpo_variants_cpu.json --png docs/images/grpo_variants.png
 
-`--replot` redraws the PNG and reprints the table from an existing `--out` file without training.
+`--replot` redraws the PNG and reprints the table from an existing `--out` file without training. Besides the
+five loss variants (and GSPO at the default clip) there are two controls for the DAPO row, named in --variants:
+`dapo_dynamic` (no clip-higher) and `dapo_32_prompts` (as many groups as dynamic sampling draws, unfiltered).
+docs/grpo.md ("The loss variants on the demo sums") has the table and the commands that made it.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "evals" not in r:
-            lines.append(f"| {r['variant']} | {r['seed']} | failed: {r['error'].strip().splitlines()[-1]} |")
+            lines.append(f"| {r['variant']} | {r['seed']} | failed: {(r['error'].strip().splitlines() or ['no output'])[-1]} |")
             continue
         cells = [f"{100 * e['exact_match']:.1f}%" for e in r["evals"]]
         lines.append("| " + " | ".join([r["variant"], str(r["seed"]), *cells, f"{r['evals'][-1]['kl']:.2f}",
