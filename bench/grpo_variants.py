@@ -136,7 +136,7 @@ def plot(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
     colours = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for r in (r for r in rows if "evals" in r):
         style = {"color": colours.get(r["variant"]), "linestyle": "-" if r["seed"] == 0 else "--",
@@ -144,16 +144,18 @@ def plot(rows: list[dict], png: Path) -> None:
         x = [e["rollout"] for e in r["evals"]]
         axes[0].plot(x, [100 * e["exact_match"] for e in r["evals"]], marker="o", **style)
         axes[1].plot(x, [e["kl"] for e in r["evals"]], marker="o", **style)
-        reward = r["train"]["reward"]
-        axes[2].plot(range(1, len(reward) + 1), reward, **style)
+        # A rollout's reward swings with which 16 prompts it drew: a running mean over 5 shows the trend.
+        reward = [v for v in r["train"]["reward"] if v is not None]
+        smooth = [sum(reward[max(0, i - 4):i + 1]) / len(reward[max(0, i - 4):i + 1]) for i in range(len(reward))]
+        axes[2].plot(range(1, len(smooth) + 1), smooth, **style)
     titles = ("held-out exact match (32 sums, greedy), %", "KL to the SFT model on held-out replies (nats)",
-              "training reward (mean over sampled replies)")
+              "training reward (sampled replies, mean of the last 5 rollouts)")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rollout")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
 
