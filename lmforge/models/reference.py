@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from lmforge.config.methods import LORA_METHODS
+from lmforge.config.schema import LoraConfig, ModelConfig
 from lmforge.models.shared_prompt import batch_logps as output_logps
 from lmforge.models.shared_prompt import model_inputs
 
@@ -63,6 +65,18 @@ class Reference:
 
 def cache_key(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def reference_kind(setting: str, model: ModelConfig, lora: LoraConfig) -> str | None:
+    """What `dpo.reference` / `rl.reference` resolve to: `copy` (a frozen copy of the starting model),
+    `adapter` (the policy with its adapter switched off: the default under LoRA), or None (`none`)."""
+    if setting == "none":
+        return None
+    # A continued parent adapter cannot be switched off to get the parent back: that would be its base.
+    # A PiSSA adapter switched off leaves the residual base, not the starting model: that needs a copy.
+    switchable = model.finetuning in LORA_METHODS and model.parent_adapter == "merge" \
+        and not lora.init.startswith("pissa")
+    return setting if setting != "auto" else ("adapter" if switchable else "copy")
 
 
 def precompute(reference: Reference, policy, rows, collate: Callable, batch_size: int, device,

@@ -19,9 +19,10 @@ from lmforge.config.errors import ConfigError
 from lmforge.config.schema import DPOConfig, StageConfig
 from lmforge.data.build import load_splits, tokenize_preference
 from lmforge.data.preference import collate_kto, collate_pairs
+from lmforge.loop.trackers import make_accelerator
 from lmforge.loop.trainer import Trainer, compile_blocks
 from lmforge.losses.preference import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
-from lmforge.models.reference import Reference, cache_key, precompute
+from lmforge.models.reference import Reference, cache_key, precompute, reference_kind
 from lmforge.models.shared_prompt import batch_logps, is_shared, model_inputs, unsupported_reason
 from lmforge.rollout.evaluate import answer_eval
 from lmforge.stages.common import (
@@ -114,17 +115,6 @@ def _reference_logps(model, batch: dict, reference: Reference | None) -> torch.T
     return reference.logps(model, batch).float()
 
 
-def reference_kind(cfg: StageConfig) -> str | None:
-    """`copy`, `adapter` (the default under LoRA), or None for the reference-free losses."""
-    if cfg.dpo.loss in REFERENCE_FREE:
-        return None
-    # A continued parent adapter cannot be switched off to get the parent back: that would be its base.
-    # A PiSSA adapter switched off leaves the residual base, not the starting model: that needs a copy.
-    lora = cfg.model.finetuning in ("lora", "dora", "qlora") and cfg.model.parent_adapter == "merge" \
-        and not cfg.lora.init.startswith("pissa")
-    return cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
-
-
 def held_out_answers(model, tokenizer, pairs, limit: int, max_new_tokens: int) -> dict:
     """Greedy replies to held-out prompts, compared with the chosen replies."""
     if pairs is None or limit <= 0:
@@ -139,7 +129,7 @@ def held_out_answers(model, tokenizer, pairs, limit: int, max_new_tokens: int) -
 
 def run(cfg: StageConfig) -> dict:
     run_ = start_run(cfg)
-    kind_of_reference = reference_kind(cfg)
+    kind_of_reference = None if cfg.dpo.loss in REFERENCE_FREE else reference_kind(cfg.dpo.reference, cfg.model, cfg.lora)
     # Before the first step the policy *is* the reference: a cached pass needs no copy of it.
     needs_copy = kind_of_reference == "copy" and not cfg.dpo.precompute_ref
     model, tokenizer, parent, frozen = load_for_training(cfg, frozen_copy=needs_copy)
@@ -155,16 +145,18 @@ def run(cfg: StageConfig) -> dict:
     collate = partial(collate_kto if kind == "kto" else collate_pairs, pad_id=tokenizer.pad_token_id,
                       share_prompt=share_prompt(cfg, model.config))
 
-    fused = use_fused_loss(cfg)
-    loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=reference, fused=fused)
-    trainer = Trainer(model, train_rows, collate, loss_fn, cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False, count_fn=preference_count,
-                      tokenizer=tokenizer)
-    if reference is not None:
-        reference.to(trainer.accelerator.device)
+    accelerator = make_accelerator(cfg.train, cfg.log, str(run_.output_dir))
     if reference is not None and cfg.dpo.precompute_ref:
-        trainer.train_rows, trainer.eval_rows = _precomputed(cfg, trainer, reference, collate, fingerprint, kind)
-        trainer.loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=None, fused=fused)
+        # One pass of the starting model (which is the reference before the first step) writes the
+        # reference log-probs into the rows; training then needs no reference at all.
+        train_rows, eval_rows = _precomputed(cfg, accelerator, model, reference, collate, fingerprint, kind,
+                                             train_rows, eval_rows)
         reference = None
+    if reference is not None:
+        reference.to(accelerator.device)
+    loss_fn = partial(preference_loss, cfg=cfg.dpo, reference=reference, fused=use_fused_loss(cfg))
+    trainer = Trainer(model, train_rows, collate, loss_fn, cfg.train, cfg.log, eval_rows=eval_rows,
+                      accelerator=accelerator, perplexity=False, count_fn=preference_count, tokenizer=tokenizer)
 
     # SIGTERM: after the last step, the final checkpoint holds everything and the run stops at once.
     with trainer.preemption:
@@ -180,18 +172,23 @@ def run(cfg: StageConfig) -> dict:
     return metrics
 
 
-def _precomputed(cfg: StageConfig, trainer: Trainer, reference: Reference, collate, fingerprint: str, kind: str):
+def _precomputed(cfg: StageConfig, accelerator, model, reference: Reference, collate, fingerprint: str, kind: str,
+                 train_rows, eval_rows):
+    """The rows with their reference log-prob columns, from the cache of an earlier run with the same key.
+    Computed before the model is prepared: on the accelerator's device and under its autocast, the numerics
+    the prepared model's forward has."""
     names = ("ref_logps", "ref_kl_logps") if kind == "kto" else ("ref_chosen", "ref_rejected")
     cache_dir = Path(cfg.train.output_dir) / "reference_cache"
-    model = trainer.accelerator.unwrap_model(trainer.prepared)
+    model.to(accelerator.device)
     out = []
-    for split, rows in (("train", trainer.train_rows), ("eval", trainer.eval_rows)):
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
         if rows is None:
             out.append(None)
             continue
         key = cache_key(split, fingerprint, cfg.model.name_or_path, cfg.model.scratch, cfg.model.template,
                         cfg.model.dtype, cfg.data.max_length, cfg.data.seed, cfg.data.eval_split,
                         [s.__dict__ for s in cfg.data.train], len(rows), kind)
-        out.append(precompute(reference, model, rows, collate, cfg.train.batch_size, trainer.accelerator.device,
-                              cache_dir / f"{split}-{key}.safetensors", names))
+        with accelerator.autocast():
+            out.append(precompute(reference, model, rows, collate, cfg.train.batch_size, accelerator.device,
+                                  cache_dir / f"{split}-{key}.safetensors", names))
     return out

@@ -31,7 +31,7 @@ from lmforge.generation import Sampling
 from lmforge.loop.summary import rl_plan_lines
 from lmforge.loop.trainer import Trainer, epoch_batches
 from lmforge.losses.rl import AdaptiveKLController, FixedKLController, gather_logps, kl_per_token
-from lmforge.models.reference import Reference
+from lmforge.models.reference import Reference, reference_kind
 from lmforge.models.value import PolicyWithValue, critic_values, reply_logits
 from lmforge.rollout.environments import load_environment
 from lmforge.rollout.gather import whole_parameters
@@ -91,21 +91,10 @@ def reply_outputs(model, batch: dict, rl: RLConfig):
     return logits, values, token_logps(logits.float(), batch["responses"], rl.temperature)
 
 
-def reference_kind(cfg: StageConfig) -> str | None:
-    """copy, adapter, or None (`rl.reference: none`). Kept even when the KL costs nothing
-    (kl_coef 0): the KL it measures is how a run shows drift and reward hacking."""
-    if cfg.rl.reference == "none":
-        return None
-    # A continued parent adapter cannot be switched off to get the parent back: that would be its base.
-    # A PiSSA adapter switched off leaves the residual base, not the starting model: that needs a copy.
-    lora = cfg.model.finetuning in ("lora", "dora", "qlora") and cfg.model.parent_adapter == "merge" \
-        and not cfg.lora.init.startswith("pissa")
-    return cfg.rl.reference if cfg.rl.reference != "auto" else ("adapter" if lora else "copy")
-
-
 def run_online(cfg: StageConfig, algo: Algorithm) -> dict:
     run_, rl = start_run(cfg), cfg.rl
-    kind = reference_kind(cfg)
+    # Kept even when the KL costs nothing (kl_coef 0): the KL it measures is how a run shows drift and reward hacking.
+    kind = reference_kind(cfg.rl.reference, cfg.model, cfg.lora)
     policy, tokenizer, parent, frozen = load_for_training(cfg, frozen_copy=kind == "copy")
     separate_critic = algo.uses_critic and rl.critic == "separate"
     critic = load_critic(cfg, next(policy.parameters()).dtype, len(tokenizer)) if separate_critic else None
