@@ -1,4 +1,4 @@
-"""Reference log-probs for preference losses (and, later, the KL penalty of RL).
+"""Reference log-probs: DPO and its family's implicit reward, and RL's KL penalty to the starting model.
 
 Three sources, chosen by config:
 - `copy`: a frozen copy of the starting model (one more model in memory);

@@ -1,6 +1,7 @@
 """Reward-model inference: the reward of each (prompt, response), batched.
 
-Used by `lmforge score` and, later, by RL stages that score sampled responses."""
+Used by `lmforge score`, by RL stages (a `model` reward scores sampled responses) and by evaluation
+(reward-model accuracy, mean reward, win rate)."""
 
 from __future__ import annotations
 
