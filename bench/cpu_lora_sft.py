@@ -32,7 +32,8 @@ def run_lmforge(packing: bool) -> dict:
     from lmforge.data.errors import ErrorLog
     from lmforge.data.packing import collate
     from lmforge.loop.trainer import Trainer
-    from lmforge.stages.common import lm_loss, load_for_training
+    from lmforge.models.heads import lm_loss
+    from lmforge.stages.common import load_for_training
 
     with tempfile.TemporaryDirectory() as out:
         alpaca = json.loads((SHARED / "data" / "llamafactory" / "alpaca_en_demo.json").read_text())[:96]

@@ -45,7 +45,7 @@ def saved_activation_bytes(fn, parameters: set[int]):
 
 def measure(model, prompt: int, reply: int, pairs: int, repeats: int) -> list[dict]:
     from lmforge.data.preference import collate_pairs
-    from lmforge.stages.dpo import policy_logps
+    from lmforge.models.heads import policy_logps
 
     g = torch.Generator().manual_seed(0)
 

@@ -78,7 +78,7 @@ def lmforge_config(args, seq: int, steps: int, ckpt: bool):
 def lmforge_trainer(model, rows, cfg):
     from lmforge.data.packing import collate
     from lmforge.loop.trainer import Trainer
-    from lmforge.stages.common import lm_loss
+    from lmforge.models.heads import lm_loss
 
     return Trainer(model, rows, partial(collate, pad_id=PAD), partial(lm_loss, fused=True), cfg.train, cfg.log)
 

@@ -66,7 +66,7 @@ def run_lmforge(args, compile_blocks: bool) -> dict:
     from lmforge.data.packing import collate, pack_samples
     from lmforge.loop.trainer import Trainer
     from lmforge.models.attention import VARLEN, register
-    from lmforge.stages.common import lm_loss
+    from lmforge.models.heads import lm_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     register()

@@ -15,7 +15,7 @@ from test_loop import NO_LOG, random_rows, tiny_model  # noqa: E402
 from lmforge.config.schema import TrainConfig  # noqa: E402
 from lmforge.data.packing import collate  # noqa: E402
 from lmforge.loop.trainer import Trainer  # noqa: E402
-from lmforge.stages.common import lm_loss  # noqa: E402
+from lmforge.models.heads import lm_loss  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -14,7 +14,7 @@ from lmforge.config.schema import LoraConfig, ModelConfig
 from lmforge.data.packing import collate
 from lmforge.models.adapters import apply_finetuning
 from lmforge.models.checkpointing import checkpointable_blocks, enable_checkpointing
-from lmforge.stages.common import lm_loss
+from lmforge.models.heads import lm_loss
 from tests.test_fast_paths import rows
 
 LAYERS = 4

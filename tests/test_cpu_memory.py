@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lmforge.config.load import load_config
 from lmforge.data.packing import collate
 from lmforge.losses.lm import IGNORE
-from lmforge.stages.common import CPU_LOGITS_PER_CHUNK, lm_loss, use_fused_loss
+from lmforge.models.heads import CPU_LOGITS_PER_CHUNK, lm_loss, use_fused_loss
 
 VOCAB = 32768  # a real tokenizer's size: SmolLM2 has 49152, Llama 3 128256
 

@@ -12,7 +12,7 @@ from lmforge.data.packing import collate, pack_samples
 from lmforge.losses.linear_ce import linear_cross_entropy
 from lmforge.losses.lm import IGNORE
 from lmforge.models.attention import VARLEN, document_boundaries, register
-from lmforge.stages.common import lm_loss
+from lmforge.models.heads import lm_loss
 
 
 def tiny(seed: int = 0, attention: str = "sdpa", tied: bool = False) -> LlamaForCausalLM:

@@ -21,7 +21,7 @@ from lmforge.data.packing import collate, pack_samples, pack_stream
 from lmforge.loop.checkpoint import LoopState, latest_checkpoint, list_checkpoints, save_checkpoint
 from lmforge.loop.schedule import lr_factor
 from lmforge.loop.trainer import Trainer, TrainingDiverged
-from lmforge.stages.common import lm_loss
+from lmforge.models.heads import lm_loss
 
 NO_LOG = LogConfig(report_to=[], progress=False)
 

@@ -20,7 +20,7 @@ from lmforge.loop.progress import ProgressDisplay, TaskBar
 from lmforge.loop.summary import example_row, start_lines, token_totals
 from lmforge.loop.trackers import flatten, make_accelerator
 from lmforge.loop.trainer import Trainer
-from lmforge.stages.common import lm_loss
+from lmforge.models.heads import lm_loss
 
 METRICS = {"loss": 2.5, "lr": 1e-4, "tokens_per_s": 12.0}
 

@@ -10,8 +10,9 @@ from test_fast_paths import tiny  # the same 2-layer Llama (vocabulary 64)
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import DPOConfig
 from lmforge.data.preference import collate_kto, collate_pairs, pad_shared
+from lmforge.models.heads import policy_logps
 from lmforge.models.shared_prompt import segment_ids, shared_mask, unsupported_reason
-from lmforge.stages.dpo import policy_logps, preference_count, preference_loss
+from lmforge.stages.dpo import preference_count, preference_loss
 
 # (prompt, chosen, rejected) lengths: uneven so rows pad differently; a 1-token prompt and reply; an
 # empty prompt (its first reply token is unscored in both layouts).

@@ -13,7 +13,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 
 from lmforge.config.errors import ConfigError
 from lmforge.config.schema import DPOConfig, StageConfig
@@ -22,18 +21,16 @@ from lmforge.data.preference import collate_kto, collate_pairs
 from lmforge.loop.trackers import make_accelerator
 from lmforge.loop.trainer import Trainer, compile_blocks
 from lmforge.losses.preference import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
+from lmforge.models.heads import policy_logps, use_fused_loss
 from lmforge.models.reference import Reference, cache_key, precompute, reference_kind
-from lmforge.models.shared_prompt import batch_logps, is_shared, model_inputs, unsupported_reason
+from lmforge.models.shared_prompt import is_shared, unsupported_reason
 from lmforge.rollout.evaluate import answer_eval
 from lmforge.stages.common import (
-    fusable_output_layer,
-    hidden_states_as_logits,
     initial_answers,
     keep_initial_answers,
     load_for_training,
     save_artifact,
     start_run,
-    use_fused_loss,
 )
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -67,19 +64,6 @@ def preference_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | N
     loss, metrics = dpo_loss(sums[:half], sums[half:], ref[:half], ref[half:], beta=cfg.beta, loss_type=cfg.loss,
                              label_smoothing=cfg.label_smoothing)
     return _with_sft_term(loss, metrics, nll, cfg) * half, count, metrics
-
-
-def policy_logps(model, batch: dict, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2B] summed log-probs and token counts: the chosen (judged) sequences, then the rejected
-    (mismatched), from a two-row or a shared-prompt batch."""
-    inner = extract_model_from_parallel(model)
-    inputs = model_inputs(inner, batch)
-    head = fusable_output_layer(inner) if fused else None
-    if head is None:
-        return batch_logps(model(**inputs).logits, batch)
-    with hidden_states_as_logits(inner, head):
-        hidden = model(**inputs).logits
-    return batch_logps(hidden, batch, head.weight)
 
 
 def preference_count(batch: dict) -> torch.Tensor:

@@ -9,7 +9,8 @@ from lmforge.config.schema import StageConfig
 from lmforge.data.build import load_splits, tokenize_pt
 from lmforge.data.packing import collate
 from lmforge.loop.trainer import Trainer
-from lmforge.stages.common import lm_loss, load_for_training, save_artifact, start_run, use_fused_loss
+from lmforge.models.heads import lm_loss, use_fused_loss
+from lmforge.stages.common import load_for_training, save_artifact, start_run
 
 
 def run(cfg: StageConfig) -> dict:

@@ -9,16 +9,15 @@ from lmforge.config.schema import StageConfig
 from lmforge.data.build import load_splits, tokenize_sft
 from lmforge.data.packing import collate
 from lmforge.loop.trainer import Trainer
+from lmforge.models.heads import lm_loss, use_fused_loss
 from lmforge.models.neftune import add_neftune_noise
 from lmforge.rollout.evaluate import answer_eval
 from lmforge.stages.common import (
     initial_answers,
     keep_initial_answers,
-    lm_loss,
     load_for_training,
     save_artifact,
     start_run,
-    use_fused_loss,
 )
 
 

@@ -33,7 +33,7 @@ from lmforge.loop.checkpoint import (
 )
 from lmforge.loop.diskspace import folder_bytes, free_bytes
 from lmforge.loop.trainer import Trainer
-from lmforge.stages.common import lm_loss as plain_lm_loss
+from lmforge.models.heads import lm_loss as plain_lm_loss
 from lmforge.stages.common import write_model_files
 
 NO_LOG = LogConfig(report_to=[], progress=False)

@@ -29,7 +29,7 @@ from lmforge.loop import checkpoint
 from lmforge.loop.checkpoint import CheckpointError, list_checkpoints, verify_checksums
 from lmforge.loop.preemption import EXIT_STATUS, Preempted
 from lmforge.loop.trainer import Trainer, TrainingDiverged
-from lmforge.stages.common import lm_loss
+from lmforge.models.heads import lm_loss
 
 RESULTS = Path(__file__).parent / "results" / "faults.json"
 NO_LOG = LogConfig(report_to=[], progress=False)
