@@ -16,6 +16,7 @@ import shutil
 import socket
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -210,16 +211,35 @@ def error_at(source: str, problem: str) -> DataError:
     return DataError(path, where, problem)
 
 
-def _map_in_file_order(dataset, fn, errors: ErrorLog, streaming: bool, **fn_kwargs):
+PROGRESS_ROWS = 2000
+"""Records tokenized between two progress updates (a multiple of datasets' 1000-record map batches, so the
+batches are the same as one map over the whole table)."""
+
+
+def _map_counted(dataset, fn, kwargs: dict, progress: Callable[[int], None] | None):
+    """`dataset.map(fn)`, in slices of PROGRESS_ROWS records telling `progress` how many each did when asked
+    (a large file's tokenization shows how far it is); the rows are those of one map over the whole table."""
+    if progress is None or isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(fn, **kwargs)
+    parts = []
+    for start in range(0, max(len(dataset), 1), PROGRESS_ROWS):
+        part = dataset.select(range(start, min(start + PROGRESS_ROWS, len(dataset))))
+        parts.append(part.map(fn, **kwargs))
+        progress(len(part))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _map_in_file_order(dataset, fn, errors: ErrorLog, streaming: bool,
+                       progress: Callable[[int], None] | None = None, **fn_kwargs):
     """`dataset.map(fn)` for tokenization. Under on_error: raise, the error names the file's first bad record
     in file order, as reading does: the held-out split shuffled the records, so the bad ones are gathered,
     the held-out tables searched for an earlier bad line of the same file, and the first raised."""
     kwargs = {"batched": True, "remove_columns": dataset.column_names, "fn_kwargs": {**fn_kwargs, "errors": errors}}
     if errors.on_error != "raise" or streaming:
-        return dataset.map(fn, **kwargs)
+        return _map_counted(dataset, fn, kwargs, progress)
     errors.deferred = []
     try:
-        tokens = dataset.map(fn, **kwargs)
+        tokens = _map_counted(dataset, fn, kwargs, progress)
         if errors.deferred:
             first = file_order(errors.deferred, list(errors.loaded))
             for other in errors.held_out:
@@ -261,9 +281,12 @@ def _sft_tokens(batch: dict, tokenizer, cfg: DataConfig, errors: ErrorLog) -> di
     return out
 
 
-def tokenize_sft(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, pack: bool):
+def tokenize_sft(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, pack: bool,
+                 progress: Callable[[int], None] | None = None):
+    """Dialogues → input ids and labels (packed when asked); `progress(n)` after each slice of records."""
     with _counts_after_tokenization(errors, cfg):
-        tokens = _map_in_file_order(dataset, _sft_tokens, errors, cfg.streaming, tokenizer=tokenizer, cfg=cfg)
+        tokens = _map_in_file_order(dataset, _sft_tokens, errors, cfg.streaming, progress, tokenizer=tokenizer,
+                                    cfg=cfg)
     if pack and not cfg.streaming:
         rows = pack_samples(list(tokens), cfg.max_length)
         return datasets.Dataset.from_list(rows)
@@ -360,13 +383,14 @@ def _preference_tokens(batch: dict, tokenizer, max_length: int, errors: ErrorLog
     return out
 
 
-def tokenize_preference(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, kind: str):
+def tokenize_preference(dataset, tokenizer, cfg: DataConfig, errors: ErrorLog, kind: str,
+                        progress: Callable[[int], None] | None = None):
     """Pairs → prompt/chosen/rejected ids; KTO records → prompt/completion ids, label, and the next
     record's completion as the mismatched one for the KL estimate (fixed here, so a cached reference
     pass and the training pass see the same pairs)."""
     with _counts_after_tokenization(errors, cfg):
-        tokens = _map_in_file_order(dataset, _preference_tokens, errors, cfg.streaming, tokenizer=tokenizer,
-                                    max_length=cfg.max_length, kind=kind)
+        tokens = _map_in_file_order(dataset, _preference_tokens, errors, cfg.streaming, progress,
+                                    tokenizer=tokenizer, max_length=cfg.max_length, kind=kind)
     if kind == "kto" and len(tokens) > 0:
         completions = tokens["completion_ids"]
         room = [cfg.max_length - len(p) for p in tokens["prompt_ids"]]

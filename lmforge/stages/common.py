@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 import yaml
+from accelerate import PartialState
 from accelerate.utils import DistributedType
 
 from lmforge.artifacts import (
@@ -29,6 +31,7 @@ from lmforge.data.errors import ErrorLog
 from lmforge.data.templates import end_of_turn_ids
 from lmforge.loop.checkpoint import check_room, checkpoint_dir, cleaned_up_on_failure
 from lmforge.loop.diskspace import nested_tensors, tensor_bytes
+from lmforge.loop.progress import QUIET_S, TaskBar
 from lmforge.models.adapters import apply_finetuning, quantization_config
 from lmforge.models.attention import VARLEN
 from lmforge.models.attention import register as register_varlen
@@ -57,6 +60,13 @@ def start_run(cfg: StageConfig) -> Run:
     config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
     os.replace(config, out / "config.yaml")
     return Run(cfg, out, ErrorLog(cfg.data.on_error, cfg.data.max_bad_fraction), data_cache_dir(str(out)), time.time())
+
+
+def tokenizing_bar(cfg: StageConfig, *tables) -> TaskBar:
+    """The bar over tokenizing a stage's records (train and held-out): quiet for a small file, lines without
+    a terminal, only on the main process. Streamed data has no length and is counted as it trains."""
+    total = sum(len(t) for t in tables if t is not None and not isinstance(t, datasets.IterableDataset))
+    return TaskBar("Tokenizing", total, cfg.log.progress and PartialState().is_main_process, quiet_s=QUIET_S)
 
 
 def load_for_training(cfg: StageConfig, reward_head: bool = False, frozen_copy: bool = False):

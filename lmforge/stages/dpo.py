@@ -31,6 +31,7 @@ from lmforge.stages.common import (
     load_for_training,
     save_artifact,
     start_run,
+    tokenizing_bar,
 )
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -123,9 +124,10 @@ def run(cfg: StageConfig) -> dict:
 
     kind = "kto" if cfg.dpo.loss == "kto" else "pair"
     train_pairs, eval_pairs, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind=kind)
-    train_rows = tokenize_preference(train_pairs, tokenizer, cfg.data, run_.errors, kind)
-    eval_rows = tokenize_preference(eval_pairs, tokenizer, cfg.data, run_.errors, kind) \
-        if eval_pairs is not None else None
+    with tokenizing_bar(cfg, train_pairs, eval_pairs) as bar:
+        train_rows = tokenize_preference(train_pairs, tokenizer, cfg.data, run_.errors, kind, bar.advance)
+        eval_rows = tokenize_preference(eval_pairs, tokenizer, cfg.data, run_.errors, kind, bar.advance) \
+            if eval_pairs is not None else None
     collate = partial(collate_kto if kind == "kto" else collate_pairs, pad_id=tokenizer.pad_token_id,
                       share_prompt=share_prompt(cfg, model.config))
 

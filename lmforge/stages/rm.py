@@ -13,7 +13,7 @@ from lmforge.data.build import load_splits, tokenize_preference
 from lmforge.data.preference import collate_pairs
 from lmforge.loop.trainer import Trainer, pair_count
 from lmforge.losses.preference import bradley_terry_loss
-from lmforge.stages.common import load_for_training, save_artifact, start_run
+from lmforge.stages.common import load_for_training, save_artifact, start_run, tokenizing_bar
 
 
 def pairwise_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +38,10 @@ def run(cfg: StageConfig) -> dict:
     model.config.pad_token_id = tokenizer.pad_token_id
 
     train_pairs, eval_pairs, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir, kind="pair")
-    train_rows = tokenize_preference(train_pairs, tokenizer, cfg.data, run_.errors, "pair")
-    eval_rows = tokenize_preference(eval_pairs, tokenizer, cfg.data, run_.errors, "pair") \
-        if eval_pairs is not None else None
+    with tokenizing_bar(cfg, train_pairs, eval_pairs) as bar:
+        train_rows = tokenize_preference(train_pairs, tokenizer, cfg.data, run_.errors, "pair", bar.advance)
+        eval_rows = tokenize_preference(eval_pairs, tokenizer, cfg.data, run_.errors, "pair", bar.advance) \
+            if eval_pairs is not None else None
 
     trainer = Trainer(model, train_rows, partial(collate_pairs, pad_id=tokenizer.pad_token_id),
                       partial(rm_loss, cfg=cfg.rm), cfg.train, cfg.log, eval_rows=eval_rows, perplexity=False,

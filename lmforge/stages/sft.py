@@ -18,6 +18,7 @@ from lmforge.stages.common import (
     load_for_training,
     save_artifact,
     start_run,
+    tokenizing_bar,
 )
 
 
@@ -34,9 +35,10 @@ def run(cfg: StageConfig) -> dict:
     noise = add_neftune_noise(model, cfg.sft.neftune_alpha) if cfg.sft.neftune_alpha > 0 else None
 
     train_examples, eval_examples, fingerprint = load_splits(cfg.data, run_.errors, run_.cache_dir)
-    train_rows = tokenize_sft(train_examples, tokenizer, cfg.data, run_.errors, pack=cfg.data.packing)
-    eval_rows = tokenize_sft(eval_examples, tokenizer, cfg.data, run_.errors, pack=False) \
-        if eval_examples is not None else None
+    with tokenizing_bar(cfg, train_examples, eval_examples) as bar:
+        train_rows = tokenize_sft(train_examples, tokenizer, cfg.data, run_.errors, cfg.data.packing, bar.advance)
+        eval_rows = tokenize_sft(eval_examples, tokenizer, cfg.data, run_.errors, False, bar.advance) \
+            if eval_examples is not None else None
 
     trainer = Trainer(model, train_rows, partial(collate, pad_id=tokenizer.pad_token_id),
                       partial(lm_loss, fused=use_fused_loss(cfg)),
