@@ -146,3 +146,17 @@ def test_stage_eval_reward_and_demo_grader_agree_on_the_same_replies(world_dir, 
     # Half the replies are the reference up to whitespace; three quarters state the answer.
     assert stage["exact_match"] == pipeline["exact_match"] == float(rewards["exact_match"].mean()) == demo_exact == 0.5
     assert pipeline["contains"] == float(rewards["answer_match"].mean()) == demo_stated == 0.75
+
+
+def test_evaluation_shows_its_progress_over_the_suites_asked(base, world_dir, capsys, monkeypatch):
+    """Issue 24: an evaluation has a progress bar: suites done out of those asked (without a terminal, a line
+    at the start and one at the end; quiet under QUIET_S, set to 0 here)."""
+    from lmforge.eval import suite
+
+    monkeypatch.setattr(suite, "QUIET_S", 0.0)
+    spec = EvalSpec(perplexity=str(world_dir / "pt" / "eval.txt"), answers=str(world_dir / "rl" / "eval.jsonl"),
+                    max_samples=4, max_new_tokens=4)
+    result = evaluate_model(str(base), spec)
+    assert set(result["suites"]) == {"perplexity", "answers"}
+    out = capsys.readouterr().out
+    assert "Evaluating: 0/2" in out and "Evaluating: 2/2 done in" in out

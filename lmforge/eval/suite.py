@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from lmforge.data.build import load_examples
 from lmforge.data.errors import ErrorLog
 from lmforge.eval import metrics
 from lmforge.eval.spec import EvalSpec
+from lmforge.loop.progress import QUIET_S, TaskBar
 from lmforge.models.load import inference_device, load_for_inference
 
 
@@ -89,13 +91,16 @@ def evaluate_model(path: str, spec: EvalSpec, previous: dict | None = None, cach
     samples = previous.get("samples") or []
     if todo:
         log(f"evaluating {path}: {', '.join(todo)}")
-        if reward_model:
-            judge = _judge(path, cache)
-            pairs = read_records(spec.pairs, "pair", spec.max_samples)
-            suites["rm_accuracy"] = {"metrics": metrics.rm_accuracy(judge.model, judge.tokenizer, pairs)}
-        else:
-            new, samples = _causal_suites(path, spec, todo, cache, samples)
-            suites.update(new)
+        # suites done out of those asked (quiet under QUIET_S; lines every 30 s without a terminal)
+        with TaskBar("Evaluating", len(todo), quiet_s=QUIET_S) as bar:
+            if reward_model:
+                judge = _judge(path, cache)
+                pairs = read_records(spec.pairs, "pair", spec.max_samples)
+                suites["rm_accuracy"] = {"metrics": metrics.rm_accuracy(judge.model, judge.tokenizer, pairs)}
+                bar.advance()
+            else:
+                new, samples = _causal_suites(path, spec, todo, cache, samples, bar.advance)
+                suites.update(new)
         for name in todo:
             suites[name]["key"] = spec.suite_key(name, judges)
     flat = {k: v for result in suites.values() for k, v in result["metrics"].items()}
@@ -103,8 +108,9 @@ def evaluate_model(path: str, spec: EvalSpec, previous: dict | None = None, cach
             "seconds": round(previous.get("seconds", 0.0) + (time.time() - started if todo else 0.0), 2)}
 
 
-def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
-                   samples: list[dict]) -> tuple[dict, list[dict]]:
+def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache, samples: list[dict],
+                   done: Callable[[int], None]) -> tuple[dict, list[dict]]:
+    """The suites of a causal LM in `todo`; `done(n)` as each n finish."""
     model, tokenizer = load_for_inference(path)
     out: dict[str, dict] = {}
     if "perplexity" in todo:
@@ -112,12 +118,14 @@ def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
                  for r in read_records(spec.perplexity, "sft", spec.max_samples)]
         out["perplexity"] = {"metrics": metrics.perplexity(model, tokenizer, texts, spec.block_size,
                                                            max_tokens=spec.perplexity_tokens)}
+        done(1)
     if "choice" in todo:
         from lmforge.eval.choice import choice_eval, read_choice_file
 
         questions = read_choice_file(spec.choice)[:spec.max_samples]
         result = choice_eval(model, tokenizer, questions)
         out["choice"] = {"metrics": {k: v for k, v in result.items() if isinstance(v, (int, float))}}
+        done(1)
     greedy: dict[str, list[str]] = {}  # file -> greedy replies, shared by the suites that read it
     if "answers" in todo:
         records = read_records(spec.answers, "prompt", spec.max_samples)
@@ -125,6 +133,7 @@ def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
         greedy[spec.answers] = replies.texts
         out["answers"] = {"metrics": metrics.answer_metrics(records, replies)}
         samples = _samples(records, replies.texts, spec.show_samples)
+        done(1)
     policy_suites = [s for s in ("reward", "kl", "win_rate") if s in todo]
     if policy_suites:
         records = read_records(spec.prompt_file, "prompt", spec.max_samples)
@@ -133,6 +142,7 @@ def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
             out["kl"] = {"metrics": metrics.kl_to_reference(model, reference, tokenizer, records,
                                                             spec.max_new_tokens, spec.seed)}
             del reference
+            done(1)
         if "reward" in todo or "win_rate" in todo:
             texts = greedy.get(spec.prompt_file) or \
                 metrics.greedy_replies(model, tokenizer, records, spec.max_new_tokens).texts
@@ -145,6 +155,7 @@ def _causal_suites(path: str, spec: EvalSpec, todo: list[str], cache: EvalCache,
                 out["win_rate"] = {"metrics": _win_rate(spec, cache, judge, records, texts, scores)}
             if "reward" not in todo:
                 del out["reward"]
+            done(("reward" in todo) + ("win_rate" in todo))
     return out, samples
 
 
